@@ -1,0 +1,33 @@
+"""The built-in plugin: kvpress_ext registers its own presses and adapters through the same hooks a
+third-party plugin uses (see :mod:`kvpress_ext.hookspecs`)."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from kvpress_ext.hookspecs import hookimpl
+
+
+@hookimpl
+def kvpress_ext_register_presses(register):
+    from kvpress_ext.kvpress_presses import register_kvpress_presses
+
+    register_kvpress_presses(register)
+    # Our presses register themselves with @register_press when their module is imported.
+    import kvpress_ext.presses as presses
+
+    for module in pkgutil.walk_packages(presses.__path__, presses.__name__ + "."):
+        importlib.import_module(module.name)
+
+
+@hookimpl
+def kvpress_ext_register_adapters(register):
+    from kvpress_ext.adapters.gpt_neox import GPTNeoXAdapter
+    from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+
+    register(LlamaFamilyAdapter("llama", ("llama",)))
+    register(LlamaFamilyAdapter("mistral", ("mistral",)))
+    register(LlamaFamilyAdapter("qwen2", ("qwen2",)))
+    register(LlamaFamilyAdapter("qwen3", ("qwen3",), qk_norm=True))
+    register(GPTNeoXAdapter())

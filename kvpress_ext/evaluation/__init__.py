@@ -1,0 +1,1 @@
+"""Library code behind the evaluation scripts: metrics, loops, result writing."""

@@ -1,0 +1,28 @@
+"""Hook specifications: what a kvpress_ext plugin may provide.
+
+A plugin is a module (or object) with functions marked ``@kvpress_ext.hookimpl`` and named like the
+specifications below; third-party packages expose it through the entry-point group ``kvpress_ext``::
+
+    [project.entry-points.kvpress_ext]
+    my_plugin = "my_package.plugin"
+"""
+
+import pluggy
+
+PROJECT_NAME = "kvpress_ext"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def kvpress_ext_register_presses(register):
+    """Register presses: call ``register(name, press_class, defaults=None, requires=None)`` for each.
+
+    ``defaults`` are the keyword arguments used to build the press for tests and sweeps when none are given.
+    """
+
+
+@hookspec
+def kvpress_ext_register_adapters(register):
+    """Register model adapters: call ``register(adapter)`` with a :class:`kvpress_ext.adapters.ModelAdapter`."""

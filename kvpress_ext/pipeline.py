@@ -1,0 +1,77 @@
+"""``pipeline("kv-press-text-generation", ...)`` for every registered press on every adapter.
+
+It keeps kvpress's pipeline (preprocessing, chat template, several questions per context) and changes
+what kvpress hard-wires: presses run through :func:`kvpress_ext.apply.apply_press` (so GPT-NeoX and
+plugin presses work), presses that compress while decoding stay active during the answer, and every
+position comes from the cache's :class:`~kvpress_ext.positions.PositionState` instead of
+``context_length + i``. ``press`` may also be a registry name (``press="knorm"``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from kvpress import KVPressTextGenerationPipeline
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from kvpress_ext.adapters import get_adapter
+from kvpress_ext.apply import apply_press, compression_phases
+from kvpress_ext.positions import position_state
+from kvpress_ext.registry import get_press
+
+
+def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eos_token_ids=()) -> list[int]:
+    """Feed ``first_ids`` then decode greedily; positions come from the cache (call inside apply_press)."""
+    outputs = model(input_ids=first_ids, past_key_values=cache, logits_to_keep=1)
+    generated = [int(outputs.logits[0, -1].argmax())]
+    for _ in range(max_new_tokens - 1):
+        if generated[-1] in eos_token_ids:
+            break
+        next_ids = torch.tensor([[generated[-1]]], device=first_ids.device)
+        outputs = model(input_ids=next_ids, past_key_values=cache, logits_to_keep=1)
+        generated.append(int(outputs.logits[0, -1].argmax()))
+    return generated
+
+
+class KVPressExtPipeline(KVPressTextGenerationPipeline):
+    """kvpress's text-generation pipeline, driven through kvpress_ext's adapters and position state."""
+
+    def _sanitize_parameters(self, press=None, **kwargs):
+        if isinstance(press, str):
+            press = get_press(press)
+        return super()._sanitize_parameters(press=press, **kwargs)
+
+    def _forward(self, input_tensors, max_new_tokens: int = 50, press=None, cache=None):
+        prefill, decoding = compression_phases(press)
+        questions = input_tensors["questions_ids"]
+        if decoding and len(questions) > 1:
+            raise ValueError(
+                f"{type(press).__name__} compresses while decoding, so the cache after one answer cannot be "
+                "rewound for the next question: ask one question per call."
+            )
+        cache = DynamicCache() if cache is None else cache
+        context_ids = input_tensors["context_ids"].to(self.model.device)
+        decoder = get_adapter(self.model).decoder(self.model)
+        with apply_press(press if prefill else None, self.model):
+            decoder(input_ids=context_ids, past_key_values=cache)
+
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        answers = []
+        with apply_press(press if decoding else None, self.model):
+            for question_ids in questions:
+                lengths = [cache.get_seq_length(i) for i in range(len(cache))]
+                state = copy.copy(position_state(cache))
+                ids = greedy_decode(self.model, question_ids.to(self.model.device), cache, max_new_tokens, eos)
+                answers.append(str(self.tokenizer.decode(ids, skip_special_tokens=True)))
+                if not decoding:  # rewind the answer so the next question sees the context only
+                    self._remove_answer_from_cache(cache, lengths)
+                    position_state(cache).__dict__.update(state.__dict__)
+        return answers
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "kv-press-text-generation", pipeline_class=KVPressExtPipeline, pt_model=AutoModelForCausalLM
+)

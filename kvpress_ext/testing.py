@@ -1,0 +1,65 @@
+"""Tiny random models of the five supported architectures, built from configs (no download).
+
+Used by the tests and by benchmarks that need a model of a given shape; ``size="tiny"`` is for unit
+tests, other shapes come from :func:`llama_config`'s arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+
+
+def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A small config of ``arch`` with grouped-query attention (GPT-NeoX: no GQA, rotary_pct 0.25)."""
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=kv_heads, **common)
+    if arch == "mistral":
+        return MistralConfig(num_key_value_heads=kv_heads, sliding_window=None, **common)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=kv_heads, use_sliding_window=False, **common)
+    if arch == "qwen3":
+        return Qwen3Config(num_key_value_heads=kv_heads, head_dim=hidden // heads, use_sliding_window=False, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **common)
+    raise ValueError(f"Unknown architecture {arch!r}; choose from {ARCHITECTURES}")
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementation: str = "eager", **config_kwargs):
+    """A randomly initialised model of ``arch`` in eval mode (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **config_kwargs)
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    model.generation_config.eos_token_id = None  # random models: never stop early
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (ids < 128), with <pad>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i, ch in enumerate(chr(c) for c in range(32, 127)):
+        vocab[ch] = 4 + i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
