@@ -37,6 +37,8 @@ def compression_phases(press) -> tuple[bool, bool]:
 
 def drives_model(press) -> bool:
     """Whether a kvpress press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
+    if press is None:
+        return False
     call = getattr(type(press), "__call__", None)
     return not getattr(press, "uses_apply_press", False) and call not in _HOOKABLE_CALLS
 

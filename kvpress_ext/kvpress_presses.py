@@ -44,8 +44,6 @@ _REQUIRES: dict[str, str] = {
     "RestoreKVPress": _HUB, "KVzipPress": "a hub checkpoint name (it re-runs the model on a reconstruction prompt)",
     "KVgradPress": "a hub checkpoint name", "LUKVPress": "a budget curve for a supported checkpoint",
     "FinchPress": "a delimiter token: call press.update_model_and_tokenizer(model, tokenizer) first",
-    "KVComposePress": "kvpress's own model driver (fails on these tiny models in kvpress 0.5.5)",
-    "PerLayerCompressionPress": "compression_ratios: one ratio per layer of the model",
 }
 
 

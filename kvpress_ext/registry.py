@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,23 +59,27 @@ class PressInfo:
 
     @property
     def parameters(self) -> list[PressParameter]:
-        params = []
-        if not dataclasses.is_dataclass(self.cls):
-            return params
-        for f in dataclasses.fields(self.cls):
-            if not f.init or f.name.startswith("_"):
-                continue
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            default = None
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            params.append(PressParameter(f.name, _type_name(f.type), default, required))
-        return params
+        """The constructor's parameters (the dataclass fields, or a hand-written ``__init__``'s arguments)."""
+        return constructor_parameters(self.cls)
 
 
 _REGISTRY: dict[str, PressInfo] = {}
+
+
+def constructor_parameters(cls: type) -> list[PressParameter]:
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return []
+    params = []
+    for p in signature.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name.startswith("_"):
+            continue
+        required = p.default is inspect.Parameter.empty
+        default = None if required else p.default
+        annotation = "" if p.annotation is inspect.Parameter.empty else _type_name(p.annotation)
+        params.append(PressParameter(p.name, annotation, default, required))
+    return params
 
 
 def _type_name(t: Any) -> str:
@@ -143,8 +146,8 @@ def press_name(press: Any) -> str:
 def validate_parameters(cls: type, params: dict, name: str | None = None) -> None:
     """Check names and ranges of ``params`` against the press dataclass before building it."""
     label = name or cls.__name__
-    if dataclasses.is_dataclass(cls):
-        valid = {f.name for f in dataclasses.fields(cls) if f.init}
+    valid = {p.name for p in constructor_parameters(cls)}
+    if valid or dataclasses.is_dataclass(cls):
         unknown = sorted(set(params) - valid)
         if unknown:
             raise PressParameterError(
@@ -166,35 +169,31 @@ def validate_parameters(cls: type, params: dict, name: str | None = None) -> Non
 def _resolve_nested(cls: type, params: dict) -> dict:
     """Build inner presses given by name: ``get_press("key_rerotation", press="knorm", compression_ratio=.5)``.
 
-    A parameter annotated as a press (``press``, ``base_press``, ``presses``) may be given as a registry
-    name; remaining keyword arguments that the wrapper lacks but the inner press has are passed inwards.
+    A wrapper parameter that holds a press (``press``, ``base_press``, ``presses``) may be given as a
+    registry name; keyword arguments the wrapper lacks go to every inner press that has them.
     """
-    hints = {}
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - some annotations only resolve lazily
-        pass
-    own = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(params)
+    own = {p.name for p in constructor_parameters(cls)}
     nested_keys = [k for k in ("press", "base_press", "presses") if k in own]
     if not nested_keys:
         return params
     params = dict(params)
     leftovers = {k: params.pop(k) for k in list(params) if k not in own}
+    consumed: set[str] = set()
+
+    def build(name: str):
+        fields = {p.name for p in constructor_parameters(press_info(name).cls)}
+        inner = {k: v for k, v in leftovers.items() if k in fields}
+        consumed.update(inner)
+        return get_press(name, **inner)
+
     for key in nested_keys:
         value = params.get(key)
         if isinstance(value, str):
-            params[key] = get_press(value, **_take_params_for(value, leftovers))
-        elif isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
-            params[key] = [get_press(v, **_take_params_for(v, leftovers)) if isinstance(v, str) else v for v in value]
-    _ = hints
-    params.update(leftovers)  # anything not consumed is reported by validate_parameters
+            params[key] = build(value)
+        elif isinstance(value, (list, tuple)):
+            params[key] = [build(v) if isinstance(v, str) else v for v in value]
+    params.update({k: v for k, v in leftovers.items() if k not in consumed})  # reported by validate_parameters
     return params
-
-
-def _take_params_for(name: str, leftovers: dict) -> dict:
-    info = press_info(name)
-    fields = {f.name for f in dataclasses.fields(info.cls)} if dataclasses.is_dataclass(info.cls) else set()
-    return {k: leftovers.pop(k) for k in list(leftovers) if k in fields}
 
 
 def get_press(name: str, **params: Any):

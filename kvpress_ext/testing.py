@@ -39,7 +39,7 @@ def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 64, layers: int 
     raise ValueError(f"Unknown architecture {arch!r}; choose from {ARCHITECTURES}")
 
 
-def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementation: str = "eager", **config_kwargs):
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementation: str = "sdpa", **config_kwargs):
     """A randomly initialised model of ``arch`` in eval mode (deterministic for a given seed)."""
     torch.manual_seed(seed)
     config = tiny_config(arch, **config_kwargs)

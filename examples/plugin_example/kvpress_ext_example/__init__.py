@@ -1,0 +1,1 @@
+"""An example kvpress-ext plugin: one press, registered through the plugin hook."""

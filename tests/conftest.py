@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder."""
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+import kvpress_ext  # noqa: F401  (registers the pipeline)
+from kvpress_ext.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+hf_logging.set_verbosity_error()
+warnings.filterwarnings("ignore", category=UserWarning)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+STORIES260K = SHARED / "models" / "stories260k"
+
+
+def shared_path(*parts) -> Path:
+    """A path under ../shared; in CI its absence is an error, elsewhere the test is skipped with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{path} is missing; CI must have ../shared beside the checkout")
+        pytest.skip(f"shared data not found at {path} (set KVPRESS_EXT_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return {arch: tiny_model(arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def arch_model(request, tiny_models):
+    return request.param, tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def stories260k():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shared_path("models", "stories260k")
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,68 @@
+"""Plugins: discovery through the entry-point group, isolation of broken plugins."""
+
+import importlib.metadata
+
+import pytest
+import torch
+from transformers import pipeline
+
+import kvpress_ext
+from kvpress_ext import plugins
+
+
+def test_example_plugin_is_discovered_through_its_entry_point(tiny_models, tokenizer):
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="kvpress_ext")}
+    assert eps.get("example") == "kvpress_ext_example.plugin", (
+        "the example plugin is not installed: run `pip install examples/plugin_example` (as .ci/run does)"
+    )
+    info = kvpress_ext.press_info("value_norm")
+    assert info.source == "example"
+    press = kvpress_ext.get_press("value_norm", compression_ratio=0.5)
+    pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
+    assert isinstance(pipe("abcdefghij" * 4, question="x", press=press, max_new_tokens=3)["answer"], str)
+    # The press really compressed: the cache after prefill holds half the context.
+    cache = __import__("transformers").DynamicCache()
+    ids = torch.randint(3, 100, (1, 40))
+    with kvpress_ext.apply_press(press, tiny_models["gpt_neox"]):
+        tiny_models["gpt_neox"].gpt_neox(input_ids=ids, past_key_values=cache)
+    assert cache.get_seq_length() == 20
+
+
+class _BrokenEntryPoint:
+    name = "broken_plugin"
+    value = "does_not_exist.module"
+
+    def load(self):
+        raise ImportError("No module named 'does_not_exist'")
+
+
+def test_broken_plugin_is_reported_and_the_rest_still_loads(monkeypatch):
+    real = plugins._entry_points()
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [_BrokenEntryPoint(), *real])
+    plugins.load_plugins(force=True)
+    try:
+        failures = plugins.failed_plugins()
+        assert [f.name for f in failures] == ["broken_plugin"]
+        assert "does_not_exist" in failures[0].reason
+        assert "knorm" in kvpress_ext.available_presses()
+        assert "value_norm" in kvpress_ext.available_presses()
+    finally:
+        monkeypatch.undo()
+        plugins.load_plugins(force=True)
+    assert plugins.failed_plugins() == []
+
+
+def test_hook_specifications_are_pluggy_hooks():
+    pm = plugins.get_plugin_manager()
+    assert hasattr(pm.hook, "kvpress_ext_register_presses")
+    assert hasattr(pm.hook, "kvpress_ext_register_adapters")
+    import types
+
+    import pluggy
+
+    def kvpress_ext_register_presses(wrong_arg):
+        pass
+
+    bad = types.SimpleNamespace(kvpress_ext_register_presses=kvpress_ext.hookimpl(kvpress_ext_register_presses))
+    with pytest.raises(pluggy.PluginValidationError, match="wrong_arg"):
+        pm.register(bad, name="bad_plugin")
