@@ -39,7 +39,7 @@ def cache_dir(data):
 
 
 def test_precompute_saves_bounded_cache_with_documents_and_notes(cache_dir):
-    cache, meta = load_cache(cache_dir)
+    _cache, meta = load_cache(cache_dir)
     assert all(n <= 32 + 8 for n in meta["seq_lengths"])
     assert meta["extra"]["documents"] == DOCS
     notes = meta["extra"]["notes"]
@@ -69,7 +69,7 @@ def test_mode_none_reads_only(data, tmp_path):
 def test_eval_samples_from_untouched_copies_and_score(cache_dir, data, tmp_path, capsys):
     out = tmp_path / "eval.json"
     before = (cache_dir / "tensors.safetensors").read_bytes()
-    assert main(["icl", "eval", "--cache", str(cache_dir), "--model", MODEL, "--data", str(data), "--repeat", "2",
+    assert main(["icl", "eval", "--cache", str(cache_dir), "--model", MODEL, "--data", str(data), "--data_limit", "1", "--repeat", "2",
                  "--temperature", "0", "--max_new_tokens", "6", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (cache_dir / "tensors.safetensors").read_bytes() == before
@@ -131,7 +131,7 @@ def test_sentinel_stops_on_generated_text_only_even_when_split():
 
 def test_grid_is_resumable_and_writes_table_and_plot(data, tmp_path, capsys):
     args = ["icl", "grid", "--data", str(data), "--model", MODEL, "--budgets", "16,24", "--modes", "none,takeaways",
-            "--out_dir", str(tmp_path), "--repeat", "1", "--max_new_tokens", "4", "--temperature", "0",
+            "--out_dir", str(tmp_path), "--eval_limit", "1", "--repeat", "1", "--max_new_tokens", "4", "--temperature", "0",
             "--window_size", "4", "--buffer", "8", "--max_note_tokens", "6"]
     assert main(args) == 0
     rows = list(csv.DictReader((tmp_path / "grid.csv").open()))

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, pipeline
 
+import kvpress_ext.pipeline  # noqa: F401  (registers the pipeline)
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import apply_press
 from kvpress_ext.errors import PressParameterError
-import kvpress_ext.pipeline  # noqa: F401  (registers the pipeline)
-from transformers import pipeline
 from kvpress_ext.positions import position_state
 from kvpress_ext.presses.rkv import RKVPress, rkv_scores, rkv_select, rkv_slot_positions
 from kvpress_ext.registry import get_press

@@ -54,14 +54,14 @@ def _add_eval_args(p):
 
 
 def _precompute_kwargs(args, mode, complexity, budget):
-    return dict(budget=budget, mode=mode, summary_complexity=complexity, num_epochs=args.num_epochs,
-                window_size=args.window_size, rotate=args.rotate, rotation_offset=args.rotation_offset,
-                buffer=args.buffer, max_note_tokens=args.max_note_tokens, recompute=args.recompute)
+    return {"budget": budget, "mode": mode, "summary_complexity": complexity, "num_epochs": args.num_epochs,
+                "window_size": args.window_size, "rotate": args.rotate, "rotation_offset": args.rotation_offset,
+                "buffer": args.buffer, "max_note_tokens": args.max_note_tokens, "recompute": args.recompute}
 
 
 def _eval_kwargs(args):
-    return dict(repeat=args.repeat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, seed=args.seed, compress=not args.no_compress)
+    return {"repeat": args.repeat, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "seed": args.seed, "compress": not args.no_compress}
 
 
 def _cmd_precompute(args) -> int:

@@ -37,24 +37,23 @@ def rkv_redundancy(keys: torch.Tensor, retain_direction: str = "last", retain_ra
     n = sim.shape[-1]
     sim.diagonal(dim1=-2, dim2=-1).zero_()
     mask = sim > threshold
-    idx = torch.arange(n, device=sim.device)
-    if retain_direction in ("last", "first"):
-        if retain_direction == "last":
-            chosen = torch.where(mask, idx, -1).amax(dim=-1)
-        else:
-            chosen = torch.where(mask, idx, n).amin(dim=-1)
+    valid = mask.any(dim=-1)
+    if retain_direction == "first":
+        chosen = mask.to(torch.uint8).argmax(dim=-1)  # first maximum = first similar index
+    elif retain_direction == "last":
+        chosen = n - 1 - mask.flip(-1).to(torch.uint8).argmax(dim=-1)
     else:
         # the rank-th similar index counted from the end ("last_percent") or the start ("first_percent")
         rank = max(1, int(n * retain_ratio))
         count = mask.sum(dim=-1)
         r = torch.clamp(count, max=rank)
-        cum = mask.long().cumsum(dim=-1)
         target = count - r + 1 if retain_direction == "last_percent" else r
-        hit = mask & (cum == target.unsqueeze(-1))
-        chosen = torch.where(hit, idx, -1).amax(dim=-1)
-    valid = (chosen >= 0) & (chosen < n)
-    spared = F.one_hot(chosen.clamp(0, n - 1), n).to(torch.bool) & valid.unsqueeze(-1)
-    sim = sim.masked_fill(spared, 0.0)
+        hit = mask & (mask.cumsum(dim=-1) == target.unsqueeze(-1))
+        chosen = hit.to(torch.uint8).argmax(dim=-1)
+    del mask
+    # spare the chosen key of each row (in place: no second n x n tensor)
+    chosen = chosen.unsqueeze(-1)
+    sim.scatter_(-1, chosen, torch.where(valid.unsqueeze(-1), 0.0, sim.gather(-1, chosen)))
     return sim.mean(dim=-1).softmax(dim=-1)
 
 
@@ -222,7 +221,7 @@ class RKVPress(BasePress):
             return output
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx]
-        keys, values = layer.keys, layer.values
+        keys, _values = layer.keys, layer.values
         bsz, heads, length, _ = keys.shape
         n_new = hidden.shape[1]
         st = self._layer_state(cache, layer_idx, length, n_new, keys.device, bsz, heads)
