@@ -184,3 +184,24 @@ def test_rotation_changes_next_position_only_when_enabled():
     assert position_state(plain).next_position == 35 and not position_state(plain).rotated
     rotated, _ = _decode(model, RKVPress(budget=16, window_size=4, compression_interval=4, rotate_keys=True), ids, 5)
     assert position_state(rotated).next_position == rotated.get_seq_length()
+
+
+@pytest.mark.parametrize("direction", ["last_percent", "first_percent"])
+def test_percent_directions_spare_the_rank_th_similar_key(direction):
+    from kvpress_ext.presses.rkv import rkv_redundancy
+
+    _, keys = _random_qk(3, n=30)
+    ratio = 0.1
+    ours = rkv_redundancy(keys, direction, ratio)
+    k = keys[0, 0].double()
+    n = k.shape[0]
+    kn = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = kn @ kn.T
+    sim.fill_diagonal_(0.0)
+    rank = max(1, int(n * ratio))
+    for i in range(n):
+        similar = [j for j in range(n) if sim[i, j] > 0.5]
+        if similar:
+            r = min(rank, len(similar))
+            sim[i, similar[-r] if direction == "last_percent" else similar[r - 1]] = 0.0
+    torch.testing.assert_close(ours[0, 0].double(), sim.mean(-1).softmax(-1), atol=1e-6, rtol=1e-5)

@@ -130,7 +130,8 @@ class RKVPress(BasePress):
     window_size: recent tokens always kept; their queries score the others.
     kernel_size: max-pooling width that smooths importance along the sequence.
     mix_lambda: weight of importance against redundancy.
-    retain_ratio: quantile of similar keys spared, used by the ``*_percent`` directions only.
+    retain_ratio: ``*_percent`` directions only: spare the ``max(1, int(L * retain_ratio))``-th similar key
+        from the end ("last_percent") or the start ("first_percent"); our reading, upstream's differs.
     retain_direction: which similar key is spared per row: "last", "first", "last_percent", "first_percent".
     initial_non_compressible_length: leading tokens (e.g. a system prompt) never evicted, counted in the budget.
     compression_interval: the buffer. A forward of several tokens (prefill, a new document) compresses as
