@@ -147,7 +147,7 @@ def read_metadata(path) -> dict:
     if not meta_file.is_file():
         raise CacheFormatError(
             f"No saved cache at {path} (missing {METADATA_FILE}). Create one first, e.g. with "
-            "`kvpress-ext icl precompute --out {path}` or kvpress_ext.cache_io.save_cache."
+            f"`kvpress-ext icl precompute --out {path}` or kvpress_ext.cache_io.save_cache."
         )
     try:
         metadata = json.loads(meta_file.read_text())

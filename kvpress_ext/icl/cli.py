@@ -1,0 +1,215 @@
+"""``kvpress-ext icl {precompute,eval,score,grid}``: a thin command line over :mod:`kvpress_ext.icl.workflow`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from kvpress_ext.icl import workflow as wf
+
+
+def _load_model(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise wf.ICLInputError(f"Cannot load model {name!r} (a local directory or a cached hub id): {first}") from exc
+    return model, tokenizer
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_cache_args(p):
+    p.add_argument("--budget", type=_positive_int, default=128, help="R-KV cache budget per head (tokens)")
+    p.add_argument("--window_size", type=_positive_int, default=8)
+    p.add_argument("--buffer", type=_positive_int, default=128, help="R-KV compression interval while writing notes")
+    p.add_argument("--num_epochs", type=_positive_int, default=1)
+    p.add_argument("--data_limit", type=_positive_int, default=None)
+    p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
+    p.add_argument("--rotation_offset", type=int, default=0)
+    p.add_argument("--max_note_tokens", type=_positive_int, default=64)
+    p.add_argument("--recompute", action="store_true", help="overwrite an existing cache")
+
+
+def _add_eval_args(p):
+    p.add_argument("--repeat", type=_positive_int, default=1, help="samples per question")
+    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_compress", action="store_true", help="do not keep compressing while answering")
+
+
+def _precompute_kwargs(args, mode, complexity, budget):
+    return {"budget": budget, "mode": mode, "summary_complexity": complexity, "num_epochs": args.num_epochs,
+                "window_size": args.window_size, "rotate": args.rotate, "rotation_offset": args.rotation_offset,
+                "buffer": args.buffer, "max_note_tokens": args.max_note_tokens, "recompute": args.recompute}
+
+
+def _eval_kwargs(args):
+    return {"repeat": args.repeat, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "seed": args.seed, "compress": not args.no_compress}
+
+
+def _cmd_precompute(args) -> int:
+    wf.check_budget(args.budget, args.window_size)
+    docs = wf.load_documents(args.data, args.data_limit)
+    if (Path(args.out) / "metadata.json").is_file() and not args.recompute:
+        print(f"{args.out} exists; skipping (use --recompute to overwrite)")
+        return 0
+    model, tok = _load_model(args.model)
+    meta = wf.precompute(model, tok, docs, args.out, **_precompute_kwargs(args, args.mode, args.summary_complexity,
+                                                                         args.budget))
+    print(f"saved cache of {max(meta['seq_lengths'])} tokens/head ({meta['extra']['tokens_seen']} read) to {args.out}")
+    return 0
+
+
+def _questions(args):
+    if args.question:
+        return [{"question": args.question, "answer": args.answer}]
+    if args.data:
+        return wf.load_documents(args.data, args.data_limit)
+    raise wf.ICLInputError("Pass --question TEXT or --data FILE.")
+
+
+def _cmd_eval(args) -> int:
+    wf.read_metadata(args.cache)  # fails fast with a clear message
+    questions = _questions(args)
+    model, tok = _load_model(args.model)
+    result = wf.evaluate(model, tok, args.cache, questions, **_eval_kwargs(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{sum(len(r['generations']) for r in result['records'])} generations from a "
+          f"{result['cache_length']}-token cache written to {out}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    _, table = wf.score(args.eval, args.csv)
+    print(table)
+    return 0
+
+
+def _cmd_grid(args) -> int:
+    for b in args.budgets:
+        wf.check_budget(b, args.window_size)
+    docs = wf.load_documents(args.data, args.data_limit)
+    questions = wf.load_documents(args.eval_data or args.data, args.eval_limit)
+    out_dir = Path(args.out_dir)
+    model, tok = _load_model(args.model)
+    rows = []
+    for mode in args.modes:
+        for complexity in (args.complexities if mode != "none" else args.complexities[:1]):
+            for budget in args.budgets:
+                name = f"b{budget}_{mode}" + ("" if mode == "none" else f"_{complexity}")
+                cache_dir, eval_file = out_dir / name / "cache", out_dir / name / "eval.json"
+                wf.precompute(model, tok, docs, cache_dir, **_precompute_kwargs(args, mode, complexity, budget))
+                if not eval_file.is_file() or args.recompute:
+                    result = wf.evaluate(model, tok, cache_dir, questions, **_eval_kwargs(args))
+                    eval_file.write_text(json.dumps(result, indent=2))
+                scores, _ = wf.score(eval_file, out_dir / name / "scores.csv")
+                cache_len = json.loads(eval_file.read_text())["cache_length"]
+                rows.append({"budget": budget, "mode": mode, "complexity": complexity if mode != "none" else "",
+                             "pass@1": scores["pass_at_k"][1]["mean"], "correct": scores["total_correct"],
+                             "samples": scores["total_samples"], "cache_length": cache_len})
+    with (out_dir / "grid.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{'budget':>7} {'mode':>10} {'complexity':>10} {'pass@1':>7} {'cache':>6}")
+    for r in rows:
+        print(f"{r['budget']:>7} {r['mode']:>10} {r['complexity']:>10} {r['pass@1']:>7.3f} {r['cache_length']:>6}")
+    _plot(rows, out_dir / "grid.png")
+    print(f"table: {out_dir / 'grid.csv'}  plot: {out_dir / 'grid.png'}")
+    return 0
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in sorted({(r["mode"], r["complexity"]) for r in rows}):
+        pts = sorted((r["budget"], r["pass@1"]) for r in rows if (r["mode"], r["complexity"]) == key)
+        ax.plot(*zip(*pts), marker="o", label=" ".join(k for k in key if k))
+    ax.set_xlabel("R-KV budget (tokens per head)")
+    ax.set_ylabel("pass@1")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(t) for t in text.split(",") if t.strip()]
+
+
+def _str_list(choices):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
+        return items
+
+    return parse
+
+
+def add_parser(subparsers) -> None:
+    icl = subparsers.add_parser("icl", help="compress-in-context: precompute a bounded cache of examples, answer, score")
+    sub = icl.add_subparsers(dest="icl_command", required=True)
+
+    p = sub.add_parser("precompute", help="read documents (and write notes) into a saved R-KV cache")
+    p.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
+    p.add_argument("--model", required=True, help="hub id or local model directory")
+    p.add_argument("--mode", choices=wf.MODES, default="takeaways")
+    p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple")
+    p.add_argument("--out", required=True, help="cache directory to write")
+    _add_cache_args(p)
+    p.set_defaults(func=_cmd_precompute)
+
+    p = sub.add_parser("eval", help="answer questions from a saved cache (each sample from a fresh copy)")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--question")
+    p.add_argument("--answer", default=None, help="reference answer for --question")
+    p.add_argument("--data")
+    p.add_argument("--data_limit", type=_positive_int, default=None)
+    p.add_argument("--out", required=True, help="JSON file for the generations")
+    _add_eval_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("score", help="pass@k of an eval JSON (CSV + table)")
+    p.add_argument("--eval", required=True)
+    p.add_argument("--csv", default=None)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("grid", help="precompute + eval + score over budgets/modes/complexities (resumable)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--eval_data", default=None, help="questions to answer (default: --data)")
+    p.add_argument("--eval_limit", type=_positive_int, default=None)
+    p.add_argument("--model", required=True)
+    p.add_argument("--budgets", type=_int_list, required=True, help="comma-separated, e.g. 64,128,256")
+    p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"])
+    p.add_argument("--complexities", type=_str_list(wf.COMPLEXITIES), default=["simple"])
+    p.add_argument("--out_dir", required=True)
+    _add_cache_args(p)
+    _add_eval_args(p)
+    p.set_defaults(func=_cmd_grid)

@@ -1,0 +1,212 @@
+"""Compress-in-context: read worked examples into one bounded R-KV cache, save it, answer new questions from it.
+
+``precompute`` feeds each document (question, solution, answer) to the model through an :class:`RKVPress`,
+optionally has the model write bullet-point takeaways (``takeaways``) or rewrite one running note
+(``notepad``) after each document, and saves the cache with :func:`kvpress_ext.cache_io.save_cache`.
+``evaluate`` samples answers from untouched copies of that cache; ``score`` turns them into pass@k.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from kvpress_ext.apply import apply_press
+from kvpress_ext.cache_io import METADATA_FILE, load_cache, read_metadata, save_cache
+from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
+from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.registry import get_press
+
+MODES = ("takeaways", "notepad", "none")
+COMPLEXITIES = ("simple", "complex")
+SENTINEL = "<END>"
+
+_INSTRUCTIONS = {
+    ("takeaways", "simple"): "List the key takeaways of the example above as short bullet points.",
+    ("takeaways", "complex"): (
+        "List the key takeaways of the example above as bullet points: the method used, why it works, "
+        "the common mistakes to avoid and how to check the answer."
+    ),
+    ("notepad", "simple"): "Rewrite your running notes so they include what the example above teaches.",
+    ("notepad", "complex"): (
+        "Rewrite your running notes as one organised document: merge what the example above teaches with "
+        "your previous notes, group methods by problem type, and keep checks and pitfalls."
+    ),
+}
+
+
+class ICLInputError(KVPressExtError):
+    """Bad workflow input (data file, budget, paths): reported in one line with exit status 2."""
+
+
+def load_documents(path, limit: int | None = None) -> list[dict]:
+    """A JSON list of ``{"question", "solution", "answer"}`` objects (``solution`` optional for eval data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ICLInputError(f"Data file {path} does not exist; pass a JSON list of question/solution/answer objects.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "question" in d for d in data):
+        raise ICLInputError(f"Data file {path} must hold a JSON list of objects with at least a 'question' field.")
+    return data[:limit] if limit else data
+
+
+def format_document(doc: dict) -> str:
+    return f"Problem: {doc['question']}\nSolution: {doc.get('solution', '')}\nAnswer: {doc.get('answer', '')}\n\n"
+
+
+def format_question(question: str) -> str:
+    return f"Problem: {question}\nSolution:"
+
+
+def note_prompt(mode: str, complexity: str, previous_note: str | None) -> str:
+    text = _INSTRUCTIONS[(mode, complexity)]
+    if mode == "notepad" and previous_note:
+        text += f"\nPrevious notes:\n{previous_note}"
+    return f"{text} Finish with {SENTINEL}.\n" + ("- " if mode == "takeaways" else "Notes:\n")
+
+
+def _tokens(tokenizer, text: str, first: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=first)["input_ids"]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p >= top_p  # drop tokens once the mass before them reaches top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def generate(model, tokenizer, cache, prompt_ids: list[int], max_new_tokens: int, *, stop: str | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, generator=None) -> tuple[str, list[int]]:
+    """Feed ``prompt_ids`` and sample until EOS, ``max_new_tokens`` or ``stop`` (call inside apply_press).
+
+    The stop string is looked for in the decoded text of the generated tokens only, so a sentinel quoted in
+    the prompt does not stop generation and one split across several tokens still does. Returns the text up
+    to the stop string and the generated ids (all fed to the cache but the last).
+    """
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), past_key_values=cache, logits_to_keep=1)
+    generated: list[int] = []
+    text = ""
+    for step in range(max_new_tokens):
+        tok = _sample(out.logits[0, -1], temperature, top_p, generator)
+        generated.append(tok)
+        if tok in eos:
+            break
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if stop and stop in text:
+            return text[: text.index(stop)], generated
+        if step + 1 < max_new_tokens:
+            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, logits_to_keep=1)
+    return tokenizer.decode(generated, skip_special_tokens=True), generated
+
+
+def check_budget(budget, window_size: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= window_size:
+        raise ICLInputError(f"--budget must be an integer larger than --window_size ({window_size}), got {budget!r}.")
+
+
+def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 128, mode: str = "takeaways",
+               summary_complexity: str = "simple", num_epochs: int = 1, window_size: int = 8, rotate: bool = False,
+               rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False) -> dict:
+    """Read ``documents`` (and write notes) into an R-KV cache saved at ``out``; returns its metadata.
+
+    Skips the work and returns the saved metadata if ``out`` already holds a cache, unless ``recompute``.
+    """
+    out = Path(out)
+    if mode not in MODES:
+        raise ICLInputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    if summary_complexity not in COMPLEXITIES:
+        raise ICLInputError(f"--summary_complexity must be one of {', '.join(COMPLEXITIES)}, got {summary_complexity!r}.")
+    check_budget(budget, window_size)
+    if num_epochs < 1:
+        raise ICLInputError(f"--num_epochs must be >= 1, got {num_epochs}.")
+    if (out / METADATA_FILE).is_file() and not recompute:
+        return read_metadata(out)
+    press = RKVPress(budget=budget, window_size=window_size, rotate_keys=rotate, rotation_offset=rotation_offset,
+                     compression_interval=buffer)
+    cache = DynamicCache()
+    token_ids: list[int] = []
+    notes: list[dict] = []
+    note = None
+    with apply_press(press, model), torch.no_grad():
+        for epoch in range(num_epochs):
+            for i, doc in enumerate(documents):
+                ids = _tokens(tokenizer, format_document(doc), first=not token_ids)
+                model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
+                token_ids += ids
+                if mode == "none":
+                    continue
+                prompt = _tokens(tokenizer, note_prompt(mode, summary_complexity, note), first=False)
+                text, gen = generate(model, tokenizer, cache, prompt, max_note_tokens, stop=SENTINEL)
+                token_ids += prompt + gen[:-1]  # the last sampled token was never fed
+                note = text.strip()
+                notes.append({"epoch": epoch, "document": i, "text": note, "tokens": len(gen)})
+    extra = {
+        "workflow": "icl", "mode": mode, "summary_complexity": summary_complexity, "num_epochs": num_epochs,
+        "budget": budget, "documents": documents, "notes": notes, "tokens_seen": len(token_ids),
+    }
+    save_cache(cache, out, model=model, token_ids=token_ids, press=press, extra=extra)
+    return read_metadata(out)
+
+
+def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int = 1, max_new_tokens: int = 128,
+             temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, compress: bool = True) -> dict:
+    """Answer every question ``repeat`` times, each time from an untouched copy of the saved cache."""
+    if repeat < 1:
+        raise ICLInputError(f"--repeat must be >= 1, got {repeat}.")
+    base, meta = load_cache(cache_dir, model=model)
+    press = None
+    if compress and meta.get("press"):
+        press = get_press(meta["press"]["name"], **meta["press"]["params"])
+    generator = torch.Generator().manual_seed(seed)
+    random.seed(seed)
+    records = []
+    with apply_press(press, model), torch.no_grad():
+        for q in questions:
+            generations, lengths, cache_lengths = [], [], []
+            prompt = _tokens(tokenizer, format_question(q["question"]), first=False)
+            for _ in range(repeat):
+                cache = copy.deepcopy(base)
+                text, gen = generate(model, tokenizer, cache, prompt, max_new_tokens, temperature=temperature,
+                                     top_p=top_p, generator=generator)
+                generations.append(text)
+                lengths.append(len(gen))
+                cache_lengths.append(cache.get_seq_length())
+            records.append({"question": q["question"], "answer": q.get("answer"), "generations": generations,
+                            "lengths": lengths, "cache_lengths_after": cache_lengths})
+    return {
+        "cache_dir": str(cache_dir), "cache_length": base.get_seq_length(), "cache_seq_lengths": meta["seq_lengths"],
+        "settings": {"repeat": repeat, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "top_p": top_p, "seed": seed, "compress": compress},
+        "cache_extra": {k: v for k, v in meta.get("extra", {}).items() if k not in ("documents",)},
+        "records": records,
+    }
+
+
+def score(eval_json, csv_path=None) -> tuple[dict, str]:
+    """pass@k of an ``evaluate`` result file; writes the CSV if asked and returns (result, printed table)."""
+    path = Path(eval_json)
+    if not path.is_file():
+        raise ICLInputError(f"Eval results {path} do not exist; run `kvpress-ext icl eval --out {path}` first.")
+    data = json.loads(path.read_text())
+    result = score_generations(data["records"])
+    if csv_path:
+        write_scores_csv(result, csv_path)
+    return result, format_scores_table(result)
