@@ -47,6 +47,9 @@ class FusionResult:
     n_prefix: int
     chunk_lengths: list[int]
     timings: dict = field(default_factory=dict)
+    #: per layer, the normed attention input of all P + N + Q rows (zeros where not recomputed), when
+    #: ``record_inputs=True`` (an eviction press scores from them)
+    layer_inputs: list | None = None
 
 
 # --- layer internals, reached through the adapter and the standard sub-module names -------------------------
@@ -140,6 +143,7 @@ def fuse_chunks(
     sink_positions=None,
     seed: int = 0,
     attention_backend: str = "auto",
+    record_inputs: bool = False,
 ) -> FusionResult:
     """Fuse stored chunk caches with a question by selective recompute (see module docstring)."""
     if not question_ids:
@@ -169,6 +173,7 @@ def fuse_chunks(
     k_budget = sel.budget(rate, n_doc)
     selected = torch.arange(n_doc)
     key_pos = torch.arange(total, device=device)
+    inputs = []
     surprisal = [c.surprisal for c in chunks] if strategy == "surprisal_chunk" else None
 
     for li, layer in enumerate(layers):
@@ -178,6 +183,10 @@ def fuse_chunks(
         q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active)
         k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active)
         v = adapter.values(attn, x)
+        if record_inputs:
+            full_x = x.new_zeros(1, total, x.shape[-1])
+            full_x[:, active] = x
+            inputs.append(full_x)
         if li == selection_layer:
             old_v = values[li][:, :, n_prefix : n_prefix + n_doc].clone()
         keys[li][:, :, active] = k.to(keys[li].dtype)
@@ -206,4 +215,4 @@ def fuse_chunks(
         cache.update(keys[i], values[i], i)
     state = position_state(cache)
     state.next_position = state.seen_tokens = total
-    return FusionResult(cache, logits, selected, n_prefix, lengths)
+    return FusionResult(cache, logits, selected, n_prefix, lengths, layer_inputs=inputs if record_inputs else None)

@@ -134,13 +134,13 @@ class A3Press:
         result = fuse_chunks(
             model, prefix_kv, chunk_kv, question_ids, strategy=self.strategy, rate=float(self.rate),
             selection_layer=self.selection_layer, pool_width=self.pool_width, sink_positions=self.sink_positions,
-            seed=self.seed, attention_backend=self.attention_backend,
+            seed=self.seed, attention_backend=self.attention_backend, record_inputs=self.evict is not None,
         )
         t2 = time.perf_counter()
         if self.evict is not None:
             from kvpress_ext.presses.a3.evict import evict_cache
 
-            evict_cache(model, result.cache, self.evict, self.evict_kwargs, result)
+            evict_cache(model, result, self.evict, self.evict_kwargs)
         t3 = time.perf_counter()
         result.timings = {"load_s": t1 - t0, "fuse_s": t2 - t1, "evict_s": t3 - t2}
         return result
