@@ -52,8 +52,11 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def torch_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (1, H, nq, d), k/v (1, KVH, nk, d), mask (nq, nk) bool -> (1, H, nq, d)."""
-    groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask, scale=scale)
+    nq, nk = mask.shape
+    if nq == nk and bool(mask.diagonal().all()) and bool(mask.sum() == nq * (nq + 1) // 2):
+        # every token active (full recompute): plain causal attention, which has a fused CPU kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def flashinfer_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:  # pragma: no cover - GPU only
