@@ -43,6 +43,20 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             press = get_press(press)
         return super()._sanitize_parameters(press=press, **kwargs)
 
+    def __call__(self, *args, context_chunks=None, **kwargs):
+        """``context_chunks=[...]`` hands separately cached chunks to a press that fuses them itself
+        (it defines ``pipeline_call``, e.g. A3Press); without it this is kvpress's pipeline unchanged."""
+        if context_chunks is None:
+            return super().__call__(*args, **kwargs)
+        press = kwargs.pop("press", None)
+        press = get_press(press) if isinstance(press, str) else press
+        if args or not hasattr(press, "pipeline_call"):
+            raise ValueError(
+                "context_chunks=... needs a press that fuses chunk caches (e.g. press=A3Press(store=...)) and no "
+                "positional context."
+            )
+        return press.pipeline_call(self, list(context_chunks), **kwargs)
+
     def _forward(self, input_tensors, max_new_tokens: int = 50, press=None, cache=None):
         prefill, decoding = compression_phases(press)
         questions = input_tensors["questions_ids"]

@@ -1,0 +1,42 @@
+"""Evict from a fused A3 cache with any registered (hook-based) press, e.g. StreamingLLM or SnapKV.
+
+The press's ``forward_hook`` is called once per layer as if that layer had just prefilled the whole
+fused sequence: ``hidden_states`` are the normed attention inputs recorded during fusion (recomputed
+rows; rows that were not recomputed are zero, which only matters for presses that score from hidden
+states of document tokens: SnapKV-like presses use the last rows, the always-recomputed question),
+``position_embeddings`` are RoPE tables for positions 0..T-1, and ``cache_position`` is 0..T-1. Kept keys
+are not re-rotated, so the next token keeps position T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpress_ext.adapters import get_adapter
+from kvpress_ext.apply import drives_model
+from kvpress_ext.errors import PressParameterError
+from kvpress_ext.registry import get_press
+
+
+def evict_cache(model, result, name: str, kwargs: dict | None = None):
+    """Compress ``result.cache`` in place with the press registered as ``name``."""
+    press = get_press(name, **(kwargs or {}))
+    if press is None:
+        return result.cache
+    if drives_model(press) or not hasattr(press, "forward_hook"):
+        raise PressParameterError(f"a3: evict={name!r} must be a hook-based press (e.g. streaming_llm, snapkv, knorm).")
+    adapter = get_adapter(model)
+    cache = result.cache
+    total = cache.get_seq_length()
+    pos = torch.arange(total, device=cache.layers[0].keys.device)
+    press.post_init_from_model(model)
+    rotary = adapter.rotary_embedding(model)
+    for module, hidden in zip(adapter.attention_modules(model), result.layer_inputs):
+        cos_sin = rotary(hidden, pos.unsqueeze(0))
+        raw = {"hidden_states": hidden, "past_key_values": cache, "layer_past": cache, "cache_position": pos,
+               "position_embeddings": cos_sin}
+        view = adapter.press_view(model, module)
+        press.forward_hook(view, [hidden], adapter.hook_kwargs(module, (), raw), (None, None))
+    if hasattr(press, "reset"):
+        press.reset()
+    return cache

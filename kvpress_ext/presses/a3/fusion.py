@@ -1,0 +1,218 @@
+"""Selective-recompute fusion of separately cached chunks (CacheBlend, A3).
+
+Sequence layout (global positions = row index in the fused cache)::
+
+    [ prefix (P) | chunk 0 | chunk 1 | ... | question (Q) ]
+
+1. Load every chunk's K/V, concatenate them after the prefix's, and rotate each chunk's keys from its
+   local positions (P + j) to its global ones.
+2. Run the decoder layer by layer with our own loop over the model's sub-modules (norms, projections
+   through the adapter, :mod:`.attention` with an explicit mask, output projection, MLP), for an
+   *active* set of tokens only:
+
+   * layers below ``selection_layer``: all document tokens and the question (full recompute);
+   * at ``selection_layer``: fresh K/V are computed for all active tokens, the strategy scores the
+     document tokens and keeps the top ``budget(rate, n_doc)``; from here on the active set is the
+     selected tokens plus the question;
+   * later layers: only active tokens are recomputed; their queries attend causally (by global
+     position) to every key, and their new K/V replace the stale ones. Inactive tokens keep their
+     re-aligned chunk K/V.
+
+   The prefix is never recomputed (its cache is exact). The question is always recomputed.
+3. The result is a DynamicCache of all P + N + Q tokens (question included, next position P + N + Q)
+   and the logits of the question tokens. At ``rate=1`` every token is recomputed in every layer, so
+   the result equals a full prefill of the concatenated sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from kvpress_ext.adapters import get_adapter
+from kvpress_ext.errors import PressParameterError
+from kvpress_ext.positions import position_state
+from kvpress_ext.presses.a3 import selection as sel
+from kvpress_ext.presses.a3.attention import attention_probs, masked_attention
+from kvpress_ext.presses.a3.chunk_store import ChunkKV
+
+
+@dataclass
+class FusionResult:
+    cache: DynamicCache
+    logits: torch.Tensor  # (Q, vocab): next-token logits at each question token
+    selected: torch.Tensor  # document-token indices (0..N-1) recomputed after the selection layer
+    n_prefix: int
+    chunk_lengths: list[int]
+    timings: dict = field(default_factory=dict)
+    #: per layer, the normed attention input of all P + N + Q rows (zeros where not recomputed), when
+    #: ``record_inputs=True`` (an eviction press scores from them)
+    layer_inputs: list | None = None
+
+
+# --- layer internals, reached through the adapter and the standard sub-module names -------------------------
+def _layer_parts(layer, adapter):
+    attn = adapter.attention(layer)
+    parallel = bool(getattr(layer, "use_parallel_residual", False))
+    return attn, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, parallel
+
+
+def _out_proj(attn):
+    return attn.o_proj if hasattr(attn, "o_proj") else attn.dense
+
+
+def _final_norm(decoder):
+    return decoder.norm if hasattr(decoder, "norm") else decoder.final_layer_norm
+
+
+def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, dtype=None):
+    """Concatenate prefix and chunk K/V per layer with each chunk's keys moved to global positions.
+
+    Returns (keys, values): lists over layers of (1, KVH, P + N, d) tensors.
+    """
+    adapter = get_adapter(model)
+    n_layers = len(adapter.layers(model))
+    n_prefix = len(prefix) if prefix is not None else 0
+    keys, values = [], []
+    for i in range(n_layers):
+        ks, vs = ([prefix.keys[i]], [prefix.values[i]]) if prefix is not None else ([], [])
+        offset = n_prefix
+        for c in chunks:
+            k = c.keys[i].to(device=device, dtype=dtype)
+            n = k.shape[-2]
+            local = torch.arange(c.prefix_len, c.prefix_len + n, device=k.device)
+            glob = torch.arange(offset, offset + n, device=k.device)
+            ks.append(k if c.prefix_len == offset else adapter.rerotate_keys(model, k, local, glob))
+            vs.append(c.values[i])
+            offset += n
+        keys.append(torch.cat([t.to(device=device, dtype=dtype) for t in ks], dim=-2))
+        values.append(torch.cat([t.to(device=device, dtype=dtype) for t in vs], dim=-2))
+    return keys, values
+
+
+def _select(strategy, *, layer_idx, attn, adapter, model, x_norm, active, q_all, k_full, v_new, v_old, n_prefix,
+            n_doc, n_question, k_budget, pool_width, sink_positions, surprisal, chunk_lengths, seed, scale):
+    """Document-token indices to keep recomputing (sorted), for one strategy."""
+    if strategy == "full":
+        return torch.zeros(0, dtype=torch.long)
+    if strategy == "cat":
+        return torch.tensor([n_doc - 1]) if n_doc else torch.zeros(0, dtype=torch.long)
+    if strategy == "random":
+        return sel.random_tokens(n_doc, k_budget, seed)
+    if strategy == "surprisal_chunk":
+        return sel.surprisal_chunk(surprisal, chunk_lengths, k_budget)
+    doc_rows = slice(0, n_doc)  # active == all doc + question at the selection layer
+    if strategy == "blend":
+        return sel.top_k(sel.value_deviation(v_new[:, :, doc_rows], v_old), k_budget)
+    total = n_prefix + n_doc + n_question
+    key_pos = torch.arange(total, device=k_full.device)
+    if strategy == "debug":
+        rows = torch.arange(n_doc, n_doc + n_question)
+        forced = None
+    else:  # attnlink
+        sinks = torch.as_tensor(sink_positions, dtype=torch.long)
+        if sinks.numel() == 0:
+            raise PressParameterError("strategy='attnlink' needs sink_positions (global token indices).")
+        if int(sinks.min()) < n_prefix or int(sinks.max()) >= total:
+            raise PressParameterError(
+                f"attnlink sink_positions must lie in [{n_prefix}, {total}) (document or question tokens; the "
+                f"prefix is not recomputed), got {sinks.tolist()}."
+            )
+        rows = sinks - n_prefix  # active index = global position - prefix
+        in_doc = rows[rows < n_doc]
+        forced = in_doc
+    q_pos = active[rows].to(k_full.device)
+    probs = attention_probs(q_all[:, :, rows.to(q_all.device)], k_full, q_pos, key_pos, scale)
+    scores = sel.attention_relevance(probs, slice(n_prefix, n_prefix + n_doc), pool_width)
+    return sel.top_k(scores.cpu(), k_budget, forced=None if forced is None else forced.cpu())
+
+
+@torch.no_grad()
+def fuse_chunks(
+    model,
+    prefix: ChunkKV | None,
+    chunks: list[ChunkKV],
+    question_ids: list[int],
+    *,
+    strategy: str = "blend",
+    rate: float = 0.15,
+    selection_layer: int = 1,
+    pool_width: int = 5,
+    sink_positions=None,
+    seed: int = 0,
+    attention_backend: str = "auto",
+    record_inputs: bool = False,
+) -> FusionResult:
+    """Fuse stored chunk caches with a question by selective recompute (see module docstring)."""
+    if not question_ids:
+        raise ValueError("fuse needs at least one question token (its logits are what fusion returns).")
+    adapter = get_adapter(model)
+    decoder = adapter.decoder(model)
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if not 0 <= selection_layer < len(layers):
+        raise PressParameterError(f"selection_layer={selection_layer} must be in [0, {len(layers)}).")
+
+    n_prefix = len(prefix) if prefix is not None else 0
+    lengths = [len(c) for c in chunks]
+    n_doc, n_q = sum(lengths), len(question_ids)
+    total = n_prefix + n_doc + n_q
+    keys, values = realign(model, prefix, chunks, device=device, dtype=dtype)
+    shape = adapter.shape(model)
+    for i in range(len(layers)):  # room for the question's rows
+        pad = keys[i].new_zeros(1, shape.num_kv_heads, n_q, keys[i].shape[-1])
+        keys[i] = torch.cat([keys[i], pad], dim=-2)
+        values[i] = torch.cat([values[i], values[i].new_zeros(1, shape.num_kv_heads, n_q, values[i].shape[-1])], dim=-2)
+    doc_ids = [t for c in chunks for t in c.token_ids]
+    ids = torch.tensor([doc_ids + list(question_ids)], device=device)
+    active = torch.arange(n_prefix, total, device=device)  # global positions of the active tokens
+    hidden = model.get_input_embeddings()(ids)
+    k_budget = sel.budget(rate, n_doc)
+    selected = torch.arange(n_doc)
+    key_pos = torch.arange(total, device=device)
+    inputs = []
+    surprisal = [c.surprisal for c in chunks] if strategy == "surprisal_chunk" else None
+
+    for li, layer in enumerate(layers):
+        attn, ln1, ln2, mlp, parallel = _layer_parts(layer, adapter)
+        scale = float(getattr(attn, "scaling", shape.head_dim ** -0.5))
+        x = ln1(hidden)
+        q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active)
+        k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active)
+        v = adapter.values(attn, x)
+        if record_inputs:
+            full_x = x.new_zeros(1, total, x.shape[-1])
+            full_x[:, active] = x
+            inputs.append(full_x)
+        if li == selection_layer:
+            old_v = values[li][:, :, n_prefix : n_prefix + n_doc].clone()
+        keys[li][:, :, active] = k.to(keys[li].dtype)
+        values[li][:, :, active] = v.to(values[li].dtype)
+        if li == selection_layer:
+            selected = _select(
+                strategy, layer_idx=li, attn=attn, adapter=adapter, model=model, x_norm=x, active=active, q_all=q,
+                k_full=keys[li], v_new=v, v_old=old_v, n_prefix=n_prefix, n_doc=n_doc, n_question=n_q,
+                k_budget=k_budget, pool_width=pool_width, sink_positions=sink_positions, surprisal=surprisal,
+                chunk_lengths=lengths, seed=seed, scale=scale,
+            ).to(torch.long).cpu()
+            keep = torch.cat([selected, torch.arange(n_doc, n_doc + n_q)]).to(device)
+            active, hidden, q, x = active[keep], hidden[:, keep], q[:, :, keep], x[:, keep]
+        out = masked_attention(q, keys[li], values[li], active, key_pos, scale, backend=attention_backend)
+        out = _out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1))
+        if parallel:
+            hidden = hidden + out + mlp(ln2(hidden))
+        else:
+            hidden = hidden + out
+            hidden = hidden + mlp(ln2(hidden))
+
+    hq = _final_norm(decoder)(hidden[:, -n_q:])
+    logits = model.get_output_embeddings()(hq)[0]
+    cache = DynamicCache()
+    for i in range(len(layers)):
+        cache.update(keys[i], values[i], i)
+    state = position_state(cache)
+    state.next_position = state.seen_tokens = total
+    return FusionResult(cache, logits, selected, n_prefix, lengths, layer_inputs=inputs if record_inputs else None)
