@@ -27,7 +27,7 @@ from kvpress import BasePress
 
 def has_settable_ratio(press) -> bool:
     """Whether ``press.compression_ratio`` is a number we can set (ScorerPress, AdaKV, ...)."""
-    ratio = getattr(press, "compression_ratio", None)
+    ratio = _ratio(press)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
         return False
     try:
@@ -35,6 +35,13 @@ def has_settable_ratio(press) -> bool:
     except (AttributeError, TypeError):
         return False
     return True
+
+
+def _ratio(press):
+    try:  # some presses (DMS, SimLayerKV) compute it from the last forward and raise before one
+        return getattr(press, "compression_ratio", None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @dataclass
@@ -55,7 +62,7 @@ class EveryChunkPress(BasePress):
     _seen: dict = field(default_factory=lambda: defaultdict(int), init=False, repr=False)
 
     def __post_init__(self):
-        self._target_ratio = getattr(self.press, "compression_ratio", None)
+        self._target_ratio = _ratio(self.press)
         self._cumulative = self.keep_fraction_of_seen and has_settable_ratio(self.press)
 
     @property

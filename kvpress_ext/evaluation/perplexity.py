@@ -76,9 +76,16 @@ def load_text(dataset: str, subset: str | None = None, split: str = "test", samp
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids (1, n) of ``text`` (with the tokenizer's BOS if it adds one), cut to ``max_tokens``."""
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    if max_tokens is not None:
+    if max_tokens is not None:  # tokenize a growing prefix, not a whole book, when only the start is needed
+        n_chars = 16 * max_tokens
+        while True:
+            ids = tokenizer(text[:n_chars], return_tensors="pt").input_ids
+            if ids.shape[1] > max_tokens or n_chars >= len(text):
+                break
+            n_chars *= 4
         ids = ids[:, :max_tokens]
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids
     if ids.shape[1] < 2:
         raise KVPressExtError(f"The text has {ids.shape[1]} token(s); perplexity needs at least 2.")
     return ids

@@ -145,7 +145,10 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
             axes[1].plot([(p["kv_bytes"] or 0) / 1024 for p in tps], [p["decode_tok_per_s"] for p in tps], **kw)
     axes[0].set(xlabel="KV cache at end (KiB)", ylabel="perplexity", title="perplexity vs cache size", yscale="log")
     axes[1].set(xlabel="KV cache at end (KiB)", ylabel="decode tokens/s", title="decode throughput")
-    axes[1].legend(fontsize=7, ncol=2, loc="best")
+    if axes[1].lines:
+        axes[1].legend(fontsize=7, ncol=2, loc="best")
+    else:
+        axes[0].legend(fontsize=7, ncol=2, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra press parameters (int/float/bool/none/str values)")
     p.add_argument("--ppl_apply_press", action="store_true",
                    help="score every token from the compressed cache (text fed chunk by chunk under the press)")
-    p.add_argument("--chunk_size", type=int, default=64, help="tokens per forward with --ppl_apply_press")
+    p.add_argument("--chunk_size", type=int, default=128,
+                   help="tokens per forward with --ppl_apply_press (window presses such as snapkv need more than their window)")
     p.add_argument("--decode_chunk_size", type=int, default=1,
                    help="tokens per forward after the first chunk, for presses that compress while decoding")
     p.add_argument("--segment", type=int, default=512, help="tokens per point of the NLL curve")
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
     p.add_argument("--output_dir", default="results/perplexity")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
@@ -132,7 +135,11 @@ def press_params(press) -> dict:
 
 
 def load_model(args):
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -177,6 +184,31 @@ def evaluate_press(model, input_ids: torch.Tensor, press, args) -> dict:
     return record
 
 
+def _needs_other_attention(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, AssertionError) and ("attention" in text or "eager" in text)
+
+
+def evaluate_with_fallback(model, input_ids, press, args) -> dict:
+    """:func:`evaluate_press`; a press that asserts on the attention implementation (some need eager attention
+    weights, others refuse them) is retried once with the other one (eager <-> sdpa), and the record says so."""
+    current = model.config._attn_implementation
+    try:
+        return evaluate_press(model, input_ids, press, args)
+    except AssertionError as exc:
+        if not _needs_other_attention(exc) or current not in ("eager", "sdpa"):
+            raise
+        other = "sdpa" if current == "eager" else "eager"
+        model.set_attn_implementation(other)
+        try:
+            record = evaluate_press(model, input_ids, press, args)
+        finally:
+            model.set_attn_implementation(current)
+        record["attn_implementation"] = other
+        record["note"] = f"retried with attn_implementation={other}: {exc}"
+        return record
+
+
 def _base_record(args, model, input_ids, device) -> dict:
     return {
         "model": {"name": args.model, "model_type": model.config.model_type, "dtype": str(model.dtype),
@@ -212,6 +244,8 @@ def run(args) -> list[dict]:
         raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own).")
     text = ppl.load_text(args.dataset, args.subset, args.split, args.sample_idx, args.text_file)
     torch.manual_seed(args.seed)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     model, tokenizer = load_model(args)
     device = next(model.parameters()).device
     input_ids = ppl.tokenize(tokenizer, text, args.max_eval_tokens)
@@ -228,7 +262,7 @@ def run(args) -> list[dict]:
             if not args.no_progress:
                 print(f"[{name}] ratio={ratio}", file=sys.stderr)
             try:
-                record.update(evaluate_press(model, input_ids, press, args))
+                record.update(evaluate_with_fallback(model, input_ids, press, args))
             except Exception as exc:  # noqa: BLE001 - a sweep records a failing press and goes on
                 if args.press != "all":
                     raise
