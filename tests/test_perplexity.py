@@ -139,12 +139,12 @@ def test_command_line_json_and_errors(tmp_path):
         "model": "No kvpress_ext adapter for model_type 'gpt2'",
     }
     for key, needle in expected.items():
-        (stdout, stderr), rc = done[key]
+        (_stdout, stderr), rc = done[key]
         assert rc == 2, (key, stderr)
         lines = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (key, stderr)
         assert "Traceback" not in stderr
-    (stdout, stderr), rc = done["json"]
+    (_stdout, stderr), rc = done["json"]
     assert rc == 0, stderr
     files = list((tmp_path / "out").glob("*.json"))
     assert len(files) == 1

@@ -31,7 +31,7 @@ def has_settable_ratio(press) -> bool:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
         return False
     try:
-        setattr(press, "compression_ratio", ratio)
+        press.compression_ratio = ratio
     except (AttributeError, TypeError):
         return False
     return True

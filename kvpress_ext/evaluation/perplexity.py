@@ -67,7 +67,7 @@ def load_text(dataset: str, subset: str | None = None, split: str = "test", samp
         raise KVPressExtError(f"PG-19 split {split!r} has no book at --sample_idx {sample_idx}.")
     except KVPressExtError:
         raise
-    except Exception as exc:  # noqa: BLE001 - offline, missing dataset: one actionable message
+    except Exception as exc:
         raise KVPressExtError(
             f"Could not load dataset {dataset!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Offline? Use --dataset text --text_file PATH."

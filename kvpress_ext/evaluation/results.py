@@ -28,10 +28,10 @@ def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the checkout holding this file (with ``-dirty`` if it has local changes), or None."""
     cwd = Path(path or __file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True, timeout=10)
         if commit.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=cwd,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -138,7 +138,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
     cmap = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         pts = sorted((r for r in ok if r["press"] == name), key=lambda r: r["kv_bytes"] or 0)
-        kw = dict(color=cmap(i % 20), label=name, marker="o", ms=4)
+        kw = {"color": cmap(i % 20), "label": name, "marker": "o", "ms": 4}
         axes[0].plot([(p["kv_bytes"] or 0) / 1024 for p in pts], [p["ppl"] for p in pts], **kw)
         tps = [p for p in pts if p["decode_tok_per_s"] is not None]
         if tps:
@@ -154,3 +154,12 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
+    """Rebuild ``summary.md``/``summary.png`` from the JSON files of a (possibly interrupted) sweep."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
+    if not records:
+        raise FileNotFoundError(f"No JSON results in {path}")
+    records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))
+    return write_summary(records, path, title=title, command=records[0].get("command"))

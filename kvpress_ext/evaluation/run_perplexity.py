@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
     p.add_argument("--output_dir", default="results/perplexity")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--summarize", metavar="DIR", default=None,
+                   help="only rebuild summary.md/summary.png from the JSON files in DIR (e.g. an interrupted sweep)")
     return p
 
 
@@ -263,7 +265,7 @@ def run(args) -> list[dict]:
                 print(f"[{name}] ratio={ratio}", file=sys.stderr)
             try:
                 record.update(evaluate_with_fallback(model, input_ids, press, args))
-            except Exception as exc:  # noqa: BLE001 - a sweep records a failing press and goes on
+            except Exception as exc:
                 if args.press != "all":
                     raise
                 record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
@@ -315,8 +317,12 @@ def _print_line(record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.summarize:
+            md, png = results.summarize_directory(args.summarize)
+            print(f"wrote {md}" + (f" and {png}" if png else ""))
+            return 0
         run(args)
-    except KVPressExtError as exc:
+    except (KVPressExtError, FileNotFoundError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
