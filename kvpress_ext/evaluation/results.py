@@ -163,3 +163,32 @@ def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tu
         raise FileNotFoundError(f"No JSON results in {path}")
     records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))
     return write_summary(records, path, title=title, command=records[0].get("command"))
+
+
+def ratio_table(directories: dict) -> str:
+    """Markdown table: one row per press, ppl / KV bytes / decode tok/s per ratio, from sweep directories
+    given as ``{ratio: path}``; presses that were skipped or failed are listed with their reason below it."""
+    by_press: dict = {}
+    notes: dict = {}
+    for ratio, path in directories.items():
+        for p in sorted(Path(path).glob("*.json")):
+            r = json.loads(p.read_text())
+            name = r["press"]["name"]
+            if r.get("status") != "ok":
+                notes.setdefault(name, f"{r.get('status')}: {str(r.get('error'))[:140]}")
+                continue
+            by_press.setdefault(name, {})[ratio] = r
+    ratios = list(directories)
+    head = "| press | " + " | ".join(f"ppl @{x}" for x in ratios) + " | " + \
+        " | ".join(f"KV bytes @{x}" for x in ratios) + " | " + " | ".join(f"tok/s @{x}" for x in ratios) + " |"
+    lines = [head, "|" + " --- |" * (1 + 3 * len(ratios))]
+    for name in sorted(by_press, key=lambda n: (n != "no_press", n)):
+        runs = by_press[name]
+        cells = [_fmt((runs.get(x) or {}).get("perplexity", {}).get("ppl"), ".4f") for x in ratios]
+        cells += [_fmt((runs.get(x) or {}).get("cache", {}).get("cache_bytes_end"), ",d") for x in ratios]
+        cells += [_fmt((runs.get(x) or {}).get("speed", {}).get("decode_tok_per_s"), ".1f") for x in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Not run:", ""]
+        lines += [f"- `{n}`: {why.replace('|', '/')}" for n, why in sorted(notes.items()) if n not in by_press]
+    return "\n".join(lines) + "\n"
