@@ -60,8 +60,8 @@ Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988
 streaming_llm 3.993, keydiff 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.174) and key_rerotation
 (4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026).
 Failures come from kvpress presses that assume one prefill with q_len == k_len (pyramidkv, chunkkv, block, adakv's
-fake keys) or refuse anything but prefill (leverage_score, non_causal_attention, compactor); they run in the
-plain (non-incremental) mode.
+fake keys) or refuse anything but prefill (leverage_score, non_causal_attention, compactor); their plain-mode
+behaviour (one prefill, no --ppl_apply_press) was not measured here.
 
 {table}
 """
