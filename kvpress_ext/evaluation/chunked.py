@@ -1,0 +1,102 @@
+"""Make a prefill-only press compress on every chunk of a growing text.
+
+kvpress's prefill presses compress only on the first forward into an empty cache: ``BasePress.forward_hook``
+returns early unless ``is_prefilling(cache_position, q_len)`` (``cache_position[-1] + 1 == q_len``). To measure
+perplexity under compression, the text is fed chunk by chunk and every chunk's logits must come from a cache the
+press already compressed, so each chunk has to count as a prefill for the press.
+
+:class:`EveryChunkPress` wraps any hook-based press and does that generically: the inner press's own
+``forward_hook`` runs after every chunk, with ``cache_position`` shown relative to the chunk (so its prefill test
+passes); positions used by the model are untouched (they come from the cache, :mod:`kvpress_ext.positions`).
+
+Ratio semantics: re-applying ``compression_ratio=r`` to an already compressed cache would shrink it
+geometrically (the cache would settle near ``chunk * (1 - r) / r``). For presses with a settable
+``compression_ratio`` the wrapper instead sets, per layer and chunk, the ratio that keeps
+``round((1 - r) * tokens seen)`` entries, so the cache always holds a fraction ``1 - r`` of the text so far, as it
+would after one prefill of the whole text. Presses without ``compression_ratio`` apply their own rule per chunk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from kvpress import BasePress
+
+
+def has_settable_ratio(press) -> bool:
+    """Whether ``press.compression_ratio`` is a number we can set (ScorerPress, AdaKV, ...)."""
+    ratio = _ratio(press)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        return False
+    try:
+        press.compression_ratio = ratio
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
+def _ratio(press):
+    try:  # some presses (DMS, SimLayerKV) compute it from the last forward and raise before one
+        return getattr(press, "compression_ratio", None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@dataclass
+class EveryChunkPress(BasePress):
+    """Run ``press`` as a prefill compression after every forward (chunk) into the cache.
+
+    Parameters
+    ----------
+    press : BasePress
+        A hook-based prefill press (kvpress ScorerPress, AdaKV, ComposedPress, ...).
+    keep_fraction_of_seen : bool
+        If True and the press has a settable ``compression_ratio``, keep ``1 - compression_ratio`` of all tokens seen
+        so far (see the module docstring); if False, apply the press's ratio to the current cache every chunk.
+    """
+
+    press: BasePress = None
+    keep_fraction_of_seen: bool = True
+    _seen: dict = field(default_factory=lambda: defaultdict(int), init=False, repr=False)
+
+    def __post_init__(self):
+        self._target_ratio = _ratio(self.press)
+        self._cumulative = self.keep_fraction_of_seen and has_settable_ratio(self.press)
+
+    @property
+    def ratio_mode(self) -> str:
+        return "keep (1-r) of seen tokens" if self._cumulative else "press rule applied per chunk"
+
+    def post_init_from_model(self, model):
+        self.press.post_init_from_model(model)
+
+    def reset(self):
+        self._seen = defaultdict(int)
+        if self._cumulative:
+            self.press.compression_ratio = self._target_ratio
+        if hasattr(self.press, "reset"):
+            self.press.reset()
+
+    def forward_hook(self, module, input, kwargs, output):
+        hidden_states = kwargs["hidden_states"]
+        q_len = hidden_states.shape[1]
+        layer = getattr(module, "layer_idx", 0)
+        self._seen[layer] += q_len
+        cache = kwargs["past_key_values"]
+        inner_kwargs = dict(kwargs)
+        # Shown to the press as if this chunk were the first forward, so its prefill test passes.
+        inner_kwargs["cache_position"] = torch.arange(q_len, device=hidden_states.device)
+        if not self._cumulative:
+            return self.press.forward_hook(module, input, inner_kwargs, output)
+        k_len = int(cache.get_seq_length(layer))
+        target = round((1 - self._target_ratio) * self._seen[layer])
+        if target >= k_len or self._target_ratio == 0:
+            return output
+        # +0.5 so that kvpress's int(k_len * (1 - ratio)) gives exactly ``target``.
+        self.press.compression_ratio = max(0.0, 1 - (target + 0.5) / k_len)
+        try:
+            return self.press.forward_hook(module, input, inner_kwargs, output)
+        finally:
+            self.press.compression_ratio = self._target_ratio

@@ -1,0 +1,194 @@
+"""Result files of the evaluation scripts: one JSON per run, plus ``summary.md`` / ``summary.png`` for sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "kvpress", "kvpress-ext", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the checkout holding this file (with ``-dirty`` if it has local changes), or None."""
+    cwd = Path(path or __file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_info(device) -> dict:
+    device = torch.device(device)
+    info = {"device": str(device), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")[:120]
+
+
+def run_filename(record: dict) -> str:
+    press = record["press"]
+    params = press.get("params") or {}
+    parts = [record["data"]["dataset"], press["name"]]
+    parts += [f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, (dict, list))]
+    if record.get("mode"):
+        parts.append(record["mode"])
+    return _slug("__".join(str(p) for p in parts)) + ".json"
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+def write_json(record: dict, output_dir: str | Path) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / run_filename(record)
+    path.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    return path
+
+
+def _fmt(x, spec):
+    return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        ppl, speed = r.get("perplexity") or {}, r.get("speed") or {}
+        rows.append({
+            "press": r["press"]["name"], "ratio": r["press"].get("compression_ratio"),
+            "params": r["press"].get("params") or {}, "ppl": ppl.get("ppl"), "loss": ppl.get("loss"),
+            "kv_bytes": (r.get("cache") or {}).get("cache_bytes_end"),
+            "decode_tok_per_s": speed.get("decode_tok_per_s"), "ttft_s": speed.get("ttft_s"),
+            "status": r.get("status", "ok"), "error": r.get("error"),
+        })
+    return rows
+
+
+def write_summary(records: list[dict], output_dir: str | Path, title: str = "Perplexity sweep",
+                  command: str | None = None) -> tuple[Path, Path | None]:
+    """``summary.md`` (one row per run; skipped and failed presses with their reason) and ``summary.png``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(records)
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += ["| press | ratio | params | ppl | KV bytes (end) | decode tok/s | TTFT (s) | status |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "compression_ratio")
+        status = row["status"] if not row["error"] else f"{row['status']}: {str(row['error'])[:160]}"
+        lines.append(
+            f"| {row['press']} | {_fmt(row['ratio'], '.2f')} | {params.replace('|', '/')} | {_fmt(row['ppl'], '.4f')} "
+            f"| {_fmt(row['kv_bytes'], ',d')} | {_fmt(row['decode_tok_per_s'], '.1f')} "
+            f"| {_fmt(row['ttft_s'], '.4f')} | {status.replace('|', '/')} |"
+        )
+    md = out / "summary.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md, _plot(rows, out / "summary.png", title)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    ok = [r for r in rows if r["status"] == "ok" and r["ppl"] is not None]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    names = sorted({r["press"] for r in ok})
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(names):
+        pts = sorted((r for r in ok if r["press"] == name), key=lambda r: r["kv_bytes"] or 0)
+        kw = {"color": cmap(i % 20), "label": name, "marker": "o", "ms": 4}
+        axes[0].plot([(p["kv_bytes"] or 0) / 1024 for p in pts], [p["ppl"] for p in pts], **kw)
+        tps = [p for p in pts if p["decode_tok_per_s"] is not None]
+        if tps:
+            axes[1].plot([(p["kv_bytes"] or 0) / 1024 for p in tps], [p["decode_tok_per_s"] for p in tps], **kw)
+    axes[0].set(xlabel="KV cache at end (KiB)", ylabel="perplexity", title="perplexity vs cache size", yscale="log")
+    axes[1].set(xlabel="KV cache at end (KiB)", ylabel="decode tokens/s", title="decode throughput")
+    if axes[1].lines:
+        axes[1].legend(fontsize=7, ncol=2, loc="best")
+    else:
+        axes[0].legend(fontsize=7, ncol=2, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
+    """Rebuild ``summary.md``/``summary.png`` from the JSON files of a (possibly interrupted) sweep."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
+    if not records:
+        raise FileNotFoundError(f"No JSON results in {path}")
+    records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))
+    return write_summary(records, path, title=title, command=records[0].get("command"))
+
+
+def ratio_table(directories: dict) -> str:
+    """Markdown table: one row per press, ppl / KV bytes / decode tok/s per ratio, from sweep directories
+    given as ``{ratio: path}``; presses that were skipped or failed are listed with their reason below it."""
+    by_press: dict = {}
+    notes: dict = {}
+    for ratio, path in directories.items():
+        for p in sorted(Path(path).glob("*.json")):
+            r = json.loads(p.read_text())
+            name = r["press"]["name"]
+            if r.get("status") != "ok":
+                notes.setdefault(name, f"{r.get('status')}: {str(r.get('error'))[:140]}")
+                continue
+            by_press.setdefault(name, {})[ratio] = r
+    ratios = list(directories)
+    head = "| press | " + " | ".join(f"ppl @{x}" for x in ratios) + " | " + \
+        " | ".join(f"KV bytes @{x}" for x in ratios) + " | " + " | ".join(f"tok/s @{x}" for x in ratios) + " |"
+    lines = [head, "|" + " --- |" * (1 + 3 * len(ratios))]
+    for name in sorted(by_press, key=lambda n: (n != "no_press", n)):
+        runs = by_press[name]
+        cells = [_fmt((runs.get(x) or {}).get("perplexity", {}).get("ppl"), ".4f") for x in ratios]
+        cells += [_fmt((runs.get(x) or {}).get("cache", {}).get("cache_bytes_end"), ",d") for x in ratios]
+        cells += [_fmt((runs.get(x) or {}).get("speed", {}).get("decode_tok_per_s"), ".1f") for x in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Not run:", ""]
+        lines += [f"- `{n}`: {why.replace('|', '/')}" for n, why in sorted(notes.items()) if n not in by_press]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,167 @@
+"""Perplexity evaluation: the loss against a direct computation, compression effects, the JSON record and the
+command line's errors (run as a subprocess, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kvpress_ext.evaluation import perplexity as ppl
+from kvpress_ext.evaluation.chunked import EveryChunkPress
+from kvpress_ext.registry import get_press
+from kvpress_ext.testing import ARCHITECTURES, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+MODEL = SHARED / "models" / "stories260k"
+TEXT = SHARED / "data" / "tinystories_val.txt"
+SCRIPT = REPO / "evaluation" / "perplexity.py"
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model = AutoModelForCausalLM.from_pretrained(MODEL, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    ids = ppl.tokenize(tokenizer, TEXT.read_text(), 512)
+    return model, ids
+
+
+def test_no_press_ppl_matches_direct_model_loss(stories):
+    model, ids = stories
+    assert ids.shape == (1, 512)
+    with torch.no_grad():
+        direct = float(model(input_ids=ids, labels=ids).loss)
+    nll = ppl.teacher_forced_nll(model, ids, context_limit=4096)
+    summary = ppl.perplexity_summary(nll, segment=128)
+    assert summary["n_scored_tokens"] == 511
+    assert summary["loss"] == pytest.approx(direct, rel=1e-4)
+    assert summary["ppl"] == pytest.approx(3.71, abs=0.02)  # the value stated in shared/README.md (about 3.7)
+    assert [c["end"] - c["start"] for c in summary["curve"]] == [128, 128, 128, 127]
+    # The curve's token-weighted mean is the overall loss.
+    weighted = sum(c["loss"] * (c["end"] - c["start"]) for c in summary["curve"]) / 511
+    assert weighted == pytest.approx(summary["loss"], rel=1e-6)
+
+
+def test_incremental_without_press_and_ratio_zero_equal_teacher_forced(stories):
+    model, ids = stories
+    reference = ppl.teacher_forced_nll(model, ids, context_limit=512)
+    plain, stats = ppl.compressed_nll(model, ids, None, context_limit=512, chunk_size=100)
+    torch.testing.assert_close(plain, reference, rtol=1e-4, atol=1e-4)
+    assert stats["cache_len_end"] == 512
+    zero, stats0 = ppl.compressed_nll(model, ids, get_press("knorm", compression_ratio=0.0), 512, chunk_size=100)
+    torch.testing.assert_close(zero, reference, rtol=1e-4, atol=1e-4)
+    assert stats0["cache_len_end"] == 512
+
+
+def test_knorm_half_raises_ppl_and_keeps_half_of_seen_tokens(stories):
+    model, ids = stories
+    base = ppl.perplexity_summary(ppl.teacher_forced_nll(model, ids, 512))["ppl"]
+    nll, stats = ppl.compressed_nll(model, ids, get_press("knorm", compression_ratio=0.5), 512, chunk_size=128)
+    assert nll.numel() == 511
+    assert ppl.perplexity_summary(nll)["ppl"] > base * 1.02
+    assert stats["cache_len_end"] == 256 and stats["ratio_mode"].startswith("keep")
+    # 5 layers x 4 kv heads x 8 dims x 4 bytes x (keys + values) per kept token.
+    assert stats["cache_bytes_end"] == 256 * 5 * 4 * 8 * 4 * 2
+
+
+def test_every_chunk_press_makes_prefill_press_compress_each_chunk(stories):
+    model, ids = stories
+    from transformers import DynamicCache
+
+    from kvpress_ext.apply import apply_press
+
+    wrapper = EveryChunkPress(press=get_press("snapkv", compression_ratio=0.25, window_size=16))
+    cache, lengths = DynamicCache(), []
+    with apply_press(wrapper, model):
+        for s in range(0, 400, 100):
+            model(input_ids=ids[:, s:s + 100], past_key_values=cache)
+            lengths.append(cache.get_seq_length(0))
+    assert lengths == [round(0.75 * n) for n in (100, 200, 300, 400)]
+    # Without the wrapper kvpress compresses the first chunk only.
+    cache, plain = DynamicCache(), []
+    with apply_press(get_press("snapkv", compression_ratio=0.25, window_size=16), model):
+        for s in range(0, 400, 100):
+            model(input_ids=ids[:, s:s + 100], past_key_values=cache)
+            plain.append(cache.get_seq_length(0))
+    assert plain == [75, 175, 275, 375]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pipeline_on_every_architecture(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(4, 128, (1, 96), generator=torch.Generator().manual_seed(1))
+    reference = ppl.teacher_forced_nll(model, ids, 96)
+    zero, _ = ppl.compressed_nll(model, ids, get_press("knorm", compression_ratio=0.0), 96, chunk_size=32)
+    torch.testing.assert_close(zero, reference, rtol=1e-4, atol=1e-4)
+    half, stats = ppl.compressed_nll(model, ids, get_press("snapkv", compression_ratio=0.5, window_size=8), 96, 32)
+    assert stats["cache_len_end"] == 48 and torch.isfinite(half).all()
+    assert not torch.allclose(half, reference)
+
+
+def _run(*args, out=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(SCRIPT), "--model", str(MODEL), "--no_progress", "--num_threads", "1", *args]
+    if out is not None:
+        cmd += ["--output_dir", str(out)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def test_command_line_json_and_errors(tmp_path):
+    gpt2_dir = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(gpt2_dir)
+    text = ["--dataset", "text", "--text_file", str(TEXT)]
+    procs = {
+        "json": _run(*text, "--max_eval_tokens", "300", "--context_limit", "256", "--press", "knorm",
+                     "--compression_ratio", "0.5", "--ppl_apply_press", "--max_new_tokens", "4", "--num_runs", "1",
+                     "--segment", "100", out=tmp_path / "out"),
+        "unknown": _run(*text, "--press", "knrom"),
+        "missing": _run("--dataset", "text", "--text_file", str(tmp_path / "nope.txt")),
+        "ratio": _run(*text, "--press", "knorm", "--compression_ratio", "1.5"),
+        "param": _run(*text, "--press", "knorm", "--press_kwargs", "window_size=4"),
+        "model": _run(*text, "--model", str(gpt2_dir)),
+    }
+    done = {k: (p.communicate(timeout=300), p.returncode) for k, p in procs.items()}
+    expected = {
+        "unknown": "Unknown press 'knrom'. Did you mean: knorm",
+        "missing": "Text file not found",
+        "ratio": "out of range; it must be in [0, 1)",
+        "param": "has no parameter 'window_size'",
+        "model": "No kvpress_ext adapter for model_type 'gpt2'",
+    }
+    for key, needle in expected.items():
+        (_stdout, stderr), rc = done[key]
+        assert rc == 2, (key, stderr)
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], (key, stderr)
+        assert "Traceback" not in stderr
+    (_stdout, stderr), rc = done["json"]
+    assert rc == 0, stderr
+    files = list((tmp_path / "out").glob("*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    for key in ("model", "data", "press", "settings", "perplexity", "speed", "cache", "memory", "versions",
+                "environment", "git_commit", "command"):
+        assert key in record, key
+    assert record["press"]["name"] == "knorm" and record["press"]["compression_ratio"] == 0.5
+    assert record["press"]["params"]["compression_ratio"] == 0.5
+    assert record["data"]["n_tokens"] == 300
+    p = record["perplexity"]
+    assert p["n_scored_tokens"] == 255 + 43 and p["press_applied"] is True
+    assert math.isclose(p["ppl"], math.exp(p["loss"]), rel_tol=1e-9) and len(p["curve"]) == 3
+    assert record["cache"]["cache_len_end"] == 22  # last window: 44 tokens, half kept
+    s = record["speed"]
+    for key in ("ttft_s", "decode_tok_per_s", "cache_bytes_after_prefill", "cache_bytes_end", "peak_memory_bytes"):
+        assert s[key] is not None and s[key] > 0, key
+    assert s["cache_bytes_after_prefill"] == 128 * 5 * 4 * 8 * 4 * 2  # 256-token prefill, half kept
+    assert record["memory"]["peak_memory_bytes"] > 0
+    assert record["versions"]["torch"] == torch.__version__
