@@ -53,6 +53,22 @@ def positions_follow_cache(press) -> bool:
 
 
 def _press_hook(press, adapter, model):
+    if getattr(press, "wants_raw_module", False):
+        # Opt-in for presses that do their own cache surgery through the adapter: the real module, the
+        # real cache as ``past_key_values`` (GPT-NeoX's ``layer_past``) and the layer's index.
+        index = {id(m): i for i, m in enumerate(adapter.attention_modules(model))}
+
+        def raw_hook(module, args, kwargs, output):
+            kw = dict(kwargs)
+            if "hidden_states" not in kw and args:
+                kw["hidden_states"] = args[0]
+            if kw.get("past_key_values") is None and "layer_past" in kw:
+                kw["past_key_values"] = kw.pop("layer_past")
+            kw["layer_idx"] = index[id(module)]
+            return press.forward_hook(module, list(args), kw, output)
+
+        return raw_hook
+
     def hook(module, args, kwargs, output):
         view = adapter.press_view(model, module)
         return press.forward_hook(view, list(args), adapter.hook_kwargs(module, args, kwargs), output)

@@ -1,0 +1,176 @@
+"""Decode throughput of StreamingLLM caches at one ``cap_total``: dense, ceiling, eager, lazy, kvpress.
+
+* dense: growing cache, no eviction, decoding from a short prompt (``--steps`` tokens).
+* ceiling(s): a plain cache held at lazy(s)'s average length (cap_total - s/2), no eviction: the
+  speed lazy pruning could reach if compaction were free.
+* eager: lazy_streaming with slack=0 (evict + re-rotate at every token).
+* lazy(s): lazy_streaming with slack s.
+* kvpress: kvpress's StreamingLLMPress wrapped in KeyRerotationPress, re-applied after every decoding
+  step (kvpress's DecodingPress only takes ScorerPress, so a small hook drives it per step).
+
+Each config starts from a cache already at cap_total (steady state) and is timed over ``--steps``
+greedy tokens; configs run interleaved for ``--rounds`` rounds and the median is reported.
+``--rss-tokens N`` instead records resident memory while lazy decodes N tokens.
+
+    PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model stories260k
+    PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model pythia70m-random --steps 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kvpress import BasePress, KeyRerotationPress, StreamingLLMPress
+from transformers import DynamicCache
+
+from kvpress_ext.apply import apply_press
+from kvpress_ext.positions import set_next_position
+from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+
+
+@dataclass
+class KvpressStreamingPerStep(BasePress):
+    """kvpress's KeyRerotationPress(StreamingLLMPress) applied after every forward once the cache passes cap_total."""
+
+    cap_total: int = 512
+    n_sink: int = 4
+    inner: KeyRerotationPress = field(init=False)
+    uses_apply_press = True
+    compression_phases = (True, True)
+
+    def __post_init__(self):
+        self.inner = KeyRerotationPress(StreamingLLMPress(n_sink=self.n_sink))
+
+    def __call__(self, model):
+        return apply_press(self, model)
+
+    def forward_hook(self, module, input, kwargs, output):
+        cache = kwargs["past_key_values"]
+        layer = cache.layers[module.layer_idx]
+        length = layer.keys.shape[-2]
+        if length > self.cap_total:
+            self.inner.compression_ratio = (length - self.cap_total - 0.5) / length  # keeps exactly cap_total
+            layer.keys, layer.values = self.inner.compress(
+                module, kwargs["hidden_states"], layer.keys, layer.values, None, kwargs
+            )
+            set_next_position(cache, self.cap_total)
+        return output
+
+
+def build_model(name: str):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    if name == "stories260k":
+        return AutoModelForCausalLM.from_pretrained(SHARED / "models" / "stories260k").eval()
+    torch.manual_seed(0)
+    if name == "pythia70m-random":
+        cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                            intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048)
+    elif name == "llama1b-random":
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def decode_seconds(model, press, prompt_len: int, steps: int, vocab: int) -> float:
+    """Seconds per decoded token, after a prompt of ``prompt_len`` tokens (fed in chunks through ``press``)."""
+    cache = DynamicCache()
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with apply_press(press, model):
+        chunk = press.prefill_chunk_size if isinstance(press, LazyStreamingPress) else prompt_len
+        out = chunked_prefill(model, prompt, cache, max(chunk, 64))
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - start) / steps
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_run(model, press, tokens: int, every: int, vocab: int) -> dict:
+    cache = DynamicCache()
+    samples = []
+    token = torch.tensor([[5]])
+    with apply_press(press, model):
+        for i in range(tokens):
+            token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            if (i + 1) % every == 0:
+                samples.append({"tokens": i + 1, "rss_mb": round(rss_mb(), 1), "cache_len": cache.get_seq_length()})
+    return {"samples": samples, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="stories260k", choices=["stories260k", "pythia70m-random", "llama1b-random"])
+    p.add_argument("--cap-total", type=int, default=512)
+    p.add_argument("--slacks", default="16,64,256")
+    p.add_argument("--steps", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--rss-tokens", type=int, default=0)
+    p.add_argument("--rss-press", default="lazy", choices=["lazy", "dense"])
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    model = build_model(args.model)
+    vocab = model.config.vocab_size
+    C = args.cap_total
+    slacks = [int(s) for s in args.slacks.split(",")]
+
+    if args.rss_tokens:
+        press = LazyStreamingPress(cap_total=C, slack=slacks[len(slacks) // 2]) if args.rss_press == "lazy" else None
+        result = rss_run(model, press, args.rss_tokens, max(1, args.rss_tokens // 10), vocab)
+        result.update(model=args.model, press=repr(press), tokens=args.rss_tokens)
+        print(json.dumps(result))
+        return
+
+    configs = {}
+    if not args.no_dense:
+        configs["dense"] = (None, 16)
+    configs["eager"] = (LazyStreamingPress(cap_total=C, slack=0), C)
+    for s in slacks:
+        configs[f"lazy{s}"] = (LazyStreamingPress(cap_total=C, slack=s), C)
+        configs[f"ceiling{s}"] = (None, C - s // 2 - args.steps // 2)
+    configs["kvpress"] = (KvpressStreamingPerStep(cap_total=C), C)
+    decode_seconds(model, configs["eager"][0], 64, 8, vocab)  # warm-up
+    times = {k: [] for k in configs}
+    for _ in range(args.rounds):
+        for name, (press, prompt_len) in configs.items():
+            steps = args.steps
+            if name.startswith("ceiling"):
+                prompt_len = max(1, prompt_len)
+            times[name].append(decode_seconds(model, press, prompt_len, steps, vocab))
+    tps = {k: 1 / statistics.median(v) for k, v in times.items()}
+    print(f"model={args.model} cap_total={C} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+    print(f"{'config':>12} {'tok/s':>9}")
+    for k, v in tps.items():
+        print(f"{k:>12} {v:9.1f}")
+    print(f"{'slack':>6} {'lazy/eager':>11} {'lazy/ceiling':>13} {'lazy/kvpress':>13}")
+    for s in slacks:
+        lz = tps[f"lazy{s}"]
+        print(f"{s:>6} {lz / tps['eager']:11.2f} {lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Per-segment perplexity of StreamingLLM caches on stories260k over a long TinyStories stream.
+
+Methods: dense (growing cache), reference (sliding window of sinks + recent tokens recomputed from
+scratch for every target), eager (lazy_streaming with slack=0) and lazy (slack > 0), all at the same
+``cap_total``. Each method is a separate run that saves its per-token NLLs under ``--out-dir``
+(so long runs can go in the background one by one); ``--report`` merges them into a JSON and a plot.
+
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --method lazy --tokens 20000
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+
+
+def load(tokens: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = SHARED / "models" / "stories260k"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    text = (SHARED / "data" / "tinystories_val.txt").read_text()
+    ids = torch.tensor(tok(text[: tokens * 8])["input_ids"])[: tokens + 1]
+    if len(ids) < tokens + 1:
+        sys.exit(f"text too short for {tokens} tokens")
+    return model, ids
+
+
+def run(args):
+    from kvpress_ext.evaluation.streaming import dense_nlls, recompute_reference_nlls, streaming_nlls
+    from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+
+    model, ids = load(args.tokens)
+    start = time.time()
+    if args.method == "dense":
+        nlls = dense_nlls(model, ids)
+    elif args.method == "reference":
+        def progress(done, total):
+            print(f"reference {done}/{total} {time.time() - start:.0f}s", flush=True)
+        nlls = recompute_reference_nlls(model, ids, n_sink=args.n_sink, total=args.cap_total, batch=args.batch,
+                                        stride=args.stride, progress=progress)
+    else:
+        slack = 0 if args.method == "eager" else args.slack
+        nlls = streaming_nlls(model, ids, LazyStreamingPress(n_sink=args.n_sink, cap_total=args.cap_total, slack=slack))
+    seconds = time.time() - start
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in vars(args).items() if k != "report"}
+    meta["slack"] = 0 if args.method == "eager" else args.slack
+    torch.save({"nlls": nlls, "seconds": seconds, "args": meta}, out / f"{args.method}.pt")
+    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s")
+
+
+def report(args):
+    from kvpress_ext.evaluation.streaming import segment_perplexity
+
+    out = Path(args.out_dir)
+    runs = {m: torch.load(out / f"{m}.pt") for m in ("dense", "reference", "eager", "lazy") if (out / f"{m}.pt").exists()}
+    nll = {m: r["nlls"] for m, r in runs.items()}
+    seg = args.segment
+
+    def common(*methods):
+        """Targets scored by all ``methods`` (the reference may skip targets; eager may cover fewer tokens)."""
+        n = min(len(nll[m]) for m in methods)
+        mask = torch.ones(n, dtype=torch.bool)
+        for m in methods:
+            mask &= ~torch.isnan(nll[m][:n])
+        return n, mask
+
+    result = {
+        "model": "stories260k", "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
+        "predictions": {m: len(v) for m, v in nll.items()},
+        "settings": {m: r["args"] for m, r in runs.items()}, "seconds": {m: r["seconds"] for m, r in runs.items()},
+        "segment_ppl_all_targets": {m: segment_perplexity(v, seg) for m, v in nll.items()},
+    }
+    if "reference" in nll:  # every method scored on the targets the reference computed
+        result["segment_ppl_reference_targets"] = {}
+        for m in nll:
+            n, mask = common(m, "reference")
+            result["segment_ppl_reference_targets"][m] = segment_perplexity(nll[m][:n], seg, mask)
+    checks = {}
+    if "lazy" in nll and "reference" in nll:
+        n, mask = common("lazy", "reference")
+        lazy, ref = (segment_perplexity(nll[m][:n], seg, mask) for m in ("lazy", "reference"))
+        ratios = [a / b for a, b in zip(lazy, ref)]
+        checks["lazy_vs_reference_tokens"] = n
+        checks["lazy_vs_reference_scored_targets"] = int(mask.sum())
+        checks["lazy_vs_reference_segment_ratio"] = [round(r, 4) for r in ratios]
+        checks["lazy_vs_reference_max_segment_deviation"] = max(abs(r - 1) for r in ratios)
+        checks["lazy_within_5pct_of_reference_every_segment"] = all(abs(r - 1) <= 0.05 for r in ratios)
+    if "lazy" in nll and "eager" in nll:
+        n, mask = common("lazy", "eager")
+        lazy, eager = (math.exp(float(nll[m][:n][mask].mean())) for m in ("lazy", "eager"))
+        checks["lazy_vs_eager_tokens"] = n
+        checks["lazy_vs_eager_overall_ppl"] = {"lazy": lazy, "eager": eager, "relative": lazy / eager - 1}
+        checks["lazy_within_2pct_of_eager_overall"] = abs(lazy / eager - 1) <= 0.02
+    result["checks"] = checks
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("predictions", "checks")}, indent=1))
+    curves = result.get("segment_ppl_reference_targets", result["segment_ppl_all_targets"])
+    for m, v in curves.items():
+        print(f"{m:>9}: " + " ".join(f"{x:.2f}" for x in v[:12]) + (" ..." if len(v) > 12 else ""))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    style = {"dense": "k:", "reference": "g-", "eager": "b--", "lazy": "r-."}
+    for m, v in result["segment_ppl_all_targets"].items():
+        label = m if m not in ("eager", "lazy") else f"{m} (slack={runs[m]['args']['slack']})"
+        if m == "reference" and runs[m]["args"]["stride"] > 1:
+            label += f" (every {runs[m]['args']['stride']}th target)"
+        ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("token index in the stream")
+    ax.set_ylabel(f"perplexity per {seg}-token segment")
+    ax.set_title(f"stories260k on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"wrote {args.json} and {args.plot}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["dense", "reference", "eager", "lazy"])
+    p.add_argument("--report", action="store_true", help="merge saved runs into JSON + plot")
+    p.add_argument("--tokens", type=int, default=20000)
+    p.add_argument("--cap-total", type=int, default=512)
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--slack", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16, help="reference windows per forward")
+    p.add_argument("--stride", type=int, default=1, help="reference: score every stride-th target")
+    p.add_argument("--segment", type=int, default=512)
+    p.add_argument("--out-dir", default=str(REPO / "results" / "streaming_quality"))
+    p.add_argument("--json", default=str(REPO / "results" / "streaming_quality.json"))
+    p.add_argument("--plot", default=str(REPO / "docs" / "results" / "streaming_quality.png"))
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    if args.report:
+        report(args)
+    elif args.method:
+        run(args)
+    else:
+        p.error("give --method or --report")
+
+
+if __name__ == "__main__":
+    main()

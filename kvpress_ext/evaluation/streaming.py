@@ -1,0 +1,88 @@
+"""Long-text perplexity under StreamingLLM-style caches: dense, recompute reference, eager and lazy pruning.
+
+Each function returns ``nll[i] = -log p(ids[i + 1] | context)`` for i = 0 .. len(ids) - 2 (float64 tensor);
+:func:`segment_perplexity` turns them into per-segment perplexities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import DynamicCache
+
+from kvpress_ext.apply import apply_press
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").double()
+
+
+@torch.no_grad()
+def dense_nlls(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Growing cache, nothing evicted, positions 0..n-1 (the model runs past its trained length)."""
+    cache, out = DynamicCache(), []
+    with apply_press(None, model):
+        for start in range(0, len(ids) - 1, chunk):
+            piece = ids[start : min(start + chunk, len(ids) - 1)]
+            logits = model(input_ids=piece[None], past_key_values=cache).logits[0]
+            out.append(_nll(logits, ids[start + 1 : start + 1 + len(piece)]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: int = 512, batch: int = 16,
+                             stride: int = 1, progress=None) -> torch.Tensor:
+    """Sliding window with re-computation: every token is predicted by a cache-free forward over the
+    ``n_sink`` first tokens + the most recent ``total - n_sink`` tokens (itself included) at positions
+    0..total-1. Windows of ``batch`` targets run as one batch. ``stride > 1`` computes only every
+    ``stride``-th target past the first window (the others are NaN): one forward of ``total`` tokens
+    per target is the cost StreamingLLM avoids."""
+    n = len(ids) - 1
+    first = min(total, n)
+    logits = model(input_ids=ids[None, :first]).logits[0]  # targets whose window is the whole prefix
+    out = torch.full((n,), float("nan"), dtype=torch.float64)
+    out[:first] = _nll(logits, ids[1 : first + 1])
+    recent = total - n_sink
+    offsets = torch.arange(recent)
+    chosen = torch.arange(first, n, stride)
+    for start in range(0, len(chosen), batch):
+        targets = chosen[start : start + batch]
+        idx = torch.cat([torch.arange(n_sink).expand(len(targets), -1), targets[:, None] - recent + 1 + offsets], 1)
+        logits = model(input_ids=ids[idx], logits_to_keep=1).logits[:, -1]
+        out[targets] = _nll(logits, ids[targets + 1])
+        if progress:
+            progress(int(targets[-1]) + 1, n)
+    return out
+
+
+@torch.no_grad()
+def streaming_nlls(model, ids: torch.Tensor, press) -> torch.Tensor:
+    """Stream ``ids`` through ``press`` (a LazyStreamingPress); same NLLs as feeding one token at a time.
+
+    Tokens go in chunks that end exactly where a token-by-token run would compact (first chunk
+    ``max_cache + 1`` tokens, then ``slack + 1``): inside a chunk nothing is evicted, so causal attention
+    over the chunk equals decoding its tokens one by one.
+    """
+    n = len(ids) - 1
+    cache, out, start = DynamicCache(), [], 0
+    size = press.max_cache + 1
+    with apply_press(press, model):
+        while start < n:
+            piece = ids[start : min(start + size, n)]
+            logits = model(input_ids=piece[None], past_key_values=cache).logits[0]
+            out.append(_nll(logits, ids[start + 1 : start + 1 + len(piece)]))
+            start += len(piece)
+            size = press.slack + 1
+    return torch.cat(out)
+
+
+def segment_perplexity(nlls: torch.Tensor, segment: int = 512, where: torch.Tensor | None = None) -> list[float]:
+    """Perplexity of each run of ``segment`` predictions (the last one may be shorter), over the
+    positions where ``where`` is true (default: where ``nlls`` is not NaN)."""
+    where = ~torch.isnan(nlls) if where is None else where
+    out = []
+    for i in range(0, len(nlls), segment):
+        sel = nlls[i : i + segment][where[i : i + segment]]
+        out.append(math.exp(float(sel.mean())) if len(sel) else float("nan"))
+    return out

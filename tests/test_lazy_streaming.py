@@ -1,0 +1,166 @@
+"""Lazy-pruning StreamingLLM (kvpress_ext.presses.lazy_streaming) against from-scratch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_ext.adapters import get_adapter
+from kvpress_ext.apply import apply_press
+from kvpress_ext.errors import PressParameterError
+from kvpress_ext.pipeline import greedy_decode
+from kvpress_ext.positions import next_position
+from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
+from kvpress_ext.registry import get_press
+from kvpress_ext.testing import ARCHITECTURES, tiny_model
+
+ATOL = 1e-4  # float32
+
+
+def _stream(model, press, chunks):
+    """Feed ``chunks`` (lists of token ids) one forward each; mirror the kept tokens; yield (logits, attended)."""
+    cache = DynamicCache()
+    kept: list[int] = []
+    with apply_press(press, model):
+        for chunk in chunks:
+            out = model(input_ids=torch.tensor([chunk]), past_key_values=cache)
+            attended = kept + list(chunk)
+            kept = attended
+            if press is not None and len(kept) > press.max_cache:
+                kept = kept[: press.n_sink] + kept[len(kept) - press.recent :]
+            yield out.logits[0, -1], attended, cache, kept
+
+
+def _chunks(seed=0, prompt=30, prefill_chunk=4, decode=40, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (prompt + decode,), generator=g).tolist()
+    chunks = [ids[i : min(i + prefill_chunk, prompt)] for i in range(0, prompt, prefill_chunk)]
+    return chunks + [[t] for t in ids[prompt:]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
+def test_logits_equal_from_scratch_on_kept_tokens(arch):
+    """One layer: a cached key is a function of its token and position only, so after every compaction the
+    press must give exactly the logits of a cache-free run over the kept tokens at positions 0..n-1."""
+    model = tiny_model(arch, layers=1)
+    press = LazyStreamingPress(n_sink=2, cap_total=16, slack=4)
+    chunks = _chunks(prompt=22, decode=22)
+    dense = [logits for logits, *_ in _stream(model, None, chunks)]
+    compacted = False
+    checked = 0
+    for step, (logits, attended, cache, kept) in enumerate(_stream(model, press, chunks)):
+        if not compacted:
+            # identical computation until the cache first passes the cap: bit-exact
+            assert torch.equal(logits, dense[step]), step
+        else:
+            ref = model(input_ids=torch.tensor([attended])).logits[0, -1]
+            torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+            checked += 1
+        compacted = compacted or len(kept) < len(attended)
+        assert cache.get_seq_length() == len(kept) <= press.max_cache
+        assert next_position(cache) == len(kept)
+    assert checked > 20
+    # and the compressed run really differs from dense once tokens were evicted
+    assert not torch.allclose(logits, dense[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cache_equals_prerope_keys_rotated_to_cache_indices(arch):
+    """Two layers, every adapter: after compactions each layer holds the kept tokens' values and their
+    pre-RoPE keys rotated to positions 0..n-1 (computed independently from the captured attention inputs)."""
+    model = tiny_model(arch, layers=2)
+    adapter = get_adapter(model)
+    press = LazyStreamingPress(n_sink=3, window=9, slack=5)
+    captured = {i: [] for i in range(len(adapter.layers(model)))}
+    handles = []
+    for i, module in enumerate(adapter.attention_modules(model)):
+        def pre(mod, args, kwargs, i=i):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            captured[i].append((adapter.prerope_keys(mod, hidden).detach(), adapter.values(mod, hidden).detach()))
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    token_index: list[int] = []  # stream index of every cached token, mirrored
+    seen = 0
+    try:
+        for _, attended, cache, kept in _stream(model, press, _chunks(prompt=20, prefill_chunk=6, decode=25)):
+            n_new = len(attended) - len(token_index)
+            token_index = token_index + list(range(seen, seen + n_new))
+            seen += n_new
+            if len(token_index) > press.max_cache:
+                token_index = token_index[: press.n_sink] + token_index[-press.recent :]
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == 45 and len(token_index) <= press.max_cache
+    positions = torch.arange(len(token_index))
+    for i, layer in enumerate(cache.layers):
+        keys = torch.cat([k for k, _ in captured[i]], dim=-2)[..., token_index, :]
+        values = torch.cat([v for _, v in captured[i]], dim=-2)[..., token_index, :]
+        torch.testing.assert_close(layer.keys, adapter.apply_rope(model, keys, positions), atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.values, values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_model_generate_matches_greedy_loop(arch):
+    model = tiny_model(arch, layers=2)
+    press = get_press("lazy_streaming", n_sink=2, cap_total=20, slack=3)
+    prompt = torch.randint(4, 128, (1, 27), generator=torch.Generator().manual_seed(1))  # longer than the cap
+    cache = DynamicCache()
+    with apply_press(press, model):
+        ours = greedy_decode(model, prompt, cache, max_new_tokens=30)
+    gen_cache = DynamicCache()
+    with press(model):
+        out = model.generate(prompt, past_key_values=gen_cache, max_new_tokens=30, do_sample=False)
+    assert out[0, prompt.shape[1] :].tolist() == ours
+    assert gen_cache.get_seq_length() == cache.get_seq_length() <= 20
+
+
+def test_cache_never_exceeds_cap_total_over_long_generation():
+    model = tiny_model("llama", layers=1)
+    press = LazyStreamingPress(n_sink=4, cap_total=24, slack=5)
+    cache = DynamicCache()
+    lengths = []
+    with apply_press(press, model):
+        chunked_prefill(model, torch.randint(4, 128, (1, 60)), cache, press.prefill_chunk_size)
+        lengths.append(cache.get_seq_length())
+        token = torch.tensor([[5]])
+        for _ in range(150):
+            out = model(input_ids=token, past_key_values=cache)
+            token = out.logits[:, -1:].argmax(-1)
+            lengths.append(cache.get_seq_length())
+            assert next_position(cache) == lengths[-1]
+    assert max(lengths) == 24 and min(lengths[1:]) == press.cap == 19
+
+
+def test_eager_slack_zero_compacts_every_token():
+    model = tiny_model("qwen2", layers=1)
+    press = LazyStreamingPress(n_sink=4, cap_total=12, slack=0)
+    lengths = [cache.get_seq_length() for *_, cache, _ in _stream(model, press, [[i] for i in range(4, 30)])]
+    assert lengths == list(range(1, 13)) + [12] * 14
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"window": 0}, "window"),
+        ({"window": -3}, "window"),
+        ({"window": 8, "slack": -1}, "slack"),
+        ({"cap_total": 6, "n_sink": 4, "slack": 2}, "too small"),
+        ({"cap_total": 3, "n_sink": 4, "slack": 0}, "too small"),
+        ({"window": 8, "cap_total": 16}, "exactly one"),
+        ({}, "exactly one"),
+        ({"window": 8, "n_sink": -1}, "n_sink"),
+    ],
+)
+def test_invalid_settings(params, message):
+    with pytest.raises(PressParameterError, match=message):
+        LazyStreamingPress(**params)
+    with pytest.raises(PressParameterError):
+        get_press("lazy_streaming", **params)
+
+
+def test_sizes_from_cap_total_and_window():
+    p = LazyStreamingPress(cap_total=512, slack=64)
+    assert (p.recent, p.cap, p.max_cache) == (444, 448, 512)
+    q = LazyStreamingPress(window=100, slack=10, n_sink=2)
+    assert (q.recent, q.cap, q.max_cache) == (100, 102, 112)
