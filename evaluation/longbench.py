@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kvpress_ext.evaluation import longcontext as lc
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data_file", default=None, help="local JSON/JSONL with context/input/answers[/all_classes]")
     lc.add_common_arguments(ap, "longbench")
     args = ap.parse_args(argv)
+    args.output_dir = args.output_dir or "results/longbench"
 
     def go():
         from kvpress_ext.evaluation.metrics import LONGBENCH_METRICS, score_longbench
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
 
         runs = lc.run(lc.config_from_args(args, "longbench", task=args.task), model, tok, samples, score,
                       question_text=lambda s: f"\n\nQuestion: {s.question}\nAnswer:", progress=not args.no_progress)
-        print(open(f"{args.output_dir or 'results/longbench'}/summary.md").read())
+        print(Path(args.output_dir, "summary.md").read_text())
         return runs
 
     return lc.cli_main(go)

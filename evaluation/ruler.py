@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 from kvpress_ext.evaluation import longcontext as lc
 
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     lc.add_common_arguments(ap, "ruler")
     args = ap.parse_args(argv)
+    args.output_dir = args.output_dir or "results/ruler"
 
     def go():
         from kvpress_ext.evaluation.metrics import exact_match, substring_match
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
 
         lc.run(lc.config_from_args(args, "ruler", task=args.task if not args.data_file else args.data_file),
                model, tok, samples, score, progress=not args.no_progress)
-        print(open(f"{args.output_dir or 'results/ruler'}/summary.md").read())
+        print(Path(args.output_dir, "summary.md").read_text())
 
     return lc.cli_main(go)
 

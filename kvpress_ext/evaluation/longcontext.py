@@ -23,9 +23,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -382,17 +382,18 @@ def build_haystack(tokenizer, sentences: list[str], length: int, depth: float, n
     Returns the text (paragraphs of a few sentences) and the needle's sentence index."""
     budget = length - len(tokenizer(needle, add_special_tokens=False)["input_ids"])
     picked, total, i = [], 0, 0
-    while total < budget:
+    lengths = {}
+    while total < budget and i < 4 * len(sentences):  # sentences that overflow the budget are skipped
         s = sentences[i % len(sentences)]
-        n = len(tokenizer(" " + s, add_special_tokens=False)["input_ids"])
-        if picked and total + n > budget:
-            break
+        i += 1
+        n = lengths.setdefault(s, len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]))
+        if total + n > budget:
+            continue
         picked.append(s)
         total += n
-        i += 1
     cumulative, acc = [0], 0
     for s in picked:
-        acc += len(tokenizer(" " + s, add_special_tokens=False)["input_ids"])
+        acc += lengths[s]
         cumulative.append(acc)
     where = min(range(len(cumulative)), key=lambda k: abs(cumulative[k] - depth * total))
     picked.insert(where, needle)
