@@ -86,6 +86,18 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         return answers
 
 
-PIPELINE_REGISTRY.register_pipeline(
-    "kv-press-text-generation", pipeline_class=KVPressExtPipeline, pt_model=AutoModelForCausalLM
-)
+def _register_pipeline() -> None:
+    """Take over kvpress's task name (silently: replacing it is the point, not a user mistake)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        PIPELINE_REGISTRY.register_pipeline(
+            "kv-press-text-generation", pipeline_class=KVPressExtPipeline, pt_model=AutoModelForCausalLM
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+_register_pipeline()
