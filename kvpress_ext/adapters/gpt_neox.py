@@ -18,6 +18,7 @@ kvpress_ext are untouched.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from kvpress_ext import rope
 from kvpress_ext.adapters.base import AttentionShape, ModelAdapter
 
 
+@functools.lru_cache(maxsize=None)  # called per layer per forward: build each permutation once
 def neox_view_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
     """``perm[v]`` = NeoX dimension shown at view dimension ``v`` (see the module docstring)."""
     h, r = head_dim // 2, rotary_dim // 2
