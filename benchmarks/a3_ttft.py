@@ -54,8 +54,8 @@ def run(args):
         r = press.fuse_result(model, chunks, q)
         load_s, fuse_s = r.timings["load_s"], r.timings["fuse_s"]
         row = {"context": length, "layers": args.layers, "full_s": full_s, "load_s": load_s, "fuse_s": fuse_s,
-               "fusion_ttft_s": load_s + fuse_s, "ratio": (load_s + fuse_s) / full_s, "store_precompute_s": store_s,
-               "selected": int(r.selected.numel())}
+               "fusion_ttft_s": load_s + fuse_s, "ratio": (load_s + fuse_s) / full_s,
+               "realign_s": r.timings["realign_s"], "store_precompute_s": store_s, "selected": int(r.selected.numel())}
         if args.layers < 16 and args.layers > press.selection_layer + 1:
             f = full_s / args.layers  # one full layer
             n_full = press.selection_layer
@@ -63,7 +63,8 @@ def run(args):
             row["ratio_16_layers_extrapolated"] = (load_s * 16 / args.layers + n_full * f + (16 - n_full) * s) / (16 * f)
         rows.append(row)
         print(f"{length:>6} tokens | full prefill {full_s:7.2f}s | fusion {load_s + fuse_s:7.2f}s "
-              f"(load {load_s:5.2f}s + fuse {fuse_s:6.2f}s) | ratio {row['ratio']:.3f}"
+              f"(load {load_s:5.2f}s + fuse {fuse_s:6.2f}s, of which realign {row['realign_s']:5.2f}s) "
+              f"| ratio {row['ratio']:.3f}"
               + (f" | 16-layer extrapolated {row['ratio_16_layers_extrapolated']:.3f}"
                  if "ratio_16_layers_extrapolated" in row else ""), flush=True)
     return rows
@@ -78,8 +79,11 @@ def main():
     ap.add_argument("--rate", type=float, default=0.15)
     ap.add_argument("--strategy", default="debug")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--out", default="results/a3_ttft.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -114,7 +114,9 @@ def rss_run(model, press, tokens: int, every: int, vocab: int) -> dict:
             token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
             if (i + 1) % every == 0:
                 samples.append({"tokens": i + 1, "rss_mb": round(rss_mb(), 1), "cache_len": cache.get_seq_length()})
-    return {"samples": samples, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    growth = samples[-1]["rss_mb"] - samples[0]["rss_mb"] if samples else 0.0
+    return {"samples": samples, "rss_growth_mb_after_first_sample": round(growth, 1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main():
@@ -127,9 +129,12 @@ def main():
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--rss-tokens", type=int, default=0)
     p.add_argument("--rss-press", default="lazy", choices=["lazy", "dense"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(args.model)
     vocab = model.config.vocab_size
     C = args.cap_total
@@ -140,6 +145,9 @@ def main():
         result = rss_run(model, press, args.rss_tokens, max(1, args.rss_tokens // 10), vocab)
         result.update(model=args.model, press=repr(press), tokens=args.rss_tokens)
         print(json.dumps(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return
 
     configs = {}

@@ -7,6 +7,8 @@ Three lines::
     pipe(context, question=question)["answer"]
 """
 
+from kvpress_ext.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
+from kvpress_ext.apply import apply_press, compression_phases
 from kvpress_ext.errors import (
     CacheFormatError,
     KVPressExtError,
@@ -15,17 +17,33 @@ from kvpress_ext.errors import (
     UnsupportedModelError,
 )
 from kvpress_ext.hookspecs import hookimpl
+from kvpress_ext.pipeline import KVPressExtPipeline
+from kvpress_ext.positions import next_position, position_state, set_next_position
 from kvpress_ext.registry import add_press, available_presses, get_press, press_info, press_name, register_press
-from kvpress_ext.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter  # noqa: E402
-from kvpress_ext.apply import apply_press, compression_phases  # noqa: E402
-from kvpress_ext.positions import next_position, position_state, set_next_position  # noqa: E402
-from kvpress_ext.pipeline import KVPressExtPipeline  # noqa: E402  (registers the pipeline task)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CacheFormatError", "KVPressExtError", "PressParameterError", "UnknownPressError", "UnsupportedModelError",
-    "hookimpl", "add_press", "available_presses", "get_press", "press_info", "press_name", "register_press",
-    "ModelAdapter", "add_adapter", "available_adapters", "get_adapter", "apply_press", "compression_phases",
-    "next_position", "position_state", "set_next_position", "KVPressExtPipeline",
+    "CacheFormatError",
+    "KVPressExtError",
+    "KVPressExtPipeline",
+    "ModelAdapter",
+    "PressParameterError",
+    "UnknownPressError",
+    "UnsupportedModelError",
+    "add_adapter",
+    "add_press",
+    "apply_press",
+    "available_adapters",
+    "available_presses",
+    "compression_phases",
+    "get_adapter",
+    "get_press",
+    "hookimpl",
+    "next_position",
+    "position_state",
+    "press_info",
+    "press_name",
+    "register_press",
+    "set_next_position",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 
 from kvpress import BasePress, DecodingPress, DMSPress, FinchPress, KeyRerotationPress, PrefillDecodingPress
+
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.adapters.llama import LlamaFamilyAdapter
 from kvpress_ext.errors import UnsupportedModelError
@@ -39,7 +40,7 @@ def drives_model(press) -> bool:
     """Whether a kvpress press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
     if press is None:
         return False
-    call = getattr(type(press), "__call__", None)
+    call = getattr(type(press), "__call__", None)  # noqa: B004 - the function itself is compared below
     return not getattr(press, "uses_apply_press", False) and call not in _HOOKABLE_CALLS
 
 

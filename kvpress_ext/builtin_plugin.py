@@ -15,7 +15,7 @@ def kvpress_ext_register_presses(register):
 
     register_kvpress_presses(register)
     # Our presses register themselves with @register_press when their module is imported.
-    import kvpress_ext.presses as presses
+    from kvpress_ext import presses
 
     for module in pkgutil.walk_packages(presses.__path__, presses.__name__ + "."):
         importlib.import_module(module.name)

@@ -51,7 +51,7 @@ def snake_name(class_name: str) -> str:
     """``ExpectedAttentionPress`` -> ``expected_attention``, unless ``_NAMES`` says otherwise."""
     if class_name in _NAMES:
         return _NAMES[class_name]
-    name = class_name[:-5] if class_name.endswith("Press") else class_name
+    name = class_name.removesuffix("Press")
     name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
 

@@ -1,7 +1,9 @@
 """Plugin discovery with pluggy: built-in presses and adapters, then third-party entry points.
 
 Each entry point is loaded on its own: one that fails to import or whose hook raises is recorded in
-:func:`failed_plugins` (with its name and reason) and logged, and every other plugin still loads.
+:func:`failed_plugins` (with its name and reason) and logged, and every other plugin still loads. A
+plugin is all or nothing: if its hook raises half-way, the presses and adapters it registered before
+the error are removed again and it is unregistered from the plugin manager.
 Loading happens once, lazily, the first time a registry is read.
 """
 
@@ -63,6 +65,22 @@ def _register_from(plugin, plugin_name: str) -> None:
     pm.subset_hook_caller("kvpress_ext_register_adapters", remove_plugins=others)(register=add_adapter)
 
 
+def _registry_state():
+    """Copies of the press and adapter registries, to undo a plugin that fails half-way."""
+    from kvpress_ext import adapters, registry
+
+    return dict(registry._REGISTRY), list(adapters._ADAPTERS)
+
+
+def _restore_registry_state(state) -> None:
+    from kvpress_ext import adapters, registry
+
+    presses, adapter_list = state
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(presses)
+    adapters._ADAPTERS[:] = adapter_list
+
+
 def load_plugins(force: bool = False) -> None:
     """Register built-ins and every entry point of the group ``kvpress_ext`` (once per process)."""
     global _loaded, _loading
@@ -78,12 +96,16 @@ def load_plugins(force: bool = False) -> None:
         _register_from(builtin_plugin, "kvpress_ext")
         _failures.clear()
         for ep in _entry_points():
+            before = _registry_state()
             try:
                 plugin = ep.load()
                 if pm.get_plugin(ep.name) is None:
                     pm.register(plugin, name=ep.name)  # validates hook names and signatures
                 _register_from(pm.get_plugin(ep.name), ep.name)
             except Exception as exc:  # noqa: BLE001 - isolation is the point
+                _restore_registry_state(before)
+                if pm.get_plugin(ep.name) is not None:
+                    pm.unregister(name=ep.name)
                 failure = PluginFailure(ep.name, f"{type(exc).__name__}: {exc}")
                 _failures.append(failure)
                 logger.warning("kvpress_ext plugin %r failed to load and was skipped: %s", ep.name, failure.reason)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kvpress_ext.errors import PressParameterError, UnknownPressError
 
@@ -155,15 +156,17 @@ def validate_parameters(cls: type, params: dict, name: str | None = None) -> Non
                 f"Its parameters are: {', '.join(sorted(valid)) or '(none)'}."
             )
     for key, value in params.items():
-        if key in RATIO_PARAMETERS and value is not None:
-            if not isinstance(value, (int, float)) or not 0 <= float(value) < 1:
-                raise PressParameterError(
-                    f"{label}: {key}={value!r} is out of range; it must be a number in [0, 1) "
-                    "(the fraction of the cache to remove)."
-                )
-        if key in POSITIVE_INT_PARAMETERS and value is not None:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be a positive integer.")
+        if key in RATIO_PARAMETERS and value is not None and (
+            not isinstance(value, (int, float)) or not 0 <= float(value) < 1
+        ):
+            raise PressParameterError(
+                f"{label}: {key}={value!r} is out of range; it must be a number in [0, 1) "
+                "(the fraction of the cache to remove)."
+            )
+        if key in POSITIVE_INT_PARAMETERS and value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be a positive integer.")
 
 
 def _resolve_nested(cls: type, params: dict) -> dict:

@@ -21,11 +21,11 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 
 def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
     """A small config of ``arch`` with grouped-query attention (GPT-NeoX: no GQA, rotary_pct 0.25)."""
-    common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0,
-    )
+    common = {
+        "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=kv_heads, **common)
     if arch == "mistral":
@@ -51,7 +51,7 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementatio
 
 def tiny_tokenizer():
     """A character-level fast tokenizer over printable ASCII (ids < 128), with <pad>=0, <s>=1, </s>=2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

@@ -5,6 +5,7 @@ no-op setting (``noop``): the no-op press must reproduce the uncompressed logits
 ScorerPress must leave exactly ``compute_n_kept(n, ratio)`` tokens after prefill.
 """
 
+import itertools
 import math
 
 import kvpress
@@ -42,8 +43,6 @@ KVPRESS_LIMITS = {
 
 def press_settings(name: str, model, ratio: float) -> dict:
     """Keyword arguments that make ``name`` compress by about ``ratio`` (0: change nothing)."""
-    cls = PRESSES[name].cls
-    fields = {p.name for p in kvpress_ext.registry.constructor_parameters(cls)}
     layers = len(get_adapter(model).layers(model))
     if name in ("decoding", "cam"):
         return {"compression_interval": 4, "target_size": CONTEXT_LEN // 2 if ratio else 10_000}
@@ -146,7 +145,7 @@ def test_decoding_presses_compress_while_the_pipeline_generates(name, tiny_model
         hook.remove()
     prompt = len(tokenizer.encode("<s>" + "abcdefgh" * 8, add_special_tokens=False)) + 2
     assert min(sizes[1:]) >= 1 and max(sizes) < prompt + 40, sizes  # evictions happened during decoding
-    assert any(b < a for a, b in zip(sizes, sizes[1:])), sizes
+    assert any(b < a for a, b in itertools.pairwise(sizes)), sizes
 
 
 @pytest.mark.parametrize("name", NEEDS_SOMETHING)
@@ -154,7 +153,7 @@ def test_presses_that_need_hub_files_say_so_and_fail_here(name, tiny_models):
     """The `requires` note is accurate: these presses cannot run offline on a random model."""
     assert PRESSES[name].requires
     model = tiny_models["llama"]
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - hub errors differ per press (OSError, ValueError, ...)
         press = get_press(name)
         question_logits(model, press, context_ids(), context_ids(n=4, seed=1))
 
@@ -175,13 +174,13 @@ def test_same_answers_as_kvpress_pipeline(arch, tiny_models, tokenizer):
         press = build(name, model, 0.5)
         if drives_model(press):
             continue
-        kw = dict(question="Who?", max_new_tokens=8)
+        kw = {"question": "Who?", "max_new_tokens": 8}
         if not compression_phases(press)[1]:
-            kw = dict(questions=["Who?", "Where?"], max_new_tokens=8)
+            kw = {"questions": ["Who?", "Where?"], "max_new_tokens": 8}
         try:
             torch.manual_seed(0)
             b = theirs(context, press=build(name, model, 0.5), **kw)
-        except Exception as exc:  # kvpress fails here too: ours must not silently answer differently
+        except Exception as exc:  # noqa: BLE001 - kvpress fails here too: ours must not silently answer differently
             assert name in KVPRESS_LIMITS, (name, exc)
             continue
         torch.manual_seed(0)

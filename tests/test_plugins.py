@@ -52,6 +52,40 @@ def test_broken_plugin_is_reported_and_the_rest_still_loads(monkeypatch):
     assert plugins.failed_plugins() == []
 
 
+class _HalfWayPlugin:
+    """Registers one press, then its hook raises: nothing of it may stay behind."""
+
+    @staticmethod
+    @kvpress_ext.hookimpl
+    def kvpress_ext_register_presses(register):
+        register("half_way_press", type("HalfWayPress", (), {}))
+        raise RuntimeError("plugin bug after the first registration")
+
+
+class _HalfWayEntryPoint:
+    name = "half_way_plugin"
+    value = "tests.half_way"
+
+    def load(self):
+        return _HalfWayPlugin
+
+
+def test_plugin_whose_hook_raises_is_rolled_back_and_unregistered(monkeypatch):
+    real = plugins._entry_points()
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [_HalfWayEntryPoint(), *real])
+    plugins.load_plugins(force=True)
+    try:
+        assert [f.name for f in plugins.failed_plugins()] == ["half_way_plugin"]
+        assert "plugin bug" in plugins.failed_plugins()[0].reason
+        assert "half_way_press" not in kvpress_ext.available_presses()
+        assert plugins.get_plugin_manager().get_plugin("half_way_plugin") is None
+        assert "value_norm" in kvpress_ext.available_presses()  # the plugin after it still loaded
+    finally:
+        monkeypatch.undo()
+        plugins.load_plugins(force=True)
+    assert plugins.failed_plugins() == []
+
+
 def test_hook_specifications_are_pluggy_hooks():
     pm = plugins.get_plugin_manager()
     assert hasattr(pm.hook, "kvpress_ext_register_presses")

@@ -29,7 +29,7 @@ from kvpress_ext import rope
 from kvpress_ext.adapters.base import AttentionShape, ModelAdapter
 
 
-@functools.lru_cache(maxsize=None)  # called per layer per forward: build each permutation once
+@functools.cache  # called per layer per forward: build each permutation once
 def neox_view_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
     """``perm[v]`` = NeoX dimension shown at view dimension ``v`` (see the module docstring)."""
     h, r = head_dim // 2, rotary_dim // 2
@@ -113,10 +113,10 @@ class NeoXPressView:
         cfg = SimpleNamespace(**{k: v for k, v in model_config.to_dict().items() if not k.startswith("_")})
         cfg.num_key_value_heads = model_config.num_attention_heads
         cfg.head_dim = d
-        for name, value in dict(
-            _module=module, config=cfg, head_dim=d, layer_idx=module.layer_idx, rotary_emb=rotary_emb,
-            num_key_value_groups=1, perm=perm,
-        ).items():
+        for name, value in {
+            "_module": module, "config": cfg, "head_dim": d, "layer_idx": module.layer_idx, "rotary_emb": rotary_emb,
+            "num_key_value_groups": 1, "perm": perm,
+        }.items():
             object.__setattr__(self, name, value)
 
     def _qkv(self, hidden_states):

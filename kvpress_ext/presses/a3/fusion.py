@@ -26,6 +26,7 @@ Sequence layout (global positions = row index in the fused cache)::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ class FusionResult:
     selected: torch.Tensor  # document-token indices (0..N-1) recomputed after the selection layer
     n_prefix: int
     chunk_lengths: list[int]
+    #: ``realign_s``: reading the chunk tensors (safetensors maps files lazily, so the disk or page-cache
+    #: reads happen here) + rotating keys to global positions + concatenating
     timings: dict = field(default_factory=dict)
     #: per layer, the normed attention input of all P + N + Q rows (zeros where not recomputed), when
     #: ``record_inputs=True`` (an eviction press scores from them)
@@ -160,7 +163,9 @@ def fuse_chunks(
     lengths = [len(c) for c in chunks]
     n_doc, n_q = sum(lengths), len(question_ids)
     total = n_prefix + n_doc + n_q
+    t0 = time.perf_counter()
     keys, values = realign(model, prefix, chunks, device=device, dtype=dtype)
+    realign_s = time.perf_counter() - t0
     shape = adapter.shape(model)
     for i in range(len(layers)):  # room for the question's rows
         pad = keys[i].new_zeros(1, shape.num_kv_heads, n_q, keys[i].shape[-1])
@@ -215,4 +220,5 @@ def fuse_chunks(
         cache.update(keys[i], values[i], i)
     state = position_state(cache)
     state.next_position = state.seen_tokens = total
-    return FusionResult(cache, logits, selected, n_prefix, lengths, layer_inputs=inputs if record_inputs else None)
+    return FusionResult(cache, logits, selected, n_prefix, lengths, timings={"realign_s": realign_s},
+                        layer_inputs=inputs if record_inputs else None)

@@ -116,7 +116,9 @@ class A3Press:
         return result.cache, result.logits
 
     def fuse_result(self, model, chunks, question_ids, prefix_ids=None) -> FusionResult:
-        """Like :meth:`fuse`, with the selected tokens and timings (``load_s``, ``fuse_s``, ``evict_s``)."""
+        """Like :meth:`fuse`, with the selected tokens and timings: ``load_s`` (open and map the stored
+        entries), ``fuse_s`` (all of fusion, of which ``realign_s`` reads the mapped tensors and rotates
+        the keys) and ``evict_s``."""
         if self.store is None:
             raise PressParameterError("a3: A3Press.fuse needs store=ChunkStore(...).")
         if not chunks:
@@ -142,7 +144,7 @@ class A3Press:
 
             evict_cache(model, result, self.evict, self.evict_kwargs)
         t3 = time.perf_counter()
-        result.timings = {"load_s": t1 - t0, "fuse_s": t2 - t1, "evict_s": t3 - t2}
+        result.timings = {"load_s": t1 - t0, "fuse_s": t2 - t1, "evict_s": t3 - t2, **result.timings}
         return result
 
     # --- pipeline integration (KVPressExtPipeline.__call__(context_chunks=...)) -----------------------------
