@@ -1,4 +1,4 @@
-"""``kvpress-ext icl {precompute,eval,score,grid}``: a thin command line over :mod:`kvpress_ext.icl.workflow`."""
+"""``kvpress-ext icl {precompute,eval,score,grid,cluster}``: a thin command line over :mod:`kvpress_ext.icl.workflow`."""
 
 from __future__ import annotations
 
@@ -157,6 +157,29 @@ def _plot(rows, path):
     plt.close(fig)
 
 
+def _cmd_cluster_build(args) -> int:
+    from kvpress_ext.icl import cluster
+
+    docs = wf.load_documents(args.data)
+    clusters = cluster.build_clusters(docs, args.embedder, args.k, args.seed, batch_size=args.batch_size)
+    out = cluster.save_clusters(clusters, args.out, data_path=args.data)
+    sizes = ", ".join(str(len(m)) for m in clusters["clusters"])
+    print(f"{args.k} clusters of {len(docs)} questions (sizes {sizes}) written to {out}")
+    return 0
+
+
+def _cmd_cluster_query(args) -> int:
+    from kvpress_ext.icl import cluster
+
+    clusters = cluster.load_clusters(args.clusters)
+    cluster_id, records = cluster.nearest_cluster(clusters, args.question, args.embedder)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=2))
+    print(f"cluster {cluster_id} ({len(records)} records) written to {out}")
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     return [_positive_int(t) for t in text.split(",") if t.strip()]
 
@@ -213,3 +236,20 @@ def add_parser(subparsers) -> None:
     _add_cache_args(p)
     _add_eval_args(p)
     p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("cluster", help="k-means questions by embedding; pick the nearest cluster as --data")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+    c = csub.add_parser("build", help="embed the questions of --data, k-means them, save the clusters")
+    c.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
+    c.add_argument("--embedder", required=True, help="local sentence-transformers or Hugging Face model directory")
+    c.add_argument("--k", type=_positive_int, required=True, help="number of clusters")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch_size", type=_positive_int, default=32)
+    c.add_argument("--out", required=True, help="clusters JSON file to write")
+    c.set_defaults(func=_cmd_cluster_build)
+    c = csub.add_parser("query", help="write the records of the cluster nearest a question (input for precompute)")
+    c.add_argument("--clusters", required=True)
+    c.add_argument("--question", required=True)
+    c.add_argument("--embedder", default=None, help="override the embedder directory saved in the clusters file")
+    c.add_argument("--out", required=True, help="JSON list for `icl precompute --data`")
+    c.set_defaults(func=_cmd_cluster_query)
