@@ -119,19 +119,38 @@ def report(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ratio_panel = "segment_ppl_reference_targets" in result
+    fig, axes = plt.subplots(2 if ratio_panel else 1, 1, figsize=(9, 7 if ratio_panel else 4.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]} if ratio_panel else None)
+    ax = axes[0][0]
     style = {"dense": "k:", "reference": "g-", "eager": "b--", "lazy": "r-."}
-    for m, v in result["segment_ppl_all_targets"].items():
-        label = m if m not in ("eager", "lazy") else f"{m} (slack={runs[m]['args']['slack']})"
+
+    def label(m):
+        text = m if m not in ("eager", "lazy") else f"{m} (slack={runs[m]['args']['slack']})"
         if m == "reference" and runs[m]["args"]["stride"] > 1:
-            label += f" (every {runs[m]['args']['stride']}th target)"
-        ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label)
+            text += f" (every {runs[m]['args']['stride']}th target)"
+        return text
+
+    for m, v in result["segment_ppl_all_targets"].items():
+        ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label(m))
     ax.set_yscale("log")
-    ax.set_xlabel("token index in the stream")
     ax.set_ylabel(f"perplexity per {seg}-token segment")
     ax.set_title(f"stories260k on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
     ax.legend()
     ax.grid(alpha=0.3)
+    if ratio_panel:  # the streaming curves relative to the reference, on the reference's targets
+        ref = result["segment_ppl_reference_targets"]["reference"]
+        bx = axes[1][0]
+        for m in ("eager", "lazy"):
+            if m in result["segment_ppl_reference_targets"]:
+                v = result["segment_ppl_reference_targets"][m]
+                bx.plot([(i + 0.5) * seg for i in range(len(v))], [a / b for a, b in zip(v, ref)], style[m],
+                        label=label(m))
+        bx.axhspan(0.95, 1.05, color="g", alpha=0.1, label="within 5 % of the reference")
+        bx.set_ylabel("perplexity / reference")
+        bx.legend(fontsize=8)
+        bx.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("token index in the stream")
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
