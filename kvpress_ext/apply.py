@@ -54,25 +54,33 @@ def positions_follow_cache(press) -> bool:
 
 
 def _press_hook(press, adapter, model):
-    if getattr(press, "wants_raw_module", False):
-        # Opt-in for presses that do their own cache surgery through the adapter: the real module, the
-        # real cache as ``past_key_values`` (GPT-NeoX's ``layer_past``) and the layer's index.
-        index = {id(m): i for i, m in enumerate(adapter.attention_modules(model))}
-
-        def raw_hook(module, args, kwargs, output):
-            kw = dict(kwargs)
-            if "hidden_states" not in kw and args:
-                kw["hidden_states"] = args[0]
-            if kw.get("past_key_values") is None and "layer_past" in kw:
-                kw["past_key_values"] = kw.pop("layer_past")
-            kw["layer_idx"] = index[id(module)]
-            return press.forward_hook(module, list(args), kw, output)
-
-        return raw_hook
-
     def hook(module, args, kwargs, output):
         view = adapter.press_view(model, module)
         return press.forward_hook(view, list(args), adapter.hook_kwargs(module, args, kwargs), output)
+
+    return hook
+
+
+def manages_whole_cache(press) -> bool:
+    """Presses with ``after_forward(cache)``: called once per forward pass, after every layer has attended.
+
+    For a press whose decision does not depend on the layer's attention inputs (StreamingLLM-style
+    eviction by position), compacting every layer after the forward equals compacting each layer right
+    after its own attention (no layer reads another layer's cache), and it costs one Python hook per
+    forward instead of one per layer: the per-token overhead that matters when decoding small models.
+    The press works on the real cache tensors (natural basis, partial rotary on GPT-NeoX) through the adapter.
+    """
+    return callable(getattr(press, "after_forward", None))
+
+
+def _after_forward_hook(press):
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if cache is None:  # the model made its own cache
+            cache = getattr(output, "past_key_values", None)
+        if cache is not None:
+            press.after_forward(cache)
+        return output
 
     return hook
 
@@ -105,6 +113,12 @@ def apply_press(press, model, *, track=True):
                     f"Llama-family models only, not {adapter.name}. Pick a hook-based press (e.g. knorm, snapkv)."
                 )
             stack.enter_context(press(model))
+        elif manages_whole_cache(press):
+            press.post_init_from_model(model)
+            handle = decoder.register_forward_hook(_after_forward_hook(press), with_kwargs=True)
+            stack.callback(handle.remove)
+            if hasattr(press, "reset"):
+                stack.callback(press.reset)
         else:
             press.post_init_from_model(model)
             hook = _press_hook(press, adapter, model)

@@ -280,3 +280,27 @@ def test_blocked_attention_matches_reference(block):
     ref = A.reference_attention(q, k, v, qpos, torch.arange(n), 0.25)
     out = A.blocked_torch_attention(q, k, v, qpos, torch.arange(n), 0.25, block=block)
     assert (out - ref).abs().max() < 1e-5
+
+
+def test_evict_after_fusion_with_lazy_streaming(tmp_path):
+    """A whole-cache press (lazy_streaming) evicts the fused cache once: sinks + the most recent tokens, the
+    recent keys re-rotated to contiguous positions, and the next token placed right after them."""
+    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.positions import next_position
+
+    model = tiny_model("llama", layers=2)
+    chunks, q = _data(lengths=(20, 20))
+    store = ChunkStore(tmp_path, model)
+    cap = 24
+    press = A3Press(strategy="debug", store=store, evict="lazy_streaming", evict_kwargs={"cap_total": cap, "slack": 4})
+    cache, _ = press.fuse(model, chunks, q)
+    full, _ = A3Press(strategy="debug", store=store).fuse(model, chunks, q)
+    total, kept = full.get_seq_length(), cap - 4
+    assert cache.get_seq_length() == kept and next_position(cache) == kept
+    ad = get_adapter(model)
+    for i in range(2):
+        assert torch.equal(cache.layers[i].keys[..., :4, :], full.layers[i].keys[..., :4, :])  # sinks untouched
+        assert torch.equal(cache.layers[i].values[..., 4:, :], full.layers[i].values[..., total - kept + 4 :, :])
+        moved = ad.rerotate_keys(model, full.layers[i].keys[..., total - kept + 4 :, :],
+                                 torch.arange(total - kept + 4, total), torch.arange(4, kept))
+        assert (cache.layers[i].keys[..., 4:, :] - moved).abs().max() < 1e-5

@@ -50,7 +50,6 @@ class LazyStreamingPress(BasePress):
     cap_total: int | None = None
     compression_phases = (True, True)  # prefill and decoding
     uses_apply_press = True
-    wants_raw_module = True  # we rotate the real cache keys (GPT-NeoX: partial rotary, natural basis)
 
     def __post_init__(self):
         for name in ("n_sink", "slack"):
@@ -107,16 +106,14 @@ class LazyStreamingPress(BasePress):
     def reset(self):
         self._rerotate = None
 
-    def forward_hook(self, module, input, kwargs, output):
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            return output
-        layer = cache.layers[kwargs["layer_idx"]] if "layer_idx" in kwargs else cache.layers[module.layer_idx]
-        length = layer.keys.shape[-2]
+    def after_forward(self, cache) -> None:
+        """Once per forward pass (see :func:`kvpress_ext.apply.manages_whole_cache`): compact every layer
+        when the cache has grown past ``cap_total``, and put the next token right after the kept ones."""
+        length = cache.layers[0].keys.shape[-2]
         if length > self.max_cache:
-            self._compact(layer, length)
+            for layer in cache.layers:
+                self._compact(layer, length)
             set_next_position(cache, self.cap)
-        return output
 
     def _compact(self, layer, length: int) -> None:
         """Keep sinks + the last ``recent`` tokens; shift the recent keys' RoPE by -(evicted count)."""

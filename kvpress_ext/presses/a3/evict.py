@@ -5,7 +5,8 @@ fused sequence: ``hidden_states`` are the normed attention inputs recorded durin
 rows; rows that were not recomputed are zero, which only matters for presses that score from hidden
 states of document tokens: SnapKV-like presses use the last rows, the always-recomputed question),
 ``position_embeddings`` are RoPE tables for positions 0..T-1, and ``cache_position`` is 0..T-1. Kept keys
-are not re-rotated, so the next token keeps position T.
+are not re-rotated, so the next token keeps position T. A press that manages the whole cache
+(``after_forward``, e.g. ``lazy_streaming``) is called once on the fused cache instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import drives_model
+from kvpress_ext.apply import drives_model, manages_whole_cache
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.registry import get_press
 
@@ -22,6 +23,12 @@ def evict_cache(model, result, name: str, kwargs: dict | None = None):
     """Compress ``result.cache`` in place with the press registered as ``name``."""
     press = get_press(name, **(kwargs or {}))
     if press is None:
+        return result.cache
+    if manages_whole_cache(press):  # e.g. lazy_streaming: works on the cache alone
+        press.post_init_from_model(model)
+        press.after_forward(result.cache)
+        if hasattr(press, "reset"):
+            press.reset()
         return result.cache
     if drives_model(press) or not hasattr(press, "forward_hook"):
         raise PressParameterError(f"a3: evict={name!r} must be a hook-based press (e.g. streaming_llm, snapkv, knorm).")
