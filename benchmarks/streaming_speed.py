@@ -10,7 +10,9 @@
 
 Each config starts from a cache already at cap_total (steady state) and is timed over ``--steps``
 greedy tokens; configs run interleaved for ``--rounds`` rounds and the median is reported.
-``--rss-tokens N`` instead records resident memory while lazy decodes N tokens.
+``--batch B`` decodes B streams at once: on a CPU a small model at batch 1 is bound by reading its
+weights, and more streams per weight read make the cache work dominate (see docs/results/streaming.md).
+``--rss-tokens N`` instead records resident memory while lazy (or dense) decodes N tokens.
 
     PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model stories260k
     PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model pythia70m-random --steps 256
@@ -86,10 +88,11 @@ def build_model(name: str):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def decode_seconds(model, press, prompt_len: int, steps: int, vocab: int) -> float:
-    """Seconds per decoded token, after a prompt of ``prompt_len`` tokens (fed in chunks through ``press``)."""
+def decode_seconds(model, press, prompt_len: int, steps: int, vocab: int, batch: int = 1) -> float:
+    """Seconds per decoding step (``batch`` streams, one token each), after a prompt of ``prompt_len``
+    tokens per stream (fed in chunks through ``press``)."""
     cache = DynamicCache()
-    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     with apply_press(press, model):
         chunk = press.prefill_chunk_size if isinstance(press, LazyStreamingPress) else prompt_len
         out = chunked_prefill(model, prompt, cache, max(chunk, 64))
@@ -126,6 +129,8 @@ def main():
     p.add_argument("--slacks", default="16,64,256")
     p.add_argument("--steps", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1,
+                   help="streams decoded together (tok/s counts all of them); more streams = more cache work per weight read")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--rss-tokens", type=int, default=0)
     p.add_argument("--rss-press", default="lazy", choices=["lazy", "dense"])
@@ -165,9 +170,10 @@ def main():
             steps = args.steps
             if name.startswith("ceiling"):
                 prompt_len = max(1, prompt_len)
-            times[name].append(decode_seconds(model, press, prompt_len, steps, vocab))
-    tps = {k: 1 / statistics.median(v) for k, v in times.items()}
-    print(f"model={args.model} cap_total={C} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+            times[name].append(decode_seconds(model, press, prompt_len, steps, vocab, args.batch))
+    tps = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    print(f"model={args.model} cap_total={C} batch={args.batch} steps={args.steps} rounds={args.rounds} "
+          f"threads={torch.get_num_threads()}")
     print(f"{'config':>12} {'tok/s':>9}")
     for k, v in tps.items():
         print(f"{k:>12} {v:9.1f}")
