@@ -164,3 +164,28 @@ def test_sizes_from_cap_total_and_window():
     assert (p.recent, p.cap, p.max_cache) == (444, 448, 512)
     q = LazyStreamingPress(window=100, slack=10, n_sink=2)
     assert (q.recent, q.cap, q.max_cache) == (100, 102, 112)
+
+
+def test_stories260k_lazy_tracks_the_recompute_reference_past_the_trained_length(stories260k):
+    """Quality guard on a real model (the full 20k-token study is evaluation/streaming_quality.py): over
+    tokens 512..1279 of TinyStories, lazy streaming with cap_total=512 stays within 5 % of the sliding window
+    recomputed from scratch at every scored target, while the dense cache is already far off."""
+    import math
+
+    from conftest import shared_path
+
+    from kvpress_ext.evaluation.streaming import dense_nlls, recompute_reference_nlls, streaming_nlls
+
+    model, tok = stories260k
+    text = shared_path("data", "tinystories_val.txt").read_text()[:20000]
+    ids = torch.tensor(tok(text)["input_ids"][:1281])
+    with torch.no_grad():
+        ref = recompute_reference_nlls(model, ids, n_sink=4, total=512, batch=32, stride=4)
+        lazy = streaming_nlls(model, ids, LazyStreamingPress(n_sink=4, cap_total=512, slack=64))
+        dense = dense_nlls(model, ids)
+    scored = ~torch.isnan(ref)
+    scored[:512] = False  # before the cap every method is the same computation
+    ppl = {name: math.exp(float(v[scored].mean())) for name, v in (("ref", ref), ("lazy", lazy), ("dense", dense))}
+    assert abs(ppl["lazy"] / ppl["ref"] - 1) < 0.05, ppl
+    assert ppl["dense"] > 1.2 * ppl["ref"], ppl  # the setting really needs streaming (the test can tell)
+    assert torch.allclose(lazy[:512], ref[:512], atol=1e-4)
