@@ -36,6 +36,17 @@ def load_samples(tokenizer, n_samples: int, n_chunks: int, chunk_tokens: int, qu
     return samples
 
 
+def distribution_agreement(full_logits: torch.Tensor, fused_logits: torch.Tensor) -> tuple[float, float]:
+    """KL(full || fused) in nats, averaged over tokens, and the fraction of tokens whose argmax agrees.
+
+    Both are (n_tokens, vocab) next-token logits at the same positions (the question tokens)."""
+    logp_full = full_logits.float().log_softmax(-1)
+    logp = fused_logits.float().log_softmax(-1)
+    kl = (logp_full.exp() * (logp_full - logp)).sum(-1).mean().item()
+    top1 = (logp.argmax(-1) == logp_full.argmax(-1)).float().mean().item()
+    return kl, top1
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, rates=(0.0, 0.05, 0.15, 0.3, 1.0), strategies=STRATEGIES, n_samples=12, n_chunks=4,
              chunk_tokens=96, question_tokens=48, store_dir=None, seed=0):
@@ -46,7 +57,6 @@ def evaluate(model, tokenizer, rates=(0.0, 0.05, 0.15, 0.3, 1.0), strategies=STR
     acc = {}
     for chunks, q in samples:
         full = model(torch.tensor([bos + [t for c in chunks for t in c] + q])).logits[0, -len(q):].float()
-        logp_full = full.log_softmax(-1)
         offsets, sinks = len(bos), []
         for c in chunks:
             offsets += len(c)
@@ -57,9 +67,7 @@ def evaluate(model, tokenizer, rates=(0.0, 0.05, 0.15, 0.3, 1.0), strategies=STR
                 press = A3Press(strategy=strategy, rate=rate, store=store, seed=seed,
                                 sink_positions=sinks if strategy == "attnlink" else None)
                 _, logits = press.fuse(model, chunks, q)
-                logp = logits.float().log_softmax(-1)
-                kl = (logp_full.exp() * (logp_full - logp)).sum(-1).mean().item()
-                top1 = (logp.argmax(-1) == logp_full.argmax(-1)).float().mean().item()
+                kl, top1 = distribution_agreement(full, logits)
                 a = acc.setdefault((strategy, rate), [0.0, 0.0, 0])
                 a[0] += kl
                 a[1] += top1

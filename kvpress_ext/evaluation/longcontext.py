@@ -172,8 +172,11 @@ def _sync(model):
 @torch.no_grad()
 def answer(model, method: Method, bos: list[int], chunks: list[list[int]], question_ids: list[int],
            max_new_tokens: int, store=None, rate: float = 0.15, evict_kwargs: dict | None = None,
-           sink_positions=None) -> dict:
-    """Greedy answer token ids of one method with ``ttft_s`` and ``tpot_s`` (None when one token)."""
+           sink_positions=None, selection_layer: int | None = None, keep_logits: bool = False) -> dict:
+    """Greedy answer token ids of one method with ``ttft_s`` and ``tpot_s`` (None when one token).
+
+    ``keep_logits=True`` also returns ``question_logits`` (n_question, vocab): the next-token logits at every
+    question token, to compare a fusion's distributions with a full prefill's."""
     from transformers import DynamicCache
 
     from kvpress_ext.apply import apply_press
@@ -187,15 +190,18 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
         cache = DynamicCache()
         ids = torch.tensor([bos + [t for c in chunks for t in c] + question_ids], device=model.device)
         with apply_press(None, model):
-            logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]
+            all_logits = model(input_ids=ids, past_key_values=cache,
+                               logits_to_keep=len(question_ids) if keep_logits else 1).logits[0]
     else:
         press = A3Press(strategy=method.strategy, rate=rate, store=store, evict=method.evict,
                         evict_kwargs=dict(evict_kwargs or {}) if method.evict else {},
-                        sink_positions=sink_positions if method.strategy == "attnlink" else None)
+                        sink_positions=sink_positions if method.strategy == "attnlink" else None,
+                        selection_layer=selection_layer)
         result = press.fuse_result(model, chunks, question_ids)
-        cache, logits = result.cache, result.logits[-1]
+        cache, all_logits = result.cache, result.logits
         extra = {"recomputed": int(result.selected.numel()), "cache_tokens": int(cache.get_seq_length()),
                  **{k: float(v) for k, v in result.timings.items()}}
+    logits = all_logits[-1]
     first = int(logits.argmax())
     _sync(model)
     t1 = time.perf_counter()
@@ -207,6 +213,8 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     _sync(model)
     t2 = time.perf_counter()
     steps = len(out) - 1
+    if keep_logits:  # copied after the clock stops
+        extra["question_logits"] = all_logits.float().cpu()
     return {"ids": out, "ttft_s": t1 - t0, "tpot_s": (t2 - t1) / steps if steps else None, **extra}
 
 

@@ -1,0 +1,334 @@
+"""``kvpress-ext a3 {precompute,ask}``: A³ / CacheBlend fusion from the command line.
+
+``precompute`` encodes every chunk of a chunk file into a :class:`ChunkStore` (the offline step);
+``ask`` fuses the stored chunks of the same file with a question and answers greedily from the fused
+cache, optionally against a full prefill of the same tokens. Generation and timing reuse
+:func:`kvpress_ext.evaluation.longcontext.answer`, so the numbers mean what they mean in the long-context
+evaluations: TTFT is load + fuse + evict + the first token; the store is filled before the clock starts.
+
+A chunk file is a JSON list or JSONL of strings or of ``{"text": ...}`` objects (each one chunk), or a
+``.txt`` file cut into ``--chunk_tokens`` token slices of its token ids: the chunks concatenated are the
+text's tokens, so ``ask`` and a full prefill of the text see the same sequence.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from pathlib import Path
+
+from kvpress_ext.errors import CacheFormatError, KVPressExtError
+
+SUMMARY = "precompute_summary.json"
+
+
+class A3InputError(KVPressExtError):
+    """Bad ``kvpress-ext a3`` input: a missing file or store, chunks not precomputed, a malformed option."""
+
+
+# --- inputs ---------------------------------------------------------------------------------------------
+def split_tokens(ids: list[int], chunk_tokens: int) -> list[list[int]]:
+    """Consecutive slices of ``chunk_tokens`` ids (the last one shorter); concatenated they are ``ids``."""
+    return [list(ids[i : i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
+
+
+def _check_chunk_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise A3InputError(f"chunk file not found: {path}; pass --chunks with a .txt, .json or .jsonl file")
+    return path
+
+
+def read_chunk_texts(path) -> list[str]:
+    """The chunk strings of a JSON list / JSONL file of strings or ``{"text": ...}`` objects."""
+    path = _check_chunk_file(path)
+    text = path.read_text()
+    try:
+        if text.lstrip().startswith("["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise A3InputError(f"{path} is not JSON/JSONL ({e}); use a JSON list of strings, JSONL, or a .txt file") from None
+    texts = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            item = item["text"]
+        if not isinstance(item, str):
+            raise A3InputError(f"{path}: chunk {i} is neither a string nor an object with a \"text\" string; fix it")
+        texts.append(item)
+    if not texts:
+        raise A3InputError(f"{path} holds no chunks; add at least one chunk string")
+    return texts
+
+
+def load_chunks(path, tokenizer, chunk_tokens: int = 512) -> list[list[int]]:
+    """Token ids of every chunk of a chunk file (see the module docstring), encoded without special tokens."""
+    path = _check_chunk_file(path)
+    if path.suffix.lower() == ".txt":
+        ids = list(tokenizer(path.read_text(), add_special_tokens=False, verbose=False)["input_ids"])  # split below
+        chunks = split_tokens(ids, chunk_tokens)
+    else:
+        chunks = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in read_chunk_texts(path)]
+    empty = [i for i, c in enumerate(chunks) if not c]
+    if not chunks or empty:
+        where = f"chunk {empty[0]} has" if empty else "the file has"
+        raise A3InputError(f"{path}: {where} no tokens; remove empty chunks")
+    return chunks
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise A3InputError(f"--{flag} {value} must be a positive integer")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = None
+    if rate is None or not 0 <= rate <= 1:
+        raise A3InputError(f"--rate {text!r} must be a number in [0, 1] (the fraction of document tokens recomputed)")
+    return rate
+
+
+def _evict_kwargs(items: list[str] | None) -> dict:
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise A3InputError(f"--evict_kwargs {item!r} must be key=value, e.g. compression_ratio=0.5")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _load_model(name: str):
+    from kvpress_ext.evaluation.longcontext import InputError, load_model
+
+    try:
+        return load_model(name)
+    except InputError as e:
+        raise A3InputError(f"{e}; pass --model a local model directory") from None
+
+
+def _store(root, model, tokenizer, **kwargs):
+    from kvpress_ext.presses.a3 import ChunkStore
+
+    return ChunkStore(root, model, tokenizer, **kwargs)
+
+
+def _cli_cache_error(e: CacheFormatError) -> A3InputError:
+    first = str(e).splitlines()[0]
+    return A3InputError(f"{first} From the command line: rerun `kvpress-ext a3 precompute` with --recompute_bad.")
+
+
+def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, float]:
+    """Store every chunk (entries already there are reused); returns (number computed, seconds)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    computed = 0
+    try:
+        if store.prefix_ids:
+            store.prefix()  # first, so each miss below is the chunk's own
+        for ids in tqdm(chunks, desc=desc, unit="chunk"):
+            before = store.misses
+            store.get(ids, need_surprisal=surprisal)
+            computed += store.misses > before
+    except CacheFormatError as e:
+        raise _cli_cache_error(e) from None
+    return computed, time.perf_counter() - t0
+
+
+# --- precompute -------------------------------------------------------------------------------------------
+def _cmd_precompute(args) -> int:
+    _positive(args.chunk_tokens, "chunk_tokens")
+    _check_chunk_file(args.chunks)
+    model, tok = _load_model(args.model)
+    chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
+    store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
+    computed, seconds = _precompute_into(store, chunks, args.surprisal, "a3 precompute")
+    summary = {
+        "model": args.model, "chunks_file": str(Path(args.chunks).resolve()), "store": str(store.root.resolve()),
+        "store_directory": str(store.directory.resolve()), "chunk_tokens": args.chunk_tokens, "surprisal": args.surprisal,
+        "chunks": len(chunks), "tokens": sum(map(len, chunks)), "computed": computed,
+        "reused": len(chunks) - computed, "seconds": seconds,
+    }
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"{summary['chunks']} chunks ({summary['tokens']} tokens): {computed} computed, {summary['reused']} "
+          f"reused in {seconds:.2f} s; summary in {store.root / SUMMARY}")
+    return 0
+
+
+# --- ask --------------------------------------------------------------------------------------------------
+def _has_surprisal(store, ids) -> bool:
+    from safetensors import safe_open
+
+    from kvpress_ext.presses.a3.chunk_store import TENSORS
+
+    try:
+        with safe_open(str(store.chunk_path(ids) / TENSORS), "pt") as f:
+            return "surprisal" in f.keys()  # noqa: SIM118 - safe_open has no __contains__
+    except Exception:  # noqa: BLE001 - unreadable: let the store report it as corrupt
+        return True
+
+
+def _check_stored(store, chunks, args) -> None:
+    """Fail with the command that fixes it when a chunk is not stored (unless --compute_missing)."""
+    fix = (f"run `kvpress-ext a3 precompute --model {args.model} --chunks {args.chunks} --store {args.store}"
+           f"{' --chunk_tokens ' + str(args.chunk_tokens) if Path(args.chunks).suffix.lower() == '.txt' else ''}"
+           f"{' --surprisal' if args.strategy == 'surprisal_chunk' else ''}` first, or pass --compute_missing")
+    missing = [i for i, c in enumerate(chunks) if not store.contains(c)]
+    if missing:
+        raise A3InputError(f"{len(missing)} of {len(chunks)} chunks (first: chunk {missing[0]}) are not in the store "
+                           f"{args.store} for this model; {fix}")
+    if args.strategy == "surprisal_chunk":
+        bare = [i for i, c in enumerate(chunks) if not _has_surprisal(store, c)]
+        if bare:
+            raise A3InputError(f"strategy surprisal_chunk needs stored surprisal, which {len(bare)} of {len(chunks)} "
+                               f"chunks lack (first: chunk {bare[0]}); {fix}")
+
+
+def _tokens_per_s(tpot_s):
+    return 1.0 / tpot_s if tpot_s else None
+
+
+def _validate_ask(args) -> tuple[float, dict]:
+    from kvpress_ext.presses.a3 import A3Press
+    from kvpress_ext.registry import get_press
+
+    rate = _rate(args.rate)
+    kwargs = _evict_kwargs(args.evict_kwargs)
+    if kwargs and args.evict is None:
+        raise A3InputError("--evict_kwargs needs --evict NAME (the press they configure), e.g. --evict snapkv")
+    _positive(args.max_new_tokens, "max_new_tokens")
+    _positive(args.chunk_tokens, "chunk_tokens")
+    if args.strategy == "attnlink":  # sinks are placed by the CLI; any non-empty list passes validation here
+        A3Press(strategy=args.strategy, rate=rate, selection_layer=args.selection_layer, sink_positions=[0])
+    else:
+        A3Press(strategy=args.strategy, rate=rate, selection_layer=args.selection_layer)
+    if args.evict is not None:
+        get_press(args.evict, **kwargs)  # unknown press or parameter: one line naming the choices
+    if not args.question.strip():
+        raise A3InputError("--question is empty; pass the question text")
+    _check_chunk_file(args.chunks)
+    if not Path(args.store).is_dir() and not args.compute_missing:
+        raise A3InputError(f"store directory not found: {args.store}; run `kvpress-ext a3 precompute --store "
+                           f"{args.store} ...` first, or pass --compute_missing")
+    return rate, kwargs
+
+
+def _cmd_ask(args) -> int:
+    import torch
+
+    from kvpress_ext.evaluation.a3_quality import distribution_agreement
+    from kvpress_ext.evaluation.longcontext import PREFILL, Method, answer
+
+    rate, evict_kwargs = _validate_ask(args)
+    model, tok = _load_model(args.model)
+    chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
+    need_surprisal = args.strategy == "surprisal_chunk"
+    store = _store(args.store, model, tok, save_surprisal=need_surprisal and args.compute_missing)
+    computed, precompute_s = 0, 0.0
+    if args.compute_missing:
+        computed, precompute_s = _precompute_into(store, chunks, need_surprisal, "a3 compute missing")
+    else:
+        _check_stored(store, chunks, args)
+    q_ids = list(tok(args.question, add_special_tokens=False)["input_ids"])
+    if not q_ids:
+        raise A3InputError("--question has no tokens; pass the question text")
+    bos = store.prefix_ids
+    ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
+    sinks = ends + [ends[-1] + len(q_ids)]
+    with torch.no_grad():  # untimed warm-up: the first forward of a process pays one-off start-up costs
+        model(input_ids=torch.tensor([bos + q_ids], device=model.device))
+    method = Method(f"a3-{args.strategy}", args.strategy, args.evict)
+    try:
+        fused = answer(model, method, bos, chunks, q_ids, args.max_new_tokens, store=store, rate=rate,
+                       evict_kwargs=evict_kwargs, sink_positions=sinks, selection_layer=args.selection_layer,
+                       keep_logits=args.compare_full)
+    except CacheFormatError as e:
+        raise _cli_cache_error(e) from None
+    fused_logits = fused.pop("question_logits", None)
+    timings = {k: fused.get(k) for k in ("load_s", "realign_s", "fuse_s", "evict_s", "ttft_s", "tpot_s")}
+    timings["decode_tokens_per_s"] = _tokens_per_s(fused["tpot_s"])
+    result = {
+        "model": args.model, "store": str(args.store), "chunks_file": str(args.chunks), "question": args.question,
+        "strategy": args.strategy, "rate": rate, "selection_layer": args.selection_layer, "evict": args.evict,
+        "evict_kwargs": evict_kwargs, "max_new_tokens": args.max_new_tokens, "n_chunks": len(chunks),
+        "context_tokens": sum(map(len, chunks)), "question_tokens": len(q_ids), "prefix_tokens": len(bos),
+        "recomputed": fused["recomputed"], "cache_tokens": fused["cache_tokens"],
+        "chunks_computed_now": computed, "precompute_s": precompute_s,
+        "answer": str(tok.decode(fused["ids"], skip_special_tokens=True)), "answer_ids": fused["ids"],
+        "timings": timings,
+    }
+    print(f"answer: {result['answer']}")
+    print(f"{method.name} rate {rate}: recomputed {result['recomputed']}/{result['context_tokens']} document tokens; "
+          f"load {_ms(timings['load_s'])}, fuse {_ms(timings['fuse_s'])}, TTFT {_ms(timings['ttft_s'])}, "
+          f"decode {_rate_text(timings['decode_tokens_per_s'])}")
+    if args.compare_full:
+        full = answer(model, Method(PREFILL), bos, chunks, q_ids, args.max_new_tokens, keep_logits=True)
+        kl, top1 = distribution_agreement(full.pop("question_logits"), fused_logits)
+        result["full"] = {"answer": str(tok.decode(full["ids"], skip_special_tokens=True)), "answer_ids": full["ids"],
+                          "ttft_s": full["ttft_s"], "tpot_s": full["tpot_s"],
+                          "decode_tokens_per_s": _tokens_per_s(full["tpot_s"])}
+        result["comparison"] = {"ttft_ratio": timings["ttft_s"] / full["ttft_s"],
+                                "answers_agree": full["ids"] == fused["ids"], "kl": kl, "top1": top1}
+        cmp = result["comparison"]
+        print(f"full prefill: TTFT {_ms(full['ttft_s'])} (fused/full {cmp['ttft_ratio']:.3f}), decode "
+              f"{_rate_text(result['full']['decode_tokens_per_s'])}; answers {'agree' if cmp['answers_agree'] else 'differ'}"
+              f"; KL(full||fused) {kl:.3g} nats, top-1 {top1:.3f} over {len(q_ids)} question tokens")
+        if not cmp["answers_agree"]:
+            print(f"full-prefill answer: {result['full']['answer']}")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"written to {out}")
+    return 0
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _rate_text(tokens_per_s) -> str:
+    return "- (one token)" if tokens_per_s is None else f"{tokens_per_s:.1f} tok/s"
+
+
+# --- parser -------------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> None:
+    a3 = subparsers.add_parser("a3", help="A3 / CacheBlend fusion: precompute chunk caches, answer from them")
+    sub = a3.add_subparsers(dest="a3_command", required=True)
+
+    p = sub.add_parser("precompute", help="encode every chunk of a chunk file into a chunk store (reuses entries)")
+    p.add_argument("--model", required=True, help="local model directory (or cached hub id)")
+    p.add_argument("--chunks", required=True, help="JSON/JSONL list of strings or {text} objects, or a .txt file")
+    p.add_argument("--store", required=True, help="chunk store directory (created if absent)")
+    p.add_argument("--surprisal", action="store_true", help="also store per-token surprisal (surprisal_chunk)")
+    p.add_argument("--recompute_bad", action="store_true", help="recompute corrupt or mismatched entries")
+    p.add_argument("--chunk_tokens", type=int, default=512, help="tokens per chunk when --chunks is a .txt file")
+    p.set_defaults(func=_cmd_precompute)
+
+    p = sub.add_parser("ask", help="fuse the stored chunks with a question and answer greedily")
+    p.add_argument("--model", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--chunks", required=True, help="the chunk file given to precompute")
+    p.add_argument("--chunk_tokens", type=int, default=512, help="as given to precompute, for a .txt file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--strategy", default="debug", help="blend, debug, attnlink, full, cat, surprisal_chunk, random")
+    p.add_argument("--rate", default="0.15", help="fraction of document tokens recomputed, in [0, 1]")
+    p.add_argument("--selection_layer", type=int, default=None, help="default 1 for attention strategies, else 0")
+    p.add_argument("--evict", default=None, help="registered press evicting from the fused cache, e.g. snapkv")
+    p.add_argument("--evict_kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="parameters of --evict")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--compute_missing", action="store_true", help="compute chunks the store lacks (before timing)")
+    p.add_argument("--compare_full", action="store_true", help="also answer with a full prefill and compare")
+    p.add_argument("--json", default=None, metavar="OUT", help="write everything to this JSON file")
+    p.set_defaults(func=_cmd_ask)
