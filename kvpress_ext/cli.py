@@ -13,7 +13,7 @@ import sys
 
 from kvpress_ext.errors import KVPressExtError
 
-SUBCOMMAND_MODULES = ("kvpress_ext.icl.cli",)
+SUBCOMMAND_MODULES = ("kvpress_ext.icl.cli", "kvpress_ext.generate")
 
 
 def _cmd_list(args) -> int:
