@@ -1,4 +1,5 @@
-"""The ``kvpress-ext`` command line: ``list``, ``describe NAME``, and subcommands that modules add.
+"""The ``kvpress-ext`` command line: ``list``, ``describe NAME``, and subcommands that modules add
+(``icl``, ``a3``, ``generate``).
 
 A subcommand module exposes ``add_parser(subparsers)`` which registers its parser with
 ``set_defaults(func=...)``; :data:`SUBCOMMAND_MODULES` names them, so workflows (``icl``, ``a3``) own
@@ -13,7 +14,7 @@ import sys
 
 from kvpress_ext.errors import KVPressExtError
 
-SUBCOMMAND_MODULES = ("kvpress_ext.icl.cli", "kvpress_ext.presses.a3.cli")
+SUBCOMMAND_MODULES = ("kvpress_ext.icl.cli", "kvpress_ext.presses.a3.cli", "kvpress_ext.generate")
 
 
 def _cmd_list(args) -> int:

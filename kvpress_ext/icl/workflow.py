@@ -78,7 +78,8 @@ def _tokens(tokenizer, text: str, first: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=first)["input_ids"]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when ``temperature <= 0``, else nucleus sampling from ``logits / temperature`` with ``generator``."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -105,7 +106,7 @@ def generate(model, tokenizer, cache, prompt_ids: list[int], max_new_tokens: int
     generated: list[int] = []
     text = ""
     for step in range(max_new_tokens):
-        tok = _sample(out.logits[0, -1], temperature, top_p, generator)
+        tok = sample_token(out.logits[0, -1], temperature, top_p, generator)
         generated.append(tok)
         if tok in eos:
             break
