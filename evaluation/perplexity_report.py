@@ -11,13 +11,14 @@ base = json.loads(next(Path("results/perplexity/no_press").glob("*.json")).read_
 done = {x: len(list(Path(d).glob("*.json"))) for x, d in dirs.items()}
 doc = f"""# Perplexity under KV-cache compression (stories260k, TinyStories validation)
 
-Machine: CPU, 2 cores (shared with other jobs: load average 10-13 during the runs, so the tok/s columns are
-only comparable within this table, and only roughly). torch {base['versions']['torch']}, transformers
+Machine: CPU (AMD EPYC), 2 cores, otherwise idle; the sweeps ran one after the other with `--num_threads 1`
+(re-run 2026-11-23; an earlier run on the machine shared with other jobs had 20-50x lower tok/s, same
+perplexities). torch {base['versions']['torch']}, transformers
 {base['versions']['transformers']}, kvpress {base['versions']['kvpress']}.
 
 ## Commands
 
-One sweep per ratio (the three ran concurrently):
+One sweep per ratio (run one after another):
 
 ```
 PYTHONPATH=$PWD python evaluation/perplexity.py --model ../shared/models/stories260k --dataset text \\
@@ -52,13 +53,17 @@ Reference without compression: ppl **{base['perplexity']['ppl']:.4f}**, {base['c
 Presses without a `compression_ratio` parameter (`decoding`, `dms`, `think`, `simlayerkv`, `prefill_decoding`,
 `cam`'s decoding part...) run with their registry defaults, so their three columns repeat one setting; the decoding
 presses' defaults (`compression_interval=512`, `target_size=2048`) never trigger within a 512-token window, so
-they equal the reference. JSON files found per ratio: {done} (a press missing from both the table and the
+they equal the reference. `lazy_streaming` and `rkv` have a token budget instead of a ratio: the sweep sizes them
+with `from_compression_ratio` to keep `(1 - R) x 512` tokens (lazy: `cap_total`, slack an eighth of it; rkv:
+`budget`), so they sit at the same KV budget as the ratio presses. JSON files found per ratio: {done} (a press missing from both the table and the
 list below had not run yet). Plot for ratio 0.5: `perplexity_r0.5.png` (copy of `results/perplexity/sweep_r0.5/summary.png`).
 Refresh with `PYTHONPATH=$PWD python evaluation/perplexity_report.py`.
 
 Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.988, lagkv 3.992,
 streaming_llm 3.993, keydiff 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.174) and key_rerotation
-(4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026).
+(4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026). The budget
+presses hold up best as the budget shrinks: rkv 3.978 / 3.988 and lazy_streaming 3.977 / 4.011 at 0.5 / 0.75 (both
+at or below the uncompressed 3.979 at 0.5, within this model's noise).
 Failures come from kvpress presses that assume one prefill with q_len == k_len (pyramidkv, chunkkv, block, adakv's
 fake keys) or refuse anything but prefill (leverage_score, non_causal_attention, compactor); their plain-mode
 behaviour (one prefill, no --ppl_apply_press) was not measured here.

@@ -165,3 +165,21 @@ def test_command_line_json_and_errors(tmp_path):
     assert s["cache_bytes_after_prefill"] == 128 * 5 * 4 * 8 * 4 * 2  # 256-token prefill, half kept
     assert record["memory"]["peak_memory_bytes"] > 0
     assert record["versions"]["torch"] == torch.__version__
+
+
+def test_budget_presses_follow_the_compression_ratio_in_sweeps(stories):
+    """lazy_streaming and rkv have a token budget, not a ratio: a sweep sizes them to keep 1 - ratio of a
+    context window, so they are compared with ratio-based presses at one memory budget; an explicit budget wins."""
+    from kvpress_ext.evaluation.run_perplexity import build_press, sweep_jobs
+
+    lazy, ratio = build_press("lazy_streaming", 0.5, {}, 512)
+    assert ratio == 0.5 and lazy.max_cache == 256 and lazy.slack == 32
+    assert build_press("rkv", 0.75, {}, 512)[0].budget == 128
+    explicit, ratio = build_press("lazy_streaming", 0.5, {"cap_total": 100, "slack": 10}, 512)
+    assert explicit.max_cache == 100 and ratio is None
+    jobs = {name: (press, skip) for name, press, _, skip in sweep_jobs(0.25, 512)}
+    assert jobs["lazy_streaming"][1] is None and jobs["lazy_streaming"][0].max_cache == 384
+    # Sized this way, the cache it leaves after a 512-token window stays within the budget.
+    model, ids = stories
+    nll, stats = ppl.compressed_nll(model, ids, lazy, context_limit=512, chunk_size=64)
+    assert nll.numel() == 511 and stats["cache_len_end"] <= 256

@@ -19,7 +19,7 @@ from kvpress_ext.errors import KVPressExtError, PressParameterError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.speed import measure_speed
-from kvpress_ext.registry import available_presses, get_press, press_info, press_name
+from kvpress_ext.registry import available_presses, get_press, press_info, press_name, validate_parameters
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -101,13 +101,20 @@ def check_ratio(ratio: float) -> None:
         )
 
 
-def build_press(name: str, compression_ratio: float | None, press_kwargs: dict):
-    """(press, ratio used or None): ``compression_ratio`` goes to presses that have it; others keep theirs."""
+def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, context_length: int | None = None):
+    """(press, ratio used or None): ``compression_ratio`` goes to presses that have it; a press with a token
+    budget instead that defines ``from_compression_ratio(ratio, context_length, **kwargs)`` (lazy_streaming,
+    rkv) gets the budget that keeps ``1 - ratio`` of a ``context_length``-token window; others keep theirs."""
     info = press_info(name)  # unknown names: error with close names
     if info.cls is type(None) or name == "no_press":
         if press_kwargs:
             raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(press_kwargs)}).")
         return None, None
+    by_budget = getattr(info.cls, "from_compression_ratio", None)
+    budget_given = any(k in press_kwargs for k in getattr(info.cls, "budget_parameters", ()))
+    if compression_ratio is not None and context_length and callable(by_budget) and not budget_given:
+        validate_parameters(info.cls, {**info.defaults, **press_kwargs}, name)
+        return by_budget(compression_ratio, context_length, **{**info.defaults, **press_kwargs}), compression_ratio
     if compression_ratio is not None and "compression_ratio" not in press_kwargs:
         try:
             return get_press(name, compression_ratio=compression_ratio, **press_kwargs), compression_ratio
@@ -240,7 +247,7 @@ def run(args) -> list[dict]:
     kwargs = parse_press_kwargs(args.press_kwargs)
     # Check the press and the input before loading anything heavy.
     if args.press != "all":
-        press, ratio = build_press(args.press, args.compression_ratio, kwargs)
+        press, ratio = build_press(args.press, args.compression_ratio, kwargs, args.context_limit)
         jobs = [(args.press, press, ratio, None)]
     elif kwargs:
         raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own).")
@@ -253,7 +260,7 @@ def run(args) -> list[dict]:
     input_ids = ppl.tokenize(tokenizer, text, args.max_eval_tokens)
     base = _base_record(args, model, input_ids, device)
     if args.press == "all":
-        jobs = sweep_jobs(args.compression_ratio)
+        jobs = sweep_jobs(args.compression_ratio, args.context_limit)
     records = []
     for name, press, ratio, skip in jobs:
         record = {**base, "press": {"name": name, "compression_ratio": ratio, "params": press_params(press)},
@@ -279,7 +286,7 @@ def run(args) -> list[dict]:
     return records
 
 
-def sweep_jobs(compression_ratio: float) -> list[tuple]:
+def sweep_jobs(compression_ratio: float, context_length: int | None = None) -> list[tuple]:
     """Every registered press built with its registry defaults (+ the ratio where it applies); a press that needs
     something unavailable, or fails to build, is kept with the reason instead of a press."""
     jobs = []
@@ -288,7 +295,7 @@ def sweep_jobs(compression_ratio: float) -> list[tuple]:
             jobs.append((name, None, None, f"requires {info.requires}"))
             continue
         try:
-            press, ratio = build_press(name, compression_ratio, {})
+            press, ratio = build_press(name, compression_ratio, {}, context_length)
         except Exception as exc:  # noqa: BLE001
             jobs.append((name, None, None, f"cannot build with defaults: {type(exc).__name__}: {exc}"))
             continue

@@ -50,6 +50,7 @@ class LazyStreamingPress(BasePress):
     cap_total: int | None = None
     compression_phases = (True, True)  # prefill and decoding
     uses_apply_press = True
+    budget_parameters = ("cap_total", "window")  # given explicitly, they win over a compression ratio
 
     def __post_init__(self):
         for name in ("n_sink", "slack"):
@@ -74,6 +75,15 @@ class LazyStreamingPress(BasePress):
         elif isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise PressParameterError(f"lazy_streaming: window={self.window!r} is invalid; it must be an integer >= 1.")
         self._rerotate = None
+
+    @classmethod
+    def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
+        """The press that keeps about ``(1 - compression_ratio) * context_length`` tokens: ``cap_total`` at
+        that budget, ``slack`` an eighth of it unless given. Lets sweeps compare it with ratio-based presses
+        at one memory budget (see :func:`kvpress_ext.evaluation.run_perplexity.build_press`)."""
+        cap = max(params.get("n_sink", 4) + 2, round((1 - compression_ratio) * context_length))
+        params.setdefault("slack", max(1, cap // 8))
+        return cls(cap_total=cap, **params)
 
     # ---- derived sizes ------------------------------------------------------------------------------
     @property

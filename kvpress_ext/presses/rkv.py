@@ -156,6 +156,14 @@ class RKVPress(BasePress):
     rotation_offset: int = 0
     compression_phases: tuple = field(default=(True, True), init=False, repr=False)
     uses_apply_press = True
+    budget_parameters = ("budget",)  # given explicitly, it wins over a compression ratio
+
+    @classmethod
+    def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
+        """The press whose ``budget`` is ``(1 - compression_ratio) * context_length`` tokens (sweeps compare
+        it with ratio-based presses at one memory budget)."""
+        window = params.get("window_size", 8) + params.get("initial_non_compressible_length", 0)
+        return cls(budget=max(window + 1, round((1 - compression_ratio) * context_length)), **params)
 
     def __post_init__(self):
         for name in ("budget", "window_size", "kernel_size", "compression_interval"):
