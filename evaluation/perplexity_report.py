@@ -3,10 +3,11 @@
 import json
 from pathlib import Path
 
-from kvpress_ext.evaluation.results import ratio_table
+from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
 
 dirs = {x: f"results/perplexity/sweep_r{x}" for x in (0.25, 0.5, 0.75)}
 table = ratio_table(dirs)
+plot_ratio_sweeps(dirs, "docs/results/perplexity_ratios.png")
 base = json.loads(next(Path("results/perplexity/no_press").glob("*.json")).read_text())
 done = {x: len(list(Path(d).glob("*.json"))) for x, d in dirs.items()}
 doc = f"""# Perplexity under KV-cache compression (stories260k, TinyStories validation)
@@ -57,6 +58,7 @@ they equal the reference. `lazy_streaming` and `rkv` have a token budget instead
 with `from_compression_ratio` to keep `(1 - R) x 512` tokens (lazy: `cap_total`, slack an eighth of it; rkv:
 `budget`), so they sit at the same KV budget as the ratio presses. JSON files found per ratio: {done} (a press missing from both the table and the
 list below had not run yet). Plot for ratio 0.5: `perplexity_r0.5.png` (copy of `results/perplexity/sweep_r0.5/summary.png`).
+Perplexity against the ratio for every press that depends on it: `perplexity_ratios.png` (below).
 Refresh with `PYTHONPATH=$PWD python evaluation/perplexity_report.py`.
 
 Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.988, lagkv 3.992,
@@ -69,6 +71,9 @@ fake keys) or refuse anything but prefill (leverage_score, non_causal_attention,
 behaviour (one prefill, no --ppl_apply_press) was not measured here.
 
 {table}
+![perplexity against ratio](perplexity_ratios.png)
+
+![ranked at ratio 0.5](perplexity_r0.5.png)
 """
 Path("docs/results/perplexity.md").write_text(doc)
 print(done)

@@ -133,8 +133,10 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     names = sorted({r["press"] for r in ok})
+    if len(names) == len(ok) and len(ok) > 1:  # one point per press (a `--press all` sweep): ranked bars
+        return _plot_ranked(ok, path, title, plt)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     cmap = plt.get_cmap("tab20")
     for i, name in enumerate(names):
         pts = sorted((r for r in ok if r["press"] == name), key=lambda r: r["kv_bytes"] or 0)
@@ -149,6 +151,35 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
         axes[1].legend(fontsize=7, ncol=2, loc="best")
     else:
         axes[0].legend(fontsize=7, ncol=2, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_ranked(rows: list[dict], path: Path, title: str, plt) -> Path:
+    """Presses ranked by perplexity (bars, the no-press value as a line) next to their decode speed: with one
+    run per press this reads better than a scatter of points that share a cache size."""
+    rows = sorted(rows, key=lambda r: r["ppl"])
+    names = [r["press"] for r in rows]
+    y = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.8), sharey=True)
+    ref = next((r["ppl"] for r in rows if r["press"] == "no_press"), None)
+    colors = ["0.55" if r["press"] == "no_press" else "tab:blue" for r in rows]
+    a.barh(y, [r["ppl"] for r in rows], color=colors)
+    lo, hi = min(r["ppl"] for r in rows), max(r["ppl"] for r in rows)
+    a.set_xlim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    if ref is not None:
+        a.axvline(ref, color="k", ls="--", lw=1, label=f"no compression {ref:.3f}")
+        a.legend(fontsize=8, loc="lower right")
+    for i, r in enumerate(rows):
+        kib = f"  {r['kv_bytes'] / 1024:.0f} KiB" if r["kv_bytes"] is not None else ""
+        a.text(r["ppl"], i, f" {r['ppl']:.3f}{kib}", va="center", fontsize=7)
+    a.set(yticks=list(y), yticklabels=names, xlabel="perplexity (lower is better)", title="perplexity")
+    a.invert_yaxis()
+    b.barh(y, [r["decode_tok_per_s"] or 0 for r in rows], color=colors)
+    b.set(xlabel="decode tokens/s", title="decode throughput")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -192,3 +223,37 @@ def ratio_table(directories: dict) -> str:
         lines += ["", "Not run:", ""]
         lines += [f"- `{n}`: {why.replace('|', '/')}" for n, why in sorted(notes.items()) if n not in by_press]
     return "\n".join(lines) + "\n"
+
+
+def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplexity against compression ratio") -> Path:
+    """Perplexity of every press whose result depends on the ratio, one line per press across the sweep
+    directories ``{ratio: path}``, with the uncompressed value as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict = {}
+    for ratio, d in directories.items():
+        for f in Path(d).glob("*.json"):
+            r = json.loads(f.read_text())
+            if r.get("status") == "ok" and (r.get("perplexity") or {}).get("ppl") is not None:
+                runs.setdefault(r["press"]["name"], {})[float(ratio)] = r["perplexity"]["ppl"]
+    ref = next(iter(runs.get("no_press", {}).values()), None)
+    varying = {n: v for n, v in runs.items() if len(v) > 1 and max(v.values()) - min(v.values()) > 1e-6}
+    ranked = sorted(varying, key=lambda n: max(varying[n].values()))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    cmap, markers = plt.get_cmap("tab10"), "osD^v<>p*h"
+    for i, name in enumerate(ranked):
+        pts = sorted(varying[name].items())
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i // 10 % len(markers)], color=cmap(i % 10),
+                label=name, lw=2.2 if name in ("lazy_streaming", "rkv") else 1.2)
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1, label=f"no compression ({ref:.3f})")
+    ax.set(xlabel="compression ratio (fraction of the KV cache removed)", ylabel="perplexity", title=title)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
