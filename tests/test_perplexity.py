@@ -183,3 +183,35 @@ def test_budget_presses_follow_the_compression_ratio_in_sweeps(stories):
     model, ids = stories
     nll, stats = ppl.compressed_nll(model, ids, lazy, context_limit=512, chunk_size=64)
     assert nll.numel() == 511 and stats["cache_len_end"] <= 256
+
+
+def test_sweep_summary_table_and_plots(tmp_path):
+    """summary.md lists every run (failures with their reason); one run per press gives the ranked plot; the
+    cross-ratio table and plot read the sweep directories back."""
+    from kvpress_ext.evaluation import results
+
+    def record(name, ratio, ppl_value, status="ok"):
+        r = {"press": {"name": name, "compression_ratio": ratio, "params": {}}, "status": status,
+             "data": {"dataset": "text"}}
+        if status == "ok":
+            r.update(perplexity={"ppl": ppl_value, "loss": math.log(ppl_value)},
+                     cache={"cache_bytes_end": int(1000 * (1 - (ratio or 0)))}, speed={"decode_tok_per_s": 100.0})
+        else:
+            r["error"] = "ValueError: broken"
+        return r
+
+    dirs = {}
+    for ratio in (0.25, 0.5):
+        d = tmp_path / f"r{ratio}"
+        recs = [record("no_press", None, 4.0), record("knorm", ratio, 4.0 + ratio), record("bad", ratio, 0, "failed")]
+        for r in recs:
+            results.write_json(r, d)
+        md, png = results.write_summary(recs, d)
+        text = md.read_text()
+        assert "| knorm | " in text and "failed: ValueError: broken" in text
+        assert png is not None and png.stat().st_size > 0
+        dirs[ratio] = d
+    table = results.ratio_table(dirs)
+    assert "| knorm | 4.2500 | 4.5000 |" in table and "- `bad`: failed" in table
+    out = results.plot_ratio_sweeps(dirs, tmp_path / "ratios.png")
+    assert out.stat().st_size > 0
