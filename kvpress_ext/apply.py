@@ -15,7 +15,7 @@ from kvpress import BasePress, DecodingPress, DMSPress, FinchPress, KeyRerotatio
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.adapters.llama import LlamaFamilyAdapter
-from kvpress_ext.errors import UnsupportedModelError
+from kvpress_ext.errors import PressInputError, UnsupportedModelError
 from kvpress_ext.positions import set_next_position, track_positions
 
 _HOOKABLE_CALLS = (BasePress.__call__, DecodingPress.__call__, PrefillDecodingPress.__call__)
@@ -56,7 +56,16 @@ def positions_follow_cache(press) -> bool:
 def _press_hook(press, adapter, model):
     def hook(module, args, kwargs, output):
         view = adapter.press_view(model, module)
-        return press.forward_hook(view, list(args), adapter.hook_kwargs(module, args, kwargs), output)
+        try:
+            return press.forward_hook(view, list(args), adapter.hook_kwargs(module, args, kwargs), output)
+        except AssertionError as exc:  # kvpress checks its inputs with asserts: say which press and what to change
+            from kvpress_ext.registry import press_name
+
+            name = press_name(press)
+            raise PressInputError(
+                f"{name} cannot compress this input: {str(exc).strip() or 'assertion failed'}. Change its "
+                f"parameters (see `kvpress-ext describe {name}`) or give it a longer input."
+            ) from exc
 
     return hook
 

@@ -26,3 +26,9 @@ class UnsupportedModelError(KVPressExtError):
 
 class CacheFormatError(KVPressExtError):
     """A saved cache that is missing, truncated, from another model or from a newer format."""
+
+
+class PressInputError(PressParameterError, AssertionError):
+    """A press refused its input (kvpress checks inputs with ``assert``): names the press and what to change.
+
+    Also an ``AssertionError``, so code that handles kvpress's own assertions keeps working."""

@@ -231,6 +231,9 @@ def _cmd_generate(args) -> int:
                               stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
                               progress=not (args.stream or args.no_progress))
     except AssertionError as exc:  # kvpress presses assert on the attention implementation
+        text = str(exc).lower()
+        if "attention" not in text and "eager" not in text:
+            raise  # another input problem: the press's own message (a PressInputError) says what to change
         other = "eager" if model.config._attn_implementation != "eager" else "sdpa"
         raise GenerateInputError(
             f"{args.press} cannot run here ({str(exc).strip() or 'assertion failed'}); "

@@ -188,3 +188,14 @@ def test_same_answers_as_kvpress_pipeline(arch, tiny_models, tokenizer):
         assert a == b, name
         checked += 1
     assert checked >= 25
+
+
+def test_kvpress_assertion_becomes_an_error_that_names_the_press(tiny_models, tokenizer):
+    """kvpress rejects some inputs with a bare assert (SnapKV: context shorter than its window); the user
+    gets an error naming the press and the fix, still an AssertionError for code that handled those."""
+    from kvpress_ext.errors import PressInputError
+
+    pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
+    with pytest.raises(PressInputError, match=r"snapkv cannot compress this input: .*window.*kvpress-ext describe snapkv"):
+        pipe("abcdefgh" * 2, question="x", press=get_press("snapkv", compression_ratio=0.5), max_new_tokens=2)
+    assert issubclass(PressInputError, AssertionError)
