@@ -38,10 +38,14 @@ def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eo
 class KVPressExtPipeline(KVPressTextGenerationPipeline):
     """kvpress's text-generation pipeline, driven through kvpress_ext's adapters and position state."""
 
-    def _sanitize_parameters(self, press=None, **kwargs):
+    def _sanitize_parameters(self, press=None, max_context_length=None, **kwargs):
         if isinstance(press, str):
             press = get_press(press)
-        return super()._sanitize_parameters(press=press, **kwargs)
+        if max_context_length is None and getattr(press, "prefill_chunk_size", None):
+            # The press streams any input through a bounded cache (lazy_streaming): no truncation to the
+            # tokenizer's model_max_length, which is exactly the limit such a press exists to lift.
+            max_context_length = int(1e10)
+        return super()._sanitize_parameters(press=press, max_context_length=max_context_length, **kwargs)
 
     def __call__(self, *args, context_chunks=None, **kwargs):
         """``context_chunks=[...]`` hands separately cached chunks to a press that fuses them itself
@@ -68,8 +72,11 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         cache = DynamicCache() if cache is None else cache
         context_ids = input_tensors["context_ids"].to(self.model.device)
         decoder = get_adapter(self.model).decoder(self.model)
+        # A press with ``prefill_chunk_size`` compacts as the context streams in: feed it chunk by chunk.
+        step = max(1, (getattr(press, "prefill_chunk_size", None) if prefill else None) or context_ids.shape[1])
         with apply_press(press if prefill else None, self.model):
-            decoder(input_ids=context_ids, past_key_values=cache)
+            for start in range(0, context_ids.shape[1], step):
+                decoder(input_ids=context_ids[:, start : start + step], past_key_values=cache)
 
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -189,3 +189,32 @@ def test_stories260k_lazy_tracks_the_recompute_reference_past_the_trained_length
     assert abs(ppl["lazy"] / ppl["ref"] - 1) < 0.05, ppl
     assert ppl["dense"] > 1.2 * ppl["ref"], ppl  # the setting really needs streaming (the test can tell)
     assert torch.allclose(lazy[:512], ref[:512], atol=1e-4)
+
+
+def test_pipeline_streams_a_context_longer_than_the_model_limit(stories260k):
+    """The pipeline neither truncates the context to the tokenizer's 512 tokens nor prefills it in one piece:
+    it feeds it in chunks through the press, as a direct chunked_prefill + greedy loop does."""
+    from transformers import pipeline
+
+    model, tok = stories260k
+    text = shared_path_text()[:9000]
+    question = " The end."
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    cache = DynamicCache()
+    answer = pipe(text, question=question, press=LazyStreamingPress(cap_total=128, slack=16), max_new_tokens=12,
+                  cache=cache)["answer"]
+    assert cache.get_seq_length() <= 128 + 12 + len(tok(question, add_special_tokens=False)["input_ids"])
+    # reference: the same token ids as the pipeline builds them, streamed directly
+    inputs = pipe.preprocess(text, questions=[question], answer_prefix="", max_context_length=int(1e10))
+    assert inputs["context_ids"].shape[1] > 1500  # really longer than the model's 512
+    press, ref_cache = LazyStreamingPress(cap_total=128, slack=16), DynamicCache()
+    with torch.no_grad(), apply_press(press, model):
+        chunked_prefill(model, inputs["context_ids"], ref_cache, press.prefill_chunk_size)
+        ids = greedy_decode(model, inputs["questions_ids"][0], ref_cache, 12, {model.generation_config.eos_token_id})
+    assert answer == tok.decode(ids, skip_special_tokens=True)
+
+
+def shared_path_text() -> str:
+    from conftest import shared_path
+
+    return shared_path("data", "tinystories_val.txt").read_text()
