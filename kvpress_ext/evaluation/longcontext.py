@@ -60,17 +60,20 @@ class Method:
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
+def parse_json_or_jsonl(text: str) -> list:
+    """The items of a JSON list, or of JSON Lines (one value per non-empty line); json.JSONDecodeError if neither."""
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
-    text = path.read_text()
     try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = parse_json_or_jsonl(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not JSON/JSONL: {e}") from None
     if not records or not all(isinstance(r, dict) for r in records):

@@ -42,13 +42,11 @@ def _check_chunk_file(path) -> Path:
 
 def read_chunk_texts(path) -> list[str]:
     """The chunk strings of a JSON list / JSONL file of strings or ``{"text": ...}`` objects."""
+    from kvpress_ext.evaluation.longcontext import parse_json_or_jsonl
+
     path = _check_chunk_file(path)
-    text = path.read_text()
     try:
-        if text.lstrip().startswith("["):
-            items = json.loads(text)
-        else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = parse_json_or_jsonl(path.read_text())
     except json.JSONDecodeError as e:
         raise A3InputError(f"{path} is not JSON/JSONL ({e}); use a JSON list of strings, JSONL, or a .txt file") from None
     texts = []
