@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, TextStreamer
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import apply_press, compression_phases
@@ -119,38 +119,6 @@ def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: 
     return result
 
 
-class IncrementalDetokenizer:
-    """Text of a growing token list, piece by piece, without splitting multi-byte or sentencepiece pieces.
-
-    Each new token decodes together with the tokens since the last piece emitted before it (so a word's
-    leading space is kept) and nothing is emitted while the text ends in an incomplete byte sequence.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the context decoded along with the new tokens
-        self.read = 0  # tokens already emitted
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        before = self._decode(self.ids[self.prefix : self.read])
-        text = self._decode(self.ids[self.prefix :])
-        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before) :]
-
-
 # ---- command line ------------------------------------------------------------------------------------
 
 def _read_prompt(args) -> str:
@@ -218,11 +186,11 @@ def _cmd_generate(args) -> int:
         raise GenerateInputError("The prompt tokenizes to no tokens: pass a longer --prompt.")
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    detok = IncrementalDetokenizer(tokenizer) if args.stream else None
+    # transformers' own streamer: prints whole words as they complete (never half a multi-byte character)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.stream else None
 
     def on_token(token: int) -> None:
-        sys.stdout.write(detok.push(token))
-        sys.stdout.flush()
+        streamer.put(torch.tensor([token]))
 
     reset_peak_memory(device)
     try:
@@ -241,7 +209,7 @@ def _cmd_generate(args) -> int:
         ) from exc
     text = tokenizer.decode(result.generated_ids, skip_special_tokens=True)
     if args.stream:
-        sys.stdout.write(detok.flush() + "\n")
+        streamer.end()  # the rest of the text and a newline
     else:
         print(text)
     memory = peak_memory_bytes(device)

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 from conftest import shared_path
-from transformers import DynamicCache
+from transformers import DynamicCache, TextStreamer
 
 from kvpress_ext.apply import apply_press
 from kvpress_ext.cli import main
 from kvpress_ext.evaluation.perplexity import cache_length
-from kvpress_ext.generate import IncrementalDetokenizer
 from kvpress_ext.pipeline import greedy_decode
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
@@ -162,14 +161,18 @@ def test_stream_prints_the_final_text(model_dir, tmp_path, capsys):
     assert "generated 250 tok" in err and "peak" in err
 
 
-def test_incremental_detokenizer_keeps_multibyte_characters(stories260k):
+def test_streamed_text_keeps_multibyte_characters(stories260k):
     """Byte-fallback pieces of one character arrive as several tokens; nothing half-decoded is printed."""
     _, tok = stories260k
     text = "Lily saw a 🐶 and said “héllo” ünd ∑ — then she smiled."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert "".join(tok.decode([i]) for i in ids) != text  # token by token would break characters and spaces
-    detok = IncrementalDetokenizer(tok)
-    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    pieces = []
+    streamer = TextStreamer(tok, skip_special_tokens=True)  # what `generate --stream` prints with
+    streamer.on_finalized_text = lambda text, stream_end=False: pieces.append(text)
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in p for p in pieces)
 
