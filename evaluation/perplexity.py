@@ -6,12 +6,12 @@ Example (offline, on the shared tiny model):
         --text_file ../shared/data/tinystories_val.txt --max_eval_tokens 2048 --context_limit 512 \
         --press knorm --compression_ratio 0.5 --ppl_apply_press
 
-The work is done in :mod:`kvpress_ext.evaluation.run_perplexity`; see ``--help`` for every option.
+The work is done in :mod:`kvpress_ext.cli.perplexity` over :mod:`kvpress_ext.evaluation.run_perplexity`; see ``--help`` for every option.
 """
 
 import sys
 
-from kvpress_ext.evaluation.run_perplexity import main
+from kvpress_ext.cli.perplexity import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -109,21 +109,14 @@ def parse_methods(strategies: list[str], evict: str | None) -> list[Method]:
 
 
 def load_model(name_or_path: str):
-    """Model and tokenizer from a hub id or a local directory (eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Model and tokenizer (eval mode) through :func:`kvpress_ext.models.load_model`; errors as :class:`InputError`."""
+    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.models import load_model as load
 
-    hf_logging.disable_progress_bar()
-
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep).split(os.sep, 1)[0]
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise InputError(f"model directory not found: {name_or_path}")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path).eval()
-    except Exception as e:  # noqa: BLE001 - any loading failure is a bad --model
-        raise InputError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return model, tok
+        return load(name_or_path)
+    except KVPressExtError as e:
+        raise InputError(str(e).splitlines()[0]) from None
 
 
 # --- chunking ---------------------------------------------------------------------------------------------

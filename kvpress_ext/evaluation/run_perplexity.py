@@ -1,17 +1,19 @@
-"""The perplexity/speed/memory evaluation behind ``evaluation/perplexity.py``: argument parsing, one run, sweeps.
+"""The perplexity/speed/memory evaluation behind ``evaluation/perplexity.py``: one run or a sweep over presses.
 
-Bad input (unknown press, missing file, ratio out of range, a parameter the press lacks, an unsupported model)
-raises :class:`~kvpress_ext.errors.KVPressExtError`; :func:`main` prints it on one line and exits with status 2.
+:class:`PerplexityConfig` holds every setting as plain values (the command line in
+:mod:`kvpress_ext.cli.perplexity` builds one from its arguments); :func:`run` evaluates it. Bad input (unknown
+press, missing file, ratio out of range, a parameter the press lacks, an unsupported model) raises
+:class:`~kvpress_ext.errors.KVPressExtError`, which the command line prints on one line with exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shlex
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,79 +21,44 @@ from kvpress_ext.errors import KVPressExtError, PressParameterError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.speed import measure_speed
+from kvpress_ext.models import load_model
 from kvpress_ext.registry import available_presses, get_press, press_info, press_name, validate_parameters
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
+@dataclass
+class PerplexityConfig:
+    """Every setting of one perplexity/speed evaluation; the command-line options have the same names."""
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Perplexity, speed and memory of a model with and without KV-cache compression.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", default="EleutherAI/pythia-70m", help="hub id or local directory")
-    p.add_argument("--dataset", default="wikitext", choices=ppl.DATASETS)
-    p.add_argument("--subset", default="wikitext-2-raw-v1", help="dataset configuration (wikitext)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--sample_idx", type=int, default=0, help="PG-19 book index")
-    p.add_argument("--text_file", default=None, help="UTF-8 text for --dataset text")
-    p.add_argument("--context_limit", type=int, default=4096, help="window length; each window starts a fresh cache")
-    p.add_argument("--max_eval_tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--press", default="no_press", help="registered press name, 'all', or 'no_press'")
-    p.add_argument("--compression_ratio", type=float, default=0.5,
-                   help="fraction of the cache to remove, for presses with a compression_ratio parameter")
-    p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra press parameters (int/float/bool/none/str values)")
-    p.add_argument("--ppl_apply_press", action="store_true",
-                   help="score every token from the compressed cache (text fed chunk by chunk under the press)")
-    p.add_argument("--chunk_size", type=int, default=128,
-                   help="tokens per forward with --ppl_apply_press (window presses such as snapkv need more than their window)")
-    p.add_argument("--decode_chunk_size", type=int, default=1,
-                   help="tokens per forward after the first chunk, for presses that compress while decoding")
-    p.add_argument("--segment", type=int, default=512, help="tokens per point of the NLL curve")
-    p.add_argument("--speed_only", action="store_true", help="skip perplexity; measure speed and memory")
-    p.add_argument("--speed_decode_only", action="store_true", help="skip perplexity; measure decode throughput only")
-    p.add_argument("--no_speed", action="store_true", help="skip the speed measurement")
-    p.add_argument("--speed_context", type=int, default=None,
-                   help="prefill length for speed (default: min(context_limit, tokens))")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--min_new_tokens", type=int, default=0)
-    p.add_argument("--num_runs", type=int, default=3, help="timed runs (median reported) after one warm-up")
-    p.add_argument("--attn_implementation", default="eager", choices=("eager", "sdpa", "flash_attention_2"))
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=None,
-                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
-    p.add_argument("--output_dir", default="results/perplexity")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--summarize", metavar="DIR", default=None,
-                   help="only rebuild summary.md/summary.png from the JSON files in DIR (e.g. an interrupted sweep)")
-    return p
-
-
-def parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_press_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PressParameterError(f"--press_kwargs expects KEY=VALUE items, got {item!r}.")
-        out[key] = parse_value(value)
-    return out
+    model: str = "EleutherAI/pythia-70m"
+    dataset: str = "wikitext"
+    subset: str = "wikitext-2-raw-v1"
+    split: str = "test"
+    sample_idx: int = 0
+    text_file: str | None = None
+    context_limit: int = 4096
+    max_eval_tokens: int | None = None
+    press: str = "no_press"
+    compression_ratio: float = 0.5
+    press_kwargs: dict = field(default_factory=dict)
+    ppl_apply_press: bool = False
+    chunk_size: int = 128
+    decode_chunk_size: int = 1
+    segment: int = 512
+    speed_only: bool = False
+    speed_decode_only: bool = False
+    no_speed: bool = False
+    speed_context: int | None = None
+    max_new_tokens: int = 200
+    min_new_tokens: int = 0
+    num_runs: int = 3
+    attn_implementation: str = "eager"
+    device: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    num_threads: int | None = None
+    output_dir: str = "results/perplexity"
+    no_progress: bool = False
+    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in sys.argv))
 
 
 def check_ratio(ratio: float) -> None:
@@ -143,31 +110,7 @@ def press_params(press) -> dict:
     return out
 
 
-def load_model(args):
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=DTYPES[args.dtype], attn_implementation=args.attn_implementation
-        ).to(device).eval()
-    except (OSError, ValueError, ImportError) as exc:
-        raise KVPressExtError(
-            f"Could not load model {args.model!r}: {str(exc).splitlines()[0][:200]}"
-        ) from exc
-    ppl.check_supported(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as exc:
-        raise KVPressExtError(f"Could not load a tokenizer for {args.model!r}: {exc}") from exc
-    return model, tokenizer
-
-
-def evaluate_press(model, input_ids: torch.Tensor, press, args) -> dict:
+def evaluate_press(model, input_ids: torch.Tensor, press, args: PerplexityConfig) -> dict:
     """Perplexity (with or without the press), speed and memory of one press on one text."""
     progress = not args.no_progress
     record: dict = {"status": "ok"}
@@ -234,17 +177,17 @@ def _base_record(args, model, input_ids, device) -> dict:
         "versions": results.library_versions(),
         "environment": results.device_info(device),
         "git_commit": results.git_commit(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": args.command,
     }
 
 
-def run(args) -> list[dict]:
-    """Run the evaluation described by parsed ``args``; returns the records written."""
+def run(args: PerplexityConfig) -> list[dict]:
+    """Run the evaluation described by ``args``; returns the records written (also printed, one line each)."""
     check_ratio(args.compression_ratio)
     for name in ("context_limit", "chunk_size", "decode_chunk_size", "segment", "num_runs", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise KVPressExtError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    kwargs = parse_press_kwargs(args.press_kwargs)
+    kwargs = dict(args.press_kwargs)
     # Check the press and the input before loading anything heavy.
     if args.press != "all":
         press, ratio = build_press(args.press, args.compression_ratio, kwargs, args.context_limit)
@@ -255,7 +198,8 @@ def run(args) -> list[dict]:
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  attn_implementation=args.attn_implementation)
     device = next(model.parameters()).device
     input_ids = ppl.tokenize(tokenizer, text, args.max_eval_tokens)
     base = _base_record(args, model, input_ids, device)
@@ -279,7 +223,7 @@ def run(args) -> list[dict]:
                 record["traceback"] = traceback.format_exc(limit=4)
         record["json_path"] = str(results.write_json(record, args.output_dir))
         records.append(record)
-        _print_line(record)
+        print(format_line(record))
     if args.press == "all":
         md, png = results.write_summary(records, args.output_dir, command=base["command"])
         print(f"wrote {md}" + (f" and {png}" if png else ""))
@@ -303,11 +247,11 @@ def sweep_jobs(compression_ratio: float, context_length: int | None = None) -> l
     return jobs
 
 
-def _print_line(record: dict) -> None:
+def format_line(record: dict) -> str:
+    """One line per record: press, ratio, perplexity, KV bytes, decode speed, time to first token."""
     name, ratio = record["press"]["name"], record["press"]["compression_ratio"]
     if record["status"] != "ok":
-        print(f"{name:28s} ratio={ratio} {record['status']}: {record.get('error')}")
-        return
+        return f"{name:28s} ratio={ratio} {record['status']}: {record.get('error')}"
     p, s, c = record.get("perplexity") or {}, record.get("speed") or {}, record.get("cache") or {}
     parts = [f"{name:28s}", f"ratio={ratio}"]
     if p:
@@ -318,18 +262,4 @@ def _print_line(record: dict) -> None:
         parts.append(f"decode={s['decode_tok_per_s']:.1f} tok/s")
         if "ttft_s" in s:
             parts.append(f"ttft={s['ttft_s'] * 1000:.1f} ms")
-    print("  ".join(parts))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.summarize:
-            md, png = results.summarize_directory(args.summarize)
-            print(f"wrote {md}" + (f" and {png}" if png else ""))
-            return 0
-        run(args)
-    except (KVPressExtError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
-    return 0
+    return "  ".join(parts)

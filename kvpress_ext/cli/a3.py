@@ -18,62 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from kvpress_ext.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.errors import CacheFormatError
+from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
 
 SUMMARY = "precompute_summary.json"
-
-
-class A3InputError(KVPressExtError):
-    """Bad ``kvpress-ext a3`` input: a missing file or store, chunks not precomputed, a malformed option."""
-
-
-# --- inputs ---------------------------------------------------------------------------------------------
-def split_tokens(ids: list[int], chunk_tokens: int) -> list[list[int]]:
-    """Consecutive slices of ``chunk_tokens`` ids (the last one shorter); concatenated they are ``ids``."""
-    return [list(ids[i : i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
-
-
-def _check_chunk_file(path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise A3InputError(f"chunk file not found: {path}; pass --chunks with a .txt, .json or .jsonl file")
-    return path
-
-
-def read_chunk_texts(path) -> list[str]:
-    """The chunk strings of a JSON list / JSONL file of strings or ``{"text": ...}`` objects."""
-    from kvpress_ext.evaluation.longcontext import parse_json_or_jsonl
-
-    path = _check_chunk_file(path)
-    try:
-        items = parse_json_or_jsonl(path.read_text())
-    except json.JSONDecodeError as e:
-        raise A3InputError(f"{path} is not JSON/JSONL ({e}); use a JSON list of strings, JSONL, or a .txt file") from None
-    texts = []
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and isinstance(item.get("text"), str):
-            item = item["text"]
-        if not isinstance(item, str):
-            raise A3InputError(f"{path}: chunk {i} is neither a string nor an object with a \"text\" string; fix it")
-        texts.append(item)
-    if not texts:
-        raise A3InputError(f"{path} holds no chunks; add at least one chunk string")
-    return texts
-
-
-def load_chunks(path, tokenizer, chunk_tokens: int = 512) -> list[list[int]]:
-    """Token ids of every chunk of a chunk file (see the module docstring), encoded without special tokens."""
-    path = _check_chunk_file(path)
-    if path.suffix.lower() == ".txt":
-        ids = list(tokenizer(path.read_text(), add_special_tokens=False, verbose=False)["input_ids"])  # split below
-        chunks = split_tokens(ids, chunk_tokens)
-    else:
-        chunks = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in read_chunk_texts(path)]
-    empty = [i for i, c in enumerate(chunks) if not c]
-    if not chunks or empty:
-        where = f"chunk {empty[0]} has" if empty else "the file has"
-        raise A3InputError(f"{path}: {where} no tokens; remove empty chunks")
-    return chunks
 
 
 def _positive(value: int, flag: str) -> int:
@@ -106,12 +54,9 @@ def _evict_kwargs(items: list[str] | None) -> dict:
 
 
 def _load_model(name: str):
-    from kvpress_ext.evaluation.longcontext import InputError, load_model
+    from kvpress_ext.models import load_model
 
-    try:
-        return load_model(name)
-    except InputError as e:
-        raise A3InputError(f"{e}; pass --model a local model directory") from None
+    return load_model(name)
 
 
 def _store(root, model, tokenizer, **kwargs):
@@ -146,7 +91,7 @@ def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, fl
 # --- precompute -------------------------------------------------------------------------------------------
 def _cmd_precompute(args) -> int:
     _positive(args.chunk_tokens, "chunk_tokens")
-    _check_chunk_file(args.chunks)
+    check_chunk_file(args.chunks)
     model, tok = _load_model(args.model)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
@@ -215,7 +160,7 @@ def _validate_ask(args) -> tuple[float, dict]:
         get_press(args.evict, **kwargs)  # unknown press or parameter: one line naming the choices
     if not args.question.strip():
         raise A3InputError("--question is empty; pass the question text")
-    _check_chunk_file(args.chunks)
+    check_chunk_file(args.chunks)
     if not Path(args.store).is_dir() and not args.compute_missing:
         raise A3InputError(f"store directory not found: {args.store}; run `kvpress-ext a3 precompute --store "
                            f"{args.store} ...` first, or pass --compute_missing")

@@ -1,20 +1,6 @@
-"""The ``kvpress-ext`` command line: ``list``, ``describe NAME``, and subcommands that modules add
-(``icl``, ``a3``, ``generate``).
-
-A subcommand module exposes ``add_parser(subparsers)`` which registers its parser with
-``set_defaults(func=...)``; :data:`SUBCOMMAND_MODULES` names them, so workflows (``icl``, ``a3``) own
-their CLI code. Bad input exits with status 2 and one line naming the fix.
-"""
+"""``kvpress-ext list`` and ``kvpress-ext describe NAME``: what the registries hold."""
 
 from __future__ import annotations
-
-import argparse
-import importlib
-import sys
-
-from kvpress_ext.errors import KVPressExtError
-
-SUBCOMMAND_MODULES = ("kvpress_ext.icl.cli", "kvpress_ext.presses.a3.cli", "kvpress_ext.generate")
 
 
 def _cmd_list(args) -> int:
@@ -58,34 +44,9 @@ def _cmd_describe(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpress-ext", description="KV-cache compression toolkit (kvpress-ext)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="list registered presses and model adapters")
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("list", help="list registered presses and model adapters")
     p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("describe", help="print one press's documentation and parameters")
-    p.add_argument("name")
+    p = subparsers.add_parser("describe", help="print one press's documentation and parameters")
+    p.add_argument("name", help="registered press name (see `kvpress-ext list`)")
     p.set_defaults(func=_cmd_describe)
-    for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        module.add_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KVPressExtError as exc:
-        print(f"kvpress-ext: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``kvpress-ext icl {precompute,eval,score,grid,cluster}``: a thin command line over :mod:`kvpress_ext.icl.workflow`."""
+"""``kvpress-ext icl {precompute,eval,score,grid,cluster}``: a thin command line over :mod:`kvpress_ext.icl.workflow`
+and :mod:`kvpress_ext.icl.cluster`."""
 
 from __future__ import annotations
 
@@ -7,46 +8,31 @@ import csv
 import json
 from pathlib import Path
 
+from kvpress_ext.cli.common import positive_int
 from kvpress_ext.icl import workflow as wf
 
 
 def _load_model(name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvpress_ext.models import load_model
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise wf.ICLInputError(f"Cannot load model {name!r} (a local directory or a cached hub id): {first}") from exc
-    return model, tokenizer
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return load_model(name)
 
 
 def _add_cache_args(p):
-    p.add_argument("--budget", type=_positive_int, default=128, help="R-KV cache budget per head (tokens)")
-    p.add_argument("--window_size", type=_positive_int, default=8)
-    p.add_argument("--buffer", type=_positive_int, default=128, help="R-KV compression interval while writing notes")
-    p.add_argument("--num_epochs", type=_positive_int, default=1)
-    p.add_argument("--data_limit", type=_positive_int, default=None)
+    p.add_argument("--budget", type=positive_int, default=128, help="R-KV cache budget per head (tokens)")
+    p.add_argument("--window_size", type=positive_int, default=8)
+    p.add_argument("--buffer", type=positive_int, default=128, help="R-KV compression interval while writing notes")
+    p.add_argument("--num_epochs", type=positive_int, default=1)
+    p.add_argument("--data_limit", type=positive_int, default=None)
     p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
     p.add_argument("--rotation_offset", type=int, default=0)
-    p.add_argument("--max_note_tokens", type=_positive_int, default=64)
+    p.add_argument("--max_note_tokens", type=positive_int, default=64)
     p.add_argument("--recompute", action="store_true", help="overwrite an existing cache")
 
 
 def _add_eval_args(p):
-    p.add_argument("--repeat", type=_positive_int, default=1, help="samples per question")
-    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
+    p.add_argument("--repeat", type=positive_int, default=1, help="samples per question")
+    p.add_argument("--max_new_tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +167,7 @@ def _cmd_cluster_query(args) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    return [_positive_int(t) for t in text.split(",") if t.strip()]
+    return [positive_int(t) for t in text.split(",") if t.strip()]
 
 
 def _str_list(choices):
@@ -214,7 +200,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--question")
     p.add_argument("--answer", default=None, help="reference answer for --question")
     p.add_argument("--data")
-    p.add_argument("--data_limit", type=_positive_int, default=None)
+    p.add_argument("--data_limit", type=positive_int, default=None)
     p.add_argument("--out", required=True, help="JSON file for the generations")
     _add_eval_args(p)
     p.set_defaults(func=_cmd_eval)
@@ -227,7 +213,7 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("grid", help="precompute + eval + score over budgets/modes/complexities (resumable)")
     p.add_argument("--data", required=True)
     p.add_argument("--eval_data", default=None, help="questions to answer (default: --data)")
-    p.add_argument("--eval_limit", type=_positive_int, default=None)
+    p.add_argument("--eval_limit", type=positive_int, default=None)
     p.add_argument("--model", required=True)
     p.add_argument("--budgets", type=_int_list, required=True, help="comma-separated, e.g. 64,128,256")
     p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"])
@@ -242,9 +228,9 @@ def add_parser(subparsers) -> None:
     c = csub.add_parser("build", help="embed the questions of --data, k-means them, save the clusters")
     c.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
     c.add_argument("--embedder", required=True, help="local sentence-transformers or Hugging Face model directory")
-    c.add_argument("--k", type=_positive_int, required=True, help="number of clusters")
+    c.add_argument("--k", type=positive_int, required=True, help="number of clusters")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch_size", type=_positive_int, default=32)
+    c.add_argument("--batch_size", type=positive_int, default=32)
     c.add_argument("--out", required=True, help="clusters JSON file to write")
     c.set_defaults(func=_cmd_cluster_build)
     c = csub.add_parser("query", help="write the records of the cluster nearest a question (input for precompute)")

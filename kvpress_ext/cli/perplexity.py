@@ -1,0 +1,95 @@
+"""``python evaluation/perplexity.py``: perplexity, speed and memory with and without KV-cache compression.
+
+The options are the fields of :class:`~kvpress_ext.evaluation.run_perplexity.PerplexityConfig` (defaults read from
+it); the work is :func:`~kvpress_ext.evaluation.run_perplexity.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.evaluation import perplexity as ppl
+from kvpress_ext.evaluation import results
+from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.models import DTYPES
+
+_DEFAULTS = PerplexityConfig(command="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = _DEFAULTS
+    p = argparse.ArgumentParser(
+        description="Perplexity, speed and memory of a model with and without KV-cache compression.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=d.model, help="hub id or local directory")
+    p.add_argument("--dataset", default=d.dataset, choices=ppl.DATASETS, help="text source")
+    p.add_argument("--subset", default=d.subset, help="dataset configuration (wikitext)")
+    p.add_argument("--split", default=d.split, help="dataset split")
+    p.add_argument("--sample_idx", type=int, default=d.sample_idx, help="PG-19 book index")
+    p.add_argument("--text_file", default=d.text_file, help="UTF-8 text for --dataset text")
+    p.add_argument("--context_limit", type=int, default=d.context_limit,
+                   help="window length; each window starts a fresh cache")
+    p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
+    p.add_argument("--press", default=d.press, help="registered press name, 'all', or 'no_press'")
+    p.add_argument("--compression_ratio", type=float, default=d.compression_ratio,
+                   help="fraction of the cache to remove, for presses with a compression_ratio parameter")
+    p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra press parameters (int/float/bool/none/str values)")
+    p.add_argument("--ppl_apply_press", action="store_true",
+                   help="score every token from the compressed cache (text fed chunk by chunk under the press)")
+    p.add_argument("--chunk_size", type=int, default=d.chunk_size,
+                   help="tokens per forward with --ppl_apply_press (window presses such as snapkv need more than their window)")
+    p.add_argument("--decode_chunk_size", type=int, default=d.decode_chunk_size,
+                   help="tokens per forward after the first chunk, for presses that compress while decoding")
+    p.add_argument("--segment", type=int, default=d.segment, help="tokens per point of the NLL curve")
+    p.add_argument("--speed_only", action="store_true", help="skip perplexity; measure speed and memory")
+    p.add_argument("--speed_decode_only", action="store_true", help="skip perplexity; measure decode throughput only")
+    p.add_argument("--no_speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--speed_context", type=int, default=d.speed_context,
+                   help="prefill length for speed (default: min(context_limit, tokens))")
+    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens decoded by the speed run")
+    p.add_argument("--min_new_tokens", type=int, default=d.min_new_tokens, help="decode at least this many tokens")
+    p.add_argument("--num_runs", type=int, default=d.num_runs, help="timed runs (median reported) after one warm-up")
+    p.add_argument("--attn_implementation", default=d.attn_implementation,
+                   choices=("eager", "sdpa", "flash_attention_2"), help="attention kernel of the model")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
+    p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
+    p.add_argument("--num_threads", type=int, default=d.num_threads,
+                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
+    p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--summarize", metavar="DIR", default=None,
+                   help="only rebuild summary.md/summary.png from the JSON files in DIR (e.g. an interrupted sweep)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
+    """The parsed options as a :class:`PerplexityConfig` (``--press_kwargs`` parsed into a dict)."""
+    names = {f.name for f in dataclasses.fields(PerplexityConfig)} - {"command"}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["press_kwargs"] = parse_press_kwargs(args.press_kwargs)
+    return PerplexityConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.summarize:
+            md, png = results.summarize_directory(args.summarize)
+            print(f"wrote {md}" + (f" and {png}" if png else ""))
+            return 0
+        run(config_from_args(args))
+    except (KVPressExtError, FileNotFoundError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Loading a model and its tokenizer: the one place every entry point goes through for ``--model``.
+
+``resolve_model`` turns what a user typed into something ``from_pretrained`` accepts (a local directory or a
+hub id); ``load_model`` loads model and tokenizer quietly (no progress bars), in eval mode, on the requested
+device, and checks that an adapter drives the model, so a bad ``--model`` is one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kvpress_ext.errors import KVPressExtError, UnsupportedModelError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+class ModelLoadError(KVPressExtError):
+    """A ``--model`` that cannot be loaded: a missing directory, an unknown hub id, no tokenizer."""
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """True for what can only be a filesystem path (``./m``, ``/m``, ``~/m``, ``a/b/c``), not a hub id (``org/name``)."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
+
+
+def resolve_model(name_or_path: str) -> str:
+    """What ``from_pretrained`` should load for ``name_or_path``: an existing local directory, or a hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if looks_like_path(name_or_path):
+        raise ModelLoadError(
+            f"Model directory {name_or_path!r} does not exist: pass --model a local model directory "
+            "(e.g. ../shared/models/stories260k) or a hub id."
+        )
+    return name_or_path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "auto",
+               attn_implementation: str | None = None, check_supported: bool = True):
+    """(model, tokenizer) for ``name_or_path`` in eval mode on ``device`` (default: cuda if available, else cpu).
+
+    Raises :class:`ModelLoadError` (one line) when it cannot be loaded and :class:`UnsupportedModelError` when no
+    adapter drives the model (``check_supported``).
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    source = resolve_model(name_or_path)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_first_line(exc)}") from exc
+    if check_supported:
+        from kvpress_ext.adapters import get_adapter
+
+        try:
+            get_adapter(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load a tokenizer for {name_or_path!r}: {_first_line(exc)}") from exc
+    return model, tokenizer
