@@ -1,61 +1,72 @@
-"""Needle in a haystack with A3 fusion: a needle sentence inserted at several depths into essay
-haystacks of several lengths; retrieval accuracy (substring match) per depth x length, for full
-prefill, fused chunk caches and fusion + eviction; writes a heat map PNG and a summary.md.
+"""Needle in a haystack for every press (and A3 fusion): a pass key (5-7 random digits from --seed), or RULER's
+multi-key / multi-value needles, at several depths of haystacks of several lengths; accuracy per depth x length,
+question-agnostic or --query_aware; the fraction of the needle each press kept, per layer.
 
-    PYTHONPATH=. python evaluation/needle.py --lengths 256 512 1024 --depths 0 0.25 0.5 0.75 1 --strategies blend
+    PYTHONPATH=. python evaluation/needle.py --model /work/smollm2-135m --lengths 1024 2048 --depths 0 0.5 1 \
+        --num_keys 2 --press snapkv streaming_llm rkv --compression_ratio 0.25 0.5 --both_modes
+    PYTHONPATH=. python evaluation/needle.py --strategies debug blend random --rate 0.15 --lengths 2048
+
+Writes one JSON per cell (<output_dir>/cells/), summary.json, summary.md and heatmap_<mode>.png; a second run
+skips finished cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kvpress_ext.evaluation import longcontext as lc
+from kvpress_ext.evaluation import longcontext_grid as lg
 
-NEEDLE = "The special magic number is 7481."
-QUESTION = "\n\nWhat is the special magic number mentioned in the text? The special magic number is"
-ANSWER = "7481"
+
+def add_needle_arguments(ap, default_task: str, tasks) -> None:
+    ap.add_argument("--task", default=default_task, choices=tasks)
+    ap.add_argument("--haystack_file", default=None, help="a text file (default: --haystack_dir)")
+    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"),
+                    help="a folder of *.txt files")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack tokens (default 256 512 1024)")
+    ap.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")
+    ap.add_argument("--num_keys", type=int, default=None, help="samples (keys) per length x depth (default 3)")
+    ap.add_argument("--n_needles", type=int, default=4, help="needles of multikey / multivalue")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def needle_grid(args, name: str) -> int:
+    def go():
+        if args.quick:
+            args.lengths = args.lengths or [128]
+            args.depths = args.depths or [0.0, 1.0]
+            args.num_keys = args.num_keys or 1
+        lengths = args.lengths or [256, 512, 1024]
+        depths = args.depths if args.depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
+        num_keys = args.num_keys or 3
+        max_new = args.max_new_tokens or (4 if args.quick else 12 * (args.n_needles if args.task == "multivalue"
+                                                                        else 1))
+        methods, modes = lg.check_args(args)
+        if any(not 0 <= d <= 1 for d in depths):
+            raise lc.InputError("--depths must lie in [0, 1]")
+        if any(n < 16 for n in lengths):
+            raise lc.InputError("--lengths must be at least 16 tokens")
+        if num_keys < 1 or args.n_needles < 1:
+            raise lc.InputError("--num_keys and --n_needles must be positive")
+        haystack = args.haystack_file or args.haystack_dir
+        lg.haystack_sentences(haystack)  # missing or empty: one line, exit 2
+        model, tok = lg.get_model(args.model, args.attn_implementation)
+        lg.check_lengths(model, tok, lengths, max_new, not args.no_chat_template)
+        samples = [{"source": "needle", "task": args.task, "haystack": haystack, "length": n, "depth": d,
+                    "key_index": k, "seed": args.seed, "n_needles": args.n_needles}
+                   for n in lengths for d in depths for k in range(num_keys)]
+        _, outputs = lg.run_grid(args, name, samples, methods, modes, max_new)
+        print(outputs["markdown"])
+
+    return lc.cli_main(go)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"))
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="context tokens")
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="in [0, 1]")
-    ap.add_argument("--needle", default=NEEDLE)
-    ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--answer", default=ANSWER)
-    lc.add_common_arguments(ap, "needle", default_chunk_tokens=128)
-    args = ap.parse_args(argv)
-    out_dir = Path(args.output_dir or "results/needle")
-    args.output_dir = str(out_dir)
-
-    def go():
-        from kvpress_ext.evaluation.metrics import substring_match
-
-        lc.check_common(args)
-        if any(not 0 <= d <= 1 for d in args.depths):
-            raise lc.InputError("--depths must lie in [0, 1]")
-        if any(n < 16 for n in args.lengths):
-            raise lc.InputError("--lengths must be at least 16 tokens")
-        sentences = lc.load_haystack(args.haystack_dir)
-        model, tok = lc.load_model(args.model)
-        samples = []
-        for n in args.lengths:
-            for d in args.depths:
-                context, where = lc.build_haystack(tok, sentences, n, d, args.needle)
-                samples.append(lc.Sample(id=f"len{n}-depth{d}", context=context, question=args.question,
-                                         answers=[args.answer], meta={"length": n, "depth": d, "needle_sentence": where}))
-        runs = lc.run(lc.config_from_args(args, "needle", lengths=args.lengths, depths=args.depths), model, tok,
-                      samples, lambda s, p: {"substring_match": substring_match(p, s.answers)},
-                      progress=not args.no_progress)
-        lc.plot_heatmaps(runs, args.depths, args.lengths, out_dir / "heatmap.png")
-        with open(out_dir / "summary.md", "a") as f:
-            f.write(lc.grid_markdown(runs, args.depths, args.lengths))
-        print((out_dir / "summary.md").read_text())
-
-    return lc.cli_main(go)
+    add_needle_arguments(ap, "passkey", lg.NEEDLE_TASKS)
+    lg.add_grid_arguments(ap, "needle")
+    return needle_grid(ap.parse_args(argv), "needle")
 
 
 if __name__ == "__main__":

@@ -369,14 +369,17 @@ def check_evict(args) -> None:
 
 
 # --- haystacks (Needle, RULER niah) ---------------------------------------------------------------------------
-def load_haystack(directory) -> list[str]:
-    """Sentences of the ``*.txt`` essays in ``directory`` (sorted by file name), whitespace-normalised."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.txt")) if directory.is_dir() else []
+def load_haystack(path) -> list[str]:
+    """Sentences of a text file, or of the ``*.txt`` files of a folder (sorted by name), whitespace-normalised."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.txt")) if path.is_dir() else []
     if not files:
-        raise InputError(f"no *.txt haystack files in {directory}")
+        raise InputError(f"no haystack text at {path}: pass --haystack_file FILE or --haystack_dir with *.txt files")
     text = " ".join(" ".join(f.read_text(errors="replace").split()) for f in files)
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+    if not sentences:
+        raise InputError(f"the haystack at {path} is empty: pass --haystack_file/--haystack_dir with some text")
+    return sentences
 
 
 def build_haystack(tokenizer, sentences: list[str], length: int, depth: float, needle: str,
@@ -384,7 +387,15 @@ def build_haystack(tokenizer, sentences: list[str], length: int, depth: float, n
     """A context of about ``length`` tokens (sentences from the start of the haystack, cycled) with
     ``needle`` inserted at the sentence boundary closest to ``depth`` (0 = start, 1 = end) of it.
     Returns the text (paragraphs of a few sentences) and the needle's sentence index."""
-    budget = length - len(tokenizer(needle, add_special_tokens=False)["input_ids"])
+    text, where = build_haystack_multi(tokenizer, sentences, length, [(depth, needle)], sentences_per_paragraph)
+    return text, where[0]
+
+
+def build_haystack_multi(tokenizer, sentences: list[str], length: int, needles: list[tuple[float, str]],
+                         sentences_per_paragraph: int = 5) -> tuple[str, list[int]]:
+    """:func:`build_haystack` with several ``(depth, needle)`` pairs; returns the text and each needle's
+    sentence index."""
+    budget = length - sum(len(tokenizer(" " + n, add_special_tokens=False)["input_ids"]) for _, n in needles)
     picked, total, i = [], 0, 0
     lengths = {}
     while total < budget and i < 4 * len(sentences):  # sentences that overflow the budget are skipped
@@ -399,8 +410,11 @@ def build_haystack(tokenizer, sentences: list[str], length: int, depth: float, n
     for s in picked:
         acc += lengths[s]
         cumulative.append(acc)
-    where = min(range(len(cumulative)), key=lambda k: abs(cumulative[k] - depth * total))
-    picked.insert(where, needle)
+    slots = [min(range(len(cumulative)), key=lambda k: abs(cumulative[k] - d * total)) for d, _ in needles]
+    # insert from the last slot backwards so earlier slots keep their meaning
+    for j in sorted(range(len(needles)), key=lambda j: (slots[j], j), reverse=True):
+        picked.insert(slots[j], needles[j][1])
+    where = [picked.index(n) for _, n in needles]
     paragraphs = [" ".join(picked[k : k + sentences_per_paragraph])
                   for k in range(0, len(picked), sentences_per_paragraph)]
     return "\n\n".join(paragraphs), where
