@@ -1,7 +1,8 @@
-"""Shared loop of the long-context evaluations (LongBench, Needle-in-a-haystack, RULER).
+"""Building blocks of the long-context evaluations (LongBench, Needle-in-a-haystack, RULER); the grid over
+presses, ratios and modes that uses them is :mod:`kvpress_ext.evaluation.longcontext_grid`.
 
-Every sample's context is cut into chunks (paragraphs packed up to ``chunk_tokens`` tokens; longer
-paragraphs are split), then answered by several *methods*:
+For A3, a sample's context is cut into chunks (paragraphs packed up to ``chunk_tokens`` tokens; longer
+paragraphs are split), then answered by one of these *methods* (:func:`answer`):
 
 * ``prefill``: a full prefill of ``BOS + chunks + question`` (the chunks' token ids concatenated, so it
   sees exactly the tokens the fusion sees), then greedy decoding;
@@ -11,8 +12,7 @@ paragraphs are split), then answered by several *methods*:
 
 Chunk caches are precomputed before the clock starts (A3 stores them offline), so a fusion's TTFT is
 load + fuse + evict; the prefill's TTFT is its forward pass. TPOT is the mean time of the decoding
-forwards after the first token. Each method's records go to ``<output_dir>/<method>.json`` and a table
-of all methods to ``<output_dir>/summary.md``.
+forwards after the first token.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,26 +85,6 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
         missing = [f for f in fields if f not in r]
         if missing:
             raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}")
-
-
-def parse_methods(strategies: list[str], evict: str | None) -> list[Method]:
-    """``prefill`` plus one fusion method per strategy (and per strategy with eviction when ``evict``)."""
-    from kvpress_ext.errors import KVPressExtError
-    from kvpress_ext.presses.a3.press import STRATEGIES
-    from kvpress_ext.registry import press_info
-
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad:
-        raise InputError(f"unknown strategy {', '.join(bad)}; choose from {', '.join(STRATEGIES)}")
-    if evict is not None:
-        try:
-            press_info(evict)
-        except KVPressExtError as e:
-            raise InputError(str(e).splitlines()[0]) from None
-    methods = [Method(PREFILL)] + [Method(f"a3-{s}", s) for s in strategies]
-    if evict is not None:
-        methods += [Method(f"a3-{s}+{evict}", s, evict) for s in strategies]
-    return methods
 
 
 def load_model(name_or_path: str):
@@ -214,104 +193,6 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     return {"ids": out, "ttft_s": t1 - t0, "tpot_s": (t2 - t1) / steps if steps else None, **extra}
 
 
-# --- the loop ---------------------------------------------------------------------------------------------
-@dataclass
-class RunConfig:
-    name: str
-    model: str
-    strategies: list[str]
-    rate: float = 0.15
-    evict: str | None = None
-    evict_ratio: float = 0.5
-    max_samples: int | None = None
-    max_new_tokens: int = 32
-    chunk_tokens: int = 128
-    max_context_tokens: int | None = None
-    output_dir: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable[[Sample, str], dict],
-        question_text: Callable[[Sample], str] | None = None, progress: bool = True) -> dict[str, dict]:
-    """Answer every sample with every method; ``score(sample, prediction)`` returns named metrics, the first
-    of which is the headline ``score``. Writes one JSON per method and ``summary.md``; returns the runs."""
-    from tqdm.auto import tqdm
-
-    from kvpress_ext.presses.a3 import ChunkStore
-
-    methods = parse_methods(cfg.strategies, cfg.evict)
-    question_text = question_text or (lambda s: s.question)
-    samples = samples[: cfg.max_samples] if cfg.max_samples else samples
-    out_dir = Path(cfg.output_dir or Path("results") / cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = ChunkStore(tempfile.mkdtemp(prefix=f"longcontext-{cfg.name}-"), model, tokenizer,
-                       save_surprisal="surprisal_chunk" in cfg.strategies)
-    bos = store.prefix_ids
-    evict_kwargs = {"compression_ratio": cfg.evict_ratio}
-    records = {m.name: [] for m in methods}
-    bar = tqdm(total=len(samples) * len(methods), desc=cfg.name, disable=not progress, file=sys.stderr)
-    for sample in samples:
-        chunks = truncate_middle(chunk_context(tokenizer, sample.context, cfg.chunk_tokens), cfg.max_context_tokens)
-        q_ids = list(tokenizer(question_text(sample), add_special_tokens=False)["input_ids"])
-        store.precompute(chunks)  # offline step of A3: not part of the TTFT
-        ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
-        sinks = ends + [ends[-1] + len(q_ids)]
-        for m in methods:
-            r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
-                       evict_kwargs=evict_kwargs, sink_positions=sinks)
-            prediction = str(tokenizer.decode(r.pop("ids"), skip_special_tokens=True))
-            metrics = score(sample, prediction)
-            records[m.name].append({
-                "id": sample.id, "prediction": prediction, "answers": sample.answers, **metrics,
-                "score": next(iter(metrics.values())), "context_tokens": sum(map(len, chunks)),
-                "n_chunks": len(chunks), "question_tokens": len(q_ids), **r, **sample.meta,
-            })
-            bar.update(1)
-    bar.close()
-    runs = {}
-    config = {k: v for k, v in asdict(cfg).items()}
-    for m in methods:
-        recs = records[m.name]
-        runs[m.name] = {
-            "method": m.name, "strategy": m.strategy, "evict": m.evict,
-            "rate": cfg.rate if m.strategy else None, "config": config, "summary": summarize(recs), "records": recs,
-        }
-        (out_dir / f"{_safe(m.name)}.json").write_text(json.dumps(runs[m.name], indent=1))
-    (out_dir / "summary.md").write_text(summary_markdown(cfg, runs))
-    return runs
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(records: list[dict]) -> dict:
-    return {"n": len(records), "score": _mean([r["score"] for r in records]),
-            "ttft_s": _mean([r["ttft_s"] for r in records]), "tpot_s": _mean([r["tpot_s"] for r in records]),
-            "context_tokens": _mean([r["context_tokens"] for r in records])}
-
-
-def _fmt(x, scale=1.0, digits=3):
-    return "-" if x is None else f"{x * scale:.{digits}f}"
-
-
-def summary_markdown(cfg: RunConfig, runs: dict[str, dict]) -> str:
-    lines = [f"# {cfg.name}: {cfg.model}", "",
-             f"rate {cfg.rate}, chunk_tokens {cfg.chunk_tokens}, max_new_tokens {cfg.max_new_tokens}"
-             + (f", evict {cfg.evict} (compression_ratio {cfg.evict_ratio})" if cfg.evict else ""), "",
-             "| method | n | score | TTFT (ms) | TPOT (ms) | mean context tokens |", "|---|---|---|---|---|---|"]
-    for name, run_ in runs.items():
-        s = run_["summary"]
-        lines.append(f"| {name} | {s['n']} | {_fmt(s['score'])} | {_fmt(s['ttft_s'], 1e3, 1)} | "
-                     f"{_fmt(s['tpot_s'], 1e3, 2)} | {_fmt(s['context_tokens'], digits=0)} |")
-    return "\n".join(lines) + "\n"
-
-
 def cli_main(fn: Callable[[], object]) -> int:
     """Run ``fn``; an :class:`InputError` (or a press-parameter error) becomes one line on stderr and exit 2."""
     from kvpress_ext.errors import KVPressExtError
@@ -322,50 +203,6 @@ def cli_main(fn: Callable[[], object]) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
-
-
-def add_common_arguments(ap, name: str, default_chunk_tokens: int = 128) -> None:
-    ap.add_argument("--model", default=str(shared_dir() / "models" / "stories260k"), help="hub id or local path")
-    ap.add_argument("--strategies", nargs="+", default=["blend", "debug"], help="A3 fusion strategies")
-    ap.add_argument("--rate", type=float, default=0.15, help="fraction of document tokens recomputed")
-    ap.add_argument("--evict", default=None, help="registered press evicting from the fused cache, e.g. snapkv")
-    ap.add_argument("--evict_ratio", type=float, default=0.5, help="compression_ratio of the --evict press")
-    ap.add_argument("--max_samples", type=int, default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=32)
-    ap.add_argument("--chunk_tokens", type=int, default=default_chunk_tokens)
-    ap.add_argument("--max_context_tokens", type=int, default=None, help="drop middle chunks beyond this")
-    ap.add_argument("--output_dir", default=None, help=f"default results/{name}")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription)")
-    ap.add_argument("--no_progress", action="store_true")
-
-
-def check_common(args) -> None:
-    if not 0 <= args.rate <= 1:
-        raise InputError(f"--rate {args.rate} must be in [0, 1]")
-    for flag in ("max_new_tokens", "chunk_tokens"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be a positive integer")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise InputError("--max_samples must be a positive integer")
-    parse_methods(args.strategies, args.evict)
-    check_evict(args)
-    if args.threads >= 1:
-        torch.set_num_threads(args.threads)
-
-
-def config_from_args(args, name: str, **extra) -> RunConfig:
-    return RunConfig(name=name, model=args.model, strategies=list(args.strategies), rate=args.rate, evict=args.evict,
-                     evict_ratio=args.evict_ratio, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                     chunk_tokens=args.chunk_tokens, max_context_tokens=args.max_context_tokens,
-                     output_dir=args.output_dir or str(Path("results") / name), extra=extra)
-
-
-def check_evict(args) -> None:
-    """Build the eviction press once so a bad ``--evict_ratio`` fails before any model work."""
-    if args.evict is not None:
-        from kvpress_ext.registry import get_press
-
-        get_press(args.evict, compression_ratio=args.evict_ratio)
 
 
 # --- haystacks (Needle, RULER niah) ---------------------------------------------------------------------------
@@ -418,49 +255,3 @@ def build_haystack_multi(tokenizer, sentences: list[str], length: int, needles: 
     paragraphs = [" ".join(picked[k : k + sentences_per_paragraph])
                   for k in range(0, len(picked), sentences_per_paragraph)]
     return "\n\n".join(paragraphs), where
-
-
-def plot_heatmaps(runs: dict[str, dict], depths: list[float], lengths: list[int], path) -> None:
-    """One accuracy heat map (depth x length) per method, side by side, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(runs)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 1.0 * len(lengths) * len(names), 0.5 * len(depths) + 2),
-                             squeeze=False)
-    for ax, name in zip(axes[0], names):
-        grid = accuracy_grid(runs[name]["records"], depths, lengths)
-        im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
-                       cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("context tokens")
-        ax.set_ylabel("needle depth")
-        ax.set_title(name, fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="retrieval accuracy")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def accuracy_grid(records: list[dict], depths: list[float], lengths: list[int]) -> list[list[float | None]]:
-    """Mean score per (depth, length) cell, rows = depths; None where no sample."""
-    grid = []
-    for d in depths:
-        row = []
-        for n in lengths:
-            xs = [r["score"] for r in records if r.get("depth") == d and r.get("length") == n]
-            row.append(sum(xs) / len(xs) if xs else None)
-        grid.append(row)
-    return grid
-
-
-def grid_markdown(runs: dict[str, dict], depths: list[float], lengths: list[int]) -> str:
-    out = []
-    for name, run_ in runs.items():
-        out += [f"\n## {name}: accuracy by depth (rows) and length (columns)\n",
-                "| depth | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (1 + len(lengths)) + "|"]
-        for d, row in zip(depths, accuracy_grid(run_["records"], depths, lengths)):
-            out.append(f"| {d:.0%} | " + " | ".join(_fmt(v, digits=2) for v in row) + " |")
-    return "\n".join(out) + "\n"

@@ -354,6 +354,7 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
                   sink_positions=ends + [ends[-1] + len(question_ids)])
     r["context_tokens"] = len(store.prefix_ids) + sum(map(len, chunks))
     r["n_chunks"] = len(chunks)
+    r["prefix_tokens"] = len(store.prefix_ids)
     return r
 
 
