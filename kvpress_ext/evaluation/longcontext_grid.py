@@ -117,7 +117,10 @@ def needle_sample(tokenizer, params: dict) -> lc.Sample:
     if task == "passkey":
         value = pass_key(rng)
         needles = [(depth, f"The pass key is {value}. Remember it. {value} is the pass key.")]
-        question, prefix, answers, targets = "What is the pass key?", "The pass key is", [value], [0]
+        # Wording chosen on three no-press SmolLM2 probes: "What is the pass key?" alone got 0/3 (the model
+        # defines the phrase); asking for the digits got 3/3.
+        question = "What is the pass key mentioned in the text? Reply with the digits of the pass key."
+        prefix, answers, targets = "The pass key is", [value], [0]
     elif task in ("niah_single", "multikey"):
         keys = rng.sample(KEYS, 1 if task == "niah_single" else n)
         values = [pass_key(rng) for _ in keys]
