@@ -28,9 +28,11 @@ approximate for presses that stream the prefill in chunks; presses that mask ins
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import random
+import shutil
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
@@ -343,7 +345,9 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
     prefix = head if head else None
     key = (params["model"], tuple(head), strategy == "surprisal_chunk")
     if key not in _STORES:
-        _STORES[key] = ChunkStore(tempfile.mkdtemp(prefix="longcontext-a3-"), model, tokenizer, prefix_ids=prefix,
+        root = tempfile.mkdtemp(prefix="longcontext-a3-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)  # chunk caches live as long as the process
+        _STORES[key] = ChunkStore(root, model, tokenizer, prefix_ids=prefix,
                                   save_surprisal=strategy == "surprisal_chunk")
     store = _STORES[key]
     chunks = lc.chunk_context(tokenizer, parts.compressed[parts.context_start:], params["chunk_tokens"])
