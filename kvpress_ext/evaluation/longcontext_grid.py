@@ -567,6 +567,18 @@ def summary_markdown(records: list[dict], title: str, command: str = "") -> str:
                 per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
                 row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
             lines.append(f"| {m} | {_fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+        lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
+                       "tokens kept on average over layers, or kept and still missed)"), "",
+                  "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
+        for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+            row = []
+            for n, qa in cols:
+                missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
+                          and r.get("length") == n and r["query_aware"] == qa and r["status"] == "ok"
+                          and r["score"] < 1 and r.get("needle_kept_mean") is not None]
+                evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
+                row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
+            lines.append(f"| {m} | {_fmt_ratio(ratio)} | " + " | ".join(row) + " |")
         lines.append("")
     fused = [r for r in records if is_a3(r["method"]) and r["status"] == "ok"]
     if fused:
