@@ -1,4 +1,4 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters and positive integers."""
+"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, sweep executor flags."""
 
 from __future__ import annotations
 
@@ -42,3 +42,30 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`kvpress_ext.sweep.SweepOptions` (same names), for commands that run sweeps."""
+    from kvpress_ext.sweep import EXECUTORS, SweepOptions
+
+    d = SweepOptions()
+    g = parser.add_argument_group("sweep execution (kvpress_ext.sweep)")
+    g.add_argument("--executor", default=d.executor, choices=EXECUTORS,
+                   help='run cells in this process (local) or as Ray tasks (ray; pip install "kvpress-ext[distributed]")')
+    g.add_argument("--max_retries", type=int, default=d.max_retries,
+                   help="retries of a cell that raised or whose worker died, before it is recorded as failed")
+    g.add_argument("--cell_gpus", type=float, default=d.cell_gpus, help="GPUs per cell (Ray num_gpus; fractions share one)")
+    g.add_argument("--cell_cpus", type=float, default=d.cell_cpus, help="CPU cores per cell (Ray num_cpus)")
+    g.add_argument("--ray_address", default=d.ray_address,
+                   help="existing Ray cluster (e.g. ray://head:10001 or auto; default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--ray_num_cpus", type=positive_int, default=d.ray_num_cpus,
+                   help="CPUs of the local Ray started for the sweep (default: all)")
+
+
+def sweep_options_from_args(args: argparse.Namespace):
+    """The parsed :func:`add_sweep_args` flags as :class:`kvpress_ext.sweep.SweepOptions`."""
+    from kvpress_ext.sweep import SweepOptions
+
+    return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
+                        cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                        progress=not getattr(args, "no_progress", False))

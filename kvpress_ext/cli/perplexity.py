@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext.cli.common import add_sweep_args, parse_press_kwargs
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_limit", type=int, default=d.context_limit,
                    help="window length; each window starts a fresh cache")
     p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
-    p.add_argument("--press", default=d.press, help="registered press name, 'all', or 'no_press'")
-    p.add_argument("--compression_ratio", type=float, default=d.compression_ratio,
-                   help="fraction of the cache to remove, for presses with a compression_ratio parameter")
+    p.add_argument("--press", nargs="+", default=[d.press],
+                   help="registered press names, 'all', or 'no_press'; several (or all) make a sweep")
+    p.add_argument("--compression_ratio", nargs="+", type=float, default=[d.compression_ratio],
+                   help="fractions of the cache to remove, for presses with a compression_ratio parameter; "
+                        "several make a sweep (cross product with --press)")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra press parameters (int/float/bool/none/str values)")
     p.add_argument("--ppl_apply_press", action="store_true",
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--summarize", metavar="DIR", default=None,
-                   help="only rebuild summary.md/summary.png from the JSON files in DIR (e.g. an interrupted sweep)")
+                   help="only rebuild summary.md/summary.png from the cell files in DIR (also while a sweep runs)")
+    add_sweep_args(p)
     return p
 
 

@@ -187,9 +187,28 @@ def _plot_ranked(rows: list[dict], path: Path, title: str, plt) -> Path:
     return path
 
 
+def records_from_cells(path: str | Path) -> list[dict]:
+    """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.sweep`); a failed
+    cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
+    from kvpress_ext.sweep import load_cells
+
+    records = []
+    for cell in load_cells(path):
+        if cell.get("status") == "ok" and cell.get("record"):
+            records.append(cell["record"])
+            continue
+        config = (cell.get("params") or {}).get("config") or {}
+        records.append({"press": {"name": config.get("press", cell.get("key")),
+                                  "compression_ratio": config.get("compression_ratio"), "params": {}},
+                        "status": cell.get("status", "failed"), "error": cell.get("error"),
+                        "data": {"dataset": config.get("dataset")}, "command": (cell.get("params") or {}).get("_command")})
+    return records
+
+
 def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
-    """Rebuild ``summary.md``/``summary.png`` from the JSON files of a (possibly interrupted) sweep."""
-    records = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
+    """Rebuild ``summary.md``/``summary.png`` from the cell files of a sweep (finished, interrupted or still
+    running), or from the per-run JSON files of a directory written before sweeps had cell files."""
+    records = records_from_cells(path) or [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
     if not records:
         raise FileNotFoundError(f"No JSON results in {path}")
     records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))

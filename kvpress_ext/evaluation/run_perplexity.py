@@ -4,6 +4,11 @@
 :mod:`kvpress_ext.cli.perplexity` builds one from its arguments); :func:`run` evaluates it. Bad input (unknown
 press, missing file, ratio out of range, a parameter the press lacks, an unsupported model) raises
 :class:`~kvpress_ext.errors.KVPressExtError`, which the command line prints on one line with exit status 2.
+
+Several presses (or ``all``) x several ratios form a sweep: one cell per (press, ratio actually used), run by
+:func:`run_cell` through :mod:`kvpress_ext.sweep` (``executor`` local or ray), each cell's JSON under
+``output_dir/cells/``, resumable. A cell loads the model through a per-process cache, so a local sweep loads it
+once and each Ray worker once.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import dataclasses
 import shlex
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,7 @@ from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.speed import measure_speed
 from kvpress_ext.models import load_model
 from kvpress_ext.registry import available_presses, get_press, press_info, press_name, validate_parameters
+from kvpress_ext.sweep import Cell, SweepOptions, cell_key, cell_path, run_sweep
 
 
 @dataclass
@@ -37,8 +42,8 @@ class PerplexityConfig:
     text_file: str | None = None
     context_limit: int = 4096
     max_eval_tokens: int | None = None
-    press: str = "no_press"
-    compression_ratio: float = 0.5
+    press: str | list[str] = "no_press"  # several names (or "all") make a sweep
+    compression_ratio: float | list[float] = 0.5  # several values make a sweep (cross product with press)
     press_kwargs: dict = field(default_factory=dict)
     ppl_apply_press: bool = False
     chunk_size: int = 128
@@ -58,6 +63,13 @@ class PerplexityConfig:
     num_threads: int | None = None
     output_dir: str = "results/perplexity"
     no_progress: bool = False
+    # how the cells of a sweep run (kvpress_ext.sweep.SweepOptions)
+    executor: str = "local"
+    max_retries: int = 1
+    cell_gpus: float = 0.0
+    cell_cpus: float = 1.0
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in sys.argv))
 
 
@@ -181,51 +193,160 @@ def _base_record(args, model, input_ids, device) -> dict:
     }
 
 
+_SWEEP_FIELDS = ("executor", "max_retries", "cell_gpus", "cell_cpus", "ray_address", "ray_num_cpus")
+_CONTEXT_FIELDS = ("command", "output_dir", "no_progress")  # do not change a cell's result
+_MODELS: dict = {}
+_TEXTS: dict = {}
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _cached_model(args: PerplexityConfig):
+    """(model, tokenizer), loaded once per process for a given model/device/dtype (the last one only is kept)."""
+    key = (args.model, args.device, args.dtype, args.attn_implementation)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  attn_implementation=args.attn_implementation)
+    return _MODELS[key]
+
+
+def _cached_text(args: PerplexityConfig) -> str:
+    key = (args.dataset, args.subset, args.split, args.sample_idx, args.text_file)
+    if key not in _TEXTS:
+        _TEXTS[key] = ppl.load_text(*key)
+    return _TEXTS[key]
+
+
+def _check_model(args: PerplexityConfig) -> None:
+    """Fail before the sweep on a model that cannot load: locally by loading it (the cells reuse it), for Ray
+    from its config only (the driver may have no GPU)."""
+    if args.executor == "local":
+        _cached_model(args)
+        return
+    from transformers import AutoConfig
+
+    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.errors import UnsupportedModelError
+    from kvpress_ext.models import ModelLoadError, resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(args.model))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load model {args.model!r}: {str(exc).strip().splitlines()[0][:300]}") from exc
+    stand_in = type((config.architectures or ["Model"])[0], (), {"config": config})()
+    try:
+        get_adapter(stand_in)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
+
+
+def _cell_params(args: PerplexityConfig, name: str, ratio, skip: str | None) -> dict:
+    config = {f.name: getattr(args, f.name) for f in dataclasses.fields(PerplexityConfig)
+              if f.name not in _SWEEP_FIELDS + _CONTEXT_FIELDS}
+    config.update(press=name, compression_ratio=ratio)
+    return {"config": config, "skip": skip, "_command": args.command, "_no_progress": args.no_progress}
+
+
+def perplexity_cells(args: PerplexityConfig) -> list[Cell]:
+    """One cell per (press, ratio the press actually uses): presses without a ratio get one cell, not one per
+    ratio. Explicit names are built here, so a bad name or parameter fails before anything runs; ``all`` keeps
+    presses that cannot run as cells that record why."""
+    names, ratios = _as_list(args.press), _as_list(args.compression_ratio)
+    kwargs = dict(args.press_kwargs)
+    if "all" in names and kwargs:
+        raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own).")
+    cells: dict = {}
+    for ratio in ratios:
+        jobs = []
+        for name in names:
+            if name == "all":
+                jobs += [(n, r, skip) for n, _, r, skip in sweep_jobs(ratio, args.context_limit)]
+            else:
+                _, used = build_press(name, ratio, kwargs, args.context_limit)
+                jobs.append((name, used, None))
+        for name, used, skip in jobs:
+            key = cell_key(name, r=used if used is not None else "none")
+            cells.setdefault(key, Cell(key, _cell_params(args, name, ratio, skip)))
+    return list(cells.values())
+
+
+def run_cell(params: dict) -> dict:
+    """The record of one (press, ratio) cell: what :func:`run` wrote per press before sweeps had cells."""
+    args = PerplexityConfig(**params["config"], command=params.get("_command", ""),
+                            no_progress=params.get("_no_progress", True))
+    name = args.press
+    mode = "ppl_apply_press" if args.ppl_apply_press else None
+    if params.get("skip"):
+        return {"press": {"name": name, "compression_ratio": None, "params": {}}, "mode": mode, "status": "skipped",
+                "error": params["skip"], "data": {"dataset": args.dataset}, "command": args.command}
+    press, ratio = build_press(name, args.compression_ratio, dict(args.press_kwargs), args.context_limit)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model, tokenizer = _cached_model(args)
+    input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens)
+    torch.manual_seed(args.seed)
+    record = {**_base_record(args, model, input_ids, next(model.parameters()).device),
+              "press": {"name": name, "compression_ratio": ratio, "params": press_params(press)}, "mode": mode}
+    if not args.no_progress:
+        print(f"[{name}] ratio={ratio}", file=sys.stderr)
+    record.update(evaluate_with_fallback(model, input_ids, press, args))
+    return record
+
+
+def _failed_record(args: PerplexityConfig, cell_file: dict) -> dict:
+    config = cell_file["params"]["config"]
+    return {"press": {"name": config["press"], "compression_ratio": config["compression_ratio"], "params": {}},
+            "mode": "ppl_apply_press" if args.ppl_apply_press else None, "status": "failed",
+            "error": cell_file["error"], "errors": cell_file["errors"], "traceback": cell_file.get("traceback"),
+            "data": {"dataset": args.dataset}, "command": args.command}
+
+
+def sweep_options(args: PerplexityConfig) -> SweepOptions:
+    return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
+                        cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                        progress=not args.no_progress)
+
+
 def run(args: PerplexityConfig) -> list[dict]:
-    """Run the evaluation described by ``args``; returns the records written (also printed, one line each)."""
-    check_ratio(args.compression_ratio)
+    """Run the evaluation described by ``args``; returns the records written (also printed, one line each).
+
+    One cell (one press, one ratio) that fails raises :class:`KVPressExtError` with its reason; in a sweep the
+    failed cells are recorded (cell file, summary) and the others go on."""
+    for ratio in _as_list(args.compression_ratio):
+        check_ratio(ratio)
     for name in ("context_limit", "chunk_size", "decode_chunk_size", "segment", "num_runs", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise KVPressExtError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    kwargs = dict(args.press_kwargs)
-    # Check the press and the input before loading anything heavy.
-    if args.press != "all":
-        press, ratio = build_press(args.press, args.compression_ratio, kwargs, args.context_limit)
-        jobs = [(args.press, press, ratio, None)]
-    elif kwargs:
-        raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own).")
-    text = ppl.load_text(args.dataset, args.subset, args.split, args.sample_idx, args.text_file)
-    torch.manual_seed(args.seed)
+    from kvpress_ext.sweep import check_options, import_ray
+
+    check_options(sweep_options(args))
+    if args.executor == "ray":
+        import_ray()
+    # Check the presses and the input before loading anything heavy.
+    cells = perplexity_cells(args)
+    _cached_text(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
-    device = next(model.parameters()).device
-    input_ids = ppl.tokenize(tokenizer, text, args.max_eval_tokens)
-    base = _base_record(args, model, input_ids, device)
-    if args.press == "all":
-        jobs = sweep_jobs(args.compression_ratio, args.context_limit)
-    records = []
-    for name, press, ratio, skip in jobs:
-        record = {**base, "press": {"name": name, "compression_ratio": ratio, "params": press_params(press)},
-                  "mode": "ppl_apply_press" if args.ppl_apply_press else None}
-        if skip:
-            record.update(status="skipped", error=skip)
-        else:
-            if not args.no_progress:
-                print(f"[{name}] ratio={ratio}", file=sys.stderr)
-            try:
-                record.update(evaluate_with_fallback(model, input_ids, press, args))
-            except Exception as exc:
-                if args.press != "all":
-                    raise
-                record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-                record["traceback"] = traceback.format_exc(limit=4)
-        record["json_path"] = str(results.write_json(record, args.output_dir))
-        records.append(record)
-        print(format_line(record))
-    if args.press == "all":
-        md, png = results.write_summary(records, args.output_dir, command=base["command"])
+    _check_model(args)
+    by_key: dict = {}
+
+    def on_result(cell, cell_file, skipped):
+        record = dict(cell_file["record"]) if cell_file["status"] == "ok" else _failed_record(args, cell_file)
+        if not skipped:
+            record["json_path"] = str(results.write_json(record, args.output_dir))
+        by_key[cell.key] = record
+        print(format_line(record) + (" (done before)" if skipped else ""), flush=True)
+
+    outcome = run_sweep(cells, run_cell, args.output_dir, sweep_options(args), desc="perplexity", on_result=on_result)
+    records = [by_key[c.key] for c in cells]
+    if len(cells) == 1 and outcome.failed:
+        cell_file = cell_path(args.output_dir, cells[0].key)
+        raise KVPressExtError(f"{outcome.cells[cells[0].key]['error']} (traceback in {cell_file})")
+    if len(cells) > 1:
+        md, png = results.write_summary(records, args.output_dir, command=args.command)
         print(f"wrote {md}" + (f" and {png}" if png else ""))
     return records
 
