@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
-from kvpress_ext.cli.common import positive_int
+from kvpress_ext.cli.common import add_sweep_args, positive_int, sweep_options_from_args
 from kvpress_ext.icl import workflow as wf
+from kvpress_ext.sweep import Cell
 
 
 def _load_model(name: str):
@@ -91,27 +93,36 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_grid(args) -> int:
+    from kvpress_ext.sweep import cell_path, import_ray, run_sweep
+
     for b in args.budgets:
         wf.check_budget(b, args.window_size)
-    docs = wf.load_documents(args.data, args.data_limit)
-    questions = wf.load_documents(args.eval_data or args.data, args.eval_limit)
+    wf.load_documents(args.data, args.data_limit)  # bad data fails before any cell runs
+    wf.load_documents(args.eval_data or args.data, args.eval_limit)
+    options = sweep_options_from_args(args)
+    if options.executor == "ray":
+        import_ray()
     out_dir = Path(args.out_dir)
-    model, tok = _load_model(args.model)
-    rows = []
+    cells = []
     for mode in args.modes:
         for complexity in (args.complexities if mode != "none" else args.complexities[:1]):
             for budget in args.budgets:
                 name = f"b{budget}_{mode}" + ("" if mode == "none" else f"_{complexity}")
-                cache_dir, eval_file = out_dir / name / "cache", out_dir / name / "eval.json"
-                wf.precompute(model, tok, docs, cache_dir, **_precompute_kwargs(args, mode, complexity, budget))
-                if not eval_file.is_file() or args.recompute:
-                    result = wf.evaluate(model, tok, cache_dir, questions, **_eval_kwargs(args))
-                    eval_file.write_text(json.dumps(result, indent=2))
-                scores, _ = wf.score(eval_file, out_dir / name / "scores.csv")
-                cache_len = json.loads(eval_file.read_text())["cache_length"]
-                rows.append({"budget": budget, "mode": mode, "complexity": complexity if mode != "none" else "",
-                             "pass@1": scores["pass_at_k"][1]["mean"], "correct": scores["total_correct"],
-                             "samples": scores["total_samples"], "cache_length": cache_len})
+                params = {"model": args.model, "data": str(Path(args.data).resolve()),
+                          "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
+                          "data_limit": args.data_limit, "eval_limit": args.eval_limit,
+                          "dir": str((out_dir / name).resolve()),
+                          "precompute": _precompute_kwargs(args, mode, complexity, budget),
+                          "evaluate": _eval_kwargs(args)}
+                cells.append(Cell(name, params))
+                if args.recompute:
+                    cell_path(out_dir, name).unlink(missing_ok=True)
+    result = run_sweep(cells, wf.grid_cell, out_dir, options, desc="icl grid")
+    rows = [result.records[c.key] for c in cells if c.key in result.records]
+    for key in result.failed:
+        print(f"cell {key} failed: {result.cells[key]['error']}", file=sys.stderr)
+    if not rows:
+        return 1
     with (out_dir / "grid.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -121,7 +132,7 @@ def _cmd_grid(args) -> int:
         print(f"{r['budget']:>7} {r['mode']:>10} {r['complexity']:>10} {r['pass@1']:>7.3f} {r['cache_length']:>6}")
     _plot(rows, out_dir / "grid.png")
     print(f"table: {out_dir / 'grid.csv'}  plot: {out_dir / 'grid.png'}")
-    return 0
+    return 1 if result.failed else 0
 
 
 def _plot(rows, path):
@@ -219,8 +230,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"])
     p.add_argument("--complexities", type=_str_list(wf.COMPLEXITIES), default=["simple"])
     p.add_argument("--out_dir", required=True)
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar over cells")
     _add_cache_args(p)
     _add_eval_args(p)
+    add_sweep_args(p)
     p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("cluster", help="k-means questions by embedding; pick the nearest cluster as --data")

@@ -4,6 +4,9 @@
 optionally has the model write bullet-point takeaways (``takeaways``) or rewrite one running note
 (``notepad``) after each document, and saves the cache with :func:`kvpress_ext.cache_io.save_cache`.
 ``evaluate`` samples answers from untouched copies of that cache; ``score`` turns them into pass@k.
+``grid_cell`` is one (budget, mode, complexity) cell of ``kvpress-ext icl grid``: precompute, evaluate and score,
+run through :mod:`kvpress_ext.sweep` (locally or as a Ray task; its files go to the cell's directory, so a Ray
+cluster needs a shared filesystem for ``--out_dir``).
 """
 
 from __future__ import annotations
@@ -211,3 +214,37 @@ def score(eval_json, csv_path=None) -> tuple[dict, str]:
     if csv_path:
         write_scores_csv(result, csv_path)
     return result, format_scores_table(result)
+
+
+_MODELS: dict = {}
+
+
+def _cached_model(name: str):
+    """(model, tokenizer) for ``name``, loaded once per process (each Ray worker loads its own)."""
+    if name not in _MODELS:
+        from kvpress_ext.models import load_model
+
+        _MODELS.clear()
+        _MODELS[name] = load_model(name)
+    return _MODELS[name]
+
+
+def grid_cell(params: dict) -> dict:
+    """One grid cell: precompute the cache into ``params["dir"]/cache`` (kept if there), answer the questions
+    into ``eval.json`` (kept if there, unless ``recompute``), score into ``scores.csv``; returns the table row."""
+    model, tok = _cached_model(params["model"])
+    docs = load_documents(params["data"], params["data_limit"])
+    questions = load_documents(params["eval_data"] or params["data"], params["eval_limit"])
+    out = Path(params["dir"])
+    pre = params["precompute"]
+    precompute(model, tok, docs, out / "cache", **pre)
+    eval_file = out / "eval.json"
+    if not eval_file.is_file() or pre["recompute"]:
+        result = evaluate(model, tok, out / "cache", questions, **params["evaluate"])
+        eval_file.write_text(json.dumps(result, indent=2))
+    scores, _ = score(eval_file, out / "scores.csv")
+    return {"budget": pre["budget"], "mode": pre["mode"],
+            "complexity": pre["summary_complexity"] if pre["mode"] != "none" else "",
+            "pass@1": scores["pass_at_k"][1]["mean"],
+            "correct": scores["total_correct"], "samples": scores["total_samples"],
+            "cache_length": json.loads(eval_file.read_text())["cache_length"]}
