@@ -53,7 +53,9 @@ def model_fingerprint(model_or_config, include_weights: bool = False) -> str:
     payload = {k: d.get(k) for k in _FINGERPRINT_KEYS if k in d}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     if include_weights and hasattr(model_or_config, "get_input_embeddings"):
-        w = model_or_config.get_input_embeddings().weight.detach()
+        from kvpress_ext.devices import weight_values
+
+        w = weight_values(model_or_config.get_input_embeddings()).detach()  # offloaded weights too
         h.update(w.flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -166,7 +168,8 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     """Load a cache saved by :func:`save_cache`; returns ``(cache, metadata)``.
 
     With ``model``, its config fingerprint must match the one saved (a cache from another model
-    would give silently wrong answers).
+    would give silently wrong answers), and each layer goes to that layer's device (models split with a
+    ``device_map`` included) unless ``device`` says where.
     """
     path = Path(path)
     metadata = read_metadata(path)
@@ -184,6 +187,11 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CacheFormatError(f"Cannot read {tensor_file} ({exc}); the file is truncated or corrupt: recompute it.") from exc
     cache = DynamicCache()
+    devices = None
+    if device is None and model is not None:
+        from kvpress_ext.devices import layer_devices
+
+        devices = layer_devices(model)
     for i, length in enumerate(metadata["seq_lengths"]):
         try:
             keys, values = tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]
@@ -193,6 +201,8 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
             raise CacheFormatError(f"Cache at {path}: layer {i} holds {keys.shape[-2]} tokens, metadata says {length}.")
         if dtype is not None:
             keys, values = keys.to(dtype), values.to(dtype)
+        if devices is not None and i < len(devices):
+            keys, values = keys.to(devices[i]), values.to(devices[i])
         cache.update(keys, values, i)
     state = PositionState(**metadata.get("positions", {}))
     position_state(cache).__dict__.update(dataclasses.asdict(state))

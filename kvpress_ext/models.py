@@ -45,8 +45,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "auto",
-               attn_implementation: str | None = None, check_supported: bool = True):
+               attn_implementation: str | None = None, check_supported: bool = True,
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
     """(model, tokenizer) for ``name_or_path`` in eval mode on ``device`` (default: cuda if available, else cpu).
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential``, a device, or ``{module name: device | "cpu" |
+    "disk"}``), ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}``; implies ``device_map="auto"``) and
+    ``offload_folder`` go to ``from_pretrained``: accelerate then splits the model over devices, CPU and disk
+    and moves weights per layer; ``device`` is not used then.
 
     Raises :class:`ModelLoadError` (one line) when it cannot be loaded and :class:`UnsupportedModelError` when no
     adapter drives the model (``check_supported``).
@@ -59,13 +66,22 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "au
     source = resolve_model(name_or_path)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if max_memory and device_map is None:
+        device_map = "auto"
+    if device_map is not None:
+        if device is not None:
+            raise ModelLoadError("--device and --device_map exclude each other: pass one of them.")
+        if max_memory:  # GPU indices may arrive as strings (JSON, command line)
+            max_memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+        kwargs.update(device_map=device_map, max_memory=max_memory or None, offload_folder=offload_folder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device).eval()
-    except (OSError, ValueError, ImportError, KeyError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = (model if device_map is not None else model.to(device)).eval()
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"Cannot load model {name_or_path!r}: {_first_line(exc)}") from exc
     if check_supported:
         from kvpress_ext.adapters import get_adapter

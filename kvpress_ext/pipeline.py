@@ -18,6 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import apply_press, compression_phases
+from kvpress_ext.devices import input_device
 from kvpress_ext.positions import position_state
 from kvpress_ext.registry import get_press
 
@@ -70,7 +71,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
                 "rewound for the next question: ask one question per call."
             )
         cache = DynamicCache() if cache is None else cache
-        context_ids = input_tensors["context_ids"].to(self.model.device)
+        context_ids = input_tensors["context_ids"].to(input_device(self.model))
         decoder = get_adapter(self.model).decoder(self.model)
         # A press with ``prefill_chunk_size`` compacts as the context streams in: feed it chunk by chunk.
         step = max(1, (getattr(press, "prefill_chunk_size", None) if prefill else None) or context_ids.shape[1])
@@ -85,7 +86,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             for question_ids in questions:
                 lengths = [cache.get_seq_length(i) for i in range(len(cache))]
                 state = copy.copy(position_state(cache))
-                ids = greedy_decode(self.model, question_ids.to(self.model.device), cache, max_new_tokens, eos)
+                ids = greedy_decode(self.model, question_ids.to(input_device(self.model)), cache, max_new_tokens, eos)
                 answers.append(str(self.tokenizer.decode(ids, skip_special_tokens=True)))
                 if not decoding:  # rewind the answer so the next question sees the context only
                     self._remove_answer_from_cache(cache, lengths)

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from kvpress_ext.cli.common import add_placement_args
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
 
@@ -53,10 +55,11 @@ def _evict_kwargs(items: list[str] | None) -> dict:
     return kwargs
 
 
-def _load_model(name: str):
+def _load_model(args):
+    from kvpress_ext.cli.common import placement_kwargs
     from kvpress_ext.models import load_model
 
-    return load_model(name)
+    return load_model(args.model, **placement_kwargs(args))
 
 
 def _store(root, model, tokenizer, **kwargs):
@@ -92,7 +95,7 @@ def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, fl
 def _cmd_precompute(args) -> int:
     _positive(args.chunk_tokens, "chunk_tokens")
     check_chunk_file(args.chunks)
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
     computed, seconds = _precompute_into(store, chunks, args.surprisal, "a3 precompute")
@@ -174,7 +177,7 @@ def _cmd_ask(args) -> int:
     from kvpress_ext.evaluation.longcontext import PREFILL, Method, answer
 
     rate, evict_kwargs = _validate_ask(args)
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     need_surprisal = args.strategy == "surprisal_chunk"
     store = _store(args.store, model, tok, save_surprisal=need_surprisal and args.compute_missing)
@@ -190,7 +193,7 @@ def _cmd_ask(args) -> int:
     ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
     sinks = ends + [ends[-1] + len(q_ids)]
     with torch.no_grad():  # untimed warm-up: the first forward of a process pays one-off start-up costs
-        model(input_ids=torch.tensor([bos + q_ids], device=model.device))
+        model(input_ids=torch.tensor([bos + q_ids], device=input_device(model)))
     method = Method(f"a3-{args.strategy}", args.strategy, args.evict)
     try:
         fused = answer(model, method, bos, chunks, q_ids, args.max_new_tokens, store=store, rate=rate,
@@ -257,6 +260,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--surprisal", action="store_true", help="also store per-token surprisal (surprisal_chunk)")
     p.add_argument("--recompute_bad", action="store_true", help="recompute corrupt or mismatched entries")
     p.add_argument("--chunk_tokens", type=int, default=512, help="tokens per chunk when --chunks is a .txt file")
+    add_placement_args(p)
     p.set_defaults(func=_cmd_precompute)
 
     p = sub.add_parser("ask", help="fuse the stored chunks with a question and answer greedily")
@@ -274,4 +278,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compute_missing", action="store_true", help="compute chunks the store lacks (before timing)")
     p.add_argument("--compare_full", action="store_true", help="also answer with a full prefill and compare")
     p.add_argument("--json", default=None, metavar="OUT", help="write everything to this JSON file")
+    add_placement_args(p)
     p.set_defaults(func=_cmd_ask)

@@ -1,10 +1,13 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, sweep executor flags."""
+"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, where a model's
+layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor flags."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from kvpress_ext.errors import PressParameterError
+from kvpress_ext.errors import KVPressExtError, PressParameterError
 
 
 def parse_value(text: str):
@@ -69,3 +72,54 @@ def sweep_options_from_args(args: argparse.Namespace):
     return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
                         cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
                         progress=not getattr(args, "no_progress", False))
+
+
+def parse_device_map(text: str | None):
+    """``--device_map``: ``auto`` / ``balanced`` / ``sequential`` / a device name as is; a JSON object
+    (``{"model.layers.0": 0, ...}``) or a ``.json`` file holding one becomes a dict."""
+    if text is None:
+        return None
+    raw = text
+    if text.endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise KVPressExtError(f"--device_map file {text!r} does not exist: pass auto, a device or a JSON map.")
+        raw = path.read_text()
+    if raw.lstrip().startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise KVPressExtError(f"--device_map is not valid JSON ({exc.msg}): pass auto or a JSON map.") from None
+        if not isinstance(value, dict):
+            raise KVPressExtError("--device_map JSON must be an object {module name: device}.")
+        return value
+    return text
+
+
+def parse_max_memory(items: list[str] | None) -> dict | None:
+    """``["0=20GiB", "cpu=60GiB"]`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (GPU indices as ints), for accelerate."""
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise KVPressExtError(f"--max_memory expects DEVICE=SIZE items (e.g. 0=20GiB cpu=60GiB), got {item!r}.")
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """``--device_map``, ``--max_memory``, ``--offload_folder``: split a model over devices with accelerate."""
+    g = parser.add_argument_group("model placement (accelerate)")
+    g.add_argument("--device_map", default=None,
+                   help="split the model: auto, balanced, sequential, or a JSON map / .json file {module: device|cpu|disk}")
+    g.add_argument("--max_memory", nargs="+", default=None, metavar="DEVICE=SIZE",
+                   help="memory per device for --device_map (e.g. 0=20GiB 1=20GiB cpu=60GiB); implies --device_map auto")
+    g.add_argument("--offload_folder", default=None, help="folder for weights offloaded to disk by --device_map")
+
+
+def placement_kwargs(args: argparse.Namespace) -> dict:
+    """The :func:`add_placement_args` flags as ``load_model`` keyword arguments."""
+    return {"device_map": parse_device_map(args.device_map), "max_memory": parse_max_memory(args.max_memory),
+            "offload_folder": args.offload_folder}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext.cli.common import add_placement_args, parse_press_kwargs, placement_kwargs
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.generate import GenerateInputError, Generation, generate_ids
@@ -58,6 +58,7 @@ def _summary(result: Generation, memory: dict) -> str:
 
 
 def _cmd_generate(args) -> int:
+    from kvpress_ext.devices import input_device
     from kvpress_ext.evaluation.run_perplexity import press_params
     from kvpress_ext.models import load_model
     from kvpress_ext.registry import press_name
@@ -68,8 +69,8 @@ def _cmd_generate(args) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
-    device = next(model.parameters()).device
+                                  attn_implementation=args.attn_implementation, **placement_kwargs(args))
+    device = input_device(model)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if input_ids.shape[1] == 0:
         raise GenerateInputError("The prompt tokenizes to no tokens: pass a longer --prompt.")
@@ -145,6 +146,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no_stop_at_eos", dest="stop_at_eos", action="store_false",
                    help="keep generating past end-of-sequence tokens")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_placement_args(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     p.add_argument("--attn_implementation", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"))
     p.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch")

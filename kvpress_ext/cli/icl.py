@@ -9,15 +9,21 @@ import json
 import sys
 from pathlib import Path
 
-from kvpress_ext.cli.common import add_sweep_args, positive_int, sweep_options_from_args
+from kvpress_ext.cli.common import (
+    add_placement_args,
+    add_sweep_args,
+    placement_kwargs,
+    positive_int,
+    sweep_options_from_args,
+)
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.sweep import Cell
 
 
-def _load_model(name: str):
+def _load_model(args):
     from kvpress_ext.models import load_model
 
-    return load_model(name)
+    return load_model(args.model, **placement_kwargs(args))
 
 
 def _add_cache_args(p):
@@ -58,7 +64,7 @@ def _cmd_precompute(args) -> int:
     if (Path(args.out) / "metadata.json").is_file() and not args.recompute:
         print(f"{args.out} exists; skipping (use --recompute to overwrite)")
         return 0
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args)
     meta = wf.precompute(model, tok, docs, args.out, **_precompute_kwargs(args, args.mode, args.summary_complexity,
                                                                          args.budget))
     print(f"saved cache of {max(meta['seq_lengths'])} tokens/head ({meta['extra']['tokens_seen']} read) to {args.out}")
@@ -76,7 +82,7 @@ def _questions(args):
 def _cmd_eval(args) -> int:
     wf.read_metadata(args.cache)  # fails fast with a clear message
     questions = _questions(args)
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args)
     result = wf.evaluate(model, tok, args.cache, questions, **_eval_kwargs(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +114,7 @@ def _cmd_grid(args) -> int:
         for complexity in (args.complexities if mode != "none" else args.complexities[:1]):
             for budget in args.budgets:
                 name = f"b{budget}_{mode}" + ("" if mode == "none" else f"_{complexity}")
-                params = {"model": args.model, "data": str(Path(args.data).resolve()),
+                params = {"model": args.model, "placement": placement_kwargs(args), "data": str(Path(args.data).resolve()),
                           "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
                           "data_limit": args.data_limit, "eval_limit": args.eval_limit,
                           "dir": str((out_dir / name).resolve()),
@@ -203,6 +209,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple")
     p.add_argument("--out", required=True, help="cache directory to write")
     _add_cache_args(p)
+    add_placement_args(p)
     p.set_defaults(func=_cmd_precompute)
 
     p = sub.add_parser("eval", help="answer questions from a saved cache (each sample from a fresh copy)")
@@ -214,6 +221,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data_limit", type=positive_int, default=None)
     p.add_argument("--out", required=True, help="JSON file for the generations")
     _add_eval_args(p)
+    add_placement_args(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("score", help="pass@k of an eval JSON (CSV + table)")
@@ -233,6 +241,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar over cells")
     _add_cache_args(p)
     _add_eval_args(p)
+    add_placement_args(p)
     add_sweep_args(p)
     p.set_defaults(func=_cmd_grid)
 

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import add_sweep_args, parse_press_kwargs
+from kvpress_ext.cli.common import add_placement_args, add_sweep_args, parse_press_kwargs, placement_kwargs
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn_implementation", default=d.attn_implementation,
                    choices=("eager", "sdpa", "flash_attention_2"), help="attention kernel of the model")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_placement_args(p)
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
     p.add_argument("--num_threads", type=int, default=d.num_threads,
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
     names = {f.name for f in dataclasses.fields(PerplexityConfig)} - {"command"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["press_kwargs"] = parse_press_kwargs(args.press_kwargs)
+    values.update(placement_kwargs(args))
     return PerplexityConfig(**values)
 
 

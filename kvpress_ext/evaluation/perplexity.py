@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import _cache_length_hook, apply_press, compression_phases, drives_model, positions_follow_cache
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.evaluation.chunked import EveryChunkPress
 
@@ -110,7 +111,7 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_nll(model, input_ids: torch.Tensor, context_limit: int = 4096, progress: bool = False):
     """NLL of every predicted token (1-D tensor), each window of ``context_limit`` tokens in one forward pass."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for s, e in tqdm(windows(input_ids.shape[1], context_limit), desc="ppl (no press)", disable=not progress):
         ids = input_ids[:, s:e].to(device)
@@ -179,7 +180,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     plan = plan_for(press)
     adapter = get_adapter(model)
     decoder = adapter.decoder(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     spans = windows(input_ids.shape[1], context_limit)
     out, peak_bytes, peak_len = [], 0, 0
     cache = None

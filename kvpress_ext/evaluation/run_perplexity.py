@@ -14,6 +14,7 @@ once and each Ray worker once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError, PressParameterError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -58,6 +60,9 @@ class PerplexityConfig:
     num_runs: int = 3
     attn_implementation: str = "eager"
     device: str | None = None
+    device_map: str | dict | None = None  # accelerate: split the model over devices / CPU / disk
+    max_memory: dict | None = None
+    offload_folder: str | None = None
     dtype: str = "auto"
     seed: int = 0
     num_threads: int | None = None
@@ -177,7 +182,8 @@ def _base_record(args, model, input_ids, device) -> dict:
     return {
         "model": {"name": args.model, "model_type": model.config.model_type, "dtype": str(model.dtype),
                   "attn_implementation": args.attn_implementation,
-                  "num_parameters": sum(p.numel() for p in model.parameters())},
+                  "num_parameters": sum(p.numel() for p in model.parameters()),
+                  "device_map": getattr(model, "hf_device_map", None)},
         "data": {"dataset": args.dataset, "subset": args.subset if args.dataset == "wikitext" else None,
                  "split": args.split if args.dataset != "text" else None,
                  "sample_idx": args.sample_idx if args.dataset == "pg19" else None, "text_file": args.text_file,
@@ -205,11 +211,12 @@ def _as_list(value) -> list:
 
 def _cached_model(args: PerplexityConfig):
     """(model, tokenizer), loaded once per process for a given model/device/dtype (the last one only is kept)."""
-    key = (args.model, args.device, args.dtype, args.attn_implementation)
+    placement = {"device_map": args.device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+    key = json.dumps([args.model, args.device, args.dtype, args.attn_implementation, placement], default=str)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
+                                  attn_implementation=args.attn_implementation, **placement)
     return _MODELS[key]
 
 
@@ -288,7 +295,7 @@ def run_cell(params: dict) -> dict:
     model, tokenizer = _cached_model(args)
     input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens)
     torch.manual_seed(args.seed)
-    record = {**_base_record(args, model, input_ids, next(model.parameters()).device),
+    record = {**_base_record(args, model, input_ids, input_device(model)),
               "press": {"name": name, "compression_ratio": ratio, "params": press_params(press)}, "mode": mode}
     if not args.no_progress:
         print(f"[{name}] ratio={ratio}", file=sys.stderr)

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
 from kvpress_ext.cache_io import METADATA_FILE, load_cache, read_metadata, save_cache
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
 from kvpress_ext.presses.rkv import RKVPress
@@ -102,7 +103,7 @@ def generate(model, tokenizer, cache, prompt_ids: list[int], max_new_tokens: int
     the prompt does not stop generation and one split across several tokens still does. Returns the text up
     to the stop string and the generated ids (all fed to the cache but the last).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     out = model(input_ids=torch.tensor([prompt_ids], device=device), past_key_values=cache, logits_to_keep=1)
@@ -219,20 +220,22 @@ def score(eval_json, csv_path=None) -> tuple[dict, str]:
 _MODELS: dict = {}
 
 
-def _cached_model(name: str):
-    """(model, tokenizer) for ``name``, loaded once per process (each Ray worker loads its own)."""
-    if name not in _MODELS:
+def _cached_model(name: str, placement: dict | None = None):
+    """(model, tokenizer) for ``name`` (``placement``: load_model's device_map/max_memory/offload_folder),
+    loaded once per process (each Ray worker loads its own)."""
+    key = json.dumps([name, placement], sort_keys=True, default=str)
+    if key not in _MODELS:
         from kvpress_ext.models import load_model
 
         _MODELS.clear()
-        _MODELS[name] = load_model(name)
-    return _MODELS[name]
+        _MODELS[key] = load_model(name, **(placement or {}))
+    return _MODELS[key]
 
 
 def grid_cell(params: dict) -> dict:
     """One grid cell: precompute the cache into ``params["dir"]/cache`` (kept if there), answer the questions
     into ``eval.json`` (kept if there, unless ``recompute``), score into ``scores.csv``; returns the table row."""
-    model, tok = _cached_model(params["model"])
+    model, tok = _cached_model(params["model"], params.get("placement"))
     docs = load_documents(params["data"], params["data_limit"])
     questions = load_documents(params["eval_data"] or params["data"], params["eval_limit"])
     out = Path(params["dir"])

@@ -40,6 +40,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.cache_io import atomic_directory_write, model_fingerprint
+from kvpress_ext.devices import input_device, layer_devices
 from kvpress_ext.errors import CacheFormatError
 
 STORE_FORMAT = 1
@@ -165,12 +166,12 @@ class ChunkStore:
     @torch.no_grad()
     def _compute(self, ids, prefix, surprisal: bool) -> ChunkKV:
         model = self.model
-        device = next(model.parameters()).device
+        device = input_device(model)
         cache = DynamicCache()
         if prefix and ids:
             pre = self.prefix(prefix)
-            for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
-                cache.update(k.to(device), v.to(device), i)
+            for i, (k, v, dev) in enumerate(zip(pre.keys, pre.values, layer_devices(model))):
+                cache.update(k.to(dev), v.to(dev), i)
         if ids:
             x = torch.tensor([ids], device=device)
         else:  # the prefix itself

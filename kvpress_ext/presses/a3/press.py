@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
@@ -174,7 +175,7 @@ class A3Press:
             ids = [first]
             if max_new_tokens > 1 and first not in eos:
                 with apply_press(None, model):
-                    ids += greedy_decode(model, torch.tensor([[first]], device=model.device), cache,
+                    ids += greedy_decode(model, torch.tensor([[first]], device=input_device(model)), cache,
                                          max_new_tokens - 1, eos)
             answers.append(str(tok.decode(ids, skip_special_tokens=True)))
         return {"answer": answers[0]} if question is not None else {"answers": answers}
