@@ -18,6 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -50,9 +51,16 @@ def sweep(executor: str, out: Path, tokens: int, workers: int) -> tuple[float, l
     return time.perf_counter() - t0, records
 
 
+def per_worker(cells: list[dict]) -> dict:
+    busy: dict = {}
+    for c in cells:
+        busy[c["pid"]] = busy.get(c["pid"], 0.0) + c["wall_s"]
+    return busy
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per cell (sets the work per cell)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per cell (sets the work per cell)")
     p.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray (= cells in flight)")
     p.add_argument("--out", default=None, help="JSON file for the timings")
     args = p.parse_args()
@@ -61,8 +69,8 @@ def main() -> None:
     try:
         local_s, local = sweep("local", tmp / "local", args.tokens, args.workers)
         ray_s, remote = sweep("ray", tmp / "ray", args.tokens, args.workers)
-        cells = {c.name: json.loads(c.read_text())["wall_s"] for c in (tmp / "local" / "cells").glob("*.json")}
-        ray_cells = {c.name: json.loads(c.read_text())["wall_s"] for c in (tmp / "ray" / "cells").glob("*.json")}
+        cells = [json.loads(c.read_text()) for c in (tmp / "local" / "cells").glob("*.json")]
+        ray_cells = [json.loads(c.read_text()) for c in (tmp / "ray" / "cells").glob("*.json")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if [strip(r) for r in local] != [strip(r) for r in remote]:
@@ -71,7 +79,11 @@ def main() -> None:
     result = {
         "cells": len(local), "failed": failed, "tokens_per_cell": args.tokens, "ray_workers": args.workers,
         "local_wall_s": round(local_s, 2), "ray_wall_s": round(ray_s, 2), "ratio_ray_over_local": round(ray_s / local_s, 3),
-        "sum_cell_s_local": round(sum(cells.values()), 2), "sum_cell_s_ray": round(sum(ray_cells.values()), 2),
+        "sum_cell_s_local": round(sum(c["wall_s"] for c in cells), 2),
+        "sum_cell_s_ray": round(sum(c["wall_s"] for c in ray_cells), 2),
+        # what Ray added beyond the busiest worker's cells: starting Ray and the workers (imports, model loads)
+        "ray_overhead_s": round(ray_s - max(per_worker(ray_cells).values()), 2),
+        "ray_cells_per_worker": sorted(Counter(c["pid"] for c in ray_cells).values()),
         "records_equal": True, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)], "date": date.today().isoformat(),
     }

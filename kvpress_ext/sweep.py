@@ -23,7 +23,7 @@ Contract:
   kvpress-ext on every node). Heavy state such as a loaded model belongs in a per-process cache in ``fn``'s module:
   each process (this one locally, each Ray worker) then loads it once for all the cells it runs.
 - Cell file ``<out_dir>/cells/<key>.json``, written atomically by the driver: ``{"key", "status": "ok" | "failed",
-  "params", "attempts", "errors", "error", "wall_s", "executor", "host", "record"}``.
+  "params", "attempts", "errors", "error", "wall_s", "executor", "host", "pid", "record"}``.
 - Resume: a cell whose file says ``ok`` with the same params (``_`` names aside) is skipped; failed cells run again.
 - Faults: an exception in ``fn``, or (Ray) a worker process that dies, is retried ``max_retries`` times; then the
   cell is recorded ``failed`` with the reason of each attempt and the other cells go on. Ctrl-C stops the sweep;
@@ -219,6 +219,7 @@ class _Tracker:
             "key": cell.key, "status": "ok" if ok else "failed", "params": cell.params, "attempts": attempts,
             "errors": errors, "error": None if ok else errors[-1], "executor": self.options.executor,
             "wall_s": output["wall_s"] if ok else None, "host": output["host"] if ok else None,
+            "pid": output["pid"] if ok else None,
             "record": output["record"] if ok else None,
         }
         if tb and not ok:
