@@ -158,3 +158,24 @@ def test_ray_killed_worker_is_retried_and_the_sweep_completes(ray_session, tmp_p
     assert files["c"]["status"] == "failed" and files["c"]["attempts"] == 2 and len(files["c"]["errors"]) == 2
     assert "Worker" in files["c"]["error"] or "died" in files["c"]["error"], files["c"]["error"]
     json.dumps(files)  # the cell files are plain JSON
+
+
+def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
+    """snapkv needs chunks longer than its 64-token window: with 32-token chunks its cell fails (kept with the
+    reason) while knorm's runs; the summary rebuilt from the cell files lists both. One failing cell alone is
+    a one-line error instead."""
+    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.evaluation import results
+
+    config = _config(tmp_path, "local")
+    config.press, config.compression_ratio, config.max_retries = ["knorm", "snapkv"], [0.5], 0
+    records = run(config)
+    assert [r["status"] for r in records] == ["ok", "failed"]
+    assert records[1]["error"].startswith("PressInputError") and "window" in records[1]["error"]
+    (tmp_path / "summary.md").unlink()
+    md, _ = results.summarize_directory(tmp_path)
+    text = md.read_text()
+    assert "| knorm | 0.50 |" in text and "| snapkv | 0.50 |" in text and "failed: PressInputError" in text
+    config.press, config.output_dir = ["snapkv"], str(tmp_path / "single")
+    with pytest.raises(KVPressExtError, match="PressInputError.*traceback in"):
+        run(config)
