@@ -51,6 +51,15 @@ def sweep(executor: str, out: Path, tokens: int, workers: int) -> tuple[float, l
     return time.perf_counter() - t0, records
 
 
+def diff(a, b, path=""):
+    """Paths where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in diff(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "."]
+
+
 def per_worker(cells: list[dict]) -> dict:
     busy: dict = {}
     for c in cells:
@@ -73,8 +82,8 @@ def main() -> None:
         ray_cells = [json.loads(c.read_text()) for c in (tmp / "ray" / "cells").glob("*.json")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if [strip(r) for r in local] != [strip(r) for r in remote]:
-        raise SystemExit("ray and local sweeps gave different records")
+    differences = [f"{r['press']['name']}@{r['press']['compression_ratio']}: {path}"
+                   for r, q in zip(local, remote) for path in diff(strip(r), strip(q))]
     failed = [r["press"]["name"] for r in local if r["status"] != "ok"]
     result = {
         "cells": len(local), "failed": failed, "tokens_per_cell": args.tokens, "ray_workers": args.workers,
@@ -84,13 +93,15 @@ def main() -> None:
         # what Ray added beyond the busiest worker's cells: starting Ray and the workers (imports, model loads)
         "ray_overhead_s": round(ray_s - max(per_worker(ray_cells).values()), 2),
         "ray_cells_per_worker": sorted(Counter(c["pid"] for c in ray_cells).values()),
-        "records_equal": True, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "records_equal": not differences, "differences": differences[:20], "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)], "date": date.today().isoformat(),
     }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if differences:
+        raise SystemExit("ray and local sweeps gave different records (see 'differences')")
 
 
 if __name__ == "__main__":
