@@ -90,6 +90,9 @@ def main() -> None:
         "local_wall_s": round(local_s, 2), "ray_wall_s": round(ray_s, 2), "ratio_ray_over_local": round(ray_s / local_s, 3),
         "sum_cell_s_local": round(sum(c["wall_s"] for c in cells), 2),
         "sum_cell_s_ray": round(sum(c["wall_s"] for c in ray_cells), 2),
+        # CPU time the cells got per second of wall time: ~1 for one busy process, up to 2 for two on 2 free cores
+        "cores_used_local": round(sum(c["cpu_s"] for c in cells) / local_s, 2),
+        "cores_used_ray": round(sum(c["cpu_s"] for c in ray_cells) / ray_s, 2),
         # what Ray added beyond the busiest worker's cells: starting Ray and the workers (imports, model loads)
         "ray_overhead_s": round(ray_s - max(per_worker(ray_cells).values()), 2),
         "ray_cells_per_worker": sorted(Counter(c["pid"] for c in ray_cells).values()),

@@ -23,7 +23,7 @@ Contract:
   kvpress-ext on every node). Heavy state such as a loaded model belongs in a per-process cache in ``fn``'s module:
   each process (this one locally, each Ray worker) then loads it once for all the cells it runs.
 - Cell file ``<out_dir>/cells/<key>.json``, written atomically by the driver: ``{"key", "status": "ok" | "failed",
-  "params", "attempts", "errors", "error", "wall_s", "executor", "host", "pid", "record"}``.
+  "params", "attempts", "errors", "error", "wall_s", "cpu_s", "executor", "host", "pid", "record"}``.
 - Resume: a cell whose file says ``ok`` with the same params (``_`` names aside) is skipped; failed cells run again.
 - Faults: an exception in ``fn``, or (Ray) a worker process that dies, is retried ``max_retries`` times; then the
   cell is recorded ``failed`` with the reason of each attempt and the other cells go on. Ctrl-C stops the sweep;
@@ -197,9 +197,10 @@ def _reason(exc: BaseException) -> str:
 
 def _call(fn: Callable, params: dict) -> dict:
     """What runs for a cell (in this process or a Ray worker): ``fn`` timed, with where it ran."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     record = fn(params)
-    return {"record": record, "wall_s": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid()}
+    return {"record": record, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "host": socket.gethostname(), "pid": os.getpid()}
 
 
 class _Tracker:
@@ -219,7 +220,7 @@ class _Tracker:
             "key": cell.key, "status": "ok" if ok else "failed", "params": cell.params, "attempts": attempts,
             "errors": errors, "error": None if ok else errors[-1], "executor": self.options.executor,
             "wall_s": output["wall_s"] if ok else None, "host": output["host"] if ok else None,
-            "pid": output["pid"] if ok else None,
+            "pid": output["pid"] if ok else None, "cpu_s": output["cpu_s"] if ok else None,
             "record": output["record"] if ok else None,
         }
         if tb and not ok:
