@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError, PressParameterError
@@ -334,6 +335,11 @@ def run(args: PerplexityConfig) -> list[dict]:
         import_ray()
     # Check the presses and the input before loading anything heavy.
     cells = perplexity_cells(args)
+    sweeping = len(cells) > 1
+    for cell in cells:  # a sweep shows one bar over its cells, not each cell's own bars
+        cell.params["_no_progress"] = args.no_progress or sweeping
+    options = sweep_options(args)
+    options.progress = options.progress and sweeping
     _cached_text(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -345,14 +351,14 @@ def run(args: PerplexityConfig) -> list[dict]:
         if not skipped:
             record["json_path"] = str(results.write_json(record, args.output_dir))
         by_key[cell.key] = record
-        print(format_line(record) + (" (done before)" if skipped else ""), flush=True)
+        tqdm.write(format_line(record) + (" (done before)" if skipped else ""))  # above the sweep's bar
 
-    outcome = run_sweep(cells, run_cell, args.output_dir, sweep_options(args), desc="perplexity", on_result=on_result)
+    outcome = run_sweep(cells, run_cell, args.output_dir, options, desc="perplexity", on_result=on_result)
     records = [by_key[c.key] for c in cells]
     if len(cells) == 1 and outcome.failed:
         cell_file = cell_path(args.output_dir, cells[0].key)
         raise KVPressExtError(f"{outcome.cells[cells[0].key]['error']} (traceback in {cell_file})")
-    if len(cells) > 1:
+    if sweeping:
         md, png = results.write_summary(records, args.output_dir, command=args.command)
         print(f"wrote {md}" + (f" and {png}" if png else ""))
     return records
