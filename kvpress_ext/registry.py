@@ -4,6 +4,8 @@ Everything that takes a press by name (the CLI, the evaluation scripts, A3's evi
 through :func:`get_press`, so name lookup, parameter checking and documentation live in one place.
 Presses register with the :func:`register_press` decorator (ours), through the plugin hook
 ``kvpress_ext_register_presses`` (third parties), or in :mod:`kvpress_ext.kvpress_presses` (kvpress's own).
+A name another origin already holds is refused unless registered with ``override=True`` (the rule of
+:mod:`kvpress_ext.registration`, shared by every registry).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvpress_ext import registration
 from kvpress_ext.errors import PressParameterError, UnknownPressError
 
 #: Parameter names whose value must lie in [0, 1).
@@ -48,6 +51,13 @@ class PressInfo:
     defaults: dict = field(default_factory=dict)
     #: Why the press cannot run here, if it needs something unavailable offline (a hub download, a trained model).
     requires: str | None = None
+    #: The origin of the entry this one replaced with ``override=True`` (None: it replaced nothing).
+    overrides: str | None = None
+
+    @property
+    def override_note(self) -> str:
+        """``overrides built-in`` when this press replaced another origin's press of the same name, else ""."""
+        return f"overrides {registration.origin_label(self.overrides)}" if self.overrides else ""
 
     @property
     def summary(self) -> str:
@@ -64,7 +74,11 @@ class PressInfo:
         return constructor_parameters(self.cls)
 
 
-_REGISTRY: dict[str, PressInfo] = {}
+def _class_path(info: PressInfo) -> str:
+    return f"{info.cls.__module__}.{info.cls.__qualname__}"
+
+
+_PRESSES = registration.Table("press", describe=_class_path)
 
 
 def constructor_parameters(cls: type) -> list[PressParameter]:
@@ -88,49 +102,67 @@ def _type_name(t: Any) -> str:
 
 
 def register_press(
-    name: str, *, source: str = "kvpress_ext", defaults: dict | None = None, requires: str | None = None
+    name: str, *, source: str | None = None, defaults: dict | None = None, requires: str | None = None,
+    override: bool = False,
 ) -> Callable[[type], type]:
-    """Class decorator: register ``cls`` under ``name`` (snake_case). Re-registering a name replaces it."""
+    """Class decorator: register ``cls`` under ``name`` (snake_case); see :func:`add_press` for the rule on taken names."""
 
     def decorator(cls: type) -> type:
-        add_press(name, cls, source=source, defaults=defaults, requires=requires)
+        origin = registration.resolve_origin(source, cls.__module__, self_registration=True)
+        _add(name, cls, origin, defaults, requires, override)
         return cls
 
     return decorator
 
 
 def add_press(
-    name: str, cls: type, *, source: str = "kvpress_ext", defaults: dict | None = None, requires: str | None = None
-) -> None:
-    """Register ``cls`` under ``name``; the functional form of :func:`register_press`."""
-    if not name or not name.replace("_", "").isalnum() or name.lower() != name:
+    name: str, cls: type, *, source: str | None = None, defaults: dict | None = None, requires: str | None = None,
+    override: bool = False,
+) -> PressInfo:
+    """Register ``cls`` under ``name``; the functional form of :func:`register_press`.
+
+    ``source`` names the origin (default: the plugin being loaded, else the calling package). A name
+    that another origin already registered is refused with :class:`~kvpress_ext.registration.RegistrationConflict`
+    naming both; ``override=True`` replaces it, and ``kvpress-ext list`` then marks the press "overrides built-in".
+    """
+    origin = registration.resolve_origin(source, registration.caller_module())
+    return _add(name, cls, origin, defaults, requires, override)
+
+
+def _add(name, cls, origin: str, defaults, requires, override: bool) -> PressInfo:
+    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum() or name.lower() != name:
         raise PressParameterError(f"Press name {name!r} is not snake_case: use lowercase letters, digits and '_'.")
     if not inspect.isclass(cls):
         raise PressParameterError(f"register_press({name!r}) needs a class, got {cls!r}.")
-    _REGISTRY[name] = PressInfo(name=name, cls=cls, source=source, defaults=dict(defaults or {}), requires=requires)
+    info = PressInfo(name=name, cls=cls, source=origin, defaults=dict(defaults or {}), requires=requires)
+    info.overrides = _PRESSES.add(name, info, origin=origin, override=override).overrides
+    return info
+
+
+def _presses() -> dict[str, PressInfo]:
+    return {entry.key: entry.value for entry in _PRESSES.entries()}
 
 
 def _ensure_loaded() -> None:
-    from kvpress_ext.plugins import load_plugins
-
-    load_plugins()
+    registration.ensure_loaded()
 
 
 def available_presses() -> dict[str, PressInfo]:
     """All registered presses by name (sorted), including ``no_press`` and plugin presses."""
     _ensure_loaded()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(_presses().items()))
 
 
 def press_info(name: str) -> PressInfo:
     """The registry entry for ``name``; an unknown name raises an error that lists the closest names."""
     _ensure_loaded()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+    entry = _PRESSES.get(name) if isinstance(name, str) else None
+    if entry is not None:
+        return entry.value
+    close = difflib.get_close_matches(str(name), _PRESSES.keys(), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPressError(
-        f"Unknown press {name!r}.{hint} Run `kvpress-ext list` to see all {len(_REGISTRY)} registered presses."
+        f"Unknown press {name!r}.{hint} Run `kvpress-ext list` to see all {len(_PRESSES)} registered presses."
     )
 
 
@@ -138,7 +170,7 @@ def press_name(press: Any) -> str:
     """The registry name of a press instance (or class); the class name if it is not registered."""
     _ensure_loaded()
     cls = press if inspect.isclass(press) else type(press)
-    for name, info in _REGISTRY.items():
+    for name, info in _presses().items():
         if info.cls is cls:
             return name
     return cls.__name__
