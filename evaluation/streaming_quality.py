@@ -67,7 +67,7 @@ def report(args):
     from kvpress_ext.evaluation.streaming import segment_perplexity
 
     out = Path(args.out_dir)
-    runs = {m: torch.load(out / f"{m}.pt") for m in ("dense", "reference", "eager", "lazy") if (out / f"{m}.pt").exists()}
+    runs = {m: torch.load(out / f"{m}.pt", weights_only=True) for m in ("dense", "reference", "eager", "lazy") if (out / f"{m}.pt").exists()}
     nll = {m: r["nlls"] for m, r in runs.items()}
     seg = args.segment
 

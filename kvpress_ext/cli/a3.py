@@ -14,10 +14,13 @@ text's tokens, so ``ask`` and a full prefill of the text see the same sequence.
 from __future__ import annotations
 
 import ast
+import functools
 import json
+import re
 import time
 from pathlib import Path
 
+from kvpress_ext import hub
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
 
@@ -66,8 +69,24 @@ def _store(root, model, tokenizer, **kwargs):
 
 
 def _cli_cache_error(e: CacheFormatError) -> A3InputError:
+    """The store's message with its Python-only hint (``ChunkStore(..., recompute_bad=True)``) replaced by the flag."""
     first = str(e).splitlines()[0]
-    return A3InputError(f"{first} From the command line: rerun `kvpress-ext a3 precompute` with --recompute_bad.")
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", first)
+    first = " ".join(x for x in sentences if "ChunkStore(" not in x and "recompute_bad=True" not in x)
+    return A3InputError(f"{first} Fix: rerun `kvpress-ext a3 precompute` with the same --model, --chunks and --store "
+                        "plus --recompute_bad.")
+
+
+def _store_dir(path: str, flag: str = "--store") -> None:
+    """A store must be a directory (or not exist yet): a file there is an error, before any model is loaded."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise A3InputError(f"{flag} {path} is a file, not a chunk store directory; pass a directory path "
+                           "(it is created if absent).")
+
+
+def _json_out(path: str | None) -> None:
+    if path is not None and Path(path).is_dir():
+        raise A3InputError(f"--json {path} is a directory; pass a file path such as {Path(path) / 'ask.json'}.")
 
 
 def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, float]:
@@ -92,6 +111,7 @@ def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, fl
 def _cmd_precompute(args) -> int:
     _positive(args.chunk_tokens, "chunk_tokens")
     check_chunk_file(args.chunks)
+    _store_dir(args.store)
     model, tok = _load_model(args.model)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
@@ -161,6 +181,8 @@ def _validate_ask(args) -> tuple[float, dict]:
     if not args.question.strip():
         raise A3InputError("--question is empty; pass the question text")
     check_chunk_file(args.chunks)
+    _store_dir(args.store)
+    _json_out(args.json)
     if not Path(args.store).is_dir() and not args.compute_missing:
         raise A3InputError(f"store directory not found: {args.store}; run `kvpress-ext a3 precompute --store "
                            f"{args.store} ...` first, or pass --compute_missing")
@@ -193,9 +215,10 @@ def _cmd_ask(args) -> int:
         model(input_ids=torch.tensor([bos + q_ids], device=model.device))
     method = Method(f"a3-{args.strategy}", args.strategy, args.evict)
     try:
-        fused = answer(model, method, bos, chunks, q_ids, args.max_new_tokens, store=store, rate=rate,
-                       evict_kwargs=evict_kwargs, sink_positions=sinks, selection_layer=args.selection_layer,
-                       keep_logits=args.compare_full)
+        with hub.explain_press_failures(args.evict):
+            fused = answer(model, method, bos, chunks, q_ids, args.max_new_tokens, store=store, rate=rate,
+                           evict_kwargs=evict_kwargs, sink_positions=sinks, selection_layer=args.selection_layer,
+                           keep_logits=args.compare_full)
     except CacheFormatError as e:
         raise _cli_cache_error(e) from None
     fused_logits = fused.pop("question_logits", None)
@@ -246,6 +269,19 @@ def _rate_text(tokens_per_s) -> str:
 
 
 # --- parser -------------------------------------------------------------------------------------------------
+def _cache_errors_name_the_flag(command):
+    """Any corrupt-store error raised in ``command`` names ``--recompute_bad``, not the Python argument."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except CacheFormatError as e:
+            raise _cli_cache_error(e) from None
+
+    return run
+
+
 def add_parser(subparsers) -> None:
     a3 = subparsers.add_parser("a3", help="A3 / CacheBlend fusion: precompute chunk caches, answer from them")
     sub = a3.add_subparsers(dest="a3_command", required=True)
@@ -257,7 +293,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--surprisal", action="store_true", help="also store per-token surprisal (surprisal_chunk)")
     p.add_argument("--recompute_bad", action="store_true", help="recompute corrupt or mismatched entries")
     p.add_argument("--chunk_tokens", type=int, default=512, help="tokens per chunk when --chunks is a .txt file")
-    p.set_defaults(func=_cmd_precompute)
+    p.set_defaults(func=_cache_errors_name_the_flag(_cmd_precompute))
 
     p = sub.add_parser("ask", help="fuse the stored chunks with a question and answer greedily")
     p.add_argument("--model", required=True)
@@ -273,5 +309,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--compute_missing", action="store_true", help="compute chunks the store lacks (before timing)")
     p.add_argument("--compare_full", action="store_true", help="also answer with a full prefill and compare")
-    p.add_argument("--json", default=None, metavar="OUT", help="write everything to this JSON file")
-    p.set_defaults(func=_cmd_ask)
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write everything to this JSON file (missing parent directories are created)")
+    p.set_defaults(func=_cache_errors_name_the_flag(_cmd_ask))

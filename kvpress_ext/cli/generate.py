@@ -10,18 +10,17 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
+from kvpress_ext import hub
 from kvpress_ext.cli.common import parse_press_kwargs
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.generate import GenerateInputError, Generation, generate_ids
+from kvpress_ext.inputs import read_text_file
 
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise GenerateInputError(f"--prompt_file {str(path)!r} does not exist: pass an existing UTF-8 text file.")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(args.prompt_file, "--prompt_file")
     else:
         text = args.prompt
     if not text.strip():
@@ -36,6 +35,9 @@ def _check_args(args) -> None:
         raise GenerateInputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         raise GenerateInputError(f"--top_p must be in (0, 1], got {args.top_p}.")
+    if args.json is not None and Path(args.json).is_dir():
+        raise GenerateInputError(f"--json {args.json} is a directory; pass a file path such as "
+                                 f"{Path(args.json) / 'generation.json'}.")
 
 
 def _build_press(args):
@@ -83,10 +85,11 @@ def _cmd_generate(args) -> int:
 
     reset_peak_memory(device)
     try:
-        result = generate_ids(model, input_ids, press, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, generator=generator,
-                              stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
-                              progress=not (args.stream or args.no_progress))
+        with hub.explain_press_failures(args.press):  # a press needing hub files offline: one line, at once
+            result = generate_ids(model, input_ids, press, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, generator=generator,
+                                  stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
+                                  progress=not (args.stream or args.no_progress))
     except AssertionError as exc:  # kvpress presses assert on the attention implementation
         text = str(exc).lower()
         if "attention" not in text and "eager" not in text:
@@ -139,7 +142,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the text and statistics to this JSON file")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="write the text and statistics to this JSON file (missing parent directories are created)")
     p.add_argument("--stop_at_eos", dest="stop_at_eos", action="store_true", default=True,
                    help="stop after an end-of-sequence token")
     p.add_argument("--no_stop_at_eos", dest="stop_at_eos", action="store_false",

@@ -52,7 +52,7 @@ def _eval_kwargs(args):
 
 def _cmd_precompute(args) -> int:
     wf.check_budget(args.budget, args.window_size)
-    docs = wf.load_documents(args.data, args.data_limit)
+    docs = wf.load_documents(args.data, args.data_limit, require_solution=True)
     if (Path(args.out) / "metadata.json").is_file() and not args.recompute:
         print(f"{args.out} exists; skipping (use --recompute to overwrite)")
         return 0
@@ -93,8 +93,9 @@ def _cmd_score(args) -> int:
 def _cmd_grid(args) -> int:
     for b in args.budgets:
         wf.check_budget(b, args.window_size)
-    docs = wf.load_documents(args.data, args.data_limit)
-    questions = wf.load_documents(args.eval_data or args.data, args.eval_limit)
+    docs = wf.load_documents(args.data, args.data_limit, require_solution=True)
+    questions = wf.load_documents(args.eval_data or args.data, args.eval_limit,
+                                  flag="--eval_data" if args.eval_data else "--data")
     out_dir = Path(args.out_dir)
     model, tok = _load_model(args.model)
     rows = []

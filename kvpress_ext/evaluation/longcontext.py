@@ -69,11 +69,13 @@ def parse_json_or_jsonl(text: str) -> list:
 
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
+    from kvpress_ext.inputs import read_text_file
+
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file not found: {path}")
+        raise InputError(f"data file not found: {path}; pass --data_file an existing JSON/JSONL file")
     try:
-        records = parse_json_or_jsonl(path.read_text())
+        records = parse_json_or_jsonl(read_text_file(path, "--data_file", "a UTF-8 JSON/JSONL file"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not JSON/JSONL: {e}") from None
     if not records or not all(isinstance(r, dict) for r in records):
@@ -257,8 +259,11 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
         ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
         sinks = ends + [ends[-1] + len(q_ids)]
         for m in methods:
-            r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
-                       evict_kwargs=evict_kwargs, sink_positions=sinks)
+            from kvpress_ext.hub import explain_press_failures
+
+            with explain_press_failures(m.evict):  # an --evict press needing hub files offline: one line
+                r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
+                           evict_kwargs=evict_kwargs, sink_positions=sinks)
             prediction = str(tokenizer.decode(r.pop("ids"), skip_special_tokens=True))
             metrics = score(sample, prediction)
             records[m.name].append({
@@ -375,7 +380,9 @@ def load_haystack(directory) -> list[str]:
     files = sorted(directory.glob("*.txt")) if directory.is_dir() else []
     if not files:
         raise InputError(f"no *.txt haystack files in {directory}")
-    text = " ".join(" ".join(f.read_text(errors="replace").split()) for f in files)
+    from kvpress_ext.inputs import read_text_file
+
+    text = " ".join(" ".join(read_text_file(f, "--haystack_dir file", "UTF-8 essays").split()) for f in files)
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvpress_ext import hub
 from kvpress_ext.errors import KVPressExtError, PressParameterError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -215,7 +216,8 @@ def run(args: PerplexityConfig) -> list[dict]:
             if not args.no_progress:
                 print(f"[{name}] ratio={ratio}", file=sys.stderr)
             try:
-                record.update(evaluate_with_fallback(model, input_ids, press, args))
+                with hub.explain_press_failures(name):  # needs hub files offline: one line naming the fix
+                    record.update(evaluate_with_fallback(model, input_ids, press, args))
             except Exception as exc:
                 if args.press != "all":
                     raise

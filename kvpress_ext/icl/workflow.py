@@ -20,6 +20,7 @@ from kvpress_ext.apply import apply_press
 from kvpress_ext.cache_io import METADATA_FILE, load_cache, read_metadata, save_cache
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
+from kvpress_ext.inputs import read_text_file
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.registry import get_press
 
@@ -45,17 +46,29 @@ class ICLInputError(KVPressExtError):
     """Bad workflow input (data file, budget, paths): reported in one line with exit status 2."""
 
 
-def load_documents(path, limit: int | None = None) -> list[dict]:
-    """A JSON list of ``{"question", "solution", "answer"}`` objects (``solution`` optional for eval data)."""
+def load_documents(path, limit: int | None = None, *, require_solution: bool = False, flag: str = "--data") -> list[dict]:
+    """A JSON list of ``{"question", "solution", "answer"}`` objects, not empty. ``solution``/``answer`` may be
+    missing for questions to answer (eval data), not for documents to read (``require_solution``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ICLInputError(f"Data file {path} does not exist; pass a JSON list of question/solution/answer objects.")
+    text = read_text_file(path, flag, "a JSON list of question/solution/answer objects")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
     if not isinstance(data, list) or not all(isinstance(d, dict) and "question" in d for d in data):
         raise ICLInputError(f"Data file {path} must hold a JSON list of objects with at least a 'question' field.")
+    if not data:
+        raise ICLInputError(f"Data file {path} holds an empty list; add at least one question/solution/answer object.")
+    bad = [d for d in data if not isinstance(d["question"], str) or not d["question"].strip()]
+    if bad:
+        raise ICLInputError(f"Data file {path}: record {data.index(bad[0])} has an empty or non-text 'question'; fix it.")
+    if require_solution:
+        lacking = [i for i, d in enumerate(data) if not (d.get("solution") or d.get("answer"))]
+        if lacking:
+            raise ICLInputError(
+                f"Data file {path}: record {lacking[0]} has only a question; documents to read need a 'solution' "
+                "and/or an 'answer' (only questions to be answered may lack them)."
+            )
     return data[:limit] if limit else data
 
 
@@ -131,6 +144,8 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
     Skips the work and returns the saved metadata if ``out`` already holds a cache, unless ``recompute``.
     """
     out = Path(out)
+    if not documents:
+        raise ICLInputError("No documents to read: pass --data with at least one question/solution/answer object.")
     if mode not in MODES:
         raise ICLInputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if summary_complexity not in COMPLEXITIES:
@@ -201,13 +216,34 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     }
 
 
+def read_eval_records(path) -> list[dict]:
+    """The records of an ``icl eval`` result file, checked: a JSON object whose ``records`` is a non-empty list of
+    objects with a ``generations`` list of strings."""
+    fix = f"pass the JSON file `kvpress-ext icl eval --out {path}` wrote"
+    text = read_text_file(path, "--eval", "the JSON file `kvpress-ext icl eval --out` wrote")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ICLInputError(f"--eval {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}.") from None
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise ICLInputError(f"--eval {path} is not an icl eval result (no 'records' list); {fix}.")
+    if not records:
+        raise ICLInputError(f"--eval {path} holds no records (nothing was evaluated); {fix} after answering questions.")
+    for i, r in enumerate(records):
+        gens = r.get("generations") if isinstance(r, dict) else None
+        if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens) or "answer" not in r:
+            raise ICLInputError(f"--eval {path}: record {i} lacks an 'answer' and a 'generations' list of strings; "
+                                f"{fix}.")
+    return records
+
+
 def score(eval_json, csv_path=None) -> tuple[dict, str]:
     """pass@k of an ``evaluate`` result file; writes the CSV if asked and returns (result, printed table)."""
     path = Path(eval_json)
-    if not path.is_file():
+    if not path.exists():
         raise ICLInputError(f"Eval results {path} do not exist; run `kvpress-ext icl eval --out {path}` first.")
-    data = json.loads(path.read_text())
-    result = score_generations(data["records"])
+    result = score_generations(read_eval_records(path))
     if csv_path:
         write_scores_csv(result, csv_path)
     return result, format_scores_table(result)
