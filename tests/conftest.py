@@ -1,6 +1,15 @@
-"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder."""
+"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder.
+
+The suite never touches the network: the Hugging Face libraries are put offline here, before any of them is
+imported (they read these variables at import), so a test that would reach the hub fails at once instead of
+retrying. Tests of the online path mock it (see tests/test_hub.py).
+"""
 
 import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 import warnings
 from pathlib import Path
 
