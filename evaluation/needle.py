@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 
 NEEDLE = "The special magic number is 7481."
@@ -19,7 +20,7 @@ ANSWER = "7481"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="context tokens")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="in [0, 1]")

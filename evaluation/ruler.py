@@ -14,6 +14,7 @@ import random
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 
 KEYS = ["sunset", "harbor", "violin", "glacier", "lantern", "meadow", "falcon", "comet", "orchid", "quartz"]
@@ -37,7 +38,7 @@ def niah_single(tokenizer, sentences, lengths, n_per_length, seed=0) -> list[lc.
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_file", default=None, help="JSONL with context/question/outputs[/answer_prefix]")
     ap.add_argument("--task", default="niah_single", choices=["niah_single"], help="built-in generator")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="built-in: context tokens")

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, pipeline
 
 import kvpress_ext
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.models import load_model
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
@@ -28,7 +29,7 @@ SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().pare
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "stories260k"), help="local path or hub id")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -240,7 +240,8 @@ def get_press(name: str, **params: Any):
     info = press_info(name)
     if info.cls is NoPress:
         if any(v not in (None, 0, 0.0) for v in params.values()):
-            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(params)}).")
+            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(params)}); leave them out "
+                                      "or choose a press that compresses.")
         return None
     merged = {**info.defaults, **params}
     merged = _resolve_nested(info.cls, merged)

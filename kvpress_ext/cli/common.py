@@ -42,3 +42,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")

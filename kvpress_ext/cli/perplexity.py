@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext.cli.common import OneLineArgumentParser, parse_press_kwargs
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -22,7 +22,7 @@ _DEFAULTS = PerplexityConfig(command="")
 
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description="Perplexity, speed and memory of a model with and without KV-cache compression.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

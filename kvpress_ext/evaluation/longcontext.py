@@ -77,9 +77,9 @@ def read_records(path) -> list[dict]:
     try:
         records = parse_json_or_jsonl(read_text_file(path, "--data_file", "a UTF-8 JSON/JSONL file"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not JSON/JSONL: {e}") from None
+        raise InputError(f"{path} is not JSON/JSONL ({e}); pass --data_file a JSON list or JSONL file") from None
     if not records or not all(isinstance(r, dict) for r in records):
-        raise InputError(f"{path} holds no records (expected JSON objects, one per line)")
+        raise InputError(f"{path} holds no records; pass --data_file a JSON list or JSONL file of objects (one per line)")
     return records
 
 
@@ -87,7 +87,8 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
     for i, r in enumerate(records):
         missing = [f for f in fields if f not in r]
         if missing:
-            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}")
+            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}; every record needs "
+                             f"{', '.join(fields)}")
 
 
 def parse_methods(strategies: list[str], evict: str | None) -> list[Method]:
@@ -379,7 +380,7 @@ def load_haystack(directory) -> list[str]:
     directory = Path(directory)
     files = sorted(directory.glob("*.txt")) if directory.is_dir() else []
     if not files:
-        raise InputError(f"no *.txt haystack files in {directory}")
+        raise InputError(f"no *.txt haystack files in {directory}; pass --haystack_dir a directory of UTF-8 .txt essays")
     from kvpress_ext.inputs import read_text_file
 
     text = " ".join(" ".join(read_text_file(f, "--haystack_dir file", "UTF-8 essays").split()) for f in files)

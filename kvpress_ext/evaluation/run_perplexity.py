@@ -76,7 +76,8 @@ def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, 
     info = press_info(name)  # unknown names: error with close names
     if info.cls is type(None) or name == "no_press":
         if press_kwargs:
-            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(press_kwargs)}).")
+            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(press_kwargs)}); leave them out "
+                                      "or choose a press that compresses.")
         return None, None
     by_budget = getattr(info.cls, "from_compression_ratio", None)
     budget_given = any(k in press_kwargs for k in getattr(info.cls, "budget_parameters", ()))
@@ -194,7 +195,8 @@ def run(args: PerplexityConfig) -> list[dict]:
         press, ratio = build_press(args.press, args.compression_ratio, kwargs, args.context_limit)
         jobs = [(args.press, press, ratio, None)]
     elif kwargs:
-        raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own).")
+        raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own): "
+                                  "drop --press_kwargs, or run one --press NAME with them.")
     text = ppl.load_text(args.dataset, args.subset, args.split, args.sample_idx, args.text_file)
     torch.manual_seed(args.seed)
     if args.num_threads:

@@ -250,7 +250,8 @@ def load_clusters(path) -> dict:
     try:
         clusters = json.loads(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
     except json.JSONDecodeError as exc:
-        raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rebuild it "
+                            "with `kvpress-ext icl cluster build`.") from exc
     needed = {"format", "embedder", "centroids", "clusters"}
     if not isinstance(clusters, dict) or not needed <= set(clusters) or not ({"records", "data"} & set(clusters)):
         raise ICLInputError(f"{path} is not a clusters file; build one with `kvpress-ext icl cluster build`.")

@@ -54,7 +54,8 @@ def load_documents(path, limit: int | None = None, *, require_solution: bool = F
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a JSON list of "
+                            "question/solution/answer objects.") from exc
     if not isinstance(data, list) or not all(isinstance(d, dict) and "question" in d for d in data):
         raise ICLInputError(f"Data file {path} must hold a JSON list of objects with at least a 'question' field.")
     if not data:
@@ -66,8 +67,8 @@ def load_documents(path, limit: int | None = None, *, require_solution: bool = F
         lacking = [i for i, d in enumerate(data) if not (d.get("solution") or d.get("answer"))]
         if lacking:
             raise ICLInputError(
-                f"Data file {path}: record {lacking[0]} has only a question; documents to read need a 'solution' "
-                "and/or an 'answer' (only questions to be answered may lack them)."
+                f"Data file {path}: record {lacking[0]} has only a question; add its 'solution' and/or 'answer' "
+                "(documents to read need them; only questions to be answered may lack them)."
             )
     return data[:limit] if limit else data
 
