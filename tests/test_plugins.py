@@ -1,6 +1,7 @@
 """Plugins: discovery through the entry-point group, isolation of broken plugins."""
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,8 +289,6 @@ def _imports(module_path):
 
 
 def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions():
-    from pathlib import Path
-
     pkg = Path(kvpress_ext.__file__).parent
     for registry_file in ("registry.py", "adapters/__init__.py", "registration.py"):
         assert not any("plugins" in m for m in _imports(pkg / registry_file)), registry_file
@@ -297,3 +296,33 @@ def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions
     source = (pkg / "plugins.py").read_text()
     for private in ("_REGISTRY", "_ADAPTERS", "_PRESSES", "_MODEL_TYPES", "._entries"):
         assert private not in source, private
+
+
+def test_installed_entry_points_end_to_end(tmp_path):
+    """Real entry points in a real process: a plugin calling sys.exit(3) and one registering "snapkv" do not end
+    `kvpress-ext list`, which prints each failure once (stdout) and no warning besides (stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    dist = tmp_path / "fake_plugins-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kvpress_ext]\nexits = exits_plugin\nimpostor = impostor_plugin\n")
+    (tmp_path / "exits_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "impostor_plugin.py").write_text(
+        "from kvpress import KnormPress\nimport kvpress_ext\n\nclass ImpostorPress(KnormPress):\n    pass\n\n"
+        "@kvpress_ext.hookimpl\ndef kvpress_ext_register_presses(register):\n    register('snapkv', ImpostorPress)\n"
+    )
+    repo = Path(kvpress_ext.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)])}
+    code = "import sys; from kvpress_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("exits: it called sys.exit(3) while loading") == 1
+    assert run.stdout.count("press 'snapkv' from plugin 'impostor'") == 1
+    assert "already registered by built-in (kvpress.presses.snapkv_press.SnapKVPress)" in run.stdout
+    assert run.stderr.strip() == ""
+    line = next(x for x in run.stdout.splitlines() if x.strip().startswith("snapkv "))
+    assert "from impostor" not in line  # the built-in is still the one listed

@@ -202,7 +202,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--answer", default=None, help="reference answer for --question")
     p.add_argument("--data")
     p.add_argument("--data_limit", type=positive_int, default=None)
-    p.add_argument("--out", required=True, help="JSON file for the generations")
+    p.add_argument("--out", required=True, help="JSON file for the generations (missing parent directories are created)")
     _add_eval_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -238,5 +238,6 @@ def add_parser(subparsers) -> None:
     c.add_argument("--clusters", required=True)
     c.add_argument("--question", required=True)
     c.add_argument("--embedder", default=None, help="override the embedder directory saved in the clusters file")
-    c.add_argument("--out", required=True, help="JSON list for `icl precompute --data`")
+    c.add_argument("--out", required=True,
+                   help="JSON list for `icl precompute --data` (missing parent directories are created)")
     c.set_defaults(func=_cmd_cluster_query)
