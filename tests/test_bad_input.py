@@ -271,11 +271,17 @@ def _case_id(case) -> str:
 
 
 def totals() -> dict[str, int]:
-    """Cases per command (``kvpress-ext <sub>`` for the CLI) and in all."""
+    """Cases per command (``kvpress-ext icl score``, ``perplexity``, ...) and in all."""
     counts: Counter = Counter()
     for command, argv, _ in CASES:
-        counts[f"kvpress-ext {argv[0]}" if command == "cli" and argv and not argv[0].startswith("-") else
-               ("kvpress-ext" if command == "cli" else command)] += 1
+        if command != "cli":
+            counts[command] += 1
+        elif argv and argv[0] in ("icl", "a3") and len(argv) > 1 and not argv[1].startswith("-"):
+            counts[f"kvpress-ext {argv[0]} {argv[1]}"] += 1
+        elif argv and argv[0] in ("generate", "list", "describe"):
+            counts[f"kvpress-ext {argv[0]}"] += 1
+        else:
+            counts["kvpress-ext (no or unknown command)"] += 1
     return {**dict(sorted(counts.items())), "total": len(CASES)}
 
 
@@ -398,8 +404,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, runners, cap
 def test_the_table_covers_every_command_and_at_least_120_cases():
     counts = totals()
     assert counts["total"] >= 120
-    for command in ("kvpress-ext generate", "kvpress-ext icl", "kvpress-ext a3", "kvpress-ext describe", "perplexity",
-                    "longbench", "ruler", "needle", "quickstart"):
+    for command in ("kvpress-ext generate", "kvpress-ext icl precompute", "kvpress-ext icl eval", "kvpress-ext icl score",
+                    "kvpress-ext icl grid", "kvpress-ext icl cluster", "kvpress-ext a3 precompute", "kvpress-ext a3 ask",
+                    "kvpress-ext describe", "perplexity", "longbench", "ruler", "needle", "quickstart"):
         assert counts.get(command, 0) >= 2, command
 
 
@@ -420,4 +427,4 @@ def test_every_torch_load_in_the_repository_is_weights_only():
 
 if __name__ == "__main__":
     for name, count in totals().items():
-        print(f"{name:24s} {count}")
+        print(f"{name:36s} {count}")
