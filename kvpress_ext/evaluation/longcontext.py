@@ -240,6 +240,7 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     of which is the headline ``score``. Writes one JSON per method and ``summary.md``; returns the runs."""
     from tqdm.auto import tqdm
 
+    from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.presses.a3 import ChunkStore
 
     methods = parse_methods(cfg.strategies, cfg.evict)
@@ -260,8 +261,6 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
         ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
         sinks = ends + [ends[-1] + len(q_ids)]
         for m in methods:
-            from kvpress_ext.hub import explain_press_failures
-
             with explain_press_failures(m.evict):  # an --evict press needing hub files offline: one line
                 r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
                            evict_kwargs=evict_kwargs, sink_positions=sinks)
