@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from kvpress_ext.errors import CacheFormatError
@@ -79,23 +80,27 @@ def file_checksum(path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def check_checksum(path: Path, expected, where: str, fix: str) -> None:
-    """Raise :class:`CacheFormatError` when ``path``'s checksum is not ``expected``."""
+def read_verified_tensors(path: Path, expected: str, where: str, fix: str, device=None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose sha256 must be ``expected``; never a pickle, one-line errors.
+
+    The file is read once into memory, hashed, then parsed from those bytes: the tensors do not map the file
+    (a later change to it cannot reach them) and what is checked is what is used.
+    """
     try:
-        actual = file_checksum(path)
+        data = path.read_bytes()
     except OSError as exc:
         raise CacheFormatError(f"{where}: cannot read {path.name} ({exc.strerror}); {fix}") from None
-    if actual != expected:
+    if f"sha256:{hashlib.sha256(data).hexdigest()}" != expected:
         raise CacheFormatError(f"{where}: {path.name} does not match its checksum (corrupt or changed on disk); {fix}")
-
-
-def load_tensors(path: Path, where: str, fix: str, device=None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (never a pickle) with one-line errors."""
     try:
-        return load_file(str(path), device=str(device) if device is not None else "cpu")
+        tensors = safetensors_load(data)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise CacheFormatError(f"{where}: cannot read {path.name} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                               f"the file is truncated or corrupt; {fix}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheFormatError(f"{where}: cannot read {path.name} ({reason}); the file is not a valid safetensors "
+                               f"file; {fix}") from None
+    if device is not None:
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
@@ -349,8 +354,7 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     tensor_file = path / TENSORS_FILE
     if not tensor_file.is_file():
         raise CacheFormatError(f"{where} lacks {TENSORS_FILE}; it is incomplete: {fix}")
-    check_checksum(tensor_file, metadata["checksums"][TENSORS_FILE], where, fix)
-    tensors = load_tensors(tensor_file, where, fix, device=device)
+    tensors = read_verified_tensors(tensor_file, metadata["checksums"][TENSORS_FILE], where, fix)
     expected = {f"layer{i}.{kind}" for i in range(metadata["num_layers"]) for kind in ("keys", "values")}
     if set(tensors) != expected:
         raise CacheFormatError(f"{where}: {TENSORS_FILE} holds other tensors than {METADATA_FILE} lists; {fix}")
@@ -361,6 +365,8 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
         if keys.dim() != 4 or keys.shape[:3] != values.shape[:3] or keys.shape[-2] != length:
             raise CacheFormatError(f"{where}: layer {i} holds tensors of shape {tuple(keys.shape)} / "
                                    f"{tuple(values.shape)}, metadata says {length} tokens; {fix}")
+        if device is not None:
+            keys, values = keys.to(device), values.to(device)
         if dtype is not None:
             keys, values = keys.to(dtype), values.to(dtype)
         cache.update(keys, values, i)

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 
+from kvpress_ext.cache_io import check_cache_target
 from kvpress_ext.cli.common import positive_int
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
@@ -56,6 +57,7 @@ def _eval_kwargs(args):
 def _cmd_precompute(args) -> int:
     wf.check_budget(args.budget, args.window_size)
     docs = wf.load_documents(args.data, args.data_limit)
+    check_cache_target(args.out)  # a file or a user's directory is refused, with or without --recompute
     if not args.recompute and wf.existing_cache(args.out) is not None:  # also refuses a path that is not ours
         print(f"{args.out} holds a valid cache; skipping (use --recompute to replace it)")
         return 0

@@ -48,15 +48,14 @@ from transformers import DynamicCache
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.cache_io import (
-    check_checksum,
     check_fields,
     check_finite,
     check_version,
     file_checksum,
     is_int,
-    load_tensors,
     model_fingerprint,
     read_json_object,
+    read_verified_tensors,
 )
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.safe_io import (
@@ -112,8 +111,8 @@ def check_store_root(root, flag: str = "--store") -> Path:
             raise OutputPathError(f"{flag} {root}: {parent} is not a directory; pass a path inside a directory")
         return root
     if not root.is_dir():
-        raise OutputPathError(f"{flag} {root} is a file, not a chunk store directory; pass a new or existing "
-                              "store directory")
+        raise OutputPathError(f"{flag} {root} is a file, not a kvpress-ext chunk store (a directory); pass a new "
+                              "directory or an existing store")
     if any(root.iterdir()) and not is_store_root(root):
         raise OutputPathError(f"{flag} {root} is a directory that is not a kvpress-ext chunk store (no {STORE_MARKER}); "
                               "pass a new or empty directory (nothing was written)")
@@ -341,8 +340,7 @@ class ChunkStore:
             problems.append(f"{meta['num_layers']} layers stored, model has {n_layers}")
         if problems:
             raise CacheFormatError(f"{where} does not match: {'; '.join(problems)}; {FIX}.")
-        check_checksum(path / TENSORS, meta["checksums"][TENSORS], where, FIX)
-        tensors = load_tensors(path / TENSORS, where, FIX)
+        tensors = read_verified_tensors(path / TENSORS, meta["checksums"][TENSORS], where, FIX)
         names = {f"layer{i}.{kind}" for i in range(n_layers) for kind in ("keys", "values")}
         if not names <= set(tensors) or set(tensors) - names - {"surprisal"}:
             raise CacheFormatError(f"{where}: {TENSORS} holds other tensors than a chunk entry has; {FIX}.")
