@@ -19,8 +19,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -466,36 +464,34 @@ def test_only_old_copy_left_is_restored_and_stale_temporaries_removed(model, tmp
     assert entry.is_dir() and not [p for p in entry.parent.iterdir() if p.name.startswith(".")]
 
 
+def _save_then_die_at_third_rename(path):
+    real, n = os.rename, [0]
+
+    def rename(a, b):
+        n[0] += 1
+        if n[0] == 3:
+            os._exit(9)  # like SIGKILL: no cleanup, no finally, the lock freed by the kernel
+        real(a, b)
+
+    safe_io.os.rename = rename
+    model = tiny_model("llama", layers=2)
+    save_cache(_filled_cache(model), path, model=model, extra={"v": "new"})
+    os._exit(0)
+
+
 def test_real_kill_between_renames_then_next_run_finishes(model, tmp_path):
-    """The same with a real process killed (os._exit) after moving the old cache aside."""
+    """The same with a real process (forked) that dies after moving the old cache aside."""
+    import multiprocessing
+
     path = tmp_path / "c"
     save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
-    code = f"""
-import os, sys, torch
-from transformers import DynamicCache
-from kvpress_ext import safe_io
-from kvpress_ext.cache_io import save_cache
-from kvpress_ext.testing import tiny_model
-model = tiny_model("llama", layers=2)
-cache = DynamicCache()
-with torch.no_grad():
-    model(input_ids=torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7, 11]]), past_key_values=cache)
-real, n = os.rename, [0]
-def rename(a, b):
-    n[0] += 1
-    if n[0] == 3:
-        os._exit(9)
-    real(a, b)
-safe_io.os.rename = rename
-save_cache(cache, {str(path)!r}, model=model, extra={{"v": "new"}})
-"""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 9, proc.stderr
+    proc = multiprocessing.get_context("fork").Process(target=_save_then_die_at_third_rename, args=(path,))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 9
     assert not path.exists()  # killed with the old cache moved aside and the new one not yet in place
     assert load_cache(path, model=model)[1]["extra"] == {"v": "new"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the dead writer's lock file is gone too
 
 
 # --- command line: tampered files exit 2 with one line; the repair flag repairs ---------------------------------

@@ -97,7 +97,7 @@ def is_store_root(root) -> bool:
     except (OSError, ValueError):
         pass
     entries = list(root.iterdir())
-    return bool(entries) and all(_is_store_entry(p) for p in entries) and any(p.is_dir() for p in entries)
+    return bool(entries) and all(_is_store_entry(p) for p in entries)
 
 
 def check_store_root(root, flag: str = "--store") -> Path:
@@ -229,10 +229,14 @@ class ChunkStore:
 
     # --- internals -------------------------------------------------------------------------------------------
     def _claim_root(self) -> None:
-        if not (self.root / STORE_MARKER).is_file():
-            check_store_root(self.root, flag="ChunkStore root")
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.root / STORE_MARKER, json.dumps({"kind": STORE_KIND, "format": STORE_FORMAT}).encode())
+        if (self.root / STORE_MARKER).is_file():
+            return
+        with path_lock(self.root):
+            if not (self.root / STORE_MARKER).is_file():
+                check_store_root(self.root, flag="ChunkStore root")
+                self.root.mkdir(parents=True, exist_ok=True)
+                marker = json.dumps({"kind": STORE_KIND, "format": STORE_FORMAT}).encode()
+                atomic_write_bytes(self.root / STORE_MARKER, marker)
 
     def _get(self, path: Path, ids, prefix, need_surprisal: bool) -> ChunkKV:
         with ExitStack() as stack:
