@@ -5,7 +5,7 @@ A saved cache is a directory::
     cache_dir/
         tensors.safetensors   layer{i}.keys / layer{i}.values (no pickle)
         metadata.json         format version, per-layer lengths, position state, press, token ids, model name,
-                              model fingerprint (config + weights), sha256 of the tensor file, caller's extra fields
+                              model fingerprint (config + weights), checksum of the tensor file, caller's extra fields
 
 Writes follow :mod:`kvpress_ext.safe_io`: only into a missing path, an empty directory or one of our caches,
 through a temporary sibling swapped in under a lock, so a crash never leaves a half-written cache and a user's
@@ -71,17 +71,56 @@ def model_fingerprint(model) -> str:
 
 
 # --- integrity helpers (shared with A3's chunk store) ---------------------------------------------------------------
-def file_checksum(path) -> str:
-    """``sha256:<hex>`` of a file, read in 1 MiB blocks (cost: docs/results/integrity.md)."""
-    h = hashlib.sha256()
+def _hasher(algorithm: str):
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(algorithm)
+
+
+def _default_algorithm() -> str:
+    try:
+        import xxhash  # noqa: F401 - installed with datasets (a dependency); 15-40x faster than sha256
+
+        return "xxh3_128"
+    except ImportError:
+        return "sha256"
+
+
+CHECKSUM_ALGORITHMS = ("xxh3_128", "sha256")
+
+
+def checksum_bytes(data: bytes, algorithm: str | None = None) -> str:
+    """``<algorithm>:<hex>`` of ``data``: xxh3_128 (fast, non-cryptographic) when xxhash is installed, else sha256.
+
+    It detects corruption (bit rot, truncation, a half-copied file), not forgery: whoever can edit the tensor file
+    can edit the metadata next to it. Cost per MB: docs/results/integrity.md.
+    """
+    algorithm = algorithm or _default_algorithm()
+    h = _hasher(algorithm)
+    h.update(data)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def file_checksum(path, algorithm: str | None = None) -> str:
+    """:func:`checksum_bytes` of a file, read in 1 MiB blocks."""
+    algorithm = algorithm or _default_algorithm()
+    h = _hasher(algorithm)
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
-    return f"sha256:{h.hexdigest()}"
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def is_checksum(value) -> bool:
+    return isinstance(value, str) and value.partition(":")[0] in CHECKSUM_ALGORITHMS and len(value.partition(":")[2]) >= 32
 
 
 def read_verified_tensors(path: Path, expected: str, where: str, fix: str, device=None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file whose sha256 must be ``expected``; never a pickle, one-line errors.
+    """The tensors of a safetensors file whose checksum must be ``expected``; never a pickle, one-line errors.
 
     The file is read once into memory, hashed, then parsed from those bytes: the tensors do not map the file
     (a later change to it cannot reach them) and what is checked is what is used.
@@ -90,7 +129,12 @@ def read_verified_tensors(path: Path, expected: str, where: str, fix: str, devic
         data = path.read_bytes()
     except OSError as exc:
         raise CacheFormatError(f"{where}: cannot read {path.name} ({exc.strerror}); {fix}") from None
-    if f"sha256:{hashlib.sha256(data).hexdigest()}" != expected:
+    algorithm = expected.partition(":")[0]
+    try:
+        actual = checksum_bytes(data, algorithm)
+    except (ValueError, ImportError):
+        raise CacheFormatError(f"{where}: checksum algorithm {algorithm!r} is unknown here; {fix}") from None
+    if actual != expected:
         raise CacheFormatError(f"{where}: {path.name} does not match its checksum (corrupt or changed on disk); {fix}")
     try:
         tensors = safetensors_load(data)
@@ -104,9 +148,16 @@ def read_verified_tensors(path: Path, expected: str, where: str, fix: str, devic
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
-    """Raise :class:`CacheFormatError` when a floating tensor holds NaN or Inf."""
+    """Raise :class:`CacheFormatError` when a floating tensor holds NaN or Inf.
+
+    One ``aminmax`` per tensor: NaN propagates to both ends and an infinity is an end, so both ends are finite
+    exactly when every value is (a single vectorised pass, 50-100x cheaper than ``isfinite(t).all()``).
+    """
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(t)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             raise CacheFormatError(f"{where}: tensor {name} holds NaN or Inf values; {fix}")
 
 
@@ -302,8 +353,7 @@ _SCHEMA = {
     "model_name": lambda v: v is None or isinstance(v, str),
     "model_fingerprint": lambda v: isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v),
     "dtype": lambda v: isinstance(v, str),
-    "checksums": lambda v: isinstance(v, dict) and set(v) == {TENSORS_FILE} and isinstance(v[TENSORS_FILE], str)
-    and v[TENSORS_FILE].startswith("sha256:"),
+    "checksums": lambda v: isinstance(v, dict) and set(v) == {TENSORS_FILE} and is_checksum(v[TENSORS_FILE]),
     "extra": lambda v: isinstance(v, dict),
 }
 

@@ -537,3 +537,17 @@ def test_cli_icl_tampered_cache_exits_2_then_recompute_repairs(tamper, stories_d
     assert not (tmp_path / "e.json").exists()
     assert _run(capsys, *pre, "--recompute")[0] == 0
     assert load_cache(out)[1]["extra"]["mode"] == "none"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_both_checksum_algorithms_verify_and_unknown_ones_are_refused(fmt, model, tmp_path):
+    saved = FORMATS[fmt](tmp_path, model)
+    assert _meta(saved.dir)["checksums"]["tensors.safetensors"].startswith("xxh3_128:")  # xxhash ships with datasets
+    meta = _meta(saved.dir)
+    meta["checksums"]["tensors.safetensors"] = cache_io.file_checksum(saved.dir / "tensors.safetensors", "sha256")
+    _write_meta(saved.dir, meta)
+    saved.load()  # a sha256 checksum (written where xxhash is missing) verifies too
+    meta["checksums"]["tensors.safetensors"] = "md5:" + "0" * 32
+    _write_meta(saved.dir, meta)
+    with pytest.raises(CacheFormatError, match="invalid checksums"):
+        saved.load()

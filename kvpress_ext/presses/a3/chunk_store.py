@@ -23,7 +23,7 @@ config and a sample of every weight, so two models with the same config never sh
 hashes the prefix ids too: the same chunk after another prefix has other K/V. Each entry is read and written
 under its own file lock (:func:`kvpress_ext.safe_io.path_lock`): concurrent writers of one store never compute
 a chunk twice (the second waits, then reuses it), and a replacement is swapped in atomically and recoverably.
-An entry's metadata lists the sha256 of its tensor file; loading validates the metadata (exact keys, known
+An entry's metadata lists the checksum of its tensor file; loading validates the metadata (exact keys, known
 format), the checksum and that every value is finite. A missing, damaged or mismatched entry raises
 :class:`CacheFormatError`, or is recomputed when ``recompute_bad=True``.
 
@@ -52,6 +52,7 @@ from kvpress_ext.cache_io import (
     check_finite,
     check_version,
     file_checksum,
+    is_checksum,
     is_int,
     model_fingerprint,
     read_json_object,
@@ -129,7 +130,7 @@ _ENTRY_SCHEMA = {
     "num_layers": lambda v: is_int(v, 1),
     "key_layout": lambda v: v == "post-rope at local positions prefix_len + j",
     "dtype": lambda v: isinstance(v, str),
-    "checksums": lambda v: isinstance(v, dict) and set(v) == {TENSORS} and isinstance(v[TENSORS], str),
+    "checksums": lambda v: isinstance(v, dict) and set(v) == {TENSORS} and is_checksum(v[TENSORS]),
 }
 
 
