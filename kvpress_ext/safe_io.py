@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -80,8 +80,8 @@ def _acquire(lock_file: Path, blocking: bool, on_wait: Callable[[str], None] | N
             except FileNotFoundError:
                 cur = None
             if cur is not None and (cur.st_ino, cur.st_dev) == (st.st_ino, st.st_dev):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                # fixed width, no truncation: ext4 flushes a truncated file on close (7 ms instead of 0.1 ms)
+                os.pwrite(fd, b"%-12d" % os.getpid(), 0)
                 return fd
         except BaseException:
             os.close(fd)
@@ -153,9 +153,22 @@ def try_lock(path):
 
 
 # --- recovery and atomic replacement -------------------------------------------------------------------------------
-def _siblings(path: Path, kind: str) -> list[Path]:
-    pattern = f".{glob.escape(path.name)}.{kind}-*"
-    return sorted(path.parent.glob(pattern), key=lambda p: p.lstat().st_mtime_ns)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-[^/]*$")
+
+
+def _leftovers(path: Path) -> dict[str, list[Path]]:
+    """``.NAME.tmp-*`` / ``.new-*`` / ``.old-*`` next to ``path``, oldest first (one directory scan)."""
+    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
+    prefix = f".{path.name}."
+    with os.scandir(path.parent) as entries:
+        for e in entries:
+            if e.name.startswith(prefix):
+                m = _LEFTOVER.match(e.name)
+                if m and m["name"] == path.name:
+                    found[m["kind"]].append(Path(e.path))
+    for paths in found.values():
+        paths.sort(key=lambda p: p.lstat().st_mtime_ns)
+    return found
 
 
 def _remove(p: Path) -> None:
@@ -179,7 +192,8 @@ def recover(path) -> list[str]:
     if not path.parent.is_dir():
         return []
     done = []
-    news, olds = _siblings(path, "new"), _siblings(path, "old")
+    found = _leftovers(path)
+    news, olds = found["new"], found["old"]
     if not os.path.lexists(path):
         if news:
             os.rename(news.pop(), path)
@@ -187,9 +201,28 @@ def recover(path) -> list[str]:
         elif olds:
             os.rename(olds.pop(), path)
             done.append("restored the previous version after an interrupted replacement")
-    for p in _siblings(path, "tmp") + news + olds:
+    for p in found["tmp"] + news + olds:
         _remove(p)
         done.append(f"removed {p.name}")
+    return done
+
+
+def sweep(directory) -> list[str]:
+    """:func:`recover` every path of ``directory`` that has leftovers and no writer (one scan; stores call it once)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    names = set()
+    with os.scandir(directory) as entries:
+        for e in entries:
+            m = _LEFTOVER.match(e.name)
+            if m:
+                names.add(m["name"])
+    done = []
+    for name in sorted(names):
+        with try_lock(directory / name) as locked:
+            if locked:
+                done += recover(directory / name)
     return done
 
 

@@ -66,6 +66,7 @@ from kvpress_ext.safe_io import (
     path_lock,
     recover,
     replace_directory,
+    sweep,
 )
 
 STORE_FORMAT = 2
@@ -184,6 +185,7 @@ class ChunkStore:
         self.fingerprint = model_fingerprint(model)
         self.hits = 0
         self.misses = 0
+        self._swept: set[Path] = set()
 
     # --- paths ------------------------------------------------------------------------------------------
     @property
@@ -240,17 +242,28 @@ class ChunkStore:
                 atomic_write_bytes(self.root / STORE_MARKER, marker)
 
     def _get(self, path: Path, ids, prefix, need_surprisal: bool) -> ChunkKV:
+        if path.parent not in self._swept:
+            sweep(path.parent)  # once per directory: finish or undo what killed writers left
+            self._swept.add(path.parent)
+        if path.exists():  # a hit needs no lock: entries appear by rename, complete
+            try:
+                entry = self._load(path, ids, prefix)
+                if not (need_surprisal and entry.surprisal is None):
+                    self.hits += 1
+                    return entry
+            except CacheFormatError:
+                pass  # checked again under the lock (a writer may be replacing it right now)
         with ExitStack() as stack:
             try:
                 self._claim_root()
-                stack.enter_context(path_lock(path))  # one writer per entry; readers wait for it
+                stack.enter_context(path_lock(path))  # one writer per entry; others wait, then reuse its result
                 locked = True
             except OSError as exc:
                 if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                     raise
-                locked = False  # a read-only store: read what is there, compute nothing
-            if locked:
-                recover(path)
+                locked = False  # a read-only store: report what is there, compute nothing
+            if locked and not path.exists():
+                recover(path)  # a replacement killed between its renames: finish or undo it
             if path.exists() or not locked:
                 try:
                     entry = self._load(path, ids, prefix)
