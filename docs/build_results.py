@@ -40,5 +40,8 @@ def build() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     (DOCS / "results.md").write_text(build())
     print(f"wrote {DOCS / 'results.md'}")

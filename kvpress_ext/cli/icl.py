@@ -58,7 +58,7 @@ def _cmd_precompute(args) -> int:
     wf.check_budget(args.budget, args.window_size)
     docs = wf.load_documents(args.data, args.data_limit)
     check_cache_target(args.out)  # a file or a user's directory is refused, with or without --recompute
-    if not args.recompute and wf.existing_cache(args.out) is not None:  # also refuses a path that is not ours
+    if not args.recompute and wf.existing_cache(args.out) is not None:  # verified (raises if damaged)
         print(f"{args.out} holds a valid cache; skipping (use --recompute to replace it)")
         return 0
     model, tok = _load_model(args.model)
