@@ -551,3 +551,22 @@ def test_both_checksum_algorithms_verify_and_unknown_ones_are_refused(fmt, model
     _write_meta(saved.dir, meta)
     with pytest.raises(CacheFormatError, match="invalid checksums"):
         saved.load()
+
+
+@pytest.mark.parametrize("version, message", [(1, None), (0, "unknown"), (-1, "unknown"), ("1", "unknown"),
+                                              (True, "unknown"), (2, "this version reads 1")])
+def test_clusters_file_versions_and_centroids(version, message, tmp_path):
+    """The third saved format, a clusters JSON file: known version only, finite centroids."""
+    from kvpress_ext.icl.cluster import load_clusters
+    from kvpress_ext.icl.workflow import ICLInputError
+
+    saved = {"format": version, "embedder": "e", "centroids": [[0.5, 1.0]], "clusters": [[0]],
+             "records": [{"question": "q"}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(saved))
+    if message is None:
+        assert load_clusters(path)["centroids"] == [[0.5, 1.0]]
+        path.write_text(json.dumps(saved).replace("0.5", "NaN"))
+        message = "non-finite centroids"
+    with pytest.raises(ICLInputError, match=message):
+        load_clusters(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -260,6 +261,12 @@ def load_clusters(path) -> dict:
     if version != FORMAT_VERSION:
         raise ICLInputError(f"{path} has clusters format {version}, this version reads "
                             f"{FORMAT_VERSION}; rebuild it with `kvpress-ext icl cluster build`.")
+    centroids = clusters["centroids"]
+    if not (isinstance(centroids, list) and centroids and all(isinstance(row, list) and row for row in centroids)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for row in centroids for x in row)):
+        raise ICLInputError(f"{path} has missing, malformed or non-finite centroids; rebuild it with "
+                            "`kvpress-ext icl cluster build`.")
     if "records" not in clusters:
         data = Path(clusters["data"]["path"])
         records = load_documents(data)
