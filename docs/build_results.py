@@ -25,6 +25,7 @@ PARTS = [
     ("rkv", "R-KV scoring speed (issue 5)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
+    ("integrity", "Data safety and integrity: the rules and the cost of the checks (issue 13)"),
 ]
 
 
@@ -39,5 +40,8 @@ def build() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     (DOCS / "results.md").write_text(build())
     print(f"wrote {DOCS / 'results.md'}")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot, shared_dir
+from kvpress_ext.safe_io import check_output_file, write_output
 
 
 def main():
@@ -26,13 +26,15 @@ def main():
     ap.add_argument("--out", default="results/a3_quality.json")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    check_output_file(args.out, flag="--out")
+    if args.plot:
+        check_output_file(args.plot, kind="image", flag="--plot")
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = evaluate(model, tok, rates=args.rates, n_samples=args.samples, n_chunks=args.chunks,
                     chunk_tokens=args.chunk_tokens, question_tokens=args.question_tokens)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_output(args.out, json.dumps({"args": vars(args), "rows": rows}, indent=1), flag="--out")
     print(markdown_table(rows, args.rates))
     if args.plot:
         plot(rows, args.rates, args.plot)

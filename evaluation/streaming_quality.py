@@ -107,8 +107,10 @@ def report(args):
         checks["lazy_vs_eager_overall_ppl"] = {"lazy": lazy, "eager": eager, "relative": lazy / eager - 1}
         checks["lazy_within_2pct_of_eager_overall"] = abs(lazy / eager - 1) <= 0.02
     result["checks"] = checks
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    from kvpress_ext.safe_io import check_output_file, save_figure, write_output
+
+    check_output_file(args.plot, kind="image", flag="--plot")
+    write_output(args.json, json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("predictions", "checks")}, indent=1))
     curves = result.get("segment_ppl_reference_targets", result["segment_ppl_all_targets"])
     for m, v in curves.items():
@@ -151,9 +153,8 @@ def report(args):
         bx.legend(fontsize=8)
         bx.grid(alpha=0.3)
     axes[-1][0].set_xlabel("token index in the stream")
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    save_figure(fig, args.plot, dpi=120)
     print(f"wrote {args.json} and {args.plot}")
 
 

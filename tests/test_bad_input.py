@@ -180,7 +180,7 @@ CASES = [
     ("cli", [*A3P, "--chunks", "{W}/empty_list.json"], "add at least one chunk"),
     ("cli", [*A3P, "--chunks", "{W}/ints.json"], "neither a string nor an object"),
     ("cli", [*A3P, "--chunks", "{W}/empty_chunk.jsonl"], "remove empty chunks"),
-    ("cli", [*A3P[:4], "--store", "{W}/store_file", "--chunks", "{W}/chunks.jsonl"], "is a file, not a chunk store"),
+    ("cli", [*A3P[:4], "--store", "{W}/store_file", "--chunks", "{W}/chunks.jsonl"], "is a file, not a kvpress-ext chunk store"),
     ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--chunk_tokens", "0"], "must be a positive integer"),
     ("cli", ["a3", "precompute", "--model", "{W}/no_model", "--store", "{W}/new_store", "--chunks",
              "{W}/chunks.jsonl"], "pass --model a local model directory"),
@@ -189,7 +189,7 @@ CASES = [
     ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--chunk_tokens", "x"], "invalid int value"),
     # --- kvpress-ext a3 ask ----------------------------------------------------------------------------------------
     ("cli", [*A3A[:6], "--chunks", "{W}/bad_utf8.jsonl", *A3A[8:]], "not valid UTF-8"),
-    ("cli", [*A3A[:4], "--store", "{W}/store_file", *A3A[6:]], "is a file, not a chunk store"),
+    ("cli", [*A3A[:4], "--store", "{W}/store_file", *A3A[6:]], "is a file, not a kvpress-ext chunk store"),
     ("cli", [*A3A, "--strategy", "nope"], "choose from blend, debug"),
     ("cli", [*A3A, "--rate", "1.5"], "[0, 1]"),
     ("cli", [*A3A, "--rate", "abc"], "[0, 1]"),

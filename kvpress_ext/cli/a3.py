@@ -23,8 +23,8 @@ from pathlib import Path
 from kvpress_ext import hub
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
-
-SUMMARY = "precompute_summary.json"
+from kvpress_ext.presses.a3.chunk_store import SUMMARY, check_store_root
+from kvpress_ext.safe_io import check_output_file, write_output
 
 
 def _positive(value: int, flag: str) -> int:
@@ -77,18 +77,6 @@ def _cli_cache_error(e: CacheFormatError) -> A3InputError:
                         "plus --recompute_bad.")
 
 
-def _store_dir(path: str, flag: str = "--store") -> None:
-    """A store must be a directory (or not exist yet): a file there is an error, before any model is loaded."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise A3InputError(f"{flag} {path} is a file, not a chunk store directory; pass a directory path "
-                           "(it is created if absent).")
-
-
-def _json_out(path: str | None) -> None:
-    if path is not None and Path(path).is_dir():
-        raise A3InputError(f"--json {path} is a directory; pass a file path such as {Path(path) / 'ask.json'}.")
-
-
 def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, float]:
     """Store every chunk (entries already there are reused); returns (number computed, seconds)."""
     from tqdm.auto import tqdm
@@ -111,7 +99,7 @@ def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, fl
 def _cmd_precompute(args) -> int:
     _positive(args.chunk_tokens, "chunk_tokens")
     check_chunk_file(args.chunks)
-    _store_dir(args.store)
+    check_store_root(args.store)
     model, tok = _load_model(args.model)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
@@ -122,8 +110,7 @@ def _cmd_precompute(args) -> int:
         "chunks": len(chunks), "tokens": sum(map(len, chunks)), "computed": computed,
         "reused": len(chunks) - computed, "seconds": seconds,
     }
-    store.root.mkdir(parents=True, exist_ok=True)
-    (store.root / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    write_output(store.root / SUMMARY, json.dumps(summary, indent=1) + "\n", flag="--store")
     print(f"{summary['chunks']} chunks ({summary['tokens']} tokens): {computed} computed, {summary['reused']} "
           f"reused in {seconds:.2f} s; summary in {store.root / SUMMARY}")
     return 0
@@ -181,8 +168,9 @@ def _validate_ask(args) -> tuple[float, dict]:
     if not args.question.strip():
         raise A3InputError("--question is empty; pass the question text")
     check_chunk_file(args.chunks)
-    _store_dir(args.store)
-    _json_out(args.json)
+    check_store_root(args.store)
+    if args.json:
+        check_output_file(args.json)
     if not Path(args.store).is_dir() and not args.compute_missing:
         raise A3InputError(f"store directory not found: {args.store}; run `kvpress-ext a3 precompute --store "
                            f"{args.store} ...` first, or pass --compute_missing")
@@ -253,9 +241,7 @@ def _cmd_ask(args) -> int:
         if not cmp["answers_agree"]:
             print(f"full-prefill answer: {result['full']['answer']}")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out = write_output(args.json, json.dumps(result, indent=1) + "\n")
         print(f"written to {out}")
     return 0
 
@@ -289,7 +275,8 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("precompute", help="encode every chunk of a chunk file into a chunk store (reuses entries)")
     p.add_argument("--model", required=True, help="local model directory (or cached hub id)")
     p.add_argument("--chunks", required=True, help="JSON/JSONL list of strings or {text} objects, or a .txt file")
-    p.add_argument("--store", required=True, help="chunk store directory (created if absent)")
+    p.add_argument("--store", required=True,
+                   help="chunk store directory (created if absent; an existing directory must be a chunk store)")
     p.add_argument("--surprisal", action="store_true", help="also store per-token surprisal (surprisal_chunk)")
     p.add_argument("--recompute_bad", action="store_true", help="recompute corrupt or mismatched entries")
     p.add_argument("--chunk_tokens", type=int, default=512, help="tokens per chunk when --chunks is a .txt file")
@@ -310,5 +297,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compute_missing", action="store_true", help="compute chunks the store lacks (before timing)")
     p.add_argument("--compare_full", action="store_true", help="also answer with a full prefill and compare")
     p.add_argument("--json", default=None, metavar="OUT",
-                   help="write everything to this JSON file (missing parent directories are created)")
+                   help="write everything to this JSON file (missing parent directories are created; an existing file "
+                        "is replaced atomically only if it holds JSON)")
     p.set_defaults(func=_cache_errors_name_the_flag(_cmd_ask))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 from transformers import TextStreamer
@@ -16,6 +15,7 @@ from kvpress_ext.errors import PressParameterError
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.generate import GenerateInputError, Generation, generate_ids
 from kvpress_ext.inputs import read_text_file
+from kvpress_ext.safe_io import check_output_file, write_output
 
 
 def _read_prompt(args) -> str:
@@ -35,9 +35,8 @@ def _check_args(args) -> None:
         raise GenerateInputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         raise GenerateInputError(f"--top_p must be in (0, 1], got {args.top_p}.")
-    if args.json is not None and Path(args.json).is_dir():
-        raise GenerateInputError(f"--json {args.json} is a directory; pass a file path such as "
-                                 f"{Path(args.json) / 'generation.json'}.")
+    if args.json:
+        check_output_file(args.json)
 
 
 def _build_press(args):
@@ -117,9 +116,7 @@ def _cmd_generate(args) -> int:
             "stopped_at_eos": result.stopped_at_eos, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, **memory,
         }
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))
+        write_output(args.json, json.dumps(record, indent=2))
     return 0
 
 
@@ -142,8 +139,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--json", default=None, metavar="OUT",
-                   help="write the text and statistics to this JSON file (missing parent directories are created)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the text and statistics to this JSON file (missing directories are created; an existing "
+                        "file is replaced atomically only if it holds JSON)")
     p.add_argument("--stop_at_eos", dest="stop_at_eos", action="store_true", default=True,
                    help="stop after an end-of-sequence token")
     p.add_argument("--no_stop_at_eos", dest="stop_at_eos", action="store_false",

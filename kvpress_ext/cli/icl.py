@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-from pathlib import Path
 
+from kvpress_ext.cache_io import check_cache_target
 from kvpress_ext.cli.common import positive_int
 from kvpress_ext.icl import workflow as wf
+from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
+from kvpress_ext.safe_io import check_output_dir, check_output_file, claim_output_dir, save_figure, write_output
 
 
 def _load_model(name: str):
@@ -27,7 +30,8 @@ def _add_cache_args(p):
     p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
     p.add_argument("--rotation_offset", type=int, default=0)
     p.add_argument("--max_note_tokens", type=positive_int, default=64)
-    p.add_argument("--recompute", action="store_true", help="overwrite an existing cache")
+    p.add_argument("--recompute", action="store_true",
+                   help="replace an existing cache (only ever one of ours: another file or directory is refused)")
 
 
 def _add_eval_args(p):
@@ -53,12 +57,16 @@ def _eval_kwargs(args):
 def _cmd_precompute(args) -> int:
     wf.check_budget(args.budget, args.window_size)
     docs = wf.load_documents(args.data, args.data_limit, require_solution=True)
-    if (Path(args.out) / "metadata.json").is_file() and not args.recompute:
-        print(f"{args.out} exists; skipping (use --recompute to overwrite)")
+    check_cache_target(args.out)  # a file or a user's directory is refused, with or without --recompute
+    if not args.recompute and wf.existing_cache(args.out) is not None:  # verified (raises if damaged)
+        print(f"{args.out} holds a valid cache; skipping (use --recompute to replace it)")
         return 0
     model, tok = _load_model(args.model)
     meta = wf.precompute(model, tok, docs, args.out, **_precompute_kwargs(args, args.mode, args.summary_complexity,
                                                                          args.budget))
+    if meta["reused"]:
+        print(f"{args.out} was written meanwhile by another run and holds a valid cache; reused it")
+        return 0
     print(f"saved cache of {max(meta['seq_lengths'])} tokens/head ({meta['extra']['tokens_seen']} read) to {args.out}")
     return 0
 
@@ -73,18 +81,19 @@ def _questions(args):
 
 def _cmd_eval(args) -> int:
     wf.read_metadata(args.cache)  # fails fast with a clear message
+    check_output_file(args.out, flag="--out")
     questions = _questions(args)
     model, tok = _load_model(args.model)
     result = wf.evaluate(model, tok, args.cache, questions, **_eval_kwargs(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_output(args.out, json.dumps(result, indent=2), flag="--out")
     print(f"{sum(len(r['generations']) for r in result['records'])} generations from a "
           f"{result['cache_length']}-token cache written to {out}")
     return 0
 
 
 def _cmd_score(args) -> int:
+    if args.csv:
+        check_output_file(args.csv, flag="--csv", is_ours=is_scores_csv, what=SCORES_CSV_WHAT)
     _, table = wf.score(args.eval, args.csv)
     print(table)
     return 0
@@ -96,8 +105,9 @@ def _cmd_grid(args) -> int:
     docs = wf.load_documents(args.data, args.data_limit, require_solution=True)
     questions = wf.load_documents(args.eval_data or args.data, args.eval_limit,
                                   flag="--eval_data" if args.eval_data else "--data")
-    out_dir = Path(args.out_dir)
+    out_dir = check_output_dir(args.out_dir, flag="--out_dir")
     model, tok = _load_model(args.model)
+    claim_output_dir(out_dir, flag="--out_dir")
     rows = []
     for mode in args.modes:
         for complexity in (args.complexities if mode != "none" else args.complexities[:1]):
@@ -107,16 +117,17 @@ def _cmd_grid(args) -> int:
                 wf.precompute(model, tok, docs, cache_dir, **_precompute_kwargs(args, mode, complexity, budget))
                 if not eval_file.is_file() or args.recompute:
                     result = wf.evaluate(model, tok, cache_dir, questions, **_eval_kwargs(args))
-                    eval_file.write_text(json.dumps(result, indent=2))
+                    write_output(eval_file, json.dumps(result, indent=2), flag="--out_dir")
                 scores, _ = wf.score(eval_file, out_dir / name / "scores.csv")
                 cache_len = json.loads(eval_file.read_text())["cache_length"]
                 rows.append({"budget": budget, "mode": mode, "complexity": complexity if mode != "none" else "",
                              "pass@1": scores["pass_at_k"][1]["mean"], "correct": scores["total_correct"],
                              "samples": scores["total_samples"], "cache_length": cache_len})
-    with (out_dir / "grid.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    fh = io.StringIO(newline="")
+    writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_output(out_dir / "grid.csv", fh.getvalue(), flag="--out_dir", is_ours=lambda p: True)  # our directory
     print(f"{'budget':>7} {'mode':>10} {'complexity':>10} {'pass@1':>7} {'cache':>6}")
     for r in rows:
         print(f"{r['budget']:>7} {r['mode']:>10} {r['complexity']:>10} {r['pass@1']:>7.3f} {r['cache_length']:>6}")
@@ -140,7 +151,7 @@ def _plot(rows, path):
     ax.set_xscale("log", base=2)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, flag="--out_dir", dpi=120)
     plt.close(fig)
 
 
@@ -148,6 +159,7 @@ def _cmd_cluster_build(args) -> int:
     from kvpress_ext.icl import cluster
 
     docs = wf.load_documents(args.data)
+    check_output_file(args.out, flag="--out")
     clusters = cluster.build_clusters(docs, args.embedder, args.k, args.seed, batch_size=args.batch_size)
     out = cluster.save_clusters(clusters, args.out, data_path=args.data)
     sizes = ", ".join(str(len(m)) for m in clusters["clusters"])
@@ -159,10 +171,9 @@ def _cmd_cluster_query(args) -> int:
     from kvpress_ext.icl import cluster
 
     clusters = cluster.load_clusters(args.clusters)
+    check_output_file(args.out, flag="--out")
     cluster_id, records = cluster.nearest_cluster(clusters, args.question, args.embedder)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2))
+    out = write_output(args.out, json.dumps(records, indent=2), flag="--out")
     print(f"cluster {cluster_id} ({len(records)} records) written to {out}")
     return 0
 
@@ -191,7 +202,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="hub id or local model directory")
     p.add_argument("--mode", choices=wf.MODES, default="takeaways")
     p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple")
-    p.add_argument("--out", required=True, help="cache directory to write")
+    p.add_argument("--out", required=True,
+                   help="cache directory to write: a new path, an empty directory, or an existing cache (reused)")
     _add_cache_args(p)
     p.set_defaults(func=_cmd_precompute)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.safe_io import check_output_dir, claim_output_dir, save_figure, write_output
+
 PREFILL = "prefill"
 
 
@@ -246,8 +248,7 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     methods = parse_methods(cfg.strategies, cfg.evict)
     question_text = question_text or (lambda s: s.question)
     samples = samples[: cfg.max_samples] if cfg.max_samples else samples
-    out_dir = Path(cfg.output_dir or Path("results") / cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_output_dir(cfg.output_dir or Path("results") / cfg.name)
     store = ChunkStore(tempfile.mkdtemp(prefix=f"longcontext-{cfg.name}-"), model, tokenizer,
                        save_surprisal="surprisal_chunk" in cfg.strategies)
     bos = store.prefix_ids
@@ -281,8 +282,8 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
             "method": m.name, "strategy": m.strategy, "evict": m.evict,
             "rate": cfg.rate if m.strategy else None, "config": config, "summary": summarize(recs), "records": recs,
         }
-        (out_dir / f"{_safe(m.name)}.json").write_text(json.dumps(runs[m.name], indent=1))
-    (out_dir / "summary.md").write_text(summary_markdown(cfg, runs))
+        write_output(out_dir / f"{_safe(m.name)}.json", json.dumps(runs[m.name], indent=1), flag="--output_dir")
+    write_output(out_dir / "summary.md", summary_markdown(cfg, runs), kind="markdown", flag="--output_dir")
     return runs
 
 
@@ -354,6 +355,8 @@ def check_common(args) -> None:
         raise InputError("--max_samples must be a positive integer")
     parse_methods(args.strategies, args.evict)
     check_evict(args)
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
     if args.threads >= 1:
         torch.set_num_threads(args.threads)
 
@@ -433,7 +436,7 @@ def plot_heatmaps(runs: dict[str, dict], depths: list[float], lengths: list[int]
         ax.set_ylabel("needle depth")
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="retrieval accuracy")
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, flag="--output_dir", dpi=100)
     plt.close(fig)
 
 

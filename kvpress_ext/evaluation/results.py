@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.safe_io import check_output_dir, claim_output_dir, save_figure, write_output
+
 
 def library_versions() -> dict:
     import importlib.metadata as md
@@ -75,11 +77,9 @@ def _jsonable(x):
 
 
 def write_json(record: dict, output_dir: str | Path) -> Path:
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / run_filename(record)
-    path.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
-    return path
+    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.safe_io.claim_output_dir`)."""
+    out = claim_output_dir(output_dir)
+    return write_output(out / run_filename(record), json.dumps(_jsonable(record), indent=2) + "\n", flag="--output_dir")
 
 
 def _fmt(x, spec):
@@ -103,8 +103,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
 def write_summary(records: list[dict], output_dir: str | Path, title: str = "Perplexity sweep",
                   command: str | None = None) -> tuple[Path, Path | None]:
     """``summary.md`` (one row per run; skipped and failed presses with their reason) and ``summary.png``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(output_dir)
     rows = summary_rows(records)
     lines = [f"# {title}", ""]
     if command:
@@ -119,8 +118,7 @@ def write_summary(records: list[dict], output_dir: str | Path, title: str = "Per
             f"| {_fmt(row['kv_bytes'], ',d')} | {_fmt(row['decode_tok_per_s'], '.1f')} "
             f"| {_fmt(row['ttft_s'], '.4f')} | {status.replace('|', '/')} |"
         )
-    md = out / "summary.md"
-    md.write_text("\n".join(lines) + "\n")
+    md = write_output(out / "summary.md", "\n".join(lines) + "\n", kind="markdown", flag="--output_dir")
     return md, _plot(rows, out / "summary.png", title)
 
 
@@ -153,7 +151,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
         axes[0].legend(fontsize=7, ncol=2, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, flag="--output_dir", dpi=110)
     plt.close(fig)
     return path
 
@@ -182,13 +180,14 @@ def _plot_ranked(rows: list[dict], path: Path, title: str, plt) -> Path:
     b.set(xlabel="decode tokens/s", title="decode throughput")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, flag="--output_dir", dpi=110)
     plt.close(fig)
     return path
 
 
 def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
     """Rebuild ``summary.md``/``summary.png`` from the JSON files of a (possibly interrupted) sweep."""
+    check_output_dir(path, flag="--summarize")
     records = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
     if not records:
         raise FileNotFoundError(f"No JSON results in {path}")
@@ -254,6 +253,6 @@ def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplex
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

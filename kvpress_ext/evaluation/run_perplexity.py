@@ -24,6 +24,7 @@ from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.speed import measure_speed
 from kvpress_ext.models import load_model
 from kvpress_ext.registry import available_presses, get_press, press_info, press_name, validate_parameters
+from kvpress_ext.safe_io import check_output_dir
 
 
 @dataclass
@@ -198,6 +199,7 @@ def run(args: PerplexityConfig) -> list[dict]:
         raise PressParameterError("--press_kwargs cannot be combined with --press all (each press has its own): "
                                   "drop --press_kwargs, or run one --press NAME with them.")
     text = ppl.load_text(args.dataset, args.subset, args.split, args.sample_idx, args.text_file)
+    check_output_dir(args.output_dir)
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

@@ -17,12 +17,13 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import METADATA_FILE, load_cache, read_metadata, save_cache
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.cache_io import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
+from kvpress_ext.errors import CacheFormatError, KVPressExtError
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
 from kvpress_ext.inputs import read_text_file
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.registry import get_press
+from kvpress_ext.safe_io import path_lock, recover, waiting_note
 
 MODES = ("takeaways", "notepad", "none")
 COMPLEXITIES = ("simple", "complex")
@@ -137,12 +138,26 @@ def check_budget(budget, window_size: int) -> None:
         raise ICLInputError(f"--budget must be an integer larger than --window_size ({window_size}), got {budget!r}.")
 
 
+def existing_cache(out, model=None) -> dict | None:
+    """The verified metadata of the cache at ``out``, None when there is none; raises if ``out`` is not ours or
+    holds a damaged cache (then ``--recompute`` replaces it)."""
+    out = check_cache_target(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / METADATA_FILE).is_file():
+        raise CacheFormatError(f"{out} holds a damaged cache (no {METADATA_FILE}); pass --recompute to replace it.")
+    return load_cache(out, model=model)[1]
+
+
 def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 128, mode: str = "takeaways",
                summary_complexity: str = "simple", num_epochs: int = 1, window_size: int = 8, rotate: bool = False,
                rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False) -> dict:
     """Read ``documents`` (and write notes) into an R-KV cache saved at ``out``; returns its metadata.
 
-    Skips the work and returns the saved metadata if ``out`` already holds a cache, unless ``recompute``.
+    ``out`` must be missing, empty or one of our caches (:func:`kvpress_ext.cache_io.check_cache_target`). If it
+    already holds a valid cache of this model, the work is skipped and the saved metadata returned (with
+    ``reused=True``) unless ``recompute``. Runs under the lock of ``out``: a second process writing the same path
+    waits, then reuses the cache the first one saved.
     """
     out = Path(out)
     if not documents:
@@ -154,8 +169,22 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
     check_budget(budget, window_size)
     if num_epochs < 1:
         raise ICLInputError(f"--num_epochs must be >= 1, got {num_epochs}.")
-    if (out / METADATA_FILE).is_file() and not recompute:
-        return read_metadata(out)
+    check_cache_target(out)
+    with path_lock(out, on_wait=waiting_note(out)):
+        recover(out)
+        if not recompute:
+            meta = existing_cache(out, model=model)
+            if meta is not None:
+                return {**meta, "reused": True}
+        meta = _precompute(model, tokenizer, documents, out, budget=budget, mode=mode,
+                           summary_complexity=summary_complexity, num_epochs=num_epochs, window_size=window_size,
+                           rotate=rotate, rotation_offset=rotation_offset, buffer=buffer,
+                           max_note_tokens=max_note_tokens)
+    return {**meta, "reused": False}
+
+
+def _precompute(model, tokenizer, documents, out, *, budget, mode, summary_complexity, num_epochs, window_size,
+                rotate, rotation_offset, buffer, max_note_tokens) -> dict:
     press = RKVPress(budget=budget, window_size=window_size, rotate_keys=rotate, rotation_offset=rotation_offset,
                      compression_interval=buffer)
     cache = DynamicCache()
