@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+
+#: Width of ``kvpress-ext list`` lines (summaries and parameter lists longer than that wrap, indented).
+WIDTH = 110
+
+
+def _wrapped(first: str, text: str) -> str:
+    """``first`` then ``text`` wrapped to WIDTH, continuation lines indented as far as ``first``."""
+    lines = textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * len(first),
+                          break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines) or first
+
 
 def _cmd_list(args) -> int:
     from kvpress_ext.adapters import available_adapters
@@ -11,12 +24,14 @@ def _cmd_list(args) -> int:
     presses = available_presses()
     print(f"Presses ({len(presses)}):")
     for name, info in presses.items():
-        params = ", ".join(str(p) for p in info.parameters)
-        note = f"  [needs: {info.requires}]" if info.requires else ""
-        source = "" if info.source in ("kvpress_ext",) else f"  (from {info.source})"
-        print(f"  {name:24s} {info.summary}{source}{note}")
+        params = ", ".join(str(p) for p in info.effective_parameters)
+        note = f" [needs: {info.requires}]" if info.requires else ""
+        source = "" if info.source in ("kvpress_ext",) else f" (from {info.source})"
+        if len(name) > 24:  # the summary starts on the next line, in its column
+            print(f"  {name}")
+        print(_wrapped(f"  {name if len(name) <= 24 else '':24s} ", f"{info.summary}{source}{note}"))
         if params:
-            print(f"  {'':24s}   params: {params}")
+            print(_wrapped(f"  {'':24s}   params: ", params))
     print(f"\nModel adapters ({len(available_adapters())}):")
     for adapter in available_adapters():
         print(f"  {adapter.describe()}")
@@ -34,14 +49,29 @@ def _cmd_describe(args) -> int:
     info = press_info(args.name)
     print(f"{info.name}  ({info.cls.__module__}.{info.cls.__name__}, from {info.source})\n")
     print(info.doc)
-    print("\nParameters:")
-    for p in info.parameters:
-        print(f"  {p.name}: {p.type}" + ("" if p.required else f" = {p.default!r}"))
-    if info.defaults:
-        print(f"\nDefaults used when built by name without arguments: {info.defaults}")
+    documented = _documented_parameters(info.doc)
+    rest = [p for p in info.parameters if p.name not in documented]
+    if rest:  # the docstring's own Parameters section already lists the others
+        print("\nParameters:" if not documented else "\nOther parameters:")
+        for p in rest:
+            print(f"  {p.name}: {p.type}" + ("" if p.required else f" = {p.default!r}"))
+    class_defaults = {p.name: p.default for p in info.parameters}
+    changed = {k: v for k, v in info.build_defaults.items() if class_defaults.get(k, object()) != v}
+    if changed:
+        items = ", ".join(f"{k}={v!r}" + ("" if class_defaults.get(k) is None else f" (class default {class_defaults[k]!r})")
+                          for k, v in changed.items())
+        print(f"\nBuilt by name (`kvpress-ext`, get_press) without them, it gets: {items}")
     if info.requires:
         print(f"\nNeeds: {info.requires}")
     return 0
+
+
+def _documented_parameters(doc: str) -> set[str]:
+    """Names described in a numpy-style ``Parameters`` section (``name : type`` or ``name:`` lines)."""
+    match = re.search(r"^Parameters\n-{3,}\n(.*?)(?:\n\S[^\n]*\n-{3,}\n|\Z)", doc, re.DOTALL | re.MULTILINE)
+    if not match:
+        return set()
+    return set(re.findall(r"^(\w+)\s*:", match.group(1), re.MULTILINE))
 
 
 def add_parser(subparsers) -> None:

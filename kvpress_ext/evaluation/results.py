@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -46,6 +47,26 @@ def device_info(device) -> dict:
     else:
         info["device_name"] = platform.processor() or platform.machine()
     return info
+
+
+def machine_load() -> dict:
+    """The machine's load average (1 and 5 minutes) against its CPU count, and whether it was busy: timings taken
+    while other processes ran (load average at or above half the CPUs) are not comparable with idle ones."""
+    cpus = os.cpu_count() or 1
+    try:
+        one, five, _ = os.getloadavg()
+    except (OSError, AttributeError):  # not available on this platform
+        return {"loadavg_1m": None, "loadavg_5m": None, "cpu_count": cpus, "busy": None}
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "cpu_count": cpus, "busy": one >= cpus / 2}
+
+
+def load_text(start: dict, end: dict) -> str:
+    """``load average 1.3 -> 2.1 on 2 CPUs (busy)`` for a start and end :func:`machine_load`."""
+    if start.get("loadavg_1m") is None:
+        return "load average unknown"
+    busy = start.get("busy") or end.get("busy")
+    return (f"load average {start['loadavg_1m']:.1f} -> {end['loadavg_1m']:.1f} on {start['cpu_count']} CPUs "
+            f"({'busy: timings slowed by other processes' if busy else 'idle'})")
 
 
 def _slug(text: str) -> str:

@@ -18,7 +18,9 @@ from kvpress_ext.registry import register_press
 @register_press("lazy_streaming")
 @dataclass
 class LazyStreamingPress(BasePress):
-    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks",
+    """Lazy-Pruning StreamingLLM: attention sinks and a recent window, compacted once every ``slack`` tokens.
+
+    StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks",
     arXiv 2309.17453) with lazy pruning: the cache keeps ``n_sink`` first tokens and the most recent
     ``window`` tokens, and RoPE positions are indices in the cache (keys re-rotated when tokens leave).
 
