@@ -142,6 +142,9 @@ def quiet_repeated_kvpress_logs() -> None:
             logger.addFilter(_ONCE)
 
 
+quiet_repeated_kvpress_logs()  # kvpress is imported above: its loggers exist (construction-time messages too)
+
+
 def manages_whole_cache(press) -> bool:
     """Presses with ``after_forward(cache)``: called once per forward pass, after every layer has attended.
 

@@ -24,6 +24,9 @@ RATIO_PARAMETERS = ("compression_ratio",)
 #: The compression ratio of a press built by name without one (get_press, the CLI, sweeps): half the cache.
 #: kvpress's classes default to 0.0, which compresses nothing; one default everywhere avoids silent no-ops.
 DEFAULT_COMPRESSION_RATIO = 0.5
+#: Parameters that get :data:`DEFAULT_COMPRESSION_RATIO` when not given (ThinK removes key channels, DuoAttention
+#: heads: their ratio means the same "fraction removed", and 0.0 would compress nothing).
+DEFAULT_RATIO_PARAMETERS = ("compression_ratio", "key_channel_compression_ratio", "head_compression_ratio")
 #: Parameter names whose value must be a positive integer.
 POSITIVE_INT_PARAMETERS = ("budget", "target_size", "window_size", "kernel_size", "compression_interval", "window")
 
@@ -73,8 +76,10 @@ class PressInfo:
         """What :func:`get_press` fills in when a parameter is not given: the registered ``defaults``, and
         :data:`DEFAULT_COMPRESSION_RATIO` for a press with a ``compression_ratio`` parameter."""
         out = dict(self.defaults)
-        if "compression_ratio" not in out and any(p.name == "compression_ratio" for p in self.parameters):
-            out["compression_ratio"] = DEFAULT_COMPRESSION_RATIO
+        names = {p.name for p in self.parameters}
+        for key in DEFAULT_RATIO_PARAMETERS:
+            if key in names and key not in out:
+                out[key] = DEFAULT_COMPRESSION_RATIO
         return out
 
     @property
@@ -273,17 +278,17 @@ def get_press(name: str, **params: Any):
 
 
 def compresses_nothing(press) -> str | None:
-    """Why ``press`` as configured removes nothing (``"compression_ratio=0"``), or None. Wrappers are judged by
-    their own ratio when they have one, else by their inner presses (all of them idle)."""
-    try:
-        ratio = getattr(press, "compression_ratio", None)
-    except Exception:  # noqa: BLE001 - some presses compute it from a forward pass and raise before one
-        ratio = None
-    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
-        return f"compression_ratio={ratio}" if ratio == 0 else None
-    inner = [getattr(press, k, None) for k in ("press", "base_press")]
-    inner += list(getattr(press, "presses", None) or [])
-    inner = [p for p in inner if p is not None and not isinstance(p, (str, type))]
+    """Why ``press`` as configured removes nothing (``"compression_ratio=0"``), or None. A press is judged by its
+    ratio (wrappers such as AdaKV forward their inner press's); a composition of presses by all of them. Presses
+    sized otherwise (a budget, a target size, a threshold) are not judged."""
+    for key in DEFAULT_RATIO_PARAMETERS:
+        try:
+            ratio = getattr(press, key, None)
+        except Exception:  # noqa: BLE001 - some presses compute it from a forward pass and raise before one
+            ratio = None
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+            return f"{key}={ratio}" if ratio == 0 else None
+    inner = [p for p in (getattr(press, "presses", None) or []) if not isinstance(p, (str, type))]
     reasons = [compresses_nothing(p) for p in inner]
     return reasons[0] if inner and all(reasons) else None
 

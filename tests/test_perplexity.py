@@ -108,7 +108,7 @@ def test_pipeline_on_every_architecture(arch):
 
 def _run(*args, out=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(SCRIPT), "--model", str(MODEL), "--no_progress", "--num_threads", "1", *args]
+    cmd = [sys.executable, str(SCRIPT), "--model", str(MODEL), "--no_progress", "--threads", "1", *args]
     if out is not None:
         cmd += ["--output_dir", str(out)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -144,11 +144,26 @@ def test_command_line_json_and_errors(tmp_path):
         lines = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (key, stderr)
         assert "Traceback" not in stderr
-    (_stdout, stderr), rc = done["json"]
+    (stdout, stderr), rc = done["json"]
     assert rc == 0, stderr
-    files = list((tmp_path / "out").glob("*.json"))
-    assert len(files) == 1
+    files = sorted((tmp_path / "out").glob("*.json"))  # the press and, beside it, the uncompressed baseline
+    assert len(files) == 2 and "no_press" in files[1].name, files
+    baseline = json.loads(files[1].read_text())
     record = json.loads(files[0].read_text())
+    # The table: baseline first, the press's setting (never ratio=None), units, threads, where the JSON went.
+    lines = stdout.splitlines()
+    row = {line.split()[0]: line for line in lines if line.startswith(("no_press", "knorm"))}
+    assert list(row) == ["no_press", "knorm"] and "(baseline)" in row["no_press"], stdout
+    assert "compression_ratio=0.5" in row["knorm"] and "None" not in stdout
+    ppl_change = (record["perplexity"]["ppl"] / baseline["perplexity"]["ppl"] - 1) * 100
+    assert f"({ppl_change:+.2f} %)" in row["knorm"]
+    assert "22/44 (ratio 0.50)" in row["knorm"] and "44/44 (ratio 0.00)" in row["no_press"]
+    assert " MiB (50 %)" in row["knorm"] and " MiB (100 %)" in row["no_press"]
+    assert "tok/s" in row["knorm"] and " ms" in row["knorm"]
+    assert "Timed on 1 CPU thread; load average" in stdout
+    assert f"JSON in {tmp_path / 'out'}: " in stdout and files[0].name in stdout
+    assert record["kept"]["effective_ratio"] == pytest.approx(0.5) and baseline["kept"]["effective_ratio"] == 0
+    assert record["environment"]["threads"] == 1 and "loadavg_1m" in record["environment"]["load_start"]
     for key in ("model", "data", "press", "settings", "perplexity", "speed", "cache", "memory", "versions",
                 "environment", "git_commit", "command"):
         assert key in record, key

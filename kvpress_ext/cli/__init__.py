@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvpress_ext.cli.common import print_warnings_on_one_line
+    from kvpress_ext.cli.common import quiet_command_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    print_warnings_on_one_line()
+    quiet_command_line()
     try:
         return int(args.func(args) or 0)
     except KVPressExtError as exc:

@@ -57,6 +57,15 @@ def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None
         parser.add_argument(alias, dest="threads", type=positive_int, default=None, help=argparse.SUPPRESS)
 
 
+def quiet_command_line(prog: str = "kvpress-ext") -> None:
+    """What every command does first: warnings as one line each, and no per-tensor "Loading weights" progress
+    bars from transformers (whichever code path loads a model: the model, an embedder, a press's helper)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print_warnings_on_one_line(prog)
+
+
 def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
     """Show warnings as ``prog: warning: message`` on stderr (no file name, line number or source line)."""
 

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import add_threads_argument, parse_press_kwargs, print_warnings_on_one_line
+from kvpress_ext.cli.common import add_threads_argument, parse_press_kwargs, quiet_command_line
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    print_warnings_on_one_line("perplexity")
+    quiet_command_line("perplexity")
     try:
         if args.summarize:
             md, png = results.summarize_directory(args.summarize)

@@ -259,36 +259,50 @@ def probe_support(model, input_ids, press, args: PerplexityConfig) -> str | None
     """Why ``press`` cannot run in the mode ``args`` describe, found by running it on a short piece of the text
     (two chunks of the perplexity run, a prefill and two decoded tokens of the speed run), or None if it can.
 
-    A press that raises, or that leaves an input uncompressed because it cannot handle it (a prefill-only
-    press shown a second chunk), is unsupported in that mode; the reason is its own message, first line."""
+    A press that raises, or that leaves an input uncompressed because it cannot handle it (a prefill-only press
+    shown a second chunk), is unsupported in that mode; the reason is its own message, first line. When it fails
+    on chunks but works on one whole prefill, the reason says so and names the mode it can run in."""
     from kvpress_ext.evaluation.speed import _one_run
 
     n = min(args.context_limit, input_ids.shape[1])
+    device = next(model.parameters()).device
+    chunked = args.ppl_apply_press and not (args.speed_only or args.speed_decode_only)
+
+    def perplexity_part():
+        probe = input_ids[:, : min(n, 2 * args.chunk_size)]
+        ppl.compressed_nll(model, probe, press, probe.shape[1], args.chunk_size, args.decode_chunk_size)
+
+    def speed_part():
+        _one_run(model, input_ids[:, : min(args.speed_context or n, input_ids.shape[1])].to(device), press, 3, 0)
+
+    parts = ([perplexity_part] if chunked else []) + ([] if args.no_speed else [speed_part])
+    reason = _try(model, press, parts)
+    if reason and chunked and _try(model, press, [speed_part]) is None:
+        return (f"works on one whole prefill but not on a text fed in chunks into a compressed cache ({reason}); "
+                "evaluate it without --ppl_apply_press")
+    return reason
+
+
+def _try(model, press, steps) -> str | None:
+    """Run ``steps`` under ``press`` (retrying once with the other attention kernel, as the sweep does); the first
+    line of what went wrong, or None. A :class:`PressSkippedWarning` (input left uncompressed) counts as wrong."""
     current = model.config._attn_implementation
 
     def attempt() -> str | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PressSkippedWarning)
-            if args.ppl_apply_press and not (args.speed_only or args.speed_decode_only):
-                probe = input_ids[:, : min(n, 2 * args.chunk_size)]
-                ppl.compressed_nll(model, probe, press, probe.shape[1], args.chunk_size, args.decode_chunk_size)
-            if not args.no_speed:
-                speed_n = min(args.speed_context or n, input_ids.shape[1])
-                _one_run(model, input_ids[:, :speed_n].to(next(model.parameters()).device), press, 3, 0)
-        skipped = [w for w in caught if issubclass(w.category, PressSkippedWarning)]
+            for step in steps:
+                step()
         for w in caught:
-            if not issubclass(w.category, PressSkippedWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if skipped:
-            return f"cannot compress its input in this mode: {str(skipped[0].message).split(' (', 1)[-1].split(');')[0]}"
+            if issubclass(w.category, PressSkippedWarning):
+                return str(w.message).split(" (", 1)[-1].split("); ")[0]
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return None
 
-    if hasattr(press, "_kvpress_ext_skip_warned"):
-        del press._kvpress_ext_skip_warned
     try:
         try:
             return attempt()
-        except AssertionError as exc:  # the attention kernel: the sweep retries with the other one, so does the probe
+        except AssertionError as exc:
             if not _needs_other_attention(exc) or current not in ("eager", "sdpa"):
                 raise
             model.set_attn_implementation("sdpa" if current == "eager" else "eager")
@@ -425,7 +439,7 @@ def sweep_jobs(compression_ratio: float, context_length: int | None = None) -> l
             jobs.append((name, None, None, f"cannot be built from its name alone: {_first_line(exc)}"))
             continue
         jobs.append((name, press, ratio, None))
-    return jobs
+    return sorted(jobs, key=lambda job: job[0] != "no_press")  # the baseline first: every later line compares to it
 
 
 def _mib(n_bytes) -> str:
