@@ -3,6 +3,7 @@ command line's errors (run as a subprocess, exit status 2)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -293,4 +294,4 @@ def test_line_styles_are_distinct_for_many_lines():
 
     styles = [line_style(i) for i in range(60)]
     assert len(set(styles)) == 60
-    assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(styles, styles[1:]))
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in itertools.pairwise(styles))
