@@ -77,7 +77,7 @@ def run_filename(record: dict) -> str:
     press = record["press"]
     params = press.get("params") or {}
     parts = [record["data"]["dataset"], press["name"]]
-    parts += [f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, (dict, list))]
+    parts += [f"{k}={v}" for k, v in sorted(params.items()) if v is not None and not isinstance(v, (dict, list))]
     if record.get("mode"):
         parts.append(record["mode"])
     return _slug("__".join(str(p) for p in parts)) + ".json"
