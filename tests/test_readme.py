@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+import textwrap
 import time
 import traceback
 import warnings
@@ -535,4 +536,6 @@ def format_table(records: list[dict]) -> str:
         notes.append(f"Timed on {where}; {results.load_text(env.get('load_start') or {}, env.get('load_end') or {})}.")
     folders = sorted({str(Path(r["json_path"]).parent) for r in records})
     notes.append(f"JSON in {', '.join(folders)}: " + ", ".join(Path(r["json_path"]).name for r in records))
-    return "\n".join(lines + [""] + notes)
+    wrapped = [textwrap.fill(note, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+               for note in notes]
+    return "\n".join(lines + [""] + wrapped)
