@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvpress_ext.cli.common import add_threads_argument, quiet_command_line, set_threads
 from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot, shared_dir
+from kvpress_ext.evaluation.results import machine_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     quiet_command_line("a3_quality")
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
+    load_start = machine_load()
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = evaluate(model, tok, rates=args.rates, n_samples=args.samples, n_chunks=args.chunks,
                     chunk_tokens=args.chunk_tokens, question_tokens=args.question_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "threads": threads,
+                                          "load_start": load_start, "load_end": machine_load()}, indent=1))
     print(markdown_table(rows, args.rates))
     if args.plot:
         plot(rows, args.rates, args.plot)

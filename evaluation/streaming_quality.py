@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kvpress_ext.cli.common import add_threads_argument, quiet_command_line, set_threads
+from kvpress_ext.evaluation.results import machine_load
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
@@ -45,6 +46,7 @@ def run(args):
     from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
     model, ids = load(args.tokens)
+    load_start = machine_load()
     start = time.time()
     if args.method == "dense":
         nlls = dense_nlls(model, ids)
@@ -61,6 +63,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items() if k != "report"}
     meta["slack"] = 0 if args.method == "eager" else args.slack
+    meta.update(load_start=load_start, load_end=machine_load())  # timings on a busy machine are not idle ones
     torch.save({"nlls": nlls, "seconds": seconds, "args": meta}, out / f"{args.method}.pt")
     print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s")
 
