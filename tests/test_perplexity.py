@@ -170,7 +170,7 @@ def test_command_line_json_and_errors(tmp_path):
     assert " MiB (50 %)" in row["knorm"] and " MiB (100 %)" in row["no_press"]
     assert "tok/s" in row["knorm"] and " ms" in row["knorm"]
     assert "Timed on 1 CPU thread; load average" in stdout
-    assert f"JSON in {tmp_path / 'out'}: " in stdout and files[0].name in stdout
+    assert f"JSON in {tmp_path / 'out'}:" in stdout and files[0].name in stdout and files[1].name in stdout
     assert record["kept"]["effective_ratio"] == pytest.approx(0.5) and baseline["kept"]["effective_ratio"] == 0
     assert record["environment"]["threads"] == 1 and "loadavg_1m" in record["environment"]["load_start"]
     for key in ("model", "data", "press", "settings", "perplexity", "speed", "cache", "memory", "versions",

@@ -106,7 +106,10 @@ def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, 
     if compression_ratio is not None and context_length and callable(by_budget) and not budget_given:
         validate_parameters(info.cls, {**info.defaults, **press_kwargs}, name)
         return by_budget(compression_ratio, context_length, **{**info.defaults, **press_kwargs}), compression_ratio
-    if compression_ratio is not None and "compression_ratio" not in press_kwargs:
+    # Only to presses that have a ratio (their own or forwarded, as AdaKV's): a decoding press's scorer ratio is
+    # overridden by its target size, so passing it there would only report a ratio that was not used.
+    has_ratio = any(p.name == "compression_ratio" for p in info.parameters) or hasattr(info.cls, "compression_ratio")
+    if compression_ratio is not None and "compression_ratio" not in press_kwargs and has_ratio:
         try:
             return get_press(name, compression_ratio=compression_ratio, **press_kwargs), compression_ratio
         except PressParameterError as exc:
@@ -245,6 +248,9 @@ def press_setting(name: str, press, ratio) -> str:
         return f"{text} (from compression_ratio={ratio})" if ratio is not None else text
     if ratio is not None:
         return f"compression_ratio={ratio}"
+    inner = getattr(press, "presses", None)
+    if isinstance(inner, (list, tuple)) and inner:  # a composition: each press's own setting, in order
+        return " then ".join(f"{press_name(p)} ({press_setting(press_name(p), p, None)})" for p in inner)
     params = press_params(press)
     sized = {k: v for k, v in params.items() if any(w in k for w in ("ratio", "budget", "target_size", "window", "cap"))
              and not isinstance(v, (dict, list))}
