@@ -25,7 +25,7 @@ PARTS = [
     ("rkv", "R-KV scoring speed (issue 5)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
-    ("integrity", "Data safety and integrity: the rules and the cost of the checks (issue 13)"),
+    ("threads", "CPU threads: the default of every command (issue 14)"),
 ]
 
 

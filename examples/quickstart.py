@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache, pipeline
+from transformers.utils import logging as hf_logging
 
 import kvpress_ext
 from kvpress_ext.cli.common import OneLineArgumentParser
@@ -24,6 +25,7 @@ from kvpress_ext.models import load_model
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.threads import DEFAULT_THREADS, set_threads
 
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -31,7 +33,10 @@ SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().pare
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "stories260k"), help="local path or hub id")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per tensor
+    set_threads(args.threads)
     torch.manual_seed(0)
     try:  # a bad --model (missing directory, hub id offline, unsupported architecture): one line, exit 2
         model, tokenizer = load_model(args.model, device="cpu")

@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvpress_ext.cli.common import quiet_command_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_command_line()
     try:
         return int(args.func(args) or 0)
     except KVPressExtError as exc:

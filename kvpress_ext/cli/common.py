@@ -1,10 +1,14 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters and positive integers."""
+"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, ``--threads``,
+and warnings printed as one line."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from kvpress_ext.errors import PressParameterError
+from kvpress_ext.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
 
 
 def parse_value(text: str):
@@ -51,3 +55,28 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         text = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--threads N`` (and any old spellings in ``aliases``, hidden from --help)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest on a busy machine; more can help "
+                             "bigger models on an idle one)")
+    for alias in aliases:
+        parser.add_argument(alias, dest="threads", type=positive_int, default=None, help=argparse.SUPPRESS)
+
+
+def quiet_command_line(prog: str = "kvpress-ext") -> None:
+    """What every command does first: warnings as one line each, and no per-tensor "Loading weights" progress
+    bars from transformers (whichever code path loads a model: the model, an embedder, a press's helper)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print_warnings_on_one_line(prog)
+
+
+def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
+    """Show warnings as ``prog: warning: message`` on stderr (no file name, line number or source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show

@@ -9,37 +9,39 @@ import io
 import json
 
 from kvpress_ext.cache_io import check_cache_target
-from kvpress_ext.cli.common import positive_int
+from kvpress_ext.cli.common import add_threads_argument, positive_int, set_threads
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
 from kvpress_ext.safe_io import check_output_dir, check_output_file, claim_output_dir, save_figure, write_output
 
 
-def _load_model(name: str):
+def _load_model(name: str, threads: int | None = None):
     from kvpress_ext.models import load_model
 
+    set_threads(threads)
     return load_model(name)
 
 
 def _add_cache_args(p):
     p.add_argument("--budget", type=positive_int, default=128, help="R-KV cache budget per head (tokens)")
-    p.add_argument("--window_size", type=positive_int, default=8)
+    p.add_argument("--window_size", type=positive_int, default=8, help="R-KV: recent tokens always kept")
     p.add_argument("--buffer", type=positive_int, default=128, help="R-KV compression interval while writing notes")
-    p.add_argument("--num_epochs", type=positive_int, default=1)
-    p.add_argument("--data_limit", type=positive_int, default=None)
+    p.add_argument("--num_epochs", type=positive_int, default=1, help="passes over the documents")
+    p.add_argument("--data_limit", type=positive_int, default=None, help="use only the first N documents")
     p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
-    p.add_argument("--rotation_offset", type=int, default=0)
-    p.add_argument("--max_note_tokens", type=positive_int, default=64)
+    p.add_argument("--rotation_offset", type=int, default=0, help="gap between the prefix and the first rotated key")
+    p.add_argument("--max_note_tokens", type=positive_int, default=64, help="most tokens of each written note")
     p.add_argument("--recompute", action="store_true",
                    help="replace an existing cache (only ever one of ours: another file or directory is refused)")
+    add_threads_argument(p)
 
 
 def _add_eval_args(p):
     p.add_argument("--repeat", type=positive_int, default=1, help="samples per question")
-    p.add_argument("--max_new_tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=positive_int, default=128, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--no_compress", action="store_true", help="do not keep compressing while answering")
 
 
@@ -61,7 +63,7 @@ def _cmd_precompute(args) -> int:
     if not args.recompute and wf.existing_cache(args.out) is not None:  # verified (raises if damaged)
         print(f"{args.out} holds a valid cache; skipping (use --recompute to replace it)")
         return 0
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model, args.threads)
     meta = wf.precompute(model, tok, docs, args.out, **_precompute_kwargs(args, args.mode, args.summary_complexity,
                                                                          args.budget))
     if meta["reused"]:
@@ -83,7 +85,7 @@ def _cmd_eval(args) -> int:
     wf.read_metadata(args.cache)  # fails fast with a clear message
     check_output_file(args.out, flag="--out")
     questions = _questions(args)
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model, args.threads)
     result = wf.evaluate(model, tok, args.cache, questions, **_eval_kwargs(args))
     out = write_output(args.out, json.dumps(result, indent=2), flag="--out")
     print(f"{sum(len(r['generations']) for r in result['records'])} generations from a "
@@ -106,7 +108,7 @@ def _cmd_grid(args) -> int:
     questions = wf.load_documents(args.eval_data or args.data, args.eval_limit,
                                   flag="--eval_data" if args.eval_data else "--data")
     out_dir = check_output_dir(args.out_dir, flag="--out_dir")
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model, args.threads)
     claim_output_dir(out_dir, flag="--out_dir")
     rows = []
     for mode in args.modes:
@@ -158,6 +160,7 @@ def _plot(rows, path):
 def _cmd_cluster_build(args) -> int:
     from kvpress_ext.icl import cluster
 
+    set_threads(args.threads)
     docs = wf.load_documents(args.data)
     check_output_file(args.out, flag="--out")
     clusters = cluster.build_clusters(docs, args.embedder, args.k, args.seed, batch_size=args.batch_size)
@@ -170,6 +173,7 @@ def _cmd_cluster_build(args) -> int:
 def _cmd_cluster_query(args) -> int:
     from kvpress_ext.icl import cluster
 
+    set_threads(args.threads)
     clusters = cluster.load_clusters(args.clusters)
     check_output_file(args.out, flag="--out")
     cluster_id, records = cluster.nearest_cluster(clusters, args.question, args.embedder)
@@ -200,38 +204,41 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("precompute", help="read documents (and write notes) into a saved R-KV cache")
     p.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
     p.add_argument("--model", required=True, help="hub id or local model directory")
-    p.add_argument("--mode", choices=wf.MODES, default="takeaways")
-    p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple")
+    p.add_argument("--mode", choices=wf.MODES, default="takeaways", help="what the model writes after each document")
+    p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple", help="how detailed the notes are")
     p.add_argument("--out", required=True,
                    help="cache directory to write: a new path, an empty directory, or an existing cache (reused)")
     _add_cache_args(p)
     p.set_defaults(func=_cmd_precompute)
 
     p = sub.add_parser("eval", help="answer questions from a saved cache (each sample from a fresh copy)")
-    p.add_argument("--cache", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--question")
+    p.add_argument("--cache", required=True, help="cache directory written by `icl precompute`")
+    p.add_argument("--model", required=True, help="the model given to precompute")
+    p.add_argument("--question", help="one question to answer (or --data)")
     p.add_argument("--answer", default=None, help="reference answer for --question")
-    p.add_argument("--data")
-    p.add_argument("--data_limit", type=positive_int, default=None)
+    p.add_argument("--data", help="JSON list of {question, answer} to answer (or --question)")
+    p.add_argument("--data_limit", type=positive_int, default=None, help="answer only the first N questions")
     p.add_argument("--out", required=True, help="JSON file for the generations (missing parent directories are created)")
     _add_eval_args(p)
+    add_threads_argument(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("score", help="pass@k of an eval JSON (CSV + table)")
-    p.add_argument("--eval", required=True)
-    p.add_argument("--csv", default=None)
+    p.add_argument("--eval", required=True, help="JSON written by `icl eval`")
+    p.add_argument("--csv", default=None, help="also write the scores to this CSV file")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("grid", help="precompute + eval + score over budgets/modes/complexities (resumable)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="JSON list of {question, solution, answer} read into the cache")
     p.add_argument("--eval_data", default=None, help="questions to answer (default: --data)")
-    p.add_argument("--eval_limit", type=positive_int, default=None)
-    p.add_argument("--model", required=True)
+    p.add_argument("--eval_limit", type=positive_int, default=None, help="answer only the first N questions")
+    p.add_argument("--model", required=True, help="hub id or local model directory")
     p.add_argument("--budgets", type=_int_list, required=True, help="comma-separated, e.g. 64,128,256")
-    p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"])
-    p.add_argument("--complexities", type=_str_list(wf.COMPLEXITIES), default=["simple"])
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"],
+                   help=f"comma-separated, from {', '.join(wf.MODES)}")
+    p.add_argument("--complexities", type=_str_list(wf.COMPLEXITIES), default=["simple"],
+                   help=f"comma-separated, from {', '.join(wf.COMPLEXITIES)}")
+    p.add_argument("--out_dir", required=True, help="directory for every run, grid.csv and grid.png")
     _add_cache_args(p)
     _add_eval_args(p)
     p.set_defaults(func=_cmd_grid)
@@ -242,14 +249,16 @@ def add_parser(subparsers) -> None:
     c.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
     c.add_argument("--embedder", required=True, help="local sentence-transformers or Hugging Face model directory")
     c.add_argument("--k", type=positive_int, required=True, help="number of clusters")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch_size", type=positive_int, default=32)
+    c.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
+    c.add_argument("--batch_size", type=positive_int, default=32, help="questions embedded per forward")
     c.add_argument("--out", required=True, help="clusters JSON file to write")
+    add_threads_argument(c)
     c.set_defaults(func=_cmd_cluster_build)
     c = csub.add_parser("query", help="write the records of the cluster nearest a question (input for precompute)")
-    c.add_argument("--clusters", required=True)
-    c.add_argument("--question", required=True)
+    c.add_argument("--clusters", required=True, help="clusters JSON written by `icl cluster build`")
+    c.add_argument("--question", required=True, help="the new question")
     c.add_argument("--embedder", default=None, help="override the embedder directory saved in the clusters file")
     c.add_argument("--out", required=True,
                    help="JSON list for `icl precompute --data` (missing parent directories are created)")
+    add_threads_argument(c)
     c.set_defaults(func=_cmd_cluster_query)

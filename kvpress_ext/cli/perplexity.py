@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import OneLineArgumentParser, parse_press_kwargs
+from kvpress_ext.cli.common import OneLineArgumentParser, add_threads_argument, parse_press_kwargs, quiet_command_line
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_limit", type=int, default=d.context_limit,
                    help="window length; each window starts a fresh cache")
     p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
-    p.add_argument("--press", default=d.press, help="registered press name, 'all', or 'no_press'")
+    p.add_argument("--press", default=d.press,
+                   help="registered press name (run next to the uncompressed baseline), 'all', or 'no_press'")
+    p.add_argument("--no_baseline", action="store_true", help="do not run no_press next to a single press")
     p.add_argument("--compression_ratio", type=float, default=d.compression_ratio,
                    help="fraction of the cache to remove, for presses with a compression_ratio parameter")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
@@ -60,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
-    p.add_argument("--num_threads", type=int, default=d.num_threads,
-                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
+    add_threads_argument(p, "--num_threads")
     p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--summarize", metavar="DIR", default=None,
@@ -79,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_command_line("perplexity")
     try:
         if args.summarize:
             md, png = results.summarize_directory(args.summarize)

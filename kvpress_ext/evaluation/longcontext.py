@@ -336,13 +336,13 @@ def add_common_arguments(ap, name: str, default_chunk_tokens: int = 128) -> None
     ap.add_argument("--rate", type=float, default=0.15, help="fraction of document tokens recomputed")
     ap.add_argument("--evict", default=None, help="registered press evicting from the fused cache, e.g. snapkv")
     ap.add_argument("--evict_ratio", type=float, default=0.5, help="compression_ratio of the --evict press")
-    ap.add_argument("--max_samples", type=int, default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=32)
-    ap.add_argument("--chunk_tokens", type=int, default=default_chunk_tokens)
+    ap.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="most answer tokens (greedy)")
+    ap.add_argument("--chunk_tokens", type=int, default=default_chunk_tokens, help="tokens per separately cached chunk")
     ap.add_argument("--max_context_tokens", type=int, default=None, help="drop middle chunks beyond this")
     ap.add_argument("--output_dir", default=None, help=f"default results/{name}")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription)")
-    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def check_common(args) -> None:

@@ -213,6 +213,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     bar.close()
     stats = {
         "cache_bytes_end": cache_bytes(cache), "cache_len_end": cache_length(cache),
+        "tokens_end": spans[-1][1] - spans[-1][0] if spans else 0,
         "cache_bytes_peak": peak_bytes, "cache_len_peak": peak_len, "ratio_mode": plan.ratio_mode,
         "compresses_at_prefill": plan.prefill, "compresses_while_decoding": plan.decoding,
     }
