@@ -61,7 +61,7 @@ PRESSES = {
 
 
 @pytest.mark.parametrize("press", sorted(PRESSES))
-@pytest.mark.parametrize("questions", [{"question": " why?"}, {"questions": [" why?", " who?"]}])
+@pytest.mark.parametrize("questions", [{}, {"question": " why?"}, {"questions": [" why?", " who?"]}])
 @pytest.mark.parametrize("max_context_length", [None, 40])  # 40: kvpress warns about the truncation
 def test_same_answers_logs_and_warnings_as_kvpress_pipeline(pipes, press, questions, max_context_length):
     ours, theirs = pipes
