@@ -304,3 +304,54 @@ def test_exact_compression_cadence(schedule, chunks, starts):
     assert lengths == expected_lengths(schedule, budget, interval, chunks)
     if starts is not None:
         assert compressed_at == starts
+
+
+@pytest.mark.parametrize(("arch", "rotate"), [("llama", False), ("llama", True), ("qwen3", True)])
+def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rotate):
+    """In a model, every compression of layer 0 keeps the tokens rkv_select picks from the cache's keys and
+    the last window's queries, computed here from that layer's inputs with RoPE at their keys' positions."""
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    attn0 = adapter.attention_modules(model)[0]
+    budget, window, interval = 12, 4, 3  # interval < window: queries from before a compression are reused
+    press = RKVPress(budget=budget, window_size=window, compression_interval=interval, kernel_size=3,
+                     mix_lambda=0.5, rotate_keys=rotate)
+    hidden, before, after = [], [], []
+
+    def inputs(module, args, kwargs):
+        hidden.append(kwargs.get("hidden_states", args[0] if args else None).detach())
+
+    def pre_press(module, args, kwargs, output):  # registered first: runs before the press's hook
+        cache = kwargs["past_key_values"]
+        n = cache.layers[0].keys.shape[-2]
+        if n >= budget + interval:
+            orig, pos = rkv_slot_positions(cache, 0)
+            state = position_state(cache)
+            orig = torch.cat([orig, torch.full_like(orig[..., :1], state.seen_tokens - 1)], dim=-1)
+            pos = torch.cat([pos, torch.full_like(pos[..., :1], state.next_position - 1)], dim=-1)
+            before.append((cache.layers[0].keys.clone(), orig, pos))
+
+    def post_press(module, args, kwargs, output):
+        if len(after) < len(before):
+            after.append(rkv_slot_positions(kwargs["past_key_values"], 0)[0].clone())
+
+    handles = [attn0.register_forward_pre_hook(inputs, with_kwargs=True),
+               attn0.register_forward_hook(pre_press, with_kwargs=True)]
+    cache = DynamicCache()
+    ids = torch.randint(4, 120, (1, 8), generator=torch.Generator().manual_seed(5))
+    with apply_press(press, model), torch.no_grad():
+        handles.append(attn0.register_forward_hook(post_press, with_kwargs=True))
+        out = model(input_ids=ids, past_key_values=cache)
+        for _ in range(24):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    for h in handles:
+        h.remove()
+    hidden = torch.cat(hidden, dim=1)
+    assert len(before) == len(after) >= 3
+    for (keys, orig, pos), kept in zip(before, after):
+        last = orig[0, 0, -window:]
+        with torch.no_grad():
+            q = adapter.prerope_queries(attn0, hidden[:, last])
+        q = adapter.apply_rope(model, q, pos[0, 0, -window:])
+        keep = rkv_select(q, keys, budget, window, kernel_size=3, mix_lambda=0.5)
+        assert torch.equal(orig.gather(2, keep), kept)

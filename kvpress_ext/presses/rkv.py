@@ -117,12 +117,16 @@ def rkv_select(queries, keys, budget: int, window_size: int, prefix: int = 0, **
 @dataclass
 class _LayerState:
     """Per-layer bookkeeping kept on the cache: original token index and current RoPE position of each slot,
-    and the last ``window_size`` post-RoPE queries (with their positions)."""
+    and what the last ``window_size`` queries are made of: the attention inputs, the RoPE cos/sin they got
+    and the positions those were for. The queries themselves are computed only when compressing (once per
+    ``compression_interval`` decoded tokens instead of at every token)."""
 
     original: torch.Tensor  # (B, H, L) long: index of the token in the stream fed through the cache
     position: torch.Tensor  # (B, H, L) long: RoPE position the key currently has
-    queries: torch.Tensor | None = None  # (B, Hq, <=w, d)
-    query_positions: torch.Tensor | None = None  # (<=w,)
+    hidden: torch.Tensor | None = None  # (B, <=w, hidden_size) attention inputs of the last tokens
+    cos: torch.Tensor | None = None  # (B, <=w, d)
+    sin: torch.Tensor | None = None  # (B, <=w, d)
+    query_positions: list = field(default_factory=list)  # RoPE position of each buffered token (<= w ints)
 
 
 def rkv_slot_positions(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,10 +248,14 @@ class RKVPress(BasePress):
         pos = position_state(cache)
         # the first layer of a forward records where its tokens went (later layers may rotate and move it)
         if states.get("forward") != pos.seen_tokens:
-            states["forward"], states["next_position"] = pos.seen_tokens, pos.next_position
+            next_pos = pos.next_position
+            states["forward"], states["next_position"] = pos.seen_tokens, next_pos
+            states["new"] = (  # the new tokens' slots, the same in every layer
+                torch.arange(pos.seen_tokens - n_new, pos.seen_tokens, device=device).expand(bsz, heads, -1),
+                torch.arange(next_pos - n_new, next_pos, device=device).expand(bsz, heads, -1),
+            )
         next_pos = states["next_position"]
-        new_orig = torch.arange(pos.seen_tokens - n_new, pos.seen_tokens, device=device)
-        new_pos = torch.arange(next_pos - n_new, next_pos, device=device)
+        new_orig, new_pos = states["new"]
         st = states.get(layer_idx)
         if st is None or st.original.shape[-1] != length - n_new:
             # A cache filled elsewhere (loaded, or before this press ran): assume contiguous slots.
@@ -259,8 +267,9 @@ class RKVPress(BasePress):
             st.original = st.original.expand(bsz, heads, old).clone()
             st.position = st.position.expand(bsz, heads, old).clone()
             states[layer_idx] = st
-        st.original = torch.cat([st.original, new_orig.expand(bsz, heads, -1)], dim=-1)
-        st.position = torch.cat([st.position, new_pos.expand(bsz, heads, -1)], dim=-1)
+        st.original = torch.cat([st.original, new_orig], dim=-1)
+        st.position = torch.cat([st.position, new_pos], dim=-1)
+        st.query_positions = (st.query_positions + list(range(next_pos - n_new, next_pos)))[-self.window_size:]
         return st
 
     def forward_hook(self, module, input, kwargs, output):
@@ -275,18 +284,15 @@ class RKVPress(BasePress):
         n_new = hidden.shape[1]
         st = self._layer_state(cache, layer_idx, length, n_new, keys.device, bsz, heads)
 
-        # Buffer the last window_size post-RoPE queries (decoding hooks see one token at a time).
+        # Buffer what the last window_size queries are made of (decoding hooks see one token at a time).
         w = self.window_size
-        h_tail = hidden[:, -w:]
-        q = get_prerope_query_states(module, h_tail)
         cos, sin = kwargs["position_embeddings"]
-        cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
-        q = (q * cos + rope.rotate_half(q) * sin).to(keys.dtype)
-        q_pos = st.position[0, 0, -q.shape[-2]:]
-        if st.queries is not None and n_new < w:
-            q = torch.cat([st.queries, q], dim=-2)[..., -w:, :]
-            q_pos = torch.cat([st.query_positions, q_pos])[-w:]
-        st.queries, st.query_positions = q, q_pos
+        h_tail, cos, sin = hidden[:, -w:], cos[:, -w:], sin[:, -w:]
+        if st.hidden is not None and n_new < w:
+            h_tail = torch.cat([st.hidden, h_tail], dim=1)[:, -w:]
+            cos = torch.cat([st.cos, cos], dim=1)[:, -w:]
+            sin = torch.cat([st.sin, sin], dim=1)[:, -w:]
+        st.hidden, st.cos, st.sin = h_tail, cos, sin
 
         if self.should_compress(length, n_new, position_state(cache).seen_tokens):
             self._compress(module, cache, layer, st)
@@ -301,12 +307,24 @@ class RKVPress(BasePress):
             return (seen_tokens - n_new) % self.compression_interval == 0
         return n_new > 1 or length >= self.budget + self.compression_interval
 
+    def _queries(self, module, st: _LayerState, keys: torch.Tensor) -> torch.Tensor:
+        """The buffered tokens' post-RoPE queries (B, Hq, <=w, d), at the positions their keys have now."""
+        q = get_prerope_query_states(module, st.hidden)
+        cos, sin = st.cos.unsqueeze(1), st.sin.unsqueeze(1)
+        q = (q * cos + rope.rotate_half(q) * sin).to(keys.dtype)
+        nq = q.shape[-2]
+        now = st.position[0, 0, -nq:]
+        then = torch.tensor(st.query_positions[-nq:], device=now.device)
+        if self.rotate_keys and not torch.equal(now, then):  # an earlier compression moved these keys
+            q = rope.rerotate(q, then, now, module.rotary_emb.inv_freq.to(keys.device))
+        return q
+
     def _compress(self, module, cache, layer, st: _LayerState):
         keys, values = layer.keys, layer.values
         prefix = self.initial_non_compressible_length
         # score with the buffered queries (fewer than window_size only right after a cache was loaded)
         keep = rkv_select(
-            st.queries, keys, self.budget, self.window_size, prefix, kernel_size=self.kernel_size,
+            self._queries(module, st, keys), keys, self.budget, self.window_size, prefix, kernel_size=self.kernel_size,
             mix_lambda=self.mix_lambda, retain_direction=self.retain_direction, retain_ratio=self.retain_ratio,
         )
         idx = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
@@ -322,11 +340,7 @@ class RKVPress(BasePress):
             ], dim=-1)
             inv_freq = module.rotary_emb.inv_freq.to(keys.device)
             keys = rope.rerotate(keys, old_pos, new_pos, inv_freq)
-            # the buffered queries belong to the last slots: move them with their keys
-            nq = st.queries.shape[-2]
-            st.queries = rope.rerotate(st.queries, st.query_positions, new_pos[0, 0, -nq:], inv_freq)
-            st.query_positions = new_pos[0, 0, -nq:].clone()
-            st.position = new_pos
+            st.position = new_pos  # the buffered queries follow their keys when next computed (_queries)
             set_next_position(cache, start + kept - prefix)
         else:
             st.position = old_pos
