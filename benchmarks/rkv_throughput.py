@@ -12,7 +12,8 @@ Each config runs in its own process (so its peak resident memory is its own) on 
 
 Reported per config: generated tokens/s over the whole decode (prefill excluded), peak memory (CUDA: peak
 allocated; CPU: peak RSS of the process, model weights included), peak KV-cache bytes, the cache length
-every ``--sample_every`` steps, and the share of decode time spent in compression (``compress``: the
+every ``--sample_every`` steps (``cache_length``: [tokens generated, cache length, seconds since the decode
+started]), and the share of decode time spent in compression (``compress``: the
 scoring + gather / the compaction) and in the press's hooks overall (``hooks``: rkv also buffers the last
 window's queries at every step of every layer).
 
@@ -121,7 +122,8 @@ def run_one(args) -> dict:
             n = cache.get_seq_length()
             peak_len = max(peak_len, n)
             if step % args.sample_every == 0 or step == args.tokens - 1:
-                lengths.append([step + 1, n])
+                sync()
+                lengths.append([step + 1, n, round(time.perf_counter() - start, 4)])
         sync()
         decode_s = time.perf_counter() - start
     layer = cache.layers[0]
