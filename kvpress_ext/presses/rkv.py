@@ -117,21 +117,56 @@ def rkv_select(queries, keys, budget: int, window_size: int, prefix: int = 0, **
 @dataclass
 class _LayerState:
     """Per-layer bookkeeping kept on the cache: original token index and current RoPE position of each slot,
-    and what the last ``window_size`` queries are made of: the attention inputs, the RoPE cos/sin they got
-    and the positions those were for. The queries themselves are computed only when compressing (once per
-    ``compression_interval`` decoded tokens instead of at every token)."""
+    and what the last ``window_size`` queries are made of (attention inputs, the RoPE cos/sin they got and
+    the positions those were for).
 
-    original: torch.Tensor  # (B, H, L) long: index of the token in the stream fed through the cache
-    position: torch.Tensor  # (B, H, L) long: RoPE position the key currently has
-    hidden: torch.Tensor | None = None  # (B, <=w, hidden_size) attention inputs of the last tokens
-    cos: torch.Tensor | None = None  # (B, <=w, d)
-    sin: torch.Tensor | None = None  # (B, <=w, d)
-    query_positions: list = field(default_factory=list)  # RoPE position of each buffered token (<= w ints)
+    Decoding adds one token per forward to every layer: that costs list appends here, and the tensors are
+    built only when compressing (once per ``compression_interval`` tokens) or when asked for.
+    """
+
+    original: torch.Tensor  # (B, H, L0) long: index of the token in the stream fed through the cache
+    position: torch.Tensor  # (B, H, L0) long: RoPE position the key currently has
+    pending: list = field(default_factory=list)  # slots appended since: (first index, first position, count)
+    inputs: list = field(default_factory=list)  # per forward, oldest first: (hidden, cos, sin), <= w tokens each
+    query_positions: list = field(default_factory=list)  # RoPE position of each of the last <= w tokens
+
+    @property
+    def length(self) -> int:
+        return self.original.shape[-1] + sum(n for _, _, n in self.pending)
+
+    def materialize(self) -> None:
+        """Append the pending slots to ``original`` and ``position``."""
+        if not self.pending:
+            return
+        b, h, _ = self.original.shape
+        dev = self.original.device
+        orig = torch.cat([torch.arange(i, i + n, device=dev) for i, _, n in self.pending])
+        pos = torch.cat([torch.arange(p, p + n, device=dev) for _, p, n in self.pending])
+        self.original = torch.cat([self.original, orig.expand(b, h, -1)], dim=-1)
+        self.position = torch.cat([self.position, pos.expand(b, h, -1)], dim=-1)
+        self.pending = []
+
+    def add_inputs(self, hidden, cos, sin, window: int) -> None:
+        """Buffer a forward's attention inputs, dropping those older than the last ``window`` tokens."""
+        if hidden.shape[1] > window:
+            hidden, cos, sin = hidden[:, -window:], cos[:, -window:], sin[:, -window:]
+        self.inputs.append((hidden, cos, sin))
+        total = 0
+        for i in range(len(self.inputs) - 1, -1, -1):
+            total += self.inputs[i][0].shape[1]
+            if total >= window:
+                del self.inputs[:i]
+                break
+
+    def window_inputs(self, window: int):
+        """(hidden, cos, sin) of the last <= ``window`` tokens."""
+        return [torch.cat([x[k] for x in self.inputs], dim=1)[:, -window:] for k in range(3)]
 
 
 def rkv_slot_positions(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(original token indices, current RoPE positions) of layer ``layer_idx``'s slots, each (B, H, L)."""
     state = getattr(getattr(cache, "_cache", cache), _CACHE_ATTR)[layer_idx]
+    state.materialize()
     return state.original, state.position
 
 
@@ -248,16 +283,10 @@ class RKVPress(BasePress):
         pos = position_state(cache)
         # the first layer of a forward records where its tokens went (later layers may rotate and move it)
         if states.get("forward") != pos.seen_tokens:
-            next_pos = pos.next_position
-            states["forward"], states["next_position"] = pos.seen_tokens, next_pos
-            states["new"] = (  # the new tokens' slots, the same in every layer
-                torch.arange(pos.seen_tokens - n_new, pos.seen_tokens, device=device).expand(bsz, heads, -1),
-                torch.arange(next_pos - n_new, next_pos, device=device).expand(bsz, heads, -1),
-            )
+            states["forward"], states["next_position"] = pos.seen_tokens, pos.next_position
         next_pos = states["next_position"]
-        new_orig, new_pos = states["new"]
         st = states.get(layer_idx)
-        if st is None or st.original.shape[-1] != length - n_new:
+        if st is None or st.length != length - n_new:
             # A cache filled elsewhere (loaded, or before this press ran): assume contiguous slots.
             old = length - n_new
             st = _LayerState(
@@ -267,8 +296,7 @@ class RKVPress(BasePress):
             st.original = st.original.expand(bsz, heads, old).clone()
             st.position = st.position.expand(bsz, heads, old).clone()
             states[layer_idx] = st
-        st.original = torch.cat([st.original, new_orig], dim=-1)
-        st.position = torch.cat([st.position, new_pos], dim=-1)
+        st.pending.append((pos.seen_tokens - n_new, next_pos - n_new, n_new))
         st.query_positions = (st.query_positions + list(range(next_pos - n_new, next_pos)))[-self.window_size:]
         return st
 
@@ -285,14 +313,7 @@ class RKVPress(BasePress):
         st = self._layer_state(cache, layer_idx, length, n_new, keys.device, bsz, heads)
 
         # Buffer what the last window_size queries are made of (decoding hooks see one token at a time).
-        w = self.window_size
-        cos, sin = kwargs["position_embeddings"]
-        h_tail, cos, sin = hidden[:, -w:], cos[:, -w:], sin[:, -w:]
-        if st.hidden is not None and n_new < w:
-            h_tail = torch.cat([st.hidden, h_tail], dim=1)[:, -w:]
-            cos = torch.cat([st.cos, cos], dim=1)[:, -w:]
-            sin = torch.cat([st.sin, sin], dim=1)[:, -w:]
-        st.hidden, st.cos, st.sin = h_tail, cos, sin
+        st.add_inputs(hidden, *kwargs["position_embeddings"], self.window_size)
 
         if self.should_compress(length, n_new, position_state(cache).seen_tokens):
             self._compress(module, cache, layer, st)
@@ -309,8 +330,9 @@ class RKVPress(BasePress):
 
     def _queries(self, module, st: _LayerState, keys: torch.Tensor) -> torch.Tensor:
         """The buffered tokens' post-RoPE queries (B, Hq, <=w, d), at the positions their keys have now."""
-        q = get_prerope_query_states(module, st.hidden)
-        cos, sin = st.cos.unsqueeze(1), st.sin.unsqueeze(1)
+        hidden, cos, sin = st.window_inputs(self.window_size)
+        q = get_prerope_query_states(module, hidden)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = (q * cos + rope.rotate_half(q) * sin).to(keys.dtype)
         nq = q.shape[-2]
         now = st.position[0, 0, -nq:]
@@ -320,6 +342,7 @@ class RKVPress(BasePress):
         return q
 
     def _compress(self, module, cache, layer, st: _LayerState):
+        st.materialize()
         keys, values = layer.keys, layer.values
         prefix = self.initial_non_compressible_length
         # score with the buffered queries (fewer than window_size only right after a cache was loaded)
