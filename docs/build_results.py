@@ -22,7 +22,7 @@ to this work; GPU numbers are still to be recorded. Plots are in `docs/results/`
 PARTS = [
     ("perplexity", "Perplexity under compression, every press (issue 3)"),
     ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory (issue 4)"),
-    ("rkv", "R-KV scoring speed (issue 5)"),
+    ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput (issues 5, 12)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
     ("threads", "CPU threads: the default of every command (issue 14)"),

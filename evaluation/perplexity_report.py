@@ -107,7 +107,7 @@ Refresh with `PYTHONPATH=$PWD python evaluation/perplexity_report.py`.
 Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.988, lagkv 3.992,
 streaming_llm 3.993, keydiff 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.174) and key_rerotation
 (4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026). rkv holds up
-best as the budget shrinks (3.978 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
+best as the budget shrinks (3.979 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
 0.75 (4.011, after rkv and observed_attention). Both sit at or just below the uncompressed 3.979 at 0.5, within
 this model's noise.
 Failures come from kvpress presses that assume one prefill with q_len == k_len (pyramidkv, chunkkv, block, adakv's
