@@ -132,17 +132,23 @@ class _OncePerMessage(logging.Filter):
 
 
 _ONCE = _OncePerMessage()
+_QUIET = False  # set by the command line; apply_press then also covers kvpress loggers created later
 
 
-def quiet_repeated_kvpress_logs() -> None:
-    """Attach the once-per-message filter to every kvpress logger (loggers exist once kvpress is imported)."""
+def quiet_repeated_kvpress_logs(enable: bool = True) -> None:
+    """Attach (or with ``enable=False`` detach) the once-per-message filter on every kvpress logger.
+
+    The command line calls it (:func:`kvpress_ext.cli.common.quiet_command_line`); importing kvpress_ext does
+    not, so a library user's logging, and the takeover of kvpress's pipeline, see every record kvpress emits."""
+    global _QUIET
+    _QUIET = enable
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        kvpress_logger = (name == "kvpress" or name.startswith("kvpress.")) and isinstance(logger, logging.Logger)
-        if kvpress_logger and _ONCE not in logger.filters:
+        if not ((name == "kvpress" or name.startswith("kvpress.")) and isinstance(logger, logging.Logger)):
+            continue
+        if enable and _ONCE not in logger.filters:
             logger.addFilter(_ONCE)
-
-
-quiet_repeated_kvpress_logs()  # kvpress is imported above: its loggers exist (construction-time messages too)
+        elif not enable:
+            logger.removeFilter(_ONCE)
 
 
 def manages_whole_cache(press) -> bool:
@@ -184,7 +190,8 @@ def apply_press(press, model, *, track=True):
     """
     adapter = get_adapter(model)
     decoder = adapter.decoder(model)
-    quiet_repeated_kvpress_logs()
+    if _QUIET:
+        quiet_repeated_kvpress_logs()  # loggers of presses imported since the command started
     with ExitStack() as stack:
         if track:
             stack.enter_context(track_positions(decoder))

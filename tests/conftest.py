@@ -61,3 +61,13 @@ def stories260k():
     path = shared_path("models", "stories260k")
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_after_commands():
+    """Commands run in-process (``main(argv)``) quiet kvpress's repeated log lines for the rest of the process;
+    put the library default back after each test, so the next one sees every record kvpress emits."""
+    yield
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+
+    quiet_repeated_kvpress_logs(enable=False)

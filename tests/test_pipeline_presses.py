@@ -243,7 +243,7 @@ def test_attention_assertion_becomes_an_error_that_names_the_press(tiny_models, 
 
 def test_kvpress_log_lines_once_per_message(tiny_models, tokenizer, caplog):
     """SimLayerKV logs "Sequence length is shorter than ...: no compression applied" for every layer of every
-    forward; the user sees it once."""
+    forward; a command-line user sees it once."""
     import logging
 
     from kvpress_ext import apply
@@ -251,8 +251,12 @@ def test_kvpress_log_lines_once_per_message(tiny_models, tokenizer, caplog):
     apply._ONCE.seen.clear()  # earlier tests may have shown it already
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
     press = get_press("simlayerkv")
-    with caplog.at_level(logging.WARNING):
-        pipe("abcdefgh" * 4, question="x", press=press, max_new_tokens=3)
-        pipe("abcdefgh" * 5, question="x", press=press, max_new_tokens=3)
+    apply.quiet_repeated_kvpress_logs()  # what every command does first (cli.common.quiet_command_line)
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe("abcdefgh" * 4, question="x", press=press, max_new_tokens=3)
+            pipe("abcdefgh" * 5, question="x", press=press, max_new_tokens=3)
+    finally:
+        apply.quiet_repeated_kvpress_logs(enable=False)
     lines = [r.getMessage() for r in caplog.records if "no compression applied" in r.getMessage()]
     assert len(lines) == 1, lines

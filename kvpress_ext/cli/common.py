@@ -65,12 +65,15 @@ def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None
 
 
 def quiet_command_line(prog: str = "kvpress-ext") -> None:
-    """What every command does first: warnings as one line each, and no per-tensor "Loading weights" progress
-    bars from transformers (whichever code path loads a model: the model, an embedder, a press's helper)."""
+    """What every command does first: warnings as one line each, kvpress's repeated log lines once each, and no
+    per-tensor "Loading weights" progress bars from transformers (whichever code path loads a model)."""
     from transformers.utils import logging as hf_logging
+
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
 
     hf_logging.disable_progress_bar()
     print_warnings_on_one_line(prog)
+    quiet_repeated_kvpress_logs()  # kvpress logs some messages per layer and per forward: show each once
 
 
 def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
