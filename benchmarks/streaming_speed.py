@@ -34,6 +34,7 @@ from kvpress import BasePress, KeyRerotationPress, StreamingLLMPress
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
+from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.positions import set_next_position
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
 
@@ -140,6 +141,7 @@ def main():
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = machine_load()  # recorded in the JSON: timings on a busy machine are not comparable with idle ones
     model = build_model(args.model)
     vocab = model.config.vocab_size
     C = args.cap_total
@@ -148,7 +150,8 @@ def main():
     if args.rss_tokens:
         press = LazyStreamingPress(cap_total=C, slack=slacks[len(slacks) // 2]) if args.rss_press == "lazy" else None
         result = rss_run(model, press, args.rss_tokens, max(1, args.rss_tokens // 10), vocab)
-        result.update(model=args.model, press=repr(press), tokens=args.rss_tokens)
+        result.update(model=args.model, press=repr(press), tokens=args.rss_tokens, threads=torch.get_num_threads(),
+                      load_start=load_start, load_end=machine_load())
         print(json.dumps(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +186,9 @@ def main():
         print(f"{s:>6} {lz / tps['eager']:11.2f} {lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times,
+                                               "threads": torch.get_num_threads(), "load_start": load_start,
+                                               "load_end": machine_load()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 PRESSES = ["knorm", "snapkv", "streaming_llm", "lazy_streaming"]
 RATIOS = [0.25, 0.5]
-TIMINGS = {"seconds", "json_path", "traceback"}  # a traceback names the process it ran in
+TIMINGS = {"seconds", "json_path", "traceback", "load_start", "load_end"}  # a traceback names the process it ran in
 
 
 def strip(x):
@@ -43,8 +43,9 @@ def sweep(executor: str, out: Path, tokens: int, workers: int) -> tuple[float, l
     config = PerplexityConfig(
         model=str(SHARED / "models" / "stories260k"), dataset="text",
         text_file=str(SHARED / "data" / "tinystories_val.txt"), max_eval_tokens=tokens, context_limit=512,
-        chunk_size=128, press=PRESSES, compression_ratio=RATIOS, ppl_apply_press=True, no_speed=True, num_threads=1,
-        output_dir=str(out), no_progress=True, executor=executor, ray_num_cpus=workers, command="sweep_scaling",
+        chunk_size=128, press=PRESSES, compression_ratio=RATIOS, ppl_apply_press=True, no_speed=True, threads=1,
+        output_dir=str(out), no_progress=True, no_baseline=True, executor=executor, ray_num_cpus=workers,
+        command="sweep_scaling",
     )
     t0 = time.perf_counter()
     records = run(config)

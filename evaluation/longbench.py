@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 
 
@@ -35,7 +36,7 @@ def load_samples(args) -> list[lc.Sample]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hotpotqa", help="LongBench subset, e.g. hotpotqa, qasper, trec")
     ap.add_argument("--data_file", default=None, help="local JSON/JSONL with context/input/answers[/all_classes]")
     lc.add_common_arguments(ap, "longbench")
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
         from kvpress_ext.evaluation.metrics import LONGBENCH_METRICS, score_longbench
 
         if args.task not in LONGBENCH_METRICS and args.task.removesuffix("_e") not in LONGBENCH_METRICS:
-            raise lc.InputError(f"unknown LongBench task {args.task!r}; known: {', '.join(sorted(LONGBENCH_METRICS))}")
+            raise lc.InputError(f"unknown LongBench task {args.task!r}; choose one of: "
+                             f"{', '.join(sorted(LONGBENCH_METRICS))}")
         lc.check_common(args)
         samples = load_samples(args)
         model, tok = lc.load_model(args.model)

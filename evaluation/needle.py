@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 
 NEEDLE = "The special magic number is 7481."
@@ -19,13 +20,14 @@ ANSWER = "7481"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"))
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"),
+                    help="directory of .txt essays the haystack is cut from")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="context tokens")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="in [0, 1]")
-    ap.add_argument("--needle", default=NEEDLE)
-    ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--answer", default=ANSWER)
+    ap.add_argument("--needle", default=NEEDLE, help="sentence inserted into the haystack")
+    ap.add_argument("--question", default=QUESTION, help="text after the haystack that asks for the needle")
+    ap.add_argument("--answer", default=ANSWER, help="substring a correct answer contains")
     lc.add_common_arguments(ap, "needle", default_chunk_tokens=128)
     args = ap.parse_args(argv)
     out_dir = Path(args.output_dir or "results/needle")

@@ -14,6 +14,7 @@ import random
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 
 KEYS = ["sunset", "harbor", "violin", "glacier", "lantern", "meadow", "falcon", "comet", "orchid", "quartz"]
@@ -37,13 +38,14 @@ def niah_single(tokenizer, sentences, lengths, n_per_length, seed=0) -> list[lc.
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_file", default=None, help="JSONL with context/question/outputs[/answer_prefix]")
     ap.add_argument("--task", default="niah_single", choices=["niah_single"], help="built-in generator")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="built-in: context tokens")
-    ap.add_argument("--samples_per_length", type=int, default=4)
-    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples_per_length", type=int, default=4, help="built-in: samples per context length")
+    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"),
+                    help="built-in: directory of .txt essays the haystack is cut from")
+    ap.add_argument("--seed", type=int, default=0, help="built-in: seed of the generated samples")
     lc.add_common_arguments(ap, "ruler")
     args = ap.parse_args(argv)
     args.output_dir = args.output_dir or "results/ruler"

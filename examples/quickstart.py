@@ -11,27 +11,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
+from transformers import DynamicCache, pipeline
+from transformers.utils import logging as hf_logging
 
 import kvpress_ext
+from kvpress_ext.cli.common import OneLineArgumentParser
+from kvpress_ext.models import load_model
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.threads import DEFAULT_THREADS, set_threads
 
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "stories260k"), help="local path or hub id")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per tensor
+    set_threads(args.threads)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:  # a bad --model (missing directory, hub id offline, unsupported architecture): one line, exit 2
+        model, tokenizer = load_model(args.model, device="cpu")
+    except kvpress_ext.KVPressExtError as exc:
+        print(f"quickstart.py: error: {exc}", file=sys.stderr)
+        return 2
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
     story = text[: text.index("\n\n")] if "\n\n" in text[:2000] else text[:800]  # one story, ~150 tokens
 
@@ -60,7 +71,8 @@ def main() -> None:
         fused = pipe(context_chunks=chunks, question=" Max", press=a3, max_new_tokens=12)["answer"]
         full = pipe(" ".join(chunks), question=" Max", max_new_tokens=12)["answer"]
     print(f"a3 debug 0.3: {fused!r}\nfull prefill: {full!r}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

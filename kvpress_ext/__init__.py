@@ -18,7 +18,9 @@ from kvpress_ext.errors import (
 )
 from kvpress_ext.hookspecs import hookimpl
 from kvpress_ext.pipeline import KVPressExtPipeline
+from kvpress_ext.plugins import failed_plugins, load_plugins  # importing it installs the lazy plugin loader
 from kvpress_ext.positions import next_position, position_state, set_next_position
+from kvpress_ext.registration import RegistrationConflict
 from kvpress_ext.registry import add_press, available_presses, get_press, press_info, press_name, register_press
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = [
     "KVPressExtPipeline",
     "ModelAdapter",
     "PressParameterError",
+    "RegistrationConflict",
     "UnknownPressError",
     "UnsupportedModelError",
     "add_adapter",
@@ -37,9 +40,11 @@ __all__ = [
     "available_adapters",
     "available_presses",
     "compression_phases",
+    "failed_plugins",
     "get_adapter",
     "get_press",
     "hookimpl",
+    "load_plugins",
     "next_position",
     "position_state",
     "press_info",

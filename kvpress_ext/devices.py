@@ -56,3 +56,14 @@ def weight_values(module, name: str = "weight") -> torch.Tensor:
         if store is not None and name in store:
             return store[name]
     raise RuntimeError(f"{name} of {type(module).__name__} is offloaded and no offload hook holds its values.")
+
+
+def parameter_values(model, name: str) -> torch.Tensor | None:
+    """Parameter ``name`` of ``model`` (dotted, as ``named_parameters`` gives it) with its real values, offloaded
+    or not; None when an offloaded parameter has no store that holds it."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    try:
+        return weight_values(module, attr)
+    except RuntimeError:
+        return None

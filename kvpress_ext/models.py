@@ -12,9 +12,14 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext import hub
 from kvpress_ext.errors import KVPressExtError, UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+#: What ``--model`` may be instead of an uncached hub id, for error messages.
+MODEL_ALTERNATIVES = "a local model directory (e.g. ../shared/models/stories260k)"
 
 
 class ModelLoadError(KVPressExtError):
@@ -64,6 +69,8 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "au
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     source = resolve_model(name_or_path)
+    # a hub id offline: the cache only, at once; not cached: one line naming the fix (not 70 s of retries)
+    hub.check_model_source(source, name_or_path, MODEL_ALTERNATIVES)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     kwargs = {"dtype": DTYPES[dtype]}
@@ -77,7 +84,9 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "au
         if max_memory:  # GPU indices may arrive as strings (JSON, command line)
             max_memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
         kwargs.update(device_map=device_map, max_memory=max_memory or None, offload_folder=offload_folder)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         model = (model if device_map is not None else model.to(device)).eval()
@@ -95,3 +104,25 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: str = "au
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"Cannot load a tokenizer for {name_or_path!r}: {_first_line(exc)}") from exc
     return model, tokenizer
+
+
+def check_device(device: str) -> None:
+    """A ``--device`` this torch can use, or :class:`ModelLoadError` naming one it can (not an assertion deep in
+    torch: a CUDA device on a CPU-only build, a GPU index that does not exist, a misspelt device)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise ModelLoadError(f"--device {device!r} is not a device ({first}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "was built without CUDA" if torch.version.cuda is None else "finds no usable GPU"
+            raise ModelLoadError(f"--device {device} needs a GPU, but this torch {torch.__version__} {why}; "
+                                 "use --device cpu (or leave --device out).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: there are {torch.cuda.device_count()} GPU(s); use "
+                                 f"cuda:0 ... cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"--device {device}: kvpress_ext runs on cpu, cuda or mps; use one of those.")

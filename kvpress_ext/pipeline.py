@@ -5,14 +5,20 @@ what kvpress hard-wires: presses run through :func:`kvpress_ext.apply.apply_pres
 plugin presses work), presses that compress while decoding stay active during the answer, and every
 position comes from the cache's :class:`~kvpress_ext.positions.PositionState` instead of
 ``context_length + i``. ``press`` may also be a registry name (``press="knorm"``).
+
+Everything else behaves as kvpress's pipeline, which this one replaces under the same task name once
+``kvpress_ext`` is imported: the same answers, the same log records (``kvpress.pipeline`` logger, e.g.
+the debug lines ``Context Length: N`` / ``Compressed Context Length: M`` after the prefill), the same
+warnings and errors.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
-from kvpress import KVPressTextGenerationPipeline
+from kvpress import DecodingPress, KVPressTextGenerationPipeline, PrefillDecodingPress
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -22,13 +28,21 @@ from kvpress_ext.devices import input_device
 from kvpress_ext.positions import position_state
 from kvpress_ext.registry import get_press
 
+#: kvpress's pipeline logger: our records go where kvpress's users (and kvpress's tests) look for them.
+kvpress_logger = logging.getLogger(KVPressTextGenerationPipeline.__module__)
 
-def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eos_token_ids=()) -> list[int]:
-    """Feed ``first_ids`` then decode greedily; positions come from the cache (call inside apply_press)."""
+
+def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eos_token_ids=(),
+                  stop_at_first: bool = True) -> list[int]:
+    """Feed ``first_ids`` then decode greedily; positions come from the cache (call inside apply_press).
+
+    Stops after an end-of-sequence token; ``stop_at_first=False`` does not check the first generated
+    token, as kvpress's pipeline does not.
+    """
     outputs = model(input_ids=first_ids, past_key_values=cache, logits_to_keep=1)
     generated = [int(outputs.logits[0, -1].argmax())]
     for _ in range(max_new_tokens - 1):
-        if generated[-1] in eos_token_ids:
+        if generated[-1] in eos_token_ids and (stop_at_first or len(generated) > 1):
             break
         next_ids = torch.tensor([[generated[-1]]], device=first_ids.device)
         outputs = model(input_ids=next_ids, past_key_values=cache, logits_to_keep=1)
@@ -66,6 +80,10 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         prefill, decoding = compression_phases(press)
         questions = input_tensors["questions_ids"]
         if decoding and len(questions) > 1:
+            if isinstance(press, (DecodingPress, PrefillDecodingPress)):  # kvpress's own error, unchanged
+                raise ValueError(
+                    "DecodingPress is not compatible with multiple questions. Please specify a single question."
+                )
             raise ValueError(
                 f"{type(press).__name__} compresses while decoding, so the cache after one answer cannot be "
                 "rewound for the next question: ask one question per call."
@@ -78,6 +96,8 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         with apply_press(press if prefill else None, self.model):
             for start in range(0, context_ids.shape[1], step):
                 decoder(input_ids=context_ids[:, start : start + step], past_key_values=cache)
+            kvpress_logger.debug(f"Context Length: {context_ids.shape[1]}")
+            kvpress_logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
 
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -86,7 +106,8 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             for question_ids in questions:
                 lengths = [cache.get_seq_length(i) for i in range(len(cache))]
                 state = copy.copy(position_state(cache))
-                ids = greedy_decode(self.model, question_ids.to(input_device(self.model)), cache, max_new_tokens, eos)
+                ids = greedy_decode(self.model, question_ids.to(input_device(self.model)), cache, max_new_tokens, eos,
+                                    stop_at_first=False)
                 answers.append(str(self.tokenizer.decode(ids, skip_special_tokens=True)))
                 if not decoding:  # rewind the answer so the next question sees the context only
                     self._remove_answer_from_cache(cache, lengths)

@@ -22,6 +22,7 @@ Contract:
   numbers of a local one); Ray ships it by reference, so its module must be importable on every worker (install
   kvpress-ext on every node). Heavy state such as a loaded model belongs in a per-process cache in ``fn``'s module:
   each process (this one locally, each Ray worker) then loads it once for all the cells it runs.
+- ``out_dir`` must be new, empty or already ours (:mod:`kvpress_ext.safe_io`); it is marked ours before any cell.
 - Cell file ``<out_dir>/cells/<key>.json``, written atomically by the driver: ``{"key", "status": "ok" | "failed",
   "params", "attempts", "errors", "error", "wall_s", "cpu_s", "executor", "host", "pid", "record"}``.
 - Resume: a cell whose file says ``ok`` with the same params (``_`` names aside) is skipped; failed cells run again.
@@ -152,11 +153,11 @@ def _identity(params: dict) -> dict:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write ``data`` as JSON so that a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON so that a reader sees the old file or the new one, never half of one
+    (:func:`kvpress_ext.safe_io.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place)."""
+    from kvpress_ext.safe_io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
 
 
 def cell_path(out_dir, key: str) -> Path:
@@ -206,10 +207,11 @@ def _call(fn: Callable, params: dict) -> dict:
 class _Tracker:
     """Writes cell files, counts failures, drives the progress bar and the caller's callback."""
 
-    def __init__(self, out_dir, options, total, skipped, desc, on_result):
+    def __init__(self, out_dir, options, total, skipped, desc, on_result, flag="--output_dir", raise_failures=False):
         from tqdm.auto import tqdm
 
         self.out_dir, self.options, self.on_result = out_dir, options, on_result
+        self.flag, self.raise_failures, self.claimed = flag, raise_failures, False
         self.result = SweepResult()
         self.bar = tqdm(total=total, initial=skipped, desc=desc, unit="cell", disable=not options.progress)
         self.bar.set_postfix(failed=0)
@@ -225,6 +227,11 @@ class _Tracker:
         }
         if tb and not ok:
             data["traceback"] = tb[-3000:]
+        if not self.claimed:  # checked before the sweep; marked ours only once something is written
+            from kvpress_ext.safe_io import claim_output_dir
+
+            claim_output_dir(self.out_dir, self.flag)
+            self.claimed = True
         write_json_atomic(cell_path(self.out_dir, cell.key), data)
         self.add(cell, data)
         self.bar.update(1)
@@ -243,19 +250,27 @@ class _Tracker:
 
 
 def run_sweep(cells: list[Cell], fn: Callable[[dict], dict], out_dir, options: SweepOptions | None = None, *,
-              desc: str = "sweep", on_result: Callable | None = None) -> SweepResult:
+              desc: str = "sweep", on_result: Callable | None = None, flag: str = "--output_dir",
+              raise_failures: bool = False) -> SweepResult:
     """Run every cell not finished yet in ``out_dir`` with ``fn`` on the chosen executor (see the module doc).
 
-    ``on_result(cell, cell_file_dict, skipped)`` is called in this process as each cell is skipped or finishes
-    (for printing a line or writing another file). Returns a :class:`SweepResult`.
+    ``out_dir`` is checked first and claimed before the first cell file is written
+    (:func:`kvpress_ext.safe_io.claim_output_dir`; ``flag`` names it in the one-line refusal of a directory that
+    is not ours). ``on_result(cell, cell_file_dict, skipped)`` is called in this process as each cell is skipped
+    or finishes (for printing a line or writing another file). With ``raise_failures``, a cell that still fails
+    after its retries raises its own exception (a Ray task's: the cell's) and writes no cell file: the caller
+    runs one cell whose failure is the command's error. Returns a :class:`SweepResult`.
     """
+    from kvpress_ext.safe_io import check_output_dir
+
     options = options or SweepOptions()
     check_options(options)
     _check_cells(cells)
     ray = import_ray() if options.executor == "ray" else None  # missing extra: fail before any work
+    check_output_dir(out_dir, flag)
     done = {c.key: d for c in cells if (d := _finished(out_dir, c)) is not None}
     todo = [c for c in cells if c.key not in done]
-    tracker = _Tracker(out_dir, options, len(cells), len(done), desc, on_result)
+    tracker = _Tracker(out_dir, options, len(cells), len(done), desc, on_result, flag, raise_failures)
     for cell in cells:
         if cell.key in done:
             tracker.add(cell, done[cell.key], skipped=True)
@@ -279,9 +294,11 @@ def _run_local(todo: list[Cell], fn, options: SweepOptions, tracker: _Tracker) -
         for attempt in range(1, options.max_retries + 2):
             try:
                 output = _call(fn, cell.params)
-            except Exception as exc:  # noqa: BLE001 - any failure of one cell is recorded, the sweep goes on
+            except Exception as exc:  # any failure of one cell is recorded (or raised), the sweep goes on
                 errors.append(_reason(exc))
                 if attempt > options.max_retries:
+                    if tracker.raise_failures:
+                        raise
                     tracker.finish(cell, attempt, errors, None, traceback.format_exc(limit=6))
             else:
                 tracker.finish(cell, attempt, errors, output)
@@ -322,6 +339,9 @@ def _run_ray(ray, todo: list[Cell], fn, options: SweepOptions, tracker: _Tracker
             except Exception as exc:  # noqa: BLE001 - a task error or a dead worker: retry or record
                 errors = [*errors, _reason(exc)]
                 if attempt > options.max_retries:
+                    if tracker.raise_failures:
+                        cause = getattr(exc, "cause", None)  # a RayTaskError wraps the cell's own exception
+                        raise (cause if isinstance(cause, Exception) else exc) from None
                     tracker.finish(cell, attempt, errors, None, str(exc))
                 else:
                     pending[task.remote(fn_ref, cell.params)] = (cell, attempt + 1, errors)

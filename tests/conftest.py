@@ -1,6 +1,15 @@
-"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder."""
+"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder.
+
+The suite never touches the network: the Hugging Face libraries are put offline here, before any of them is
+imported (they read these variables at import), so a test that would reach the hub fails at once instead of
+retrying. Tests of the online path mock it (see tests/test_hub.py).
+"""
 
 import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 import warnings
 from pathlib import Path
 
@@ -52,3 +61,13 @@ def stories260k():
     path = shared_path("models", "stories260k")
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_after_commands():
+    """Commands run in-process (``main(argv)``) quiet kvpress's repeated log lines for the rest of the process;
+    put the library default back after each test, so the next one sees every record kvpress emits."""
+    yield
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+
+    quiet_repeated_kvpress_logs(enable=False)

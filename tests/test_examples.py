@@ -12,6 +12,8 @@ def test_quickstart_runs_every_method():
     run = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py")], capture_output=True, text=True,
                          timeout=300, cwd=REPO, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
+    for noise in ("Loading weights", "predefined maximum length", "Traceback"):  # quiet: the example is the output
+        assert noise not in run.stdout + run.stderr, noise
     out = run.stdout
     for label in ("snapkv 0.5:", "rkv budget 32:", "a3 debug 0.3:", "full prefill:"):
         assert label in out, out

@@ -74,3 +74,75 @@ def test_parameters_are_read_from_the_dataclass():
     info = kvpress_ext.press_info("snapkv")
     names = {p.name: p.default for p in info.parameters}
     assert names == {"compression_ratio": 0.0, "window_size": 64, "kernel_size": 5}
+
+
+def test_one_default_ratio_when_built_by_name():
+    """kvpress's classes default to compression_ratio=0.0 (no compression); built by name (the CLI, get_press,
+    sweeps) every press with a ratio gets DEFAULT_COMPRESSION_RATIO, which `kvpress-ext list` shows."""
+    import warnings
+
+    from kvpress_ext.evaluation.run_perplexity import PerplexityConfig
+    from kvpress_ext.registry import DEFAULT_COMPRESSION_RATIO, press_info
+
+    assert DEFAULT_COMPRESSION_RATIO == 0.5 == PerplexityConfig(command="").compression_ratio
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built by name with the default: no "compresses nothing" warning
+        assert get_press("snapkv").compression_ratio == 0.5
+        assert get_press("key_rerotation").press.compression_ratio == 0.5
+        assert get_press("think").key_channel_compression_ratio == 0.5
+        assert get_press("decoding").base_press.compression_ratio == 0.0  # overridden by the decoding press
+    assert kvpress.SnapKVPress().compression_ratio == 0.0  # the class default we replace
+    shown = {p.name: p.default for p in press_info("knorm").effective_parameters}
+    assert shown["compression_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("name, params", [("knorm", {"compression_ratio": 0.0}),
+                                          ("key_rerotation", {"compression_ratio": 0}),
+                                          ("composed", {"compression_ratio": 0.0})])
+def test_a_press_configured_to_compress_nothing_warns_once(name, params):
+    from kvpress_ext.errors import NoCompressionWarning
+
+    with pytest.warns(NoCompressionWarning) as caught:
+        get_press(name, **params)
+    relevant = [w for w in caught if issubclass(w.category, NoCompressionWarning)]
+    assert len(relevant) == 1 and f"{name} is configured to compress nothing (compression_ratio=0" in str(
+        relevant[0].message)
+
+
+@pytest.mark.parametrize("doc, first", [
+    ("Short. More text.", "Short."),
+    ("Spans\n    two lines (e.g. this one). Next.", "Spans two lines (e.g. this one)."),
+    ("R-KV (Cai et al. 2025, arXiv 2505.24133): keep keys. Rest.", "R-KV (Cai et al. 2025, arXiv 2505.24133): keep keys."),
+    ("Uses ``window`` and :class:`ScorerPress` here.\n\nParameters", "Uses window and ScorerPress here."),
+    ("Version 0.5 is used. Then", "Version 0.5 is used."),
+    ("No full stop at all", "No full stop at all"),
+    ("Lists follow:\n\n- a", "Lists follow."),
+])
+def test_first_sentence(doc, first):
+    from kvpress_ext.registry import first_sentence
+
+    assert first_sentence(doc) == first
+
+
+def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(capsys):
+    """`kvpress-ext list` gives each press its docstring's first sentence (wrapped, never cut), and `describe`
+    does not print a parameter list the docstring already has."""
+    import re
+
+    from kvpress_ext.cli import main
+    from kvpress_ext.registry import available_presses
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    joined = " ".join(out.split())  # undo the wrapping
+    for name, info in available_presses().items():
+        assert f"{name} {info.summary}" in joined, name
+        first_paragraph = info.doc.strip().split("\n\n")[0]
+        assert info.summary.endswith(".") or ". " not in first_paragraph, (name, info.summary)  # a whole sentence
+    assert "Lazy-Pruning StreamingLLM: attention sinks and a recent window, compacted once every slack tokens." in joined
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert main(["describe", "snapkv"]) == 0
+    out = capsys.readouterr().out
+    for param in ("compression_ratio", "window_size", "kernel_size"):
+        assert len(re.findall(rf"^\s*{param}\b", out, re.MULTILINE)) == 1, (param, out)
+    assert "compression_ratio=0.5 (class default 0.0)" in out

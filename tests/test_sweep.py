@@ -1,6 +1,6 @@
 """The sweep executor (kvpress_ext.sweep): cell files, resume, retries and failures, locally and on a local Ray
-with 2 CPUs (one Ray session for the module); a 4-cell perplexity sweep on stories260k gives the same records
-through Ray as in-process, timings aside."""
+with 2 CPUs (one Ray session for the module); a 4-cell perplexity sweep (and its baseline) on stories260k gives
+the same records through Ray as in-process, timings and machine load aside."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 MODEL = SHARED / "models" / "stories260k"
 TEXT = SHARED / "data" / "tinystories_val.txt"
-TIMING_KEYS = {"seconds", "ttft_s", "decode_tok_per_s", "prefill_s", "decode_s", "json_path"}
+TIMING_KEYS = {"seconds", "ttft_s", "decode_tok_per_s", "prefill_s", "decode_s", "json_path", "load_start", "load_end"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _square(params):
 
 
 def test_cells_files_resume_and_changed_params(tmp_path):
-    calls = tmp_path / "calls.txt"
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
 
     def fn(params):
         with calls.open("a") as fh:
@@ -46,16 +46,16 @@ def test_cells_files_resume_and_changed_params(tmp_path):
         return {"y": params["x"] ** 2}
 
     cells = [Cell(cell_key("sq", x=x), {"x": x, "_note": "context"}) for x in range(3)]
-    first = run_sweep(cells, fn, tmp_path, SweepOptions(progress=False))
+    first = run_sweep(cells, fn, out, SweepOptions(progress=False))
     assert first.records == {"sq_x=0": {"y": 0}, "sq_x=1": {"y": 1}, "sq_x=2": {"y": 4}}
-    files = load_cells(tmp_path)
+    files = load_cells(out)
     assert [f["key"] for f in files] == ["sq_x=0", "sq_x=1", "sq_x=2"]
     assert all(f["status"] == "ok" and f["attempts"] == 1 and f["executor"] == "local" for f in files)
-    assert not list((tmp_path / "cells").glob(".*"))  # no temporary files left behind
+    assert not list((out / "cells").glob(".*"))  # no temporary files left behind
     # Second run: nothing recomputed ("_" params are context and do not count); a changed param is recomputed.
     cells[1] = Cell("sq_x=1", {"x": 5, "_note": "other"})
     cells[0] = Cell("sq_x=0", {"x": 0, "_note": "other"})
-    second = run_sweep(cells, fn, tmp_path, SweepOptions(progress=False))
+    second = run_sweep(cells, fn, out, SweepOptions(progress=False))
     assert second.skipped == ["sq_x=0", "sq_x=2"] and second.records["sq_x=1"] == {"y": 25}
     assert calls.read_text().split() == ["0", "1", "2", "5"]
 
@@ -72,15 +72,40 @@ def test_local_retries_then_records_failure_and_goes_on(tmp_path):
         return {"i": params["i"]}
 
     cells = [Cell(f"c{i}", {"i": i, "kind": k}) for i, k in enumerate(["ok", "broken", "flaky", "ok"])]
-    result = run_sweep(cells, fn, tmp_path, SweepOptions(max_retries=2, progress=False))
+    out = tmp_path / "out"
+    result = run_sweep(cells, fn, out, SweepOptions(max_retries=2, progress=False))
     assert result.failed == ["c1"] and set(result.records) == {"c0", "c2", "c3"}
-    files = {f["key"]: f for f in load_cells(tmp_path)}
+    files = {f["key"]: f for f in load_cells(out)}
     assert files["c1"]["status"] == "failed" and files["c1"]["attempts"] == 3
     assert files["c1"]["errors"] == ["ValueError: cell 1 is broken"] * 3 and "Traceback" in files["c1"]["traceback"]
     assert files["c2"]["attempts"] == 2 and files["c2"]["errors"] == ["RuntimeError: transient"]
     # A failed cell is not finished: the next run tries it again (and only it).
-    again = run_sweep(cells, fn, tmp_path, SweepOptions(max_retries=0, progress=False))
+    again = run_sweep(cells, fn, out, SweepOptions(max_retries=0, progress=False))
     assert again.skipped == ["c0", "c2", "c3"] and again.failed == ["c1"]
+
+
+def test_output_directory_rules_and_raised_failures_write_nothing(tmp_path):
+    """A directory kvpress-ext did not create is refused before any cell runs; with raise_failures a failing
+    cell raises its own exception and leaves no cell file, no marker, no directory."""
+    from kvpress_ext.safe_io import RESULTS_MARKER, OutputPathError
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    ran = []
+    with pytest.raises(OutputPathError, match="did not create"):
+        run_sweep([Cell("a", {"x": 1})], lambda p: ran.append(p) or {}, theirs, SweepOptions(progress=False))
+    assert ran == [] and sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+
+    def broken(params):
+        raise ZeroDivisionError("cell is broken")
+
+    with pytest.raises(ZeroDivisionError, match="cell is broken"):
+        run_sweep([Cell("b", {})], broken, tmp_path / "new", SweepOptions(max_retries=1, progress=False),
+                  raise_failures=True)
+    assert not (tmp_path / "new").exists()
+    result = run_sweep([Cell("c", {"x": 2})], _square, tmp_path / "new", SweepOptions(progress=False))
+    assert result.records == {"c": {"y": 4}} and (tmp_path / "new" / RESULTS_MARKER).is_file()
 
 
 def test_bad_keys_and_options():
@@ -108,7 +133,7 @@ def _config(out, executor):
     return PerplexityConfig(
         model=str(MODEL), dataset="text", text_file=str(TEXT), max_eval_tokens=160, context_limit=96, chunk_size=32,
         press=["knorm", "streaming_llm"], compression_ratio=[0.25, 0.5], ppl_apply_press=True, no_speed=True,
-        num_threads=1, output_dir=str(out), no_progress=True, executor=executor, command="test",
+        threads=1, output_dir=str(out), no_progress=True, executor=executor, command="test",
     )
 
 
@@ -123,9 +148,9 @@ def _strip_timings(x):
 def test_ray_perplexity_sweep_equals_local_and_resumes(ray_session, tmp_path, capsys):
     local = run(_config(tmp_path / "local", "local"))
     remote = run(_config(tmp_path / "ray", "ray"))
-    assert len(local) == len(remote) == 4
-    assert [r["press"]["name"] for r in local] == ["knorm", "streaming_llm", "knorm", "streaming_llm"]
-    assert len({r["perplexity"]["ppl"] for r in local}) == 4  # four different results, not one repeated
+    assert len(local) == len(remote) == 5  # the baseline first, then press x ratio
+    assert [r["press"]["name"] for r in local] == ["no_press", "knorm", "streaming_llm", "knorm", "streaming_llm"]
+    assert len({r["perplexity"]["ppl"] for r in local}) == 5  # five different results, not one repeated
     for a, b in zip(local, remote):
         assert _strip_timings(a) == _strip_timings(b)  # exactly equal: same computation, one thread each
     ray_cells = load_cells(tmp_path / "ray")
@@ -134,7 +159,7 @@ def test_ray_perplexity_sweep_equals_local_and_resumes(ray_session, tmp_path, ca
     # A second run finds every cell done and reuses the files, computing nothing.
     capsys.readouterr()
     again = run(_config(tmp_path / "ray", "ray"))
-    assert capsys.readouterr().out.count("(done before)") == 4
+    assert capsys.readouterr().out.count("(done before)") == 5
     assert [_strip_timings(r) for r in again] == [_strip_timings(r) for r in remote]
 
 
@@ -161,21 +186,45 @@ def test_ray_killed_worker_is_retried_and_the_sweep_completes(ray_session, tmp_p
 
 
 def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
-    """snapkv needs chunks longer than its 64-token window: with 32-token chunks its cell fails (kept with the
-    reason) while knorm's runs; the summary rebuilt from the cell files lists both. One failing cell alone is
-    a one-line error instead."""
-    from kvpress_ext.errors import KVPressExtError
+    """kvcompose runs the model itself on a whole context, so under --ppl_apply_press its cell fails (kept with
+    the reason) while knorm's and the baseline's run; the summary rebuilt from the cell files lists them. One failing
+    press alone is its own one-line error instead, and writes nothing (its baseline would run after it)."""
+    from kvpress_ext.errors import PressParameterError
     from kvpress_ext.evaluation import results
 
     config = _config(tmp_path, "local")
-    config.press, config.compression_ratio, config.max_retries = ["knorm", "snapkv"], [0.5], 0
+    config.press, config.compression_ratio, config.max_retries = ["knorm", "kvcompose"], [0.5], 0
     records = run(config)
-    assert [r["status"] for r in records] == ["ok", "failed"]
-    assert records[1]["error"].startswith("PressInputError") and "window" in records[1]["error"]
+    assert [(r["press"]["name"], r["status"]) for r in records] == [("no_press", "ok"), ("knorm", "ok"),
+                                                                     ("kvcompose", "failed")]
+    assert records[2]["error"].startswith("PressParameterError") and "runs the model itself" in records[2]["error"]
     (tmp_path / "summary.md").unlink()
     md, _ = results.summarize_directory(tmp_path)
     text = md.read_text()
-    assert "| knorm | 0.50 |" in text and "| snapkv | 0.50 |" in text and "failed: PressInputError" in text
-    config.press, config.output_dir = ["snapkv"], str(tmp_path / "single")
-    with pytest.raises(KVPressExtError, match="PressInputError.*traceback in"):
+    assert "| no_press | uncompressed |" in text and "| knorm | compression_ratio=0.5 |" in text
+    assert "| kvcompose | compression_ratio=0.5 |" in text and "failed: PressParameterError" in text
+    config.press, config.output_dir = ["kvcompose"], str(tmp_path / "single")
+    with pytest.raises(PressParameterError, match="runs the model itself"):
         run(config)
+    assert not (tmp_path / "single").exists()
+
+
+def test_press_all_probes_before_the_sweep_and_its_cells_record_why(tmp_path, capsys):
+    """--press all: every registered press becomes a cell; the probe (_check_sweep) prints which cannot run in the
+    mode before any cell line, and those cells record the probe's reason instead of running; no_press comes first."""
+    from kvpress_ext.registry import available_presses
+
+    config = _config(tmp_path, "local")
+    config.press, config.compression_ratio, config.max_eval_tokens, config.context_limit = ["all"], [0.5], 128, 64
+    records = run(config)
+    out = capsys.readouterr().out
+    assert {r["press"]["name"] for r in records} == set(available_presses()) and records[0]["press"]["name"] == "no_press"
+    probe_at = out.index("presses run in this mode")
+    assert probe_at < out.index("\nknorm ") and "Unsupported in this mode" in out[:out.index("\nknorm ")]
+    cells = {c["key"]: c for c in load_cells(tmp_path)}
+    assert cells["kvcompose_r=0.5"]["params"]["skip"].startswith("unsupported: ")
+    kvcompose = next(r for r in records if r["press"]["name"] == "kvcompose")
+    assert kvcompose["status"] == "unsupported" and "runs the model itself" in kvcompose["error"]
+    knorm = next(r for r in records if r["press"]["name"] == "knorm")
+    assert knorm["status"] == "ok" and knorm["kept"]["effective_ratio"] == pytest.approx(0.5)
+    assert "| kvcompose |" in (tmp_path / "summary.md").read_text()

@@ -1,13 +1,16 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, where a model's
-layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor flags."""
+"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, ``--threads``,
+where a model's layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor flags, and
+warnings printed as one line."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
+import warnings
 
 from kvpress_ext.errors import KVPressExtError, PressParameterError
+from kvpress_ext.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
 
 
 def parse_value(text: str):
@@ -81,10 +84,9 @@ def parse_device_map(text: str | None):
         return None
     raw = text
     if text.endswith(".json"):
-        path = Path(text)
-        if not path.is_file():
-            raise KVPressExtError(f"--device_map file {text!r} does not exist: pass auto, a device or a JSON map.")
-        raw = path.read_text()
+        from kvpress_ext.inputs import read_text_file
+
+        raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
     if raw.lstrip().startswith("{"):
         try:
             value = json.loads(raw)
@@ -123,3 +125,42 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
     """The :func:`add_placement_args` flags as ``load_model`` keyword arguments."""
     return {"device_map": parse_device_map(args.device_map), "max_memory": parse_max_memory(args.max_memory),
             "offload_folder": args.offload_folder}
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--threads N`` (and any old spellings in ``aliases``, hidden from --help)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest on a busy machine; more can help "
+                             "bigger models on an idle one)")
+    for alias in aliases:
+        parser.add_argument(alias, dest="threads", type=positive_int, default=None, help=argparse.SUPPRESS)
+
+
+def quiet_command_line(prog: str = "kvpress-ext") -> None:
+    """What every command does first: warnings as one line each, kvpress's repeated log lines once each, and no
+    per-tensor "Loading weights" progress bars from transformers (whichever code path loads a model)."""
+    from transformers.utils import logging as hf_logging
+
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+
+    hf_logging.disable_progress_bar()
+    print_warnings_on_one_line(prog)
+    quiet_repeated_kvpress_logs()  # kvpress logs some messages per layer and per forward: show each once
+
+
+def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
+    """Show warnings as ``prog: warning: message`` on stderr (no file name, line number or source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show

@@ -10,7 +10,15 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import add_placement_args, add_sweep_args, parse_press_kwargs, placement_kwargs
+from kvpress_ext.cli.common import (
+    OneLineArgumentParser,
+    add_placement_args,
+    add_sweep_args,
+    add_threads_argument,
+    parse_press_kwargs,
+    placement_kwargs,
+    quiet_command_line,
+)
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -22,7 +30,7 @@ _DEFAULTS = PerplexityConfig(command="")
 
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         description="Perplexity, speed and memory of a model with and without KV-cache compression.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -36,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window length; each window starts a fresh cache")
     p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
     p.add_argument("--press", nargs="+", default=[d.press],
-                   help="registered press names, 'all', or 'no_press'; several (or all) make a sweep")
+                   help="registered press names (one runs next to the uncompressed baseline), 'all', or 'no_press'; "
+                        "several (or all) make a sweep")
+    p.add_argument("--no_baseline", action="store_true", help="do not run no_press next to the presses")
     p.add_argument("--compression_ratio", nargs="+", type=float, default=[d.compression_ratio],
                    help="fractions of the cache to remove, for presses with a compression_ratio parameter; "
                         "several make a sweep (cross product with --press)")
@@ -63,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement_args(p)
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
-    p.add_argument("--num_threads", type=int, default=d.num_threads,
-                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
+    add_threads_argument(p, "--num_threads")
     p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--summarize", metavar="DIR", default=None,
@@ -84,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_command_line("perplexity")
     try:
         if args.summarize:
             md, png = results.summarize_directory(args.summarize)

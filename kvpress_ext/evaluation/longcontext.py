@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.safe_io import check_output_dir, claim_output_dir, save_figure, write_output
+
 PREFILL = "prefill"
 
 
@@ -69,15 +71,17 @@ def parse_json_or_jsonl(text: str) -> list:
 
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
+    from kvpress_ext.inputs import read_text_file
+
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file not found: {path}")
+        raise InputError(f"data file not found: {path}; pass --data_file an existing JSON/JSONL file")
     try:
-        records = parse_json_or_jsonl(path.read_text())
+        records = parse_json_or_jsonl(read_text_file(path, "--data_file", "a UTF-8 JSON/JSONL file"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not JSON/JSONL: {e}") from None
+        raise InputError(f"{path} is not JSON/JSONL ({e}); pass --data_file a JSON list or JSONL file") from None
     if not records or not all(isinstance(r, dict) for r in records):
-        raise InputError(f"{path} holds no records (expected JSON objects, one per line)")
+        raise InputError(f"{path} holds no records; pass --data_file a JSON list or JSONL file of objects (one per line)")
     return records
 
 
@@ -85,7 +89,8 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
     for i, r in enumerate(records):
         missing = [f for f in fields if f not in r]
         if missing:
-            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}")
+            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}; every record needs "
+                             f"{', '.join(fields)}")
 
 
 def parse_methods(strategies: list[str], evict: str | None) -> list[Method]:
@@ -237,13 +242,13 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     of which is the headline ``score``. Writes one JSON per method and ``summary.md``; returns the runs."""
     from tqdm.auto import tqdm
 
+    from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.presses.a3 import ChunkStore
 
     methods = parse_methods(cfg.strategies, cfg.evict)
     question_text = question_text or (lambda s: s.question)
     samples = samples[: cfg.max_samples] if cfg.max_samples else samples
-    out_dir = Path(cfg.output_dir or Path("results") / cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_output_dir(cfg.output_dir or Path("results") / cfg.name)
     store = ChunkStore(tempfile.mkdtemp(prefix=f"longcontext-{cfg.name}-"), model, tokenizer,
                        save_surprisal="surprisal_chunk" in cfg.strategies)
     bos = store.prefix_ids
@@ -257,8 +262,9 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
         ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
         sinks = ends + [ends[-1] + len(q_ids)]
         for m in methods:
-            r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
-                       evict_kwargs=evict_kwargs, sink_positions=sinks)
+            with explain_press_failures(m.evict):  # an --evict press needing hub files offline: one line
+                r = answer(model, m, bos, chunks, q_ids, cfg.max_new_tokens, store=store, rate=cfg.rate,
+                           evict_kwargs=evict_kwargs, sink_positions=sinks)
             prediction = str(tokenizer.decode(r.pop("ids"), skip_special_tokens=True))
             metrics = score(sample, prediction)
             records[m.name].append({
@@ -276,8 +282,8 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
             "method": m.name, "strategy": m.strategy, "evict": m.evict,
             "rate": cfg.rate if m.strategy else None, "config": config, "summary": summarize(recs), "records": recs,
         }
-        (out_dir / f"{_safe(m.name)}.json").write_text(json.dumps(runs[m.name], indent=1))
-    (out_dir / "summary.md").write_text(summary_markdown(cfg, runs))
+        write_output(out_dir / f"{_safe(m.name)}.json", json.dumps(runs[m.name], indent=1), flag="--output_dir")
+    write_output(out_dir / "summary.md", summary_markdown(cfg, runs), kind="markdown", flag="--output_dir")
     return runs
 
 
@@ -330,13 +336,13 @@ def add_common_arguments(ap, name: str, default_chunk_tokens: int = 128) -> None
     ap.add_argument("--rate", type=float, default=0.15, help="fraction of document tokens recomputed")
     ap.add_argument("--evict", default=None, help="registered press evicting from the fused cache, e.g. snapkv")
     ap.add_argument("--evict_ratio", type=float, default=0.5, help="compression_ratio of the --evict press")
-    ap.add_argument("--max_samples", type=int, default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=32)
-    ap.add_argument("--chunk_tokens", type=int, default=default_chunk_tokens)
+    ap.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples")
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="most answer tokens (greedy)")
+    ap.add_argument("--chunk_tokens", type=int, default=default_chunk_tokens, help="tokens per separately cached chunk")
     ap.add_argument("--max_context_tokens", type=int, default=None, help="drop middle chunks beyond this")
     ap.add_argument("--output_dir", default=None, help=f"default results/{name}")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscription)")
-    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
 
 def check_common(args) -> None:
@@ -349,6 +355,8 @@ def check_common(args) -> None:
         raise InputError("--max_samples must be a positive integer")
     parse_methods(args.strategies, args.evict)
     check_evict(args)
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
     if args.threads >= 1:
         torch.set_num_threads(args.threads)
 
@@ -374,8 +382,10 @@ def load_haystack(directory) -> list[str]:
     directory = Path(directory)
     files = sorted(directory.glob("*.txt")) if directory.is_dir() else []
     if not files:
-        raise InputError(f"no *.txt haystack files in {directory}")
-    text = " ".join(" ".join(f.read_text(errors="replace").split()) for f in files)
+        raise InputError(f"no *.txt haystack files in {directory}; pass --haystack_dir a directory of UTF-8 .txt essays")
+    from kvpress_ext.inputs import read_text_file
+
+    text = " ".join(" ".join(read_text_file(f, "--haystack_dir file", "UTF-8 essays").split()) for f in files)
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
 
 
@@ -426,7 +436,7 @@ def plot_heatmaps(runs: dict[str, dict], depths: list[float], lengths: list[int]
         ax.set_ylabel("needle depth")
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="retrieval accuracy")
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, flag="--output_dir", dpi=100)
     plt.close(fig)
 
 

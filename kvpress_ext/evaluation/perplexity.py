@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpress_ext import hub
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import _cache_length_hook, apply_press, compression_phases, drives_model, positions_follow_cache
 from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.evaluation.chunked import EveryChunkPress
+from kvpress_ext.inputs import read_text_file
 
 DATASETS = ("wikitext", "pg19", "text")
 
@@ -52,9 +54,10 @@ def load_text(dataset: str, subset: str | None = None, split: str = "test", samp
         path = Path(text_file)
         if not path.is_file():
             raise KVPressExtError(f"Text file not found: {text_file!r}. Pass an existing file with --text_file.")
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path, "--text_file")
     if dataset not in DATASETS:
         raise KVPressExtError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
+    offline = hub.use_cache_only_if_offline()  # offline: the cache only, no retries
     try:
         from datasets import load_dataset
 
@@ -69,9 +72,10 @@ def load_text(dataset: str, subset: str | None = None, split: str = "test", samp
     except KVPressExtError:
         raise
     except Exception as exc:
+        why = (f"the Hugging Face hub cannot be used ({offline}) and it is not in the local cache" if offline
+               else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
         raise KVPressExtError(
-            f"Could not load dataset {dataset!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Offline? Use --dataset text --text_file PATH."
+            f"Could not load dataset {dataset!r} ({why}). Use --dataset text --text_file PATH (a local UTF-8 file)."
         ) from exc
 
 
@@ -210,6 +214,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     bar.close()
     stats = {
         "cache_bytes_end": cache_bytes(cache), "cache_len_end": cache_length(cache),
+        "tokens_end": spans[-1][1] - spans[-1][0] if spans else 0,
         "cache_bytes_peak": peak_bytes, "cache_len_peak": peak_len, "ratio_mode": plan.ratio_mode,
         "compresses_at_prefill": plan.prefill, "compresses_while_decoding": plan.decoding,
     }

@@ -20,12 +20,14 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import METADATA_FILE, load_cache, read_metadata, save_cache
+from kvpress_ext.cache_io import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
 from kvpress_ext.devices import input_device
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.errors import CacheFormatError, KVPressExtError
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
+from kvpress_ext.inputs import read_text_file
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.registry import get_press
+from kvpress_ext.safe_io import path_lock, recover, waiting_note
 
 MODES = ("takeaways", "notepad", "none")
 COMPLEXITIES = ("simple", "complex")
@@ -49,17 +51,30 @@ class ICLInputError(KVPressExtError):
     """Bad workflow input (data file, budget, paths): reported in one line with exit status 2."""
 
 
-def load_documents(path, limit: int | None = None) -> list[dict]:
-    """A JSON list of ``{"question", "solution", "answer"}`` objects (``solution`` optional for eval data)."""
+def load_documents(path, limit: int | None = None, *, require_solution: bool = False, flag: str = "--data") -> list[dict]:
+    """A JSON list of ``{"question", "solution", "answer"}`` objects, not empty. ``solution``/``answer`` may be
+    missing for questions to answer (eval data), not for documents to read (``require_solution``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ICLInputError(f"Data file {path} does not exist; pass a JSON list of question/solution/answer objects.")
+    text = read_text_file(path, flag, "a JSON list of question/solution/answer objects")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a JSON list of "
+                            "question/solution/answer objects.") from exc
     if not isinstance(data, list) or not all(isinstance(d, dict) and "question" in d for d in data):
         raise ICLInputError(f"Data file {path} must hold a JSON list of objects with at least a 'question' field.")
+    if not data:
+        raise ICLInputError(f"Data file {path} holds an empty list; add at least one question/solution/answer object.")
+    bad = [d for d in data if not isinstance(d["question"], str) or not d["question"].strip()]
+    if bad:
+        raise ICLInputError(f"Data file {path}: record {data.index(bad[0])} has an empty or non-text 'question'; fix it.")
+    if require_solution:
+        lacking = [i for i, d in enumerate(data) if not (d.get("solution") or d.get("answer"))]
+        if lacking:
+            raise ICLInputError(
+                f"Data file {path}: record {lacking[0]} has only a question; add its 'solution' and/or 'answer' "
+                "(documents to read need them; only questions to be answered may lack them)."
+            )
     return data[:limit] if limit else data
 
 
@@ -127,14 +142,30 @@ def check_budget(budget, window_size: int) -> None:
         raise ICLInputError(f"--budget must be an integer larger than --window_size ({window_size}), got {budget!r}.")
 
 
+def existing_cache(out, model=None) -> dict | None:
+    """The verified metadata of the cache at ``out``, None when there is none; raises if ``out`` is not ours or
+    holds a damaged cache (then ``--recompute`` replaces it)."""
+    out = check_cache_target(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / METADATA_FILE).is_file():
+        raise CacheFormatError(f"{out} holds a damaged cache (no {METADATA_FILE}); pass --recompute to replace it.")
+    return load_cache(out, model=model)[1]
+
+
 def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 128, mode: str = "takeaways",
                summary_complexity: str = "simple", num_epochs: int = 1, window_size: int = 8, rotate: bool = False,
                rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False) -> dict:
     """Read ``documents`` (and write notes) into an R-KV cache saved at ``out``; returns its metadata.
 
-    Skips the work and returns the saved metadata if ``out`` already holds a cache, unless ``recompute``.
+    ``out`` must be missing, empty or one of our caches (:func:`kvpress_ext.cache_io.check_cache_target`). If it
+    already holds a valid cache of this model, the work is skipped and the saved metadata returned (with
+    ``reused=True``) unless ``recompute``. Runs under the lock of ``out``: a second process writing the same path
+    waits, then reuses the cache the first one saved.
     """
     out = Path(out)
+    if not documents:
+        raise ICLInputError("No documents to read: pass --data with at least one question/solution/answer object.")
     if mode not in MODES:
         raise ICLInputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if summary_complexity not in COMPLEXITIES:
@@ -142,8 +173,22 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
     check_budget(budget, window_size)
     if num_epochs < 1:
         raise ICLInputError(f"--num_epochs must be >= 1, got {num_epochs}.")
-    if (out / METADATA_FILE).is_file() and not recompute:
-        return read_metadata(out)
+    check_cache_target(out)
+    with path_lock(out, on_wait=waiting_note(out)):
+        recover(out)
+        if not recompute:
+            meta = existing_cache(out, model=model)
+            if meta is not None:
+                return {**meta, "reused": True}
+        meta = _precompute(model, tokenizer, documents, out, budget=budget, mode=mode,
+                           summary_complexity=summary_complexity, num_epochs=num_epochs, window_size=window_size,
+                           rotate=rotate, rotation_offset=rotation_offset, buffer=buffer,
+                           max_note_tokens=max_note_tokens)
+    return {**meta, "reused": False}
+
+
+def _precompute(model, tokenizer, documents, out, *, budget, mode, summary_complexity, num_epochs, window_size,
+                rotate, rotation_offset, buffer, max_note_tokens) -> dict:
     press = RKVPress(budget=budget, window_size=window_size, rotate_keys=rotate, rotation_offset=rotation_offset,
                      compression_interval=buffer)
     cache = DynamicCache()
@@ -205,13 +250,34 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     }
 
 
+def read_eval_records(path) -> list[dict]:
+    """The records of an ``icl eval`` result file, checked: a JSON object whose ``records`` is a non-empty list of
+    objects with a ``generations`` list of strings."""
+    fix = f"pass the JSON file `kvpress-ext icl eval --out {path}` wrote"
+    text = read_text_file(path, "--eval", "the JSON file `kvpress-ext icl eval --out` wrote")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ICLInputError(f"--eval {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}.") from None
+    records = data.get("records") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise ICLInputError(f"--eval {path} is not an icl eval result (no 'records' list); {fix}.")
+    if not records:
+        raise ICLInputError(f"--eval {path} holds no records (nothing was evaluated); {fix} after answering questions.")
+    for i, r in enumerate(records):
+        gens = r.get("generations") if isinstance(r, dict) else None
+        if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens) or "answer" not in r:
+            raise ICLInputError(f"--eval {path}: record {i} lacks an 'answer' and a 'generations' list of strings; "
+                                f"{fix}.")
+    return records
+
+
 def score(eval_json, csv_path=None) -> tuple[dict, str]:
     """pass@k of an ``evaluate`` result file; writes the CSV if asked and returns (result, printed table)."""
     path = Path(eval_json)
-    if not path.is_file():
+    if not path.exists():
         raise ICLInputError(f"Eval results {path} do not exist; run `kvpress-ext icl eval --out {path}` first.")
-    data = json.loads(path.read_text())
-    result = score_generations(data["records"])
+    result = score_generations(read_eval_records(path))
     if csv_path:
         write_scores_csv(result, csv_path)
     return result, format_scores_table(result)
@@ -220,9 +286,12 @@ def score(eval_json, csv_path=None) -> tuple[dict, str]:
 _MODELS: dict = {}
 
 
-def _cached_model(name: str, placement: dict | None = None):
+def _cached_model(name: str, placement: dict | None = None, threads: int | None = None):
     """(model, tokenizer) for ``name`` (``placement``: load_model's device_map/max_memory/offload_folder),
-    loaded once per process (each Ray worker loads its own)."""
+    loaded once per process (each Ray worker loads its own) with ``threads`` torch CPU threads."""
+    from kvpress_ext.threads import set_threads
+
+    set_threads(threads)
     key = json.dumps([name, placement], sort_keys=True, default=str)
     if key not in _MODELS:
         from kvpress_ext.models import load_model
@@ -235,16 +304,19 @@ def _cached_model(name: str, placement: dict | None = None):
 def grid_cell(params: dict) -> dict:
     """One grid cell: precompute the cache into ``params["dir"]/cache`` (kept if there), answer the questions
     into ``eval.json`` (kept if there, unless ``recompute``), score into ``scores.csv``; returns the table row."""
-    model, tok = _cached_model(params["model"], params.get("placement"))
-    docs = load_documents(params["data"], params["data_limit"])
-    questions = load_documents(params["eval_data"] or params["data"], params["eval_limit"])
+    from kvpress_ext.safe_io import write_output
+
+    model, tok = _cached_model(params["model"], params.get("placement"), params.get("_threads"))
+    docs = load_documents(params["data"], params["data_limit"], require_solution=True)
+    questions = load_documents(params["eval_data"] or params["data"], params["eval_limit"],
+                               flag="--eval_data" if params["eval_data"] else "--data")
     out = Path(params["dir"])
     pre = params["precompute"]
     precompute(model, tok, docs, out / "cache", **pre)
     eval_file = out / "eval.json"
     if not eval_file.is_file() or pre["recompute"]:
         result = evaluate(model, tok, out / "cache", questions, **params["evaluate"])
-        eval_file.write_text(json.dumps(result, indent=2))
+        write_output(eval_file, json.dumps(result, indent=2), flag="--out_dir")
     scores, _ = score(eval_file, out / "scores.csv")
     return {"budget": pre["budget"], "mode": pre["mode"],
             "complexity": pre["summary_complexity"] if pre["mode"] != "none" else "",
