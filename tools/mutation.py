@@ -108,7 +108,7 @@ def _prepare(module: str, fresh: bool) -> Path:
             shutil.rmtree(work / "mutants" / name)
             shutil.copytree(REPO / name, work / "mutants" / name, ignore=ignore)
     pyproject = (REPO / "pyproject.toml").read_text()
-    pyproject = re.sub(r"\n\[tool\.mutmut\].*?(?=\n\[|\Z)", "", pyproject, flags=re.S)
+    pyproject = re.sub(r"\n\[tool\.mutmut\].*?(?=\n\[|\Z)", "", pyproject, flags=re.DOTALL)
     (work / "pyproject.toml").write_text(pyproject + _config(files, tests))
     return work
 
@@ -125,7 +125,7 @@ def _env() -> dict:
 def _mutmut(work: Path, *args: str, log=None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", *args]
-    return subprocess.run(cmd, cwd=work, env=_env(), text=True, stdout=log or subprocess.PIPE,
+    return subprocess.run(cmd, check=False, cwd=work, env=_env(), text=True, stdout=log or subprocess.PIPE,
                           stderr=subprocess.STDOUT)
 
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         _fail("give --module NAME (see --list)")
     try:
         _mutmut_version()
-    except Exception:
+    except ImportError:
         _fail("mutmut is not installed: pip install 'mutmut>=3.8'")
     work = WORK / args.module
     if args.report:
