@@ -335,3 +335,54 @@ def test_flashinfer_wrapper_layout_against_a_stand_in(monkeypatch):
     out = A.flashinfer_attention(q, k, v, A.causal_mask(qpos, kpos), 0.25)
     assert out.shape == q.shape
     assert (out - A.reference_attention(q, k, v, qpos, kpos, 0.25)).abs().max() < 1e-5
+
+
+# --- the `random` control strategy: its seed ---------------------------------------------------------------
+def test_random_strategy_same_seed_same_selection_whatever_the_global_rng(tmp_path):
+    """The seed alone decides the selection: the global RNG state (seeded differently before each call)
+    does not, and the fused logits repeat exactly."""
+    model = tiny_model("llama", layers=2)
+    chunks, q = _data(4, lengths=(15, 15, 10))
+    store = ChunkStore(tmp_path, model)
+    runs = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        runs.append(A3Press(strategy="random", rate=0.3, seed=7, store=store).fuse_result(model, chunks, q))
+    assert runs[0].selected.tolist() == runs[1].selected.tolist()
+    assert torch.equal(runs[0].logits, runs[1].logits)
+    sel = runs[0].selected
+    assert sel.numel() == 12 and sel.unique().numel() == 12 and 0 <= int(sel.min()) and int(sel.max()) < 40
+    assert sel.tolist() == sorted(sel.tolist())
+
+
+def test_random_strategy_seed_is_honoured(tmp_path):
+    """Different seeds pick different tokens (so recompute different rows and give different logits), and the
+    press's seed reaches the selection: A3Press(seed=s) picks what random_tokens(n, k, s) picks."""
+    model = tiny_model("llama", layers=2)
+    chunks, q = _data(4, lengths=(15, 15, 10))
+    store = ChunkStore(tmp_path, model)
+    results = {s: A3Press(strategy="random", rate=0.3, seed=s, store=store).fuse_result(model, chunks, q)
+               for s in (0, 1, 2, 12345)}
+    selections = {s: tuple(r.selected.tolist()) for s, r in results.items()}
+    assert len(set(selections.values())) == len(selections)  # 4 seeds, 4 different 12-of-40 subsets
+    assert not torch.equal(results[0].logits, results[1].logits)
+    for s, picked in selections.items():
+        assert list(picked) == S.random_tokens(40, 12, s).tolist()
+
+
+def test_random_tokens_is_a_uniform_seeded_subset():
+    """random_tokens(n, k, seed): k distinct sorted indices in [0, n), the same for the same seed, and over many
+    seeds every index is picked about k/n of the time (a seed that were ignored would pick one fixed subset)."""
+    assert S.random_tokens(30, 9, 5).tolist() == S.random_tokens(30, 9, 5).tolist()
+    counts = torch.zeros(30)
+    subsets = set()
+    for seed in range(300):
+        picked = S.random_tokens(30, 9, seed)
+        assert picked.numel() == 9 and picked.unique().numel() == 9 and picked.tolist() == sorted(picked.tolist())
+        assert 0 <= int(picked.min()) and int(picked.max()) < 30
+        counts[picked] += 1
+        subsets.add(tuple(picked.tolist()))
+    assert len(subsets) > 290  # C(30, 9) ~ 1.4e7 subsets: repeats are rare
+    expected = 300 * 9 / 30  # 90 picks per index; binomial sd ~ 7.9
+    assert (counts - expected).abs().max() < 40
+    assert S.random_tokens(10, 10, 3).tolist() == list(range(10))  # k = n: every index
