@@ -10,6 +10,8 @@ Usage (from the repository root, in the project's venv; see docs/testing.md)::
     python tools/mutation.py --list                  # modules, their source files and test files
     python tools/mutation.py --module rope           # fresh run; prints the score and the survivors' diffs
     python tools/mutation.py --module rope --survivors   # rerun only the last run's survivors (after adding tests)
+    python tools/mutation.py --module rope --report      # the last run's score and survivors again
+    python tools/mutation.py --module rope --mark-equivalent NAME --reason "why it cannot change behaviour"
 
 Each module runs in its own scratch copy (``.mutation/<module>/``, ignored by git) with a
 ``[tool.mutmut]`` section that mutates only that module's files and selects only its test files, so
@@ -197,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--survivors", action="store_true",
                    help="rerun only the survivors of the previous run of --module (with the current tests)")
     p.add_argument("--report", action="store_true", help="print the previous run's result without running")
+    p.add_argument("--mark-equivalent", metavar="MUTANT",
+                   help="record MUTANT (of the last run of --module) as equivalent, with --reason")
+    p.add_argument("--reason", help="why the mutant cannot change behaviour (with --mark-equivalent)")
     p.add_argument("--max-children", type=int, default=2, help="parallel test processes (default 2)")
     args = p.parse_args(argv)
     if args.list:
@@ -210,6 +215,17 @@ def main(argv=None) -> int:
     except ImportError:
         _fail("mutmut is not installed: pip install 'mutmut>=3.8'")
     work = WORK / args.module
+    if args.mark_equivalent:
+        if not args.reason:
+            _fail("--mark-equivalent needs --reason 'why it cannot change behaviour'")
+        diff = _diff_lines(_show(work, args.mark_equivalent))
+        if not diff:
+            _fail(f"no mutant {args.mark_equivalent} in the last run of {args.module} (see its report)")
+        entries = _load_equivalent()
+        entries[args.mark_equivalent] = {"diff": diff, "reason": args.reason}
+        EQUIVALENT.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
+        print(f"recorded {args.mark_equivalent} as equivalent")
+        return 0
     if args.report:
         if not (work / "mutants").exists():
             _fail(f"no previous run of {args.module}: run without --report first")
