@@ -78,9 +78,9 @@ def test_rotation_is_computed_in_float32_and_cast_back(dtype):
 
 def test_rotate_empty_sequence_keeps_the_head_shape():
     """Zero tokens (an empty cache slice) keep the whole head, pass-through dims included."""
-    x = torch.zeros(1, 2, 0, 16)
-    out = rope.rotate(x, torch.zeros(0, dtype=torch.long), _inv_freq(4))
-    assert out.shape == (1, 2, 0, 16)
+    for shape in ((1, 2, 0, 16), (2, 0, 16), (0, 16)):  # any leading dims: (..., seq, head_dim)
+        out = rope.rotate(torch.zeros(shape), torch.zeros(0, dtype=torch.long), _inv_freq(4))
+        assert out.shape == shape
 
 
 @pytest.mark.parametrize("r", [16, 4])

@@ -145,6 +145,30 @@ def _statuses(work: Path, files: list[str]) -> dict[str, str]:
     return out
 
 
+def _restore_unchecked(work: Path, files: list[str], previous: dict[str, int | None]) -> None:
+    """After a survivors-only rerun: mutants mutmut reset but did not rerun keep their previous verdict
+    (mutmut resets every verdict when the test selection changes; a kill stays a kill when tests are added)."""
+    for f in files:
+        meta_path = work / "mutants" / (f + ".meta")
+        if not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        codes = meta["exit_code_by_key"]
+        for key, code in codes.items():
+            if code is None and previous.get(key) is not None:
+                codes[key] = previous[key]
+        meta_path.write_text(json.dumps(meta, indent=4))
+
+
+def _exit_codes(work: Path, files: list[str]) -> dict[str, int | None]:
+    out = {}
+    for f in files:
+        meta = work / "mutants" / (f + ".meta")
+        if meta.exists():
+            out.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return out
+
+
 def _show(work: Path, name: str) -> str:
     return _mutmut(work, "show", name).stdout
 
@@ -232,11 +256,13 @@ def main(argv=None) -> int:
         report(args.module, work, None)
         return 0
     names: list[str] = []
+    previous: dict[str, int | None] = {}
     if args.survivors:
         if not (work / "mutants").exists():
             _fail(f"no previous run of {args.module}: run without --survivors first")
         files, _ = MODULES[args.module]
         names = sorted(n for n, s in _statuses(work, files).items() if s not in KILLED)
+        previous = _exit_codes(work, files)
         if not names:
             print("no survivors to rerun")
             return 0
@@ -250,6 +276,8 @@ def main(argv=None) -> int:
         print(log_path.read_text()[-3000:], file=sys.stderr)
         print(f"error: mutmut failed (exit {proc.returncode}); full log in {log_path}", file=sys.stderr)
         return 1
+    if previous:
+        _restore_unchecked(work, MODULES[args.module][0], previous)
     report(args.module, work, elapsed)
     return 0
 
