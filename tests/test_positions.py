@@ -120,3 +120,26 @@ def test_padded_batch_without_compression_equals_transformers(tiny_models):
     with torch.no_grad():
         unmasked = model(input_ids=ids).logits
     assert (unmasked[1, 4:] - ref[0][1, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_positions_are_made_on_the_inputs_device(tiny_models, arch):
+    """The hook builds cache_position/position_ids on the device of the inputs, not torch's default device: a
+    CPU model run while another default device is set (as a CUDA model runs while the default is the CPU)
+    gives the plain run's logits. ("meta" stands in for the other device: this check runs without a GPU.)"""
+    model = tiny_models[arch]
+    ids = _ids(6, seed=6, batch=2)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # padding: the causal mask is built from cache_position
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        ref = [model(input_ids=ids, past_key_values=ref_cache, attention_mask=mask[:, :6]).logits]
+        ref.append(model(input_ids=ids[:, :1], past_key_values=ref_cache, attention_mask=mask).logits)
+        cache = DynamicCache()
+        with torch.device("meta"), apply_press(None, model):
+            out = [model(input_ids=ids, past_key_values=cache, attention_mask=mask[:, :6]).logits]
+            out.append(model(input_ids=ids[:, :1], past_key_values=cache, attention_mask=mask).logits)
+    for a, b in zip(out, ref):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a[0], b[0], atol=TOL, rtol=TOL)
+        torch.testing.assert_close(a[1, -4:], b[1, -4:], atol=TOL, rtol=TOL)

@@ -261,7 +261,8 @@ def main(argv=None) -> int:
         if not (work / "mutants").exists():
             _fail(f"no previous run of {args.module}: run without --survivors first")
         files, _ = MODULES[args.module]
-        names = sorted(n for n, s in _statuses(work, files).items() if s not in KILLED)
+        equivalent = _load_equivalent()
+        names = sorted(n for n, s in _statuses(work, files).items() if s not in KILLED and n not in equivalent)
         previous = _exit_codes(work, files)
         if not names:
             print("no survivors to rerun")
