@@ -386,3 +386,45 @@ def test_random_tokens_is_a_uniform_seeded_subset():
     expected = 300 * 9 / 30  # 90 picks per index; binomial sd ~ 7.9
     assert (counts - expected).abs().max() < 40
     assert S.random_tokens(10, 10, 3).tolist() == list(range(10))  # k = n: every index
+
+
+def test_selection_helper_edge_cases():
+    """Budgets at 0 and 1 candidates, pooling widths 1 and 2, largest-remainder order and degenerate totals."""
+    assert S.budget(0.5, 0) == 0 and S.budget(1.0, -3) == 0  # no candidates: nothing to pick
+    assert S.budget(0.5, 1) == 1 and S.budget(0.0, 1) == 1
+    x = torch.tensor([4.0, 0, 2, 6])
+    assert S.avg_pool(x.double(), 1) is not None and S.avg_pool(x.double(), 1).dtype == torch.float64  # untouched
+    assert torch.equal(S.avg_pool(x, 1), x)
+    # width 2: the window is the token and the one before it (the first has no predecessor: itself only)
+    assert torch.allclose(S.avg_pool(x, 2), torch.tensor([4.0, 2, 1, 4]))
+    # largest remainders first, whatever their position; ties by position
+    assert S.largest_remainder([1, 4], 2) == [0, 2]  # quotas 0.4, 1.6
+    assert S.largest_remainder([2, 5, 3], 4) == [1, 2, 1]  # quotas 0.8, 2.0, 1.2: remainder 0.8 wins
+    assert S.largest_remainder([2, 3], 1) == [0, 1]
+    assert S.largest_remainder([1], 1) == [1] and S.largest_remainder([7], 3) == [3]
+    assert S.largest_remainder([2, 3], 0) == [0, 0]
+    assert S.largest_remainder([0, 0], 3) == [0, 0]  # nothing to split over
+
+
+def test_value_deviation_is_the_sum_of_squared_differences():
+    g = torch.Generator().manual_seed(5)
+    v_old = torch.randn(1, 2, 6, 4, generator=g)
+    v_new = v_old + torch.randn(1, 2, 6, 4, generator=g)
+    expected = torch.tensor([sum(float(v_new[0, h, t, d] - v_old[0, h, t, d]) ** 2 for h in range(2) for d in range(4))
+                             for t in range(6)])
+    assert torch.allclose(S.value_deviation(v_new, v_old), expected, atol=1e-5)
+    assert torch.equal(S.value_deviation(v_old, v_old), torch.zeros(6))
+
+
+def test_surprisal_chunk_errors_and_empty_budget():
+    s = [torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.3, 0.2])]
+    assert S.surprisal_chunk(s, [3, 2], 2).tolist() == [1, 3]  # one per chunk: the highest in each
+    empty = S.surprisal_chunk(s, [3, 2], 0)
+    assert empty.dtype == torch.long and empty.shape == (0,)
+    with pytest.raises(CacheFormatError, match=r"^Got surprisal for 2 chunks but 3 chunks to fuse\.$"):
+        S.surprisal_chunk(s, [3, 2, 1], 2)
+    fix = r"Rebuild the chunk store with save_surprisal=True\.$"
+    with pytest.raises(CacheFormatError, match=r"^Stored surprisal has 3 values for a chunk of 4 tokens: .*" + fix):
+        S.surprisal_chunk(s, [4, 2], 2)
+    with pytest.raises(CacheFormatError, match=r"^Stored surprisal has None values for a chunk of 3 tokens: .*" + fix):
+        S.surprisal_chunk([None, s[1]], [3, 2], 2)
