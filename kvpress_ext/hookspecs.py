@@ -26,3 +26,10 @@ def kvpress_ext_register_presses(register):
 @hookspec
 def kvpress_ext_register_adapters(register):
     """Register model adapters: call ``register(adapter)`` with a :class:`kvpress_ext.adapters.ModelAdapter`."""
+
+
+@hookspec
+def kvpress_ext_register_models(register):
+    """Register model short names: call ``register(name, resolve, parameters=..., context=..., source=...,
+    licence=..., summary=..., status=None)``; ``resolve()`` returns a local model directory. Every ``--model``
+    and :func:`kvpress_ext.load_model` then accept ``name``."""

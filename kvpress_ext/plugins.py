@@ -1,8 +1,8 @@
-"""Plugin discovery with pluggy: built-in presses and adapters, then third-party entry points.
+"""Plugin discovery with pluggy: built-in presses, adapters and model names, then third-party entry points.
 
 Each entry point is loaded on its own: one that fails to import or whose hook raises is recorded in
 :func:`failed_plugins` (with its name and reason) and logged, and every other plugin still loads. A
-plugin is all or nothing: if its hook raises half-way, the presses and adapters it registered before
+plugin is all or nothing: if its hook raises half-way, the presses, adapters and models it registered before
 the error are removed again and it is unregistered from the plugin manager.
 Loading happens once, lazily, the first time a registry is read.
 """
@@ -54,31 +54,38 @@ def failed_plugins() -> list[PluginFailure]:
 def _register_from(plugin, plugin_name: str) -> None:
     """Call one plugin's hook implementations (and only its) against the registries."""
     from kvpress_ext.adapters import add_adapter
+    from kvpress_ext.models import register_model
     from kvpress_ext.registry import add_press
 
     def register_press(name, cls, defaults=None, requires=None):
         add_press(name, cls, source=plugin_name, defaults=defaults, requires=requires)
 
+    def register_model_from_plugin(name, resolve, **info):
+        register_model(name, resolve, **{**info, "plugin": plugin_name})
+
     pm = get_plugin_manager()
     others = [p for p in pm.get_plugins() if p is not plugin]
     pm.subset_hook_caller("kvpress_ext_register_presses", remove_plugins=others)(register=register_press)
     pm.subset_hook_caller("kvpress_ext_register_adapters", remove_plugins=others)(register=add_adapter)
+    pm.subset_hook_caller("kvpress_ext_register_models", remove_plugins=others)(register=register_model_from_plugin)
 
 
 def _registry_state():
-    """Copies of the press and adapter registries, to undo a plugin that fails half-way."""
-    from kvpress_ext import adapters, registry
+    """Copies of the press, adapter and model registries, to undo a plugin that fails half-way."""
+    from kvpress_ext import adapters, models, registry
 
-    return dict(registry._REGISTRY), list(adapters._ADAPTERS)
+    return dict(registry._REGISTRY), list(adapters._ADAPTERS), dict(models._MODELS)
 
 
 def _restore_registry_state(state) -> None:
-    from kvpress_ext import adapters, registry
+    from kvpress_ext import adapters, models, registry
 
-    presses, adapter_list = state
+    presses, adapter_list, model_table = state
     registry._REGISTRY.clear()
     registry._REGISTRY.update(presses)
     adapters._ADAPTERS[:] = adapter_list
+    models._MODELS.clear()
+    models._MODELS.update(model_table)
 
 
 def load_plugins(force: bool = False) -> None:
