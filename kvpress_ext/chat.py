@@ -5,14 +5,15 @@ An instruction-tuned model answers only when its prompt is laid out in its chat 
 A press compresses the context but not the question, and A³ fuses the context's chunks between a prefix and a
 suffix it recomputes, so every caller needs the same three pieces:
 
-* ``prefix``: everything the template puts before the user's text (system turn, user header; a model without a
-  template gets its BOS token text, as kvpress's pipeline does);
+* ``prefix``: everything the template puts before the user's text (system turn, user header);
 * ``context``: the context text, unchanged (so separately cached chunks of it stay valid);
 * ``suffix``: the blank line, the question and everything after the user's text (end of turn, assistant header).
 
 The user turn is ``context``, a blank line, ``question`` (the separator is shortened when the context already ends
-with newlines or the question starts with them). :func:`split_chat_prompt` is the one place that renders it; the
-pipeline, ``generate``, ``a3 ask``, the ICL workflow and the long-context evaluations all call it.
+with newlines or the question starts with them). Without a template (or with ``use_chat_template=False``, the
+``--no_chat_template`` flag) the prompt is raw text as before: the BOS token text, the context, the question as
+given. :func:`split_chat_prompt` is the one place that renders it; the pipeline, ``generate``, ``a3 ask``, the ICL
+workflow and the long-context evaluations all call it.
 """
 
 from __future__ import annotations
@@ -68,12 +69,12 @@ def split_chat_prompt(tokenizer, context: str, question: str = "", *, use_chat_t
 
     With a chat template (and ``use_chat_template``) the user turn is ``context + blank line + question`` and the
     assistant header ends the suffix, so the model's next token starts its answer; ``system`` replaces the
-    template's default system prompt where the template takes one. Without, the prefix is the BOS token text and
-    the suffix is the separator and the question. ``question=""`` gives a one-part user turn (``generate``).
+    template's default system prompt where the template takes one. Without, the prefix is the BOS token text (as
+    kvpress's pipeline does) and the suffix the question unchanged. ``question=""`` gives a one-part user turn.
     """
-    sep = separator(context, question)
     if not (use_chat_template and has_chat_template(tokenizer)):
-        return ChatPrompt(_bos_text(tokenizer), context, sep + question, templated=False)
+        return ChatPrompt(_bos_text(tokenizer), context, question, templated=False)
+    sep = separator(context, question)
     messages = [{"role": "user", "content": _CONTEXT_MARK + sep + _QUESTION_MARK}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})

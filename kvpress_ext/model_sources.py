@@ -92,8 +92,8 @@ def _writable_parent(target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         lock.touch(exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.probe-")
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.probe-"):
+            pass
     except OSError as exc:
         raise ModelLoadError(
             f"Cannot write the model cache {target.parent} ({exc.strerror or type(exc).__name__}): set "

@@ -1,4 +1,4 @@
-"""``kvpress-ext list`` and ``kvpress-ext describe NAME``: what the registries hold."""
+"""``kvpress-ext list`` and ``kvpress-ext describe NAME``: what the registries hold (presses, adapters, models)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,32 @@ def _cmd_list(args) -> int:
     print(f"\nModel adapters ({len(available_adapters())}):")
     for adapter in available_adapters():
         print(f"  {adapter.describe()}")
+    _list_models()
     failures = failed_plugins()
     if failures:
         print("\nPlugins that failed to load:")
         for f in failures:
             print(f"  {f.name}: {f.reason}")
     return 0
+
+
+def _list_models() -> None:
+    from kvpress_ext.models import DEFAULT_MODEL, available_models, model_status
+
+    models = available_models()
+    print(f"\nModels by short name ({len(models)}; --model also takes a local directory or a hub id):")
+    for name, info in models.items():
+        context = f"{info.context:,}" if info.context else "?"
+        default = "  (default)" if name == DEFAULT_MODEL else ""
+        plugin = "" if info.plugin == "kvpress_ext" else f"  (from {info.plugin})"
+        print(f"  {name:24s} {info.parameters or '?'} parameters, context {context} tokens, {info.licence or '?'}"
+              f"{default}{plugin}")
+        if info.summary:
+            print(f"  {'':24s}   {info.summary}")
+        print(f"  {'':24s}   source: {info.source or '?'}")
+        status = model_status(info)
+        if status:
+            print(f"  {'':24s}   status: {status}")
 
 
 def _cmd_describe(args) -> int:
@@ -45,7 +65,7 @@ def _cmd_describe(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list registered presses and model adapters")
+    p = subparsers.add_parser("list", help="list registered presses, model adapters and model short names")
     p.set_defaults(func=_cmd_list)
     p = subparsers.add_parser("describe", help="print one press's documentation and parameters")
     p.add_argument("name", help="registered press name (see `kvpress-ext list`)")

@@ -1,4 +1,4 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters and positive integers."""
+"""Argument parsing shared by the commands: ``--model``, ``KEY=VALUE`` press parameters, positive integers."""
 
 from __future__ import annotations
 
@@ -42,3 +42,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin adds; `kvpress-ext list` shows them), "
+              "a local model directory or a hub id")
+
+
+def add_model_argument(parser, *, chat_template: bool = True) -> None:
+    """``--model`` (default: :data:`kvpress_ext.models.DEFAULT_MODEL`) and, for commands that build prompts,
+    ``--no_chat_template``."""
+    from kvpress_ext.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    if chat_template:
+        parser.add_argument("--no_chat_template", dest="use_chat_template", action="store_false",
+                            help="feed raw text even if the model has a chat template (default: the template's "
+                                 "user turn = context, blank line, question, then the assistant header)")
