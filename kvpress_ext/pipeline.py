@@ -58,8 +58,15 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         """Token ids of the context (template prefix + context) and of each question (blank line, question, end of
         turn, assistant header, ``answer_prefix``); without a template (or ``use_chat_template=False``) kvpress's
         own preprocessing (BOS + context; question + newline)."""
-        if not (use_chat_template and has_chat_template(self.tokenizer)):
+        if not has_chat_template(self.tokenizer):
             return super().preprocess(context, questions, answer_prefix, max_context_length, enable_thinking)
+        if not use_chat_template:  # what kvpress does for a model without a template
+            prompts = [split_chat_prompt(self.tokenizer, context, q + "\n", use_chat_template=False) for q in questions]
+            context_ids = self.tokenizer.encode(prompts[0].prefix + context, return_tensors="pt",
+                                                add_special_tokens=False)[:, :max_context_length]
+            question_ids = [self.tokenizer.encode(p.suffix + answer_prefix, return_tensors="pt",
+                                                  add_special_tokens=False) for p in prompts]
+            return {"context_ids": context_ids, "questions_ids": question_ids}
         if enable_thinking:
             raise ValueError("enable_thinking is not supported by kvpress_ext's chat prompts.")
         parts = [split_chat_prompt(self.tokenizer, context, q) for q in questions]
