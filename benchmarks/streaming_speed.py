@@ -37,9 +37,6 @@ from kvpress_ext.apply import apply_press
 from kvpress_ext.positions import set_next_position
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
-
 
 @dataclass
 class KvpressStreamingPerStep(BasePress):
