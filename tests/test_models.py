@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import shared_path
 
 import kvpress_ext
 from kvpress_ext import model_sources as ms
 from kvpress_ext import plugins
 from kvpress_ext.cli import main
 from kvpress_ext.models import DEFAULT_MODEL, ModelLoadError, available_models, resolve_model
-from tests.conftest import shared_path
 
 
 def test_builtin_names_are_registered_with_their_facts():
