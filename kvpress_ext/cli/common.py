@@ -1,5 +1,5 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, ``--threads``,
-and warnings printed as one line."""
+"""Argument parsing shared by the commands: ``--model``, ``KEY=VALUE`` press parameters, positive integers,
+``--threads``, and warnings printed as one line."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         text = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:
     """``--threads N`` (and any old spellings in ``aliases``, hidden from --help)."""
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -83,3 +85,17 @@ def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
         print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
     warnings.showwarning = show
+MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin adds; `kvpress-ext list` shows them), "
+              "a local model directory or a hub id")
+
+
+def add_model_argument(parser, *, chat_template: bool = True) -> None:
+    """``--model`` (default: :data:`kvpress_ext.models.DEFAULT_MODEL`) and, for commands that build prompts,
+    ``--no_chat_template``."""
+    from kvpress_ext.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    if chat_template:
+        parser.add_argument("--no_chat_template", dest="use_chat_template", action="store_false",
+                            help="feed raw text even if the model has a chat template (default: the template's "
+                                 "user turn = context, blank line, question, then the assistant header)")
