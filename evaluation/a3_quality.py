@@ -1,7 +1,9 @@
 """KL(full || fused) and top-1 agreement of A3 fusion strategies on stories260k (see kvpress_ext.evaluation.a3_quality).
 
-    PYTHONPATH=. python evaluation/a3_quality.py --samples 12 --out results/a3_quality.json --plot docs/results/a3_quality.png
+    PYTHONPATH=. python evaluation/a3_quality.py --model stories260k --samples 12 --out results/a3_quality.json \
+        --plot docs/results/a3_quality.png
 
+``--model`` takes a short name (default smollm2-135m), a local directory or a hub id.
 (``--chunk-tokens``/``--question-tokens``, the former spellings, still work.)
 """
 
@@ -9,18 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from kvpress_ext.cli.common import add_threads_argument, quiet_command_line, set_threads
-from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot, shared_dir
+from kvpress_ext.cli.common import add_model_argument, add_threads_argument, quiet_command_line, set_threads
+from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot
 from kvpress_ext.evaluation.results import machine_load
+from kvpress_ext.models import load_model
 from kvpress_ext.safe_io import check_output_file, write_output
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(shared_dir() / "models" / "stories260k"), help="local model directory")
+    add_model_argument(ap, chat_template=False)  # raw text: it scores next-token distributions of a document
     ap.add_argument("--samples", type=int, default=12, help="documents (each cut into --chunks chunks) evaluated")
     ap.add_argument("--chunks", type=int, default=4, help="chunks per document, each cached separately")
     ap.add_argument("--chunk_tokens", "--chunk-tokens", type=int, default=96, help="tokens per chunk")
@@ -42,8 +45,11 @@ def main(argv=None):
     quiet_command_line("a3_quality")
     threads = set_threads(args.threads)
     load_start = machine_load()
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    try:
+        model, tok = load_model(args.model, device="cpu")
+    except KVPressExtError as exc:
+        print(f"a3_quality: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     rows = evaluate(model, tok, rates=args.rates, n_samples=args.samples, n_chunks=args.chunks,
                     chunk_tokens=args.chunk_tokens, question_tokens=args.question_tokens)
     write_output(args.out, json.dumps({"args": vars(args), "rows": rows, "threads": threads,

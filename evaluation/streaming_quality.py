@@ -1,12 +1,13 @@
-"""Per-segment perplexity of StreamingLLM caches on stories260k over a long TinyStories stream.
+"""Per-segment perplexity of StreamingLLM caches over a long TinyStories stream (``--model``: a short name, default
+smollm2-135m, a directory or a hub id; the recorded results use ``--model stories260k``).
 
 Methods: dense (growing cache), reference (sliding window of sinks + recent tokens recomputed from
 scratch for every target), eager (lazy_streaming with slack=0) and lazy (slack > 0), all at the same
 ``cap_total``. Each method is a separate run that saves its per-token NLLs under ``--out_dir``
 (so long runs can go in the background one by one); ``--report`` merges them into a JSON and a plot.
 
-    PYTHONPATH=$PWD python evaluation/streaming_quality.py --method lazy --tokens 20000
-    PYTHONPATH=$PWD python evaluation/streaming_quality.py --report
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --method lazy --tokens 20000
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --report
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 
 
-def load(tokens: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(tokens: int, model_name: str = "smollm2-135m"):
+    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.models import load_model
 
-    path = SHARED / "models" / "stories260k"
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model, tok = load_model(model_name, device="cpu")
+    except KVPressExtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
     ids = torch.tensor(tok(text[: tokens * 8])["input_ids"])[: tokens + 1]
     if len(ids) < tokens + 1:
@@ -45,7 +49,7 @@ def run(args):
     from kvpress_ext.evaluation.streaming import dense_nlls, recompute_reference_nlls, streaming_nlls
     from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
-    model, ids = load(args.tokens)
+    model, ids = load(args.tokens, args.model)
     load_start = machine_load()
     start = time.time()
     if args.method == "dense":
@@ -85,7 +89,7 @@ def report(args):
         return n, mask
 
     result = {
-        "model": "stories260k", "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
+        "model": args.model, "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
         "predictions": {m: len(v) for m, v in nll.items()},
         "settings": {m: r["args"] for m, r in runs.items()}, "seconds": {m: r["seconds"] for m, r in runs.items()},
         "segment_ppl_all_targets": {m: segment_perplexity(v, seg) for m, v in nll.items()},
@@ -142,7 +146,7 @@ def report(args):
         ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label(m))
     ax.set_yscale("log")
     ax.set_ylabel(f"perplexity per {seg}-token segment")
-    ax.set_title(f"stories260k on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
+    ax.set_title(f"{args.model} on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
     ax.legend()
     ax.grid(alpha=0.3)
     if ratio_panel:  # the streaming curves relative to the reference, on the reference's targets
@@ -165,6 +169,8 @@ def report(args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="short name (smollm2-135m, stories260k), local directory or hub id (default: %(default)s)")
     p.add_argument("--method", choices=["dense", "reference", "eager", "lazy"], help="the one method this run computes")
     p.add_argument("--report", action="store_true", help="merge saved runs into JSON + plot")
     p.add_argument("--tokens", type=int, default=20000, help="length of the token stream")

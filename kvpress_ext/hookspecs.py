@@ -29,3 +29,11 @@ def kvpress_ext_register_adapters(register):
     """Register model adapters: call ``register(adapter, override=False)`` with a
     :class:`kvpress_ext.adapters.ModelAdapter` *instance*; a ``model_type`` another origin drives is refused unless
     ``override=True``."""
+
+
+@hookspec
+def kvpress_ext_register_models(register):
+    """Register model short names: call ``register(name, resolve, parameters=..., context=..., source=...,
+    licence=..., summary=..., status=None, override=False)``; ``resolve()`` returns a local model directory. Every
+    ``--model`` and :func:`kvpress_ext.load_model` then accept ``name``; a name another origin holds is refused
+    unless ``override=True``."""

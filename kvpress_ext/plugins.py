@@ -1,4 +1,4 @@
-"""Plugin discovery with pluggy: built-in presses and adapters, then third-party entry points.
+"""Plugin discovery with pluggy: built-in presses, adapters and model names, then third-party entry points.
 
 Each entry point is loaded on its own, and is all or nothing. It fails, is recorded in :func:`failed_plugins`
 (name and reason) and leaves nothing registered when
@@ -6,11 +6,11 @@ Each entry point is loaded on its own, and is all or nothing. It fails, is recor
 * its import raises anything, ``sys.exit()`` included (only ``KeyboardInterrupt`` propagates);
 * it has a hook implementation pluggy does not know (a misspelt hook name, reported by ``check_pending``) or a
   function named like a hook but not marked ``@kvpress_ext.hookimpl``;
-* a hook raises, or registers a press name or adapter model type that another origin holds without
+* a hook raises, or registers a press name, adapter model type or model short name that another origin holds without
   ``override=True`` (the reason names both origins; see :mod:`kvpress_ext.registration`).
 
 Plugins register only through the public functions :func:`kvpress_ext.registry.add_press` and
-:func:`kvpress_ext.adapters.add_adapter`; rolling a failed plugin back uses the registration tables' own
+:func:`kvpress_ext.adapters.add_adapter` and :func:`kvpress_ext.models.register_model`; rolling a failed plugin back uses the registration tables' own
 snapshots. Loading happens once, lazily, the first time a registry is read (the registries reach this module
 through :func:`kvpress_ext.registration.ensure_loaded`, so nothing imports in a cycle). Each failure is logged
 once as a warning; ``kvpress-ext list`` shows the failures in its output instead.
@@ -73,7 +73,13 @@ def _hook_registrars(origin: str) -> dict:
     def register_adapter(adapter, override=False):
         add_adapter(adapter, source=origin, override=override)
 
-    return {"kvpress_ext_register_presses": register_press, "kvpress_ext_register_adapters": register_adapter}
+    def register_model(name, resolve, override=False, **info):
+        from kvpress_ext.models import register_model as add_model
+
+        add_model(name, resolve, plugin=origin, override=override, **info)
+
+    return {"kvpress_ext_register_presses": register_press, "kvpress_ext_register_adapters": register_adapter,
+            "kvpress_ext_register_models": register_model}
 
 
 def _call_hooks(plugin, origin: str) -> None:

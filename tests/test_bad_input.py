@@ -93,7 +93,6 @@ CASES = [
     ("cli", [*GEN, "--dtype", "float8"], "invalid choice"),
     ("cli", [*GEN, "--attn_implementation", "magic"], "invalid choice"),
     ("cli", [*GEN, "--device_map", "{{bad"], "not valid JSON"),
-    ("cli", ["generate", "--prompt", PROMPT], "required: --model"),
     ("cli", [*GEN, "--prompt_file", "{W}/prompt.txt"], "not allowed with argument"),
     ("cli", ["generate", "--model", "{M}"], "one of the arguments --prompt --prompt_file is required"),
     # --- kvpress-ext (top level), list, describe -------------------------------------------------------------------
@@ -211,7 +210,6 @@ CASES = [
     ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/utf16.txt"], "re-save it as UTF-8"),
     ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/missing.txt"], "Pass an existing file"),
     ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/hay"], "Pass an existing file"),
-    ("perplexity", [*PPL, "--dataset", "text"], "needs --text_file PATH"),
     ("perplexity", [*PPL_TEXT, "--press", "knrom"], "Did you mean: knorm"),
     ("perplexity", [*PPL_TEXT, "--press", "knorm", "--compression_ratio", "1.5"], "[0, 1)"),
     ("perplexity", [*PPL_TEXT, "--press", "knorm", "--press_kwargs", "window_size=4"], "Its parameters are"),

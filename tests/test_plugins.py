@@ -326,3 +326,98 @@ def test_installed_entry_points_end_to_end(tmp_path):
     assert run.stderr.strip() == ""
     line = next(x for x in run.stdout.splitlines() if x.strip().startswith("snapkv "))
     assert "from impostor" not in line  # the built-in is still the one listed
+# --- loading from a fresh process state (as on first use), once, re-entrantly --------------------------------
+@pytest.fixture
+def fresh_plugin_state(monkeypatch):
+    """Plugin manager, registries and load flags as in a new process; everything is restored afterwards.
+    (Our own presses register on import, which is cached: only hook-registered entries come back.)"""
+    from kvpress_ext import registration
+
+    state = registration.snapshot_all()
+    monkeypatch.setattr(plugins, "_manager", None)
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "_loading", False)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(plugins, "_loaded_names", [])
+    for table, _ in state:
+        table.restore({})
+    try:
+        yield monkeypatch
+    finally:
+        monkeypatch.undo()
+        registration.restore_all(state)
+
+
+class _CountingEntryPoint:
+    """A plugin registering one press with defaults and a requirement; counts how often it is loaded."""
+
+    name = "counting_plugin"
+    value = "tests.counting"
+
+    def __init__(self, read_registry=False):
+        self.loads = 0
+        self.read_registry = read_registry
+
+    def load(self):
+        self.loads += 1
+        outer = self
+
+        class Plugin:
+            @staticmethod
+            @kvpress_ext.hookimpl
+            def kvpress_ext_register_presses(register):
+                if outer.read_registry:  # a plugin that looks at the registry while it is being filled
+                    assert "knorm" in kvpress_ext.available_presses()
+                register("counted_press", type("CountedPress", (), {}), defaults={"x": 1}, requires="a GPU")
+
+        return Plugin
+
+
+def test_first_use_registers_builtins_and_entry_point_plugins(fresh_plugin_state):
+    from kvpress_ext import builtin_plugin
+
+    presses = kvpress_ext.available_presses()
+    assert presses["knorm"].source == "kvpress_ext" and presses["snapkv"].source == "kvpress_ext"
+    assert presses["value_norm"].source == "example"  # found through the real entry-point group
+    assert presses["value_norm"].defaults == {"compression_ratio": 0.5}
+    assert {a.name for a in kvpress_ext.available_adapters()} == {"llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
+    pm = plugins.get_plugin_manager()
+    assert pm is plugins.get_plugin_manager() and pm.project_name == "kvpress_ext"
+    assert pm.get_plugin("kvpress_ext.builtin") is builtin_plugin
+    assert plugins.failed_plugins() == []
+
+
+def test_plugins_load_once_unless_forced(fresh_plugin_state):
+    ep = _CountingEntryPoint()
+    fresh_plugin_state.setattr(plugins, "_entry_points", lambda: [ep])
+    info = kvpress_ext.press_info("counted_press")
+    assert (info.source, info.defaults, info.requires) == ("counting_plugin", {"x": 1}, "a GPU")
+    kvpress_ext.available_presses()
+    kvpress_ext.get_press("knorm", compression_ratio=0.5)
+    assert ep.loads == 1
+    plugins.load_plugins(force=True)
+    assert ep.loads == 2 and "counted_press" in kvpress_ext.available_presses()
+
+
+def test_a_plugin_may_read_the_registry_while_loading(fresh_plugin_state):
+    """Registry reads during loading see what is registered so far instead of starting a second load."""
+    ep = _CountingEntryPoint(read_registry=True)
+    fresh_plugin_state.setattr(plugins, "_entry_points", lambda: [ep])
+    assert "counted_press" in kvpress_ext.available_presses()
+    assert plugins.failed_plugins() == [] and ep.loads == 1
+
+
+def test_failed_plugin_reason_and_log_line(monkeypatch, caplog):
+    real = plugins._entry_points()
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [_BrokenEntryPoint(), *real])
+    with caplog.at_level("WARNING", logger="kvpress_ext.plugins"):
+        plugins.load_plugins(force=True)
+    try:
+        reason = "ImportError: No module named 'does_not_exist'"
+        assert plugins.failed_plugins() == [plugins.PluginFailure("broken_plugin", reason)]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"kvpress_ext plugin 'broken_plugin' failed to load and was skipped: {reason}"
+        ]
+    finally:
+        monkeypatch.undo()
+        plugins.load_plugins(force=True)

@@ -285,8 +285,9 @@ MIXED = [20, 5] + [1] * 30 + [3, 1, 1, 1, 1, 1]  # prefill over budget, a multi-
     ("interval", MIXED, None),
     ("published", MIXED, None),
 ])
-def test_exact_compression_cadence(schedule, chunks, starts):
-    model = tiny_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_exact_compression_cadence(schedule, chunks, starts, arch):
+    model = tiny_model(arch)
     budget, interval = 16, 8
     press = RKVPress(budget=budget, window_size=4, compression_interval=interval, schedule=schedule)
     ids = torch.randint(4, 120, (1, sum(chunks)), generator=torch.Generator().manual_seed(4))

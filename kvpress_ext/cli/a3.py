@@ -6,6 +6,11 @@ cache, optionally against a full prefill of the same tokens. Generation and timi
 :func:`kvpress_ext.evaluation.longcontext.answer`, so the numbers mean what they mean in the long-context
 evaluations: TTFT is load + fuse + evict + the first token; the store is filled before the clock starts.
 
+With a chat template (unless ``--no_chat_template``) the chunks are encoded after the template's prefix (system turn,
+user header) and the question is asked as the template's suffix (blank line, question, assistant header), both from
+:func:`kvpress_ext.chat.split_chat_prompt`; ``precompute`` and ``ask`` must agree on it (the prefix is part of every
+stored chunk's key).
+
 A chunk file is a JSON list or JSONL of strings or of ``{"text": ...}`` objects (each one chunk), or a
 ``.txt`` file cut into ``--chunk_tokens`` token slices of its token ids: the chunks concatenated are the
 text's tokens, so ``ask`` and a full prefill of the text see the same sequence.
@@ -21,7 +26,7 @@ import time
 from pathlib import Path
 
 from kvpress_ext import hub
-from kvpress_ext.cli.common import add_placement_args, add_threads_argument
+from kvpress_ext.cli.common import add_model_argument, add_placement_args, add_threads_argument
 from kvpress_ext.devices import input_device
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
@@ -66,10 +71,22 @@ def _load_model(args):
     return load_model(args.model, **placement_kwargs(args))
 
 
-def _store(root, model, tokenizer, **kwargs):
+def _prompt(tok, chunks, question: str, use_chat_template: bool):
+    """The chat prompt around the chunks (:func:`kvpress_ext.chat.split_chat_prompt`); the separator before the
+    question depends on how the last chunk ends."""
+    from kvpress_ext.chat import split_chat_prompt
+
+    last = tok.decode(chunks[-1]) if chunks else ""
+    return split_chat_prompt(tok, last, question, use_chat_template=use_chat_template)
+
+
+def _store(root, model, tokenizer, chunks=(), use_chat_template: bool = True, **kwargs):
+    """The chunk store; with a chat template its prefix is the template's prefix (else the model's BOS)."""
     from kvpress_ext.presses.a3 import ChunkStore
 
-    return ChunkStore(root, model, tokenizer, **kwargs)
+    prompt = _prompt(tokenizer, list(chunks), "", use_chat_template)
+    prefix_ids = prompt.ids(tokenizer)[0] if prompt.templated else None
+    return ChunkStore(root, model, tokenizer, prefix_ids=prefix_ids, **kwargs)
 
 
 def _cli_cache_error(e: CacheFormatError) -> A3InputError:
@@ -106,13 +123,15 @@ def _cmd_precompute(args) -> int:
     check_store_root(args.store)
     model, tok = _load_model(args)
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
-    store = _store(args.store, model, tok, save_surprisal=args.surprisal, recompute_bad=args.recompute_bad)
+    store = _store(args.store, model, tok, chunks, args.use_chat_template, save_surprisal=args.surprisal,
+                   recompute_bad=args.recompute_bad)
     computed, seconds = _precompute_into(store, chunks, args.surprisal, "a3 precompute")
     summary = {
         "model": args.model, "chunks_file": str(Path(args.chunks).resolve()), "store": str(store.root.resolve()),
         "store_directory": str(store.directory.resolve()), "chunk_tokens": args.chunk_tokens, "surprisal": args.surprisal,
         "chunks": len(chunks), "tokens": sum(map(len, chunks)), "computed": computed,
         "reused": len(chunks) - computed, "seconds": seconds, "threads": torch_threads(),
+        "chat_template": args.use_chat_template, "prefix_tokens": len(store.prefix_ids),
     }
     write_output(store.root / SUMMARY, json.dumps(summary, indent=1) + "\n", flag="--store")
     print(f"{summary['chunks']} chunks ({summary['tokens']} tokens): {computed} computed, {summary['reused']} "
@@ -137,7 +156,8 @@ def _check_stored(store, chunks, args) -> None:
     """Fail with the command that fixes it when a chunk is not stored (unless --compute_missing)."""
     fix = (f"run `kvpress-ext a3 precompute --model {args.model} --chunks {args.chunks} --store {args.store}"
            f"{' --chunk_tokens ' + str(args.chunk_tokens) if Path(args.chunks).suffix.lower() == '.txt' else ''}"
-           f"{' --surprisal' if args.strategy == 'surprisal_chunk' else ''}` first, or pass --compute_missing")
+           f"{' --surprisal' if args.strategy == 'surprisal_chunk' else ''}"
+           f"{'' if args.use_chat_template else ' --no_chat_template'}` first, or pass --compute_missing")
     missing = [i for i, c in enumerate(chunks) if not store.contains(c)]
     if missing:
         raise A3InputError(f"{len(missing)} of {len(chunks)} chunks (first: chunk {missing[0]}) are not in the store "
@@ -193,13 +213,15 @@ def _cmd_ask(args) -> int:
     load_start = machine_load()
     chunks = load_chunks(args.chunks, tok, args.chunk_tokens)
     need_surprisal = args.strategy == "surprisal_chunk"
-    store = _store(args.store, model, tok, save_surprisal=need_surprisal and args.compute_missing)
+    store = _store(args.store, model, tok, chunks, args.use_chat_template,
+                   save_surprisal=need_surprisal and args.compute_missing)
     computed, precompute_s = 0, 0.0
     if args.compute_missing:
         computed, precompute_s = _precompute_into(store, chunks, need_surprisal, "a3 compute missing")
     else:
         _check_stored(store, chunks, args)
-    q_ids = list(tok(args.question, add_special_tokens=False)["input_ids"])
+    prompt = _prompt(tok, chunks, args.question, args.use_chat_template)
+    q_ids = list(tok(prompt.suffix, add_special_tokens=False)["input_ids"])
     if not q_ids:
         raise A3InputError("--question has no tokens; pass the question text")
     bos = store.prefix_ids
@@ -220,7 +242,7 @@ def _cmd_ask(args) -> int:
     timings["decode_tokens_per_s"] = _tokens_per_s(fused["tpot_s"])
     result = {
         "model": args.model, "store": str(args.store), "chunks_file": str(args.chunks), "question": args.question,
-        "strategy": args.strategy, "rate": rate, "selection_layer": args.selection_layer, "evict": args.evict,
+        "chat_template": prompt.templated, "strategy": args.strategy, "rate": rate, "selection_layer": args.selection_layer, "evict": args.evict,
         "evict_kwargs": evict_kwargs, "max_new_tokens": args.max_new_tokens, "n_chunks": len(chunks),
         "context_tokens": sum(map(len, chunks)), "question_tokens": len(q_ids), "prefix_tokens": len(bos),
         "recomputed": fused["recomputed"], "cache_tokens": fused["cache_tokens"],
@@ -292,7 +314,7 @@ def add_parser(subparsers) -> None:
     sub = a3.add_subparsers(dest="a3_command", required=True)
 
     p = sub.add_parser("precompute", help="encode every chunk of a chunk file into a chunk store (reuses entries)")
-    p.add_argument("--model", required=True, help="local model directory (or cached hub id)")
+    add_model_argument(p)
     p.add_argument("--chunks", required=True, help="JSON/JSONL list of strings or {text} objects, or a .txt file")
     p.add_argument("--store", required=True,
                    help="chunk store directory (created if absent; an existing directory must be a chunk store)")
@@ -304,7 +326,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_cache_errors_name_the_flag(_cmd_precompute))
 
     p = sub.add_parser("ask", help="fuse the stored chunks with a question and answer greedily")
-    p.add_argument("--model", required=True, help="the model given to precompute")
+    add_model_argument(p)
     p.add_argument("--store", required=True, help="the chunk store directory given to precompute")
     p.add_argument("--chunks", required=True, help="the chunk file given to precompute")
     p.add_argument("--chunk_tokens", type=int, default=512, help="as given to precompute, for a .txt file")

@@ -1,5 +1,5 @@
-"""``kvpress-ext list`` and ``kvpress-ext describe NAME``: what the registries hold, who registered it, and which
-plugins failed (each failure printed once, here, instead of also as a log warning)."""
+"""``kvpress-ext list`` and ``kvpress-ext describe NAME``: what the registries hold (presses, adapters, models), who
+registered it, and which plugins failed (each failure printed once, here, instead of also as a log warning)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,33 @@ def _cmd_list(args) -> int:
     for entries in sorted(adapters.values(), key=lambda es: es[0].value.name):
         notes = [f"{e.override_note} for {e.key}" for e in entries if e.override_note]
         print(f"  {entries[0].value.describe()}{_origin(entries[0].origin, '; '.join(notes))}")
+    _list_models()
     failures = failed_plugins()
     if failures:
         print("\nPlugins that failed to load:")
         for f in failures:
             print(f"  {f.name}: {f.reason}")
     return 0
+
+
+def _list_models() -> None:
+    from kvpress_ext.models import _MODELS, DEFAULT_MODEL, available_models, model_status
+
+    models = available_models()
+    print(f"\nModels by short name ({len(models)}; --model also takes a local directory or a hub id):")
+    for name, info in models.items():
+        context = f"{info.context:,}" if info.context else "?"
+        default = "  (default)" if name == DEFAULT_MODEL else ""
+        entry = _MODELS.get(name)
+        origin = _origin(entry.origin, entry.override_note) if entry is not None else ""
+        print(f"  {name:24s} {info.parameters or '?'} parameters, context {context} tokens, {info.licence or '?'}"
+              f"{default}{origin}")
+        if info.summary:
+            print(_wrapped(f"  {'':24s}   ", info.summary))
+        print(_wrapped(f"  {'':24s}   source: ", info.source or "?"))
+        status = model_status(info)
+        if status:
+            print(_wrapped(f"  {'':24s}   status: ", status))
 
 
 def _cmd_describe(args) -> int:
@@ -103,7 +124,7 @@ def _documented_parameters(doc: str) -> set[str]:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list registered presses and model adapters")
+    p = subparsers.add_parser("list", help="list registered presses, model adapters and model short names")
     p.set_defaults(func=_cmd_list)
     p = subparsers.add_parser("describe", help="print one press's documentation and parameters")
     p.add_argument("name", help="registered press name (see `kvpress-ext list`)")

@@ -1,6 +1,6 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters, positive integers, ``--threads``,
-where a model's layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor flags, and
-warnings printed as one line."""
+"""Argument parsing shared by the commands: ``--model``, ``KEY=VALUE`` press parameters, positive integers,
+``--threads``, where a model's layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor
+flags, and warnings printed as one line."""
 
 from __future__ import annotations
 
@@ -164,3 +164,17 @@ def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
         print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
     warnings.showwarning = show
+MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin adds; `kvpress-ext list` shows them), "
+              "a local model directory or a hub id")
+
+
+def add_model_argument(parser, *, chat_template: bool = True) -> None:
+    """``--model`` (default: :data:`kvpress_ext.models.DEFAULT_MODEL`) and, for commands that build prompts,
+    ``--no_chat_template``."""
+    from kvpress_ext.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    if chat_template:
+        parser.add_argument("--no_chat_template", dest="use_chat_template", action="store_false",
+                            help="feed raw text even if the model has a chat template (default: the template's "
+                                 "user turn = context, blank line, question, then the assistant header)")

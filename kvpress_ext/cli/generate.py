@@ -10,7 +10,9 @@ import torch
 from transformers import TextStreamer
 
 from kvpress_ext import hub
+from kvpress_ext.chat import split_chat_prompt
 from kvpress_ext.cli.common import (
+    add_model_argument,
     add_placement_args,
     add_threads_argument,
     parse_press_kwargs,
@@ -82,7 +84,11 @@ def _cmd_generate(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   attn_implementation=args.attn_implementation, **placement_kwargs(args))
     device = input_device(model)
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    chat = split_chat_prompt(tokenizer, prompt, use_chat_template=args.use_chat_template)
+    if chat.templated:  # the template writes its own special tokens
+        input_ids = tokenizer(chat.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    else:
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if input_ids.shape[1] == 0:
         raise GenerateInputError("The prompt tokenizes to no tokens: pass a longer --prompt.")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -120,7 +126,7 @@ def _cmd_generate(args) -> int:
         record = {
             "model": args.model, "press": press_name(press) if press is not None else None,
             "press_params": press_params(press), "device": str(device),
-            "prompt": prompt, "text": text, "generated_ids": result.generated_ids,
+            "prompt": prompt, "chat_template": chat.templated, "text": text, "generated_ids": result.generated_ids,
             "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.generated_ids),
             "ttft_s": result.ttft_s, "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
             "cache_len_final": result.cache_len_final, "cache_len_peak": result.cache_len_peak,
@@ -136,10 +142,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text with any registered press (greedy or sampled, optionally streamed)",
         description="Prefill a prompt through a press and decode token by token; prints the text, then one line "
-                    "of statistics on stderr.",
+                    "of statistics on stderr. A model with a chat template gets the prompt as the user's turn.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local model directory or cached hub id")
+    add_model_argument(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt_file", help="UTF-8 file holding the prompt")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kvpress_ext.cache_io import check_cache_target
 from kvpress_ext.cli.common import (
+    add_model_argument,
     add_placement_args,
     add_sweep_args,
     add_threads_argument,
@@ -59,12 +60,15 @@ def _add_eval_args(p):
 def _precompute_kwargs(args, mode, complexity, budget):
     return {"budget": budget, "mode": mode, "summary_complexity": complexity, "num_epochs": args.num_epochs,
                 "window_size": args.window_size, "rotate": args.rotate, "rotation_offset": args.rotation_offset,
-                "buffer": args.buffer, "max_note_tokens": args.max_note_tokens, "recompute": args.recompute}
+                "buffer": args.buffer, "max_note_tokens": args.max_note_tokens, "recompute": args.recompute,
+                "use_chat_template": args.use_chat_template}
 
 
 def _eval_kwargs(args):
+    # eval follows the cache's layout; --no_chat_template only confirms a cache written without the template
     return {"repeat": args.repeat, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "seed": args.seed, "compress": not args.no_compress}
+                "top_p": args.top_p, "seed": args.seed, "compress": not args.no_compress,
+                "use_chat_template": None if args.use_chat_template else False}
 
 
 def _cmd_precompute(args) -> int:
@@ -228,7 +232,7 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("precompute", help="read documents (and write notes) into a saved R-KV cache")
     p.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
-    p.add_argument("--model", required=True, help="hub id or local model directory")
+    add_model_argument(p)
     p.add_argument("--mode", choices=wf.MODES, default="takeaways", help="what the model writes after each document")
     p.add_argument("--summary_complexity", choices=wf.COMPLEXITIES, default="simple", help="how detailed the notes are")
     p.add_argument("--out", required=True,
@@ -239,7 +243,7 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("eval", help="answer questions from a saved cache (each sample from a fresh copy)")
     p.add_argument("--cache", required=True, help="cache directory written by `icl precompute`")
-    p.add_argument("--model", required=True, help="the model given to precompute")
+    add_model_argument(p)
     p.add_argument("--question", help="one question to answer (or --data)")
     p.add_argument("--answer", default=None, help="reference answer for --question")
     p.add_argument("--data", help="JSON list of {question, answer} to answer (or --question)")
@@ -259,7 +263,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="JSON list of {question, solution, answer} read into the cache")
     p.add_argument("--eval_data", default=None, help="questions to answer (default: --data)")
     p.add_argument("--eval_limit", type=positive_int, default=None, help="answer only the first N questions")
-    p.add_argument("--model", required=True, help="hub id or local model directory")
+    add_model_argument(p)
     p.add_argument("--budgets", type=_int_list, required=True, help="comma-separated, e.g. 64,128,256")
     p.add_argument("--modes", type=_str_list(wf.MODES), default=["takeaways"],
                    help=f"comma-separated, from {', '.join(wf.MODES)}")

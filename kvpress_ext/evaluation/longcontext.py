@@ -3,11 +3,15 @@
 Every sample's context is cut into chunks (paragraphs packed up to ``chunk_tokens`` tokens; longer
 paragraphs are split), then answered by several *methods*:
 
-* ``prefill``: a full prefill of ``BOS + chunks + question`` (the chunks' token ids concatenated, so it
+* ``prefill``: a full prefill of ``prefix + chunks + question`` (the chunks' token ids concatenated, so it
   sees exactly the tokens the fusion sees), then greedy decoding;
 * ``a3-<strategy>``: A3 / CacheBlend fusion of the separately precomputed chunk caches
   (:class:`kvpress_ext.presses.a3.A3Press`) at ``rate``, then greedy decoding from the fused cache;
 * ``a3-<strategy>+<press>``: the same with eviction by a registered press after fusion (``evict=``).
+
+With a chat template (unless ``--no_chat_template``) the prefix is the template's (system turn, user header) and
+the question is asked as its suffix (blank line, question, assistant header), from
+:func:`kvpress_ext.chat.split_chat_prompt`; without, the prefix is the BOS token and the question raw text.
 
 Chunk caches are precomputed before the clock starts (A3 stores them offline), so a fusion's TTFT is
 load + fuse + evict; the prefill's TTFT is its forward pass. TPOT is the mean time of the decoding
@@ -233,6 +237,7 @@ class RunConfig:
     chunk_tokens: int = 128
     max_context_tokens: int | None = None
     output_dir: str | None = None
+    use_chat_template: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -242,6 +247,7 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     of which is the headline ``score``. Writes one JSON per method and ``summary.md``; returns the runs."""
     from tqdm.auto import tqdm
 
+    from kvpress_ext.chat import split_chat_prompt
     from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.presses.a3 import ChunkStore
 
@@ -249,7 +255,9 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     question_text = question_text or (lambda s: s.question)
     samples = samples[: cfg.max_samples] if cfg.max_samples else samples
     out_dir = claim_output_dir(cfg.output_dir or Path("results") / cfg.name)
+    template = split_chat_prompt(tokenizer, "", "", use_chat_template=cfg.use_chat_template)
     store = ChunkStore(tempfile.mkdtemp(prefix=f"longcontext-{cfg.name}-"), model, tokenizer,
+                       prefix_ids=template.ids(tokenizer)[0] if template.templated else None,
                        save_surprisal="surprisal_chunk" in cfg.strategies)
     bos = store.prefix_ids
     evict_kwargs = {"compression_ratio": cfg.evict_ratio}
@@ -257,7 +265,8 @@ def run(cfg: RunConfig, model, tokenizer, samples: list[Sample], score: Callable
     bar = tqdm(total=len(samples) * len(methods), desc=cfg.name, disable=not progress, file=sys.stderr)
     for sample in samples:
         chunks = truncate_middle(chunk_context(tokenizer, sample.context, cfg.chunk_tokens), cfg.max_context_tokens)
-        q_ids = list(tokenizer(question_text(sample), add_special_tokens=False)["input_ids"])
+        prompt = split_chat_prompt(tokenizer, "\n\n", question_text(sample), use_chat_template=cfg.use_chat_template)
+        q_ids = list(tokenizer(prompt.suffix, add_special_tokens=False)["input_ids"])  # chunks end with a blank line
         store.precompute(chunks)  # offline step of A3: not part of the TTFT
         ends = [len(bos) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
         sinks = ends + [ends[-1] + len(q_ids)]
@@ -331,7 +340,9 @@ def cli_main(fn: Callable[[], object]) -> int:
 
 
 def add_common_arguments(ap, name: str, default_chunk_tokens: int = 128) -> None:
-    ap.add_argument("--model", default=str(shared_dir() / "models" / "stories260k"), help="hub id or local path")
+    from kvpress_ext.cli.common import add_model_argument
+
+    add_model_argument(ap)
     ap.add_argument("--strategies", nargs="+", default=["blend", "debug"], help="A3 fusion strategies")
     ap.add_argument("--rate", type=float, default=0.15, help="fraction of document tokens recomputed")
     ap.add_argument("--evict", default=None, help="registered press evicting from the fused cache, e.g. snapkv")
@@ -365,7 +376,8 @@ def config_from_args(args, name: str, **extra) -> RunConfig:
     return RunConfig(name=name, model=args.model, strategies=list(args.strategies), rate=args.rate, evict=args.evict,
                      evict_ratio=args.evict_ratio, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
                      chunk_tokens=args.chunk_tokens, max_context_tokens=args.max_context_tokens,
-                     output_dir=args.output_dir or str(Path("results") / name), extra=extra)
+                     output_dir=args.output_dir or str(Path("results") / name),
+                     use_chat_template=args.use_chat_template, extra=extra)
 
 
 def check_evict(args) -> None:

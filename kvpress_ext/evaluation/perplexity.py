@@ -33,7 +33,9 @@ from kvpress_ext.errors import KVPressExtError, PressParameterError, Unsupported
 from kvpress_ext.evaluation.chunked import EveryChunkPress
 from kvpress_ext.inputs import read_text_file
 
-DATASETS = ("wikitext", "pg19", "text")
+DATASETS = ("text", "wikitext", "pg19")
+#: Local texts tried, in order, when ``--dataset text`` has no ``--text_file``: offline, no download.
+DEFAULT_TEXT_FILES = ("data/wikitext2_test.raw", "data/pride_and_prejudice.txt")
 
 
 def shared_dir() -> Path:
@@ -42,16 +44,27 @@ def shared_dir() -> Path:
     return Path(os.environ.get("KVPRESS_EXT_SHARED", default))
 
 
+def default_text_file() -> Path:
+    """The first of :data:`DEFAULT_TEXT_FILES` in the shared folder (WikiText-2 test, else Pride and Prejudice)."""
+    for relative in DEFAULT_TEXT_FILES:
+        path = shared_dir() / relative
+        if path.is_file():
+            return path
+    raise KVPressExtError(
+        f"No local text in {shared_dir()} ({' or '.join(DEFAULT_TEXT_FILES)}): pass --text_file PATH, set "
+        "KVPRESS_EXT_SHARED, or --dataset wikitext to download WikiText-2 from the hub."
+    )
+
+
 # --- data ----------------------------------------------------------------------------------------------------------
 
 
 def load_text(dataset: str, subset: str | None = None, split: str = "test", sample_idx: int = 0,
               text_file: str | None = None) -> str:
-    """The evaluation text: a local file (``dataset="text"``), WikiText (joined split) or one PG-19 book."""
+    """The evaluation text: a local file (``dataset="text"``; without ``text_file`` :func:`default_text_file`),
+    WikiText (joined split, from the hub) or one PG-19 book (from the hub)."""
     if dataset == "text":
-        if not text_file:
-            raise KVPressExtError("--dataset text needs --text_file PATH (a UTF-8 text file).")
-        path = Path(text_file)
+        path = Path(text_file) if text_file else default_text_file()
         if not path.is_file():
             raise KVPressExtError(f"Text file not found: {text_file!r}. Pass an existing file with --text_file.")
         return read_text_file(path, "--text_file")

@@ -7,6 +7,12 @@ optionally has the model write bullet-point takeaways (``takeaways``) or rewrite
 ``grid_cell`` is one (budget, mode, complexity) cell of ``kvpress-ext icl grid``: precompute, evaluate and score,
 run through :mod:`kvpress_ext.sweep` (locally or as a Ray task; its files go to the cell's directory, so a Ray
 cluster needs a shared filesystem for ``--out_dir``).
+
+With a chat template (:mod:`kvpress_ext.chat`) the cache is one long user turn: the template's prefix, then the
+documents; a note is asked for as the user's instruction and written as the assistant's reply, after which a new
+user turn continues; each question is asked as the template's suffix (blank line, problem, assistant header) and
+the answer starts with ``Solution:``. The cache's metadata records whether the template was used, and ``evaluate``
+follows it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
 from kvpress_ext.cache_io import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
+from kvpress_ext.chat import chat_turn_break, has_chat_template, split_chat_prompt
 from kvpress_ext.devices import input_device
 from kvpress_ext.errors import CacheFormatError, KVPressExtError
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
@@ -86,11 +93,27 @@ def format_question(question: str) -> str:
     return f"Problem: {question}\nSolution:"
 
 
-def note_prompt(mode: str, complexity: str, previous_note: str | None) -> str:
+def note_instruction(mode: str, complexity: str, previous_note: str | None) -> tuple[str, str]:
+    """(instruction, start of the model's note) for a note after a document."""
     text = _INSTRUCTIONS[(mode, complexity)]
     if mode == "notepad" and previous_note:
         text += f"\nPrevious notes:\n{previous_note}"
-    return f"{text} Finish with {SENTINEL}.\n" + ("- " if mode == "takeaways" else "Notes:\n")
+    return f"{text} Finish with {SENTINEL}.", ("- " if mode == "takeaways" else "Notes:\n")
+
+
+def note_prompt(mode: str, complexity: str, previous_note: str | None) -> str:
+    """The raw-text note prompt (no chat template): instruction, newline, start of the note."""
+    instruction, start = note_instruction(mode, complexity, previous_note)
+    return f"{instruction}\n{start}"
+
+
+def _use_template(tokenizer, use_chat_template: bool) -> bool:
+    return bool(use_chat_template) and has_chat_template(tokenizer)
+
+
+def _chat_suffix(tokenizer, question: str) -> str:
+    """Blank line, ``question``, end of the user turn and the assistant header (documents end with a blank line)."""
+    return split_chat_prompt(tokenizer, "\n\n", question).suffix
 
 
 def _tokens(tokenizer, text: str, first: bool) -> list[int]:
@@ -155,13 +178,15 @@ def existing_cache(out, model=None) -> dict | None:
 
 def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 128, mode: str = "takeaways",
                summary_complexity: str = "simple", num_epochs: int = 1, window_size: int = 8, rotate: bool = False,
-               rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False) -> dict:
+               rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False,
+               use_chat_template: bool = True) -> dict:
     """Read ``documents`` (and write notes) into an R-KV cache saved at ``out``; returns its metadata.
 
     ``out`` must be missing, empty or one of our caches (:func:`kvpress_ext.cache_io.check_cache_target`). If it
     already holds a valid cache of this model, the work is skipped and the saved metadata returned (with
     ``reused=True``) unless ``recompute``. Runs under the lock of ``out``: a second process writing the same path
-    waits, then reuses the cache the first one saved.
+    waits, then reuses the cache the first one saved. ``use_chat_template`` lays the cache out as a chat (see the
+    module docstring) when the model has a template.
     """
     out = Path(out)
     if not documents:
@@ -183,44 +208,77 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
         meta = _precompute(model, tokenizer, documents, out, budget=budget, mode=mode,
                            summary_complexity=summary_complexity, num_epochs=num_epochs, window_size=window_size,
                            rotate=rotate, rotation_offset=rotation_offset, buffer=buffer,
-                           max_note_tokens=max_note_tokens)
+                           max_note_tokens=max_note_tokens, use_chat_template=use_chat_template)
     return {**meta, "reused": False}
 
 
 def _precompute(model, tokenizer, documents, out, *, budget, mode, summary_complexity, num_epochs, window_size,
-                rotate, rotation_offset, buffer, max_note_tokens) -> dict:
+                rotate, rotation_offset, buffer, max_note_tokens, use_chat_template) -> dict:
     press = RKVPress(budget=budget, window_size=window_size, rotate_keys=rotate, rotation_offset=rotation_offset,
                      compression_interval=buffer)
+    templated = _use_template(tokenizer, use_chat_template)
     cache = DynamicCache()
     token_ids: list[int] = []
     notes: list[dict] = []
     note = None
+    # With a template the first document follows the template's prefix (system turn, user header).
+    pending = split_chat_prompt(tokenizer, "", "").ids(tokenizer)[0] if templated else []
     with apply_press(press, model), torch.no_grad():
         for epoch in range(num_epochs):
             for i, doc in enumerate(documents):
-                ids = _tokens(tokenizer, format_document(doc), first=not token_ids)
+                ids = pending + _tokens(tokenizer, format_document(doc), first=not token_ids and not templated)
+                pending = []
                 model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
                 token_ids += ids
                 if mode == "none":
                     continue
-                prompt = _tokens(tokenizer, note_prompt(mode, summary_complexity, note), first=False)
+                if templated:  # the instruction ends the user turn; the note is the assistant's reply
+                    instruction, start = note_instruction(mode, summary_complexity, note)
+                    prompt = _tokens(tokenizer, _chat_suffix(tokenizer, instruction) + start, first=False)
+                else:
+                    prompt = _tokens(tokenizer, note_prompt(mode, summary_complexity, note), first=False)
                 text, gen = generate(model, tokenizer, cache, prompt, max_note_tokens, stop=SENTINEL)
                 token_ids += prompt + gen[:-1]  # the last sampled token was never fed
+                if templated:  # close the reply, reopen the user turn for the next document
+                    pending = _tokens(tokenizer, chat_turn_break(tokenizer), first=False)
                 note = text.strip()
                 notes.append({"epoch": epoch, "document": i, "text": note, "tokens": len(gen)})
+        if pending:  # end inside a user turn, where the questions are asked
+            model(input_ids=torch.tensor([pending]), past_key_values=cache, logits_to_keep=1)
+            token_ids += pending
     extra = {
         "workflow": "icl", "mode": mode, "summary_complexity": summary_complexity, "num_epochs": num_epochs,
         "budget": budget, "documents": documents, "notes": notes, "tokens_seen": len(token_ids),
+        "chat_template": templated,
     }
     save_cache(cache, out, model=model, token_ids=token_ids, press=press, extra=extra)
     return read_metadata(out)
 
 
+def question_ids(tokenizer, question: str, templated: bool) -> list[int]:
+    """The tokens that ask ``question`` after the cached documents (chat suffix + ``Solution:`` with a template)."""
+    if templated:
+        return _tokens(tokenizer, _chat_suffix(tokenizer, f"Problem: {question}") + "Solution:", first=False)
+    return _tokens(tokenizer, format_question(question), first=False)
+
+
 def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int = 1, max_new_tokens: int = 128,
-             temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, compress: bool = True) -> dict:
-    """Answer every question ``repeat`` times, each time from an untouched copy of the saved cache."""
+             temperature: float = 0.7, top_p: float = 0.95, seed: int = 0, compress: bool = True,
+             use_chat_template: bool | None = None) -> dict:
+    """Answer every question ``repeat`` times, each time from an untouched copy of the saved cache.
+
+    Questions are asked the way the cache was written (with or without the chat template); ``use_chat_template``
+    may only confirm that (a mismatch is an error naming the fix)."""
     if repeat < 1:
         raise ICLInputError(f"--repeat must be >= 1, got {repeat}.")
+    templated = bool(read_metadata(cache_dir).get("extra", {}).get("chat_template", False))
+    if use_chat_template is not None and bool(use_chat_template) != templated:
+        raise ICLInputError(
+            f"The cache {cache_dir} was written {'with' if templated else 'without'} the chat template: "
+            f"{'drop' if templated else 'pass'} --no_chat_template, or precompute it again.")
+    if templated and not has_chat_template(tokenizer):
+        raise ICLInputError(f"The cache {cache_dir} was written with a chat template this tokenizer lacks: "
+                            "use the model it was written with.")
     base, meta = load_cache(cache_dir, model=model)
     press = None
     if compress and meta.get("press"):
@@ -231,7 +289,7 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     with apply_press(press, model), torch.no_grad():
         for q in questions:
             generations, lengths, cache_lengths = [], [], []
-            prompt = _tokens(tokenizer, format_question(q["question"]), first=False)
+            prompt = question_ids(tokenizer, q["question"], templated)
             for _ in range(repeat):
                 cache = copy.deepcopy(base)
                 text, gen = generate(model, tokenizer, cache, prompt, max_new_tokens, temperature=temperature,
@@ -244,7 +302,7 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     return {
         "cache_dir": str(cache_dir), "cache_length": base.get_seq_length(), "cache_seq_lengths": meta["seq_lengths"],
         "settings": {"repeat": repeat, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                     "top_p": top_p, "seed": seed, "compress": compress},
+                     "top_p": top_p, "seed": seed, "compress": compress, "chat_template": templated},
         "cache_extra": {k: v for k, v in meta.get("extra", {}).items() if k not in ("documents",)},
         "records": records,
     }

@@ -43,10 +43,11 @@ def retained_index(mask: torch.Tensor, retain_direction: str = "last", retain_ra
     """
     n = mask.shape[-1]
     if retain_direction == "first":
-        return mask.to(torch.uint8).argmax(dim=-1)  # first maximum = first similar column, 0 if none
+        return mask.view(torch.uint8).argmax(dim=-1)  # first maximum = first similar column, 0 if none
     if retain_direction in ("last", "last_percent"):
-        last = n - 1 - mask.flip(-1).to(torch.uint8).argmax(dim=-1)
-        return torch.where(mask.any(dim=-1), last, torch.zeros_like(last))
+        last = n - 1 - mask.flip(-1).view(torch.uint8).argmax(dim=-1)  # n - 1 when the row has none
+        found = mask.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+        return torch.where(found, last, torch.zeros_like(last))
     if retain_direction != "first_percent":
         raise PressParameterError(f"retain_direction must be one of {RETAIN_DIRECTIONS}, got {retain_direction!r}.")
     k = max(1, int(n * retain_ratio))
@@ -56,7 +57,7 @@ def retained_index(mask: torch.Tensor, retain_direction: str = "last", retain_ra
     # sorted row: `zeros` zeros, then the similar columns > 0 in order; the k-th is the (k - zeros)-th of those
     target = (k - zeros).unsqueeze(-1)
     hit = positive & (positive.cumsum(dim=-1) == target)
-    return hit.to(torch.uint8).argmax(dim=-1)  # no hit (k <= zeros) -> 0
+    return hit.view(torch.uint8).argmax(dim=-1)  # no hit (k <= zeros) -> 0
 
 
 def rkv_redundancy(keys: torch.Tensor, retain_direction: str = "last", retain_ratio: float = 0.1,
