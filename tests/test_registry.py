@@ -146,3 +146,168 @@ def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(cap
     for param in ("compression_ratio", "window_size", "kernel_size"):
         assert len(re.findall(rf"^\s*{param}\b", out, re.MULTILINE)) == 1, (param, out)
     assert "compression_ratio=0.5 (class default 0.0)" in out
+# --- exact behaviour of registration, lookup and validation (the messages are the user interface) -------------
+@pytest.fixture
+def registry_sandbox():
+    """The loaded press table, restored afterwards, so test registrations do not leak into other tests."""
+    from kvpress_ext import registry
+
+    kvpress_ext.available_presses()  # plugins loaded before the snapshot: nothing reloads into it
+    saved = registry._PRESSES.snapshot()
+    yield registry
+    registry._PRESSES.restore(saved)
+
+
+def test_registration_records_name_source_defaults_and_requirement(registry_sandbox):
+    class Plain:
+        """A press."""
+
+    registry_sandbox.add_press("plain_press", Plain)
+    info = kvpress_ext.press_info("plain_press")
+    assert (info.name, info.cls, info.source, info.defaults, info.requires) == (
+        "plain_press", Plain, "test_registry", {}, None)  # user code: its own package is the origin
+
+    @register_press("decorated_press")
+    class Decorated:
+        """Another press."""
+
+    @register_press("third_party_press", source="someone", defaults={"a": 1}, requires="a GPU")
+    class ThirdParty:
+        """A third-party press."""
+
+    info = kvpress_ext.press_info("decorated_press")
+    assert (info.name, info.cls, info.source, info.defaults, info.requires) == (
+        "decorated_press", Decorated, "test_registry", {}, None)
+    info = kvpress_ext.press_info("third_party_press")
+    assert (info.source, info.defaults, info.requires) == ("someone", {"a": 1}, "a GPU")
+
+
+@pytest.mark.parametrize("name", ["", "_", "__", "bad-name", "Knorm", "two words"])
+def test_registration_rejects_names_that_are_not_snake_case(registry_sandbox, name):
+    with pytest.raises(PressParameterError) as err:
+        registry_sandbox.add_press(name, type("P", (), {}))
+    assert str(err.value) == f"Press name {name!r} is not snake_case: use lowercase letters, digits and '_'."
+
+
+def test_registration_rejects_non_classes(registry_sandbox):
+    with pytest.raises(PressParameterError) as err:
+        registry_sandbox.add_press("not_a_class", 3)
+    assert str(err.value) == "register_press('not_a_class') needs a class, got 3."
+
+
+def test_press_name_of_instances_and_classes():
+    assert kvpress_ext.press_name(kvpress.KnormPress()) == "knorm"
+    assert kvpress_ext.press_name(kvpress.KnormPress) == "knorm"
+
+    class Unregistered:
+        pass
+
+    assert kvpress_ext.press_name(Unregistered()) == "Unregistered"
+
+
+def test_unknown_name_message(registry_sandbox):
+    registry_sandbox._PRESSES.restore({})
+    for name in ("press_a", "press_b", "press_c", "press_d", "press_e", "press_f", "press_g", "abxy"):
+        registry_sandbox.add_press(name, type("P", (), {"__doc__": "x"}))
+    with pytest.raises(UnknownPressError) as err:
+        get_press("press_z")
+    hint = str(err.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(hint) == 5 and set(hint) <= {f"press_{c}" for c in "abcdefg"}  # the 5 closest, not 3 or 6
+    assert str(err.value).endswith("? Run `kvpress-ext list` to see all 8 registered presses.")
+    with pytest.raises(UnknownPressError) as err:  # similarity 0.5 ("ab" of 4 + 4 characters) is close enough
+        get_press("abcd")
+    assert str(err.value) == "Unknown press 'abcd'. Did you mean: abxy? Run `kvpress-ext list` to see all 8 registered presses."
+    with pytest.raises(UnknownPressError) as err:
+        get_press("zzzz")
+    assert str(err.value) == "Unknown press 'zzzz'. Run `kvpress-ext list` to see all 8 registered presses."
+
+
+def test_no_press_accepts_only_empty_parameters():
+    assert get_press("no_press", compression_ratio=0) is None
+    assert get_press("no_press", compression_ratio=0.0, budget=None) is None
+    for value in (1, 1.0, 0.5):
+        with pytest.raises(PressParameterError) as err:
+            get_press("no_press", compression_ratio=value, window=None)
+        assert str(err.value) == ("Press 'no_press' takes no parameters (got compression_ratio, window); "
+                                  "leave them out or choose a press that compresses.")
+
+
+def test_parameter_messages_name_the_press_and_its_parameters():
+    from kvpress_ext.registry import validate_parameters
+
+    with pytest.raises(PressParameterError) as err:
+        get_press("snapkv", windw=3, kernl=2)
+    assert str(err.value) == ("Press 'snapkv' has no parameter 'kernl', 'windw'. "
+                              "Its parameters are: compression_ratio, kernel_size, window_size.")
+    with pytest.raises(PressParameterError) as err:  # called without a registry name: the class name
+        validate_parameters(kvpress.SnapKVPress, {"windw": 3})
+    assert str(err.value).startswith("Press 'SnapKVPress' has no parameter 'windw'.")
+    with pytest.raises(PressParameterError) as err:
+        get_press("knorm", compression_ratio=1.0)
+    assert str(err.value) == ("knorm: compression_ratio=1.0 is out of range; it must be a number in [0, 1) "
+                              "(the fraction of the cache to remove).")
+    assert get_press("knorm", compression_ratio=0).compression_ratio == 0  # 0 is in range
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3"])
+def test_positive_integer_parameters(bad):
+    with pytest.raises(PressParameterError) as err:
+        get_press("snapkv", window_size=bad)
+    assert str(err.value) == f"snapkv: window_size={bad!r} is invalid; it must be a positive integer."
+    assert get_press("snapkv", window_size=1).window_size == 1
+
+
+def test_presses_without_dataclass_fields_and_hand_written_constructors(registry_sandbox):
+    @register_press("fieldless_press")
+    @dataclass
+    class Fieldless:
+        """No parameters."""
+
+    class HandWritten:
+        """A press with its own constructor."""
+
+        def __init__(self, a, *args, b: int = 2, c: "str" = "x", d: int | None = None, e=1, _hidden=0, **kwargs):
+            self.a = a
+
+    registry_sandbox.add_press("hand_written_press", HandWritten)
+    with pytest.raises(PressParameterError) as err:
+        get_press("fieldless_press", x=1)
+    assert str(err.value) == "Press 'fieldless_press' has no parameter 'x'. Its parameters are: (none)."
+    with pytest.raises(PressParameterError) as err:
+        get_press("hand_written_press", a=1, z=2)
+    assert str(err.value).startswith("Press 'hand_written_press' has no parameter 'z'.")
+    params = kvpress_ext.press_info("hand_written_press").parameters
+    assert [(p.name, p.type, p.default, p.required) for p in params] == [
+        ("a", "", None, True), ("b", "int", 2, False), ("c", "str", "x", False), ("d", "int | None", None, False),
+        ("e", "", 1, False)]
+    assert [str(p) for p in params] == ["a", "b=2", "c='x'", "d=None", "e=1"]
+
+
+def test_constructor_errors_become_parameter_errors(registry_sandbox):
+    @register_press("asserting_press")
+    @dataclass
+    class Asserting:
+        """Checks with an assert, as kvpress does."""
+
+        level: int = 1
+
+        def __post_init__(self):
+            if self.level >= 5:
+                raise AssertionError("level too high")  # a plain assert would be rewritten by pytest
+            if self.level < 0:
+                raise ValueError("level negative")
+
+    with pytest.raises(PressParameterError) as err:
+        get_press("asserting_press", level=7)
+    assert str(err.value) == "asserting_press: invalid parameters {'level': 7}: level too high"
+    with pytest.raises(PressParameterError) as err:
+        get_press("asserting_press", level=-1)
+    assert str(err.value) == "asserting_press: invalid parameters {'level': -1}: level negative"
+
+
+def test_wrapper_parameters_given_by_name_or_as_presses():
+    knorm = kvpress.KnormPress(compression_ratio=0.2)
+    composed = get_press("composed", presses=["snapkv", knorm])
+    assert isinstance(composed.presses[0], kvpress.SnapKVPress) and composed.presses[1] is knorm
+    decoding = get_press("decoding", base_press="snapkv")
+    assert isinstance(decoding.base_press, kvpress.SnapKVPress)
