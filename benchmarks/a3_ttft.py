@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 
 
@@ -84,9 +85,11 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = machine_load()
     rows = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
+                                          "load_start": load_start, "load_end": machine_load()}, indent=1))
 
 
 if __name__ == "__main__":

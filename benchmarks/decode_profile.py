@@ -32,7 +32,9 @@ def per_call_ms(fn, repeat: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="pythia70m-random", choices=["stories260k", "pythia70m-random", "llama1b-random"])
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="short name (smollm2-135m, stories260k), directory, hub id, or pythia70m-random / "
+                         "llama1b-random (random weights of that shape) (default: %(default)s)")
     ap.add_argument("--cache", type=int, default=480)
     ap.add_argument("--small", type=int, default=8)
     ap.add_argument("--steps", type=int, default=64)

@@ -30,13 +30,12 @@ def literal_scores(queries, keys, window, kernel, lam):
             logits = torch.stack([max(queries[0, hi * g + gg, i] @ k[j] for gg in range(g)) for j in range(cand)])
             attn += (logits / d**0.5).softmax(-1) / w
         pooled = torch.stack([attn[max(0, j - kernel // 2): j + kernel // 2 + 1].max() for j in range(cand)])
-        means = torch.empty(n)
+        sim = torch.empty(n, n)
         for i in range(n):
-            row = torch.stack([kn[i] @ kn[j] if j != i else torch.tensor(0.0) for j in range(n)])
-            similar = (row > 0.5).nonzero()
-            if len(similar):
-                row[similar[-1]] = 0.0
-            means[i] = row.mean()
+            sim[i] = torch.stack([kn[i] @ kn[j] if j != i else torch.tensor(0.0) for j in range(n)])
+            similar = (sim[i] > 0.5).nonzero()
+            sim[i, similar[-1] if len(similar) else 0] = 0.0  # spare the last similar key (column 0 if none)
+        means = sim.mean(dim=0)  # per key: mean over the rows
         out[0, hi] = lam * pooled - (1 - lam) * means.softmax(-1)[:cand]
     return out
 

@@ -34,11 +34,9 @@ from kvpress import BasePress, KeyRerotationPress, StreamingLLMPress
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
+from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.positions import set_next_position
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 
 
 @dataclass
@@ -70,11 +68,22 @@ class KvpressStreamingPerStep(BasePress):
         return output
 
 
+SYNTHETIC = ("pythia70m-random", "llama1b-random")
+
+
 def build_model(name: str):
+    """A synthetic shape (random weights) or any model :func:`kvpress_ext.load_model` takes (a short name such as
+    smollm2-135m or stories260k, a directory, a hub id)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-    if name == "stories260k":
-        return AutoModelForCausalLM.from_pretrained(SHARED / "models" / "stories260k").eval()
+    if name not in SYNTHETIC:
+        from kvpress_ext.errors import KVPressExtError
+        from kvpress_ext.models import load_model
+
+        try:
+            return load_model(name, device="cpu", attn_implementation="sdpa")[0]
+        except KVPressExtError as exc:
+            raise SystemExit(f"error: {exc}") from None
     torch.manual_seed(0)
     if name == "pythia70m-random":
         cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
@@ -124,7 +133,9 @@ def rss_run(model, press, tokens: int, every: int, vocab: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="stories260k", choices=["stories260k", "pythia70m-random", "llama1b-random"])
+    p.add_argument("--model", default="smollm2-135m",
+                   help=f"short name (smollm2-135m, stories260k), directory, hub id, or {' / '.join(SYNTHETIC)} "
+                        "(random weights of that shape) (default: %(default)s)")
     p.add_argument("--cap-total", type=int, default=512)
     p.add_argument("--slacks", default="16,64,256")
     p.add_argument("--steps", type=int, default=512)
@@ -140,6 +151,7 @@ def main():
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = machine_load()  # recorded in the JSON: timings on a busy machine are not comparable with idle ones
     model = build_model(args.model)
     vocab = model.config.vocab_size
     C = args.cap_total
@@ -148,7 +160,8 @@ def main():
     if args.rss_tokens:
         press = LazyStreamingPress(cap_total=C, slack=slacks[len(slacks) // 2]) if args.rss_press == "lazy" else None
         result = rss_run(model, press, args.rss_tokens, max(1, args.rss_tokens // 10), vocab)
-        result.update(model=args.model, press=repr(press), tokens=args.rss_tokens)
+        result.update(model=args.model, press=repr(press), tokens=args.rss_tokens, threads=torch.get_num_threads(),
+                      load_start=load_start, load_end=machine_load())
         print(json.dumps(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +196,9 @@ def main():
         print(f"{s:>6} {lz / tps['eager']:11.2f} {lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times,
+                                               "threads": torch.get_num_threads(), "load_start": load_start,
+                                               "load_end": machine_load()}, indent=1))
 
 
 if __name__ == "__main__":

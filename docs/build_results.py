@@ -22,9 +22,11 @@ to this work; GPU numbers are still to be recorded. Plots are in `docs/results/`
 PARTS = [
     ("perplexity", "Perplexity under compression, every press (issue 3)"),
     ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory (issue 4)"),
-    ("rkv", "R-KV scoring speed (issue 5)"),
+    ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput (issues 5, 12)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
+    ("scaling", "Sweeps on Ray and models split with accelerate: overheads (issue 15)"),
+    ("threads", "CPU threads: the default of every command (issue 14)"),
 ]
 
 
@@ -39,5 +41,8 @@ def build() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     (DOCS / "results.md").write_text(build())
     print(f"wrote {DOCS / 'results.md'}")

@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hotpotqa", help="LongBench subset, e.g. hotpotqa, qasper, trec")
     ap.add_argument("--data_file", default=None, help="local JSON/JSONL with context/input/answers[/all_classes]")
-    ap.add_argument("--max_samples", type=int, default=None)
+    ap.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N records")
     lg.add_grid_arguments(ap, "longbench")
     args = ap.parse_args(argv)
 
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
         from kvpress_ext.evaluation.metrics import LONGBENCH_METRICS
 
         if args.task not in LONGBENCH_METRICS and args.task.removesuffix("_e") not in LONGBENCH_METRICS:
-            raise lc.InputError(f"unknown LongBench task {args.task!r}; known: {', '.join(sorted(LONGBENCH_METRICS))}")
+            raise lc.InputError(f"unknown LongBench task {args.task!r}; choose one of: "
+                                f"{', '.join(sorted(LONGBENCH_METRICS))}")
         methods, modes = lg.check_args(args)
         params = {"source": "file", "format": "longbench", "data_file": args.data_file, "task": args.task}
         if args.data_file:

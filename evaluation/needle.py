@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 
 
 def add_needle_arguments(ap, default_task: str, tasks) -> None:
-    ap.add_argument("--task", default=default_task, choices=tasks)
+    ap.add_argument("--task", default=default_task, choices=tasks, help="needle kind (default: %(default)s)")
     ap.add_argument("--haystack_file", default=None, help="a text file (default: --haystack_dir)")
     ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"),
                     help="a folder of *.txt files")
@@ -28,7 +29,7 @@ def add_needle_arguments(ap, default_task: str, tasks) -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")
     ap.add_argument("--num_keys", type=int, default=None, help="samples (keys) per length x depth (default 3)")
     ap.add_argument("--n_needles", type=int, default=4, help="needles of multikey / multivalue")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the keys and values")
 
 
 def needle_grid(args, name: str) -> int:
@@ -52,7 +53,7 @@ def needle_grid(args, name: str) -> int:
         haystack = args.haystack_file or args.haystack_dir
         lg.haystack_sentences(haystack)  # missing or empty: one line, exit 2
         model, tok = lg.get_model(args.model, args.attn_implementation)
-        lg.check_lengths(model, tok, lengths, max_new, not args.no_chat_template)
+        lg.check_lengths(model, tok, lengths, max_new, args.use_chat_template)
         samples = [{"source": "needle", "task": args.task, "haystack": haystack, "length": n, "depth": d,
                     "key_index": k, "seed": args.seed, "n_needles": args.n_needles}
                    for n in lengths for d in depths for k in range(num_keys)]
@@ -63,7 +64,7 @@ def needle_grid(args, name: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_needle_arguments(ap, "passkey", lg.NEEDLE_TASKS)
     lg.add_grid_arguments(ap, "needle")
     return needle_grid(ap.parse_args(argv), "needle")

@@ -1,16 +1,59 @@
-"""Write docs/results/perplexity.md from the sweep directories under results/perplexity (see that file)."""
+"""Write docs/results/perplexity.md (and the ratio plot) from the sweep directories under results/perplexity.
 
+    PYTHONPATH=$PWD python evaluation/perplexity_report.py [--results_dir results/perplexity]
+        [--markdown docs/results/perplexity.md] [--plot docs/results/perplexity_ratios.png]
+
+Every input is checked before anything is written; the outputs are written atomically, each only over a file of
+the same kind (a Markdown report, an image). ``--help`` writes nothing.
+"""
+
+import argparse
 import json
+import sys
 from pathlib import Path
 
-from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
+RATIOS = (0.25, 0.5, 0.75)
 
-dirs = {x: f"results/perplexity/sweep_r{x}" for x in (0.25, 0.5, 0.75)}
-table = ratio_table(dirs)
-plot_ratio_sweeps(dirs, "docs/results/perplexity_ratios.png")
-base = json.loads(next(Path("results/perplexity/no_press").glob("*.json")).read_text())
-done = {x: len(list(Path(d).glob("*.json"))) for x, d in dirs.items()}
-doc = f"""# Perplexity under KV-cache compression (stories260k, TinyStories validation)
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results_dir", default="results/perplexity",
+                    help="holds sweep_r0.25, sweep_r0.5, sweep_r0.75 and no_press (JSON per run)")
+    ap.add_argument("--markdown", default="docs/results/perplexity.md", help="report to write")
+    ap.add_argument("--plot", default="docs/results/perplexity_ratios.png", help="ratio plot to write")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
+    from kvpress_ext.safe_io import check_output_file, write_output
+
+    root = Path(args.results_dir)
+    dirs = {x: root / f"sweep_r{x}" for x in RATIOS}
+    try:
+        missing = [str(d) for d in [*dirs.values(), root / "no_press"] if not any(Path(d).glob("*.json"))]
+        if missing:
+            raise KVPressExtError(f"no sweep results (JSON files) in {', '.join(missing)}; run the sweeps listed in "
+                                  "docs/results/perplexity.md first, or pass --results_dir")
+        check_output_file(args.markdown, kind="markdown", flag="--markdown")
+        check_output_file(args.plot, kind="image", flag="--plot")
+        base = json.loads(next((root / "no_press").glob("*.json")).read_text())
+        table = ratio_table(dirs)
+        done = {x: len(list(Path(d).glob("*.json"))) for x, d in dirs.items()}
+        doc = render(base, table, done)
+        plot_ratio_sweeps(dirs, args.plot)
+        write_output(args.markdown, doc, kind="markdown", flag="--markdown")
+    except (KVPressExtError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.markdown} and {args.plot} ({done} JSON files per ratio)")
+    return 0
+
+
+def render(base: dict, table: str, done: dict) -> str:
+    return f"""# Perplexity under KV-cache compression (stories260k, TinyStories validation)
 
 Machine: CPU (AMD EPYC), 2 cores, otherwise idle; the sweeps ran one after the other with `--num_threads 1`
 (re-run 2026-11-23; an earlier run on the machine shared with other jobs had 20-50x lower tok/s, same
@@ -64,7 +107,7 @@ Refresh with `PYTHONPATH=$PWD python evaluation/perplexity_report.py`.
 Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.988, lagkv 3.992,
 streaming_llm 3.993, keydiff 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.174) and key_rerotation
 (4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026). rkv holds up
-best as the budget shrinks (3.978 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
+best as the budget shrinks (3.979 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
 0.75 (4.011, after rkv and observed_attention). Both sit at or just below the uncompressed 3.979 at 0.5, within
 this model's noise.
 Failures come from kvpress presses that assume one prefill with q_len == k_len (pyramidkv, chunkkv, block, adakv's
@@ -76,5 +119,8 @@ behaviour (one prefill, no --ppl_apply_press) was not measured here.
 
 ![ranked at ratio 0.5](perplexity_r0.5.png)
 """
-Path("docs/results/perplexity.md").write_text(doc)
-print(done)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 
@@ -26,7 +27,7 @@ def _needle_module():
 
 def main(argv=None) -> int:
     needle = _needle_module()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_file", default=None, help="JSONL with context/question/outputs[/answer_prefix]")
     ap.add_argument("--max_samples", type=int, default=None, help="with --data_file: the first N records")
     needle.add_needle_arguments(ap, "niah_single", [t for t in lg.NEEDLE_TASKS if t != "passkey"])

@@ -1,12 +1,13 @@
-"""Per-segment perplexity of StreamingLLM caches on stories260k over a long TinyStories stream.
+"""Per-segment perplexity of StreamingLLM caches over a long TinyStories stream (``--model``: a short name, default
+smollm2-135m, a directory or a hub id; the recorded results use ``--model stories260k``).
 
 Methods: dense (growing cache), reference (sliding window of sinks + recent tokens recomputed from
 scratch for every target), eager (lazy_streaming with slack=0) and lazy (slack > 0), all at the same
-``cap_total``. Each method is a separate run that saves its per-token NLLs under ``--out-dir``
+``cap_total``. Each method is a separate run that saves its per-token NLLs under ``--out_dir``
 (so long runs can go in the background one by one); ``--report`` merges them into a JSON and a plot.
 
-    PYTHONPATH=$PWD python evaluation/streaming_quality.py --method lazy --tokens 20000
-    PYTHONPATH=$PWD python evaluation/streaming_quality.py --report
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --method lazy --tokens 20000
+    PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --report
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.cli.common import add_threads_argument, quiet_command_line, set_threads
+from kvpress_ext.evaluation.results import machine_load
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 
 
-def load(tokens: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(tokens: int, model_name: str = "smollm2-135m"):
+    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.models import load_model
 
-    path = SHARED / "models" / "stories260k"
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model, tok = load_model(model_name, device="cpu")
+    except KVPressExtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
     ids = torch.tensor(tok(text[: tokens * 8])["input_ids"])[: tokens + 1]
     if len(ids) < tokens + 1:
@@ -42,7 +49,8 @@ def run(args):
     from kvpress_ext.evaluation.streaming import dense_nlls, recompute_reference_nlls, streaming_nlls
     from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
-    model, ids = load(args.tokens)
+    model, ids = load(args.tokens, args.model)
+    load_start = machine_load()
     start = time.time()
     if args.method == "dense":
         nlls = dense_nlls(model, ids)
@@ -59,6 +67,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items() if k != "report"}
     meta["slack"] = 0 if args.method == "eager" else args.slack
+    meta.update(load_start=load_start, load_end=machine_load())  # timings on a busy machine are not idle ones
     torch.save({"nlls": nlls, "seconds": seconds, "args": meta}, out / f"{args.method}.pt")
     print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s")
 
@@ -67,7 +76,7 @@ def report(args):
     from kvpress_ext.evaluation.streaming import segment_perplexity
 
     out = Path(args.out_dir)
-    runs = {m: torch.load(out / f"{m}.pt") for m in ("dense", "reference", "eager", "lazy") if (out / f"{m}.pt").exists()}
+    runs = {m: torch.load(out / f"{m}.pt", weights_only=True) for m in ("dense", "reference", "eager", "lazy") if (out / f"{m}.pt").exists()}
     nll = {m: r["nlls"] for m, r in runs.items()}
     seg = args.segment
 
@@ -80,7 +89,7 @@ def report(args):
         return n, mask
 
     result = {
-        "model": "stories260k", "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
+        "model": args.model, "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
         "predictions": {m: len(v) for m, v in nll.items()},
         "settings": {m: r["args"] for m, r in runs.items()}, "seconds": {m: r["seconds"] for m, r in runs.items()},
         "segment_ppl_all_targets": {m: segment_perplexity(v, seg) for m, v in nll.items()},
@@ -107,8 +116,10 @@ def report(args):
         checks["lazy_vs_eager_overall_ppl"] = {"lazy": lazy, "eager": eager, "relative": lazy / eager - 1}
         checks["lazy_within_2pct_of_eager_overall"] = abs(lazy / eager - 1) <= 0.02
     result["checks"] = checks
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    from kvpress_ext.safe_io import check_output_file, save_figure, write_output
+
+    check_output_file(args.plot, kind="image", flag="--plot")
+    write_output(args.json, json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("predictions", "checks")}, indent=1))
     curves = result.get("segment_ppl_reference_targets", result["segment_ppl_all_targets"])
     for m, v in curves.items():
@@ -135,7 +146,7 @@ def report(args):
         ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label(m))
     ax.set_yscale("log")
     ax.set_ylabel(f"perplexity per {seg}-token segment")
-    ax.set_title(f"stories260k on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
+    ax.set_title(f"{args.model} on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
     ax.legend()
     ax.grid(alpha=0.3)
     if ratio_panel:  # the streaming curves relative to the reference, on the reference's targets
@@ -151,27 +162,38 @@ def report(args):
         bx.legend(fontsize=8)
         bx.grid(alpha=0.3)
     axes[-1][0].set_xlabel("token index in the stream")
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    save_figure(fig, args.plot, dpi=120)
     print(f"wrote {args.json} and {args.plot}")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["dense", "reference", "eager", "lazy"])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="short name (smollm2-135m, stories260k), local directory or hub id (default: %(default)s)")
+    p.add_argument("--method", choices=["dense", "reference", "eager", "lazy"], help="the one method this run computes")
     p.add_argument("--report", action="store_true", help="merge saved runs into JSON + plot")
-    p.add_argument("--tokens", type=int, default=20000)
-    p.add_argument("--cap-total", type=int, default=512)
-    p.add_argument("--n-sink", type=int, default=4)
-    p.add_argument("--slack", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=20000, help="length of the token stream")
+    # The dashed spellings are the former names, kept so old commands still run.
+    p.add_argument("--cap_total", "--cap-total", type=int, default=512, help="most tokens in the cache (all methods)")
+    p.add_argument("--n_sink", "--n-sink", type=int, default=4, help="attention sinks kept")
+    p.add_argument("--slack", type=int, default=64, help="lazy: tokens allowed past the cap before a compaction")
     p.add_argument("--batch", type=int, default=16, help="reference windows per forward")
     p.add_argument("--stride", type=int, default=1, help="reference: score every stride-th target")
-    p.add_argument("--segment", type=int, default=512)
-    p.add_argument("--out-dir", default=str(REPO / "results" / "streaming_quality"))
-    p.add_argument("--json", default=str(REPO / "results" / "streaming_quality.json"))
-    p.add_argument("--plot", default=str(REPO / "docs" / "results" / "streaming_quality.png"))
-    args = p.parse_args()
+    p.add_argument("--segment", type=int, default=512, help="tokens per point of the perplexity curve")
+    p.add_argument("--out_dir", "--out-dir", default=str(REPO / "results" / "streaming_quality"),
+                   help="where each method's per-token NLLs are saved")
+    p.add_argument("--json", default=str(REPO / "results" / "streaming_quality.json"), help="report JSON file")
+    p.add_argument("--plot", default=str(REPO / "docs" / "results" / "streaming_quality.png"), help="report plot file")
+    add_threads_argument(p)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    quiet_command_line("streaming_quality")
+    set_threads(args.threads)
     torch.set_grad_enabled(False)
     if args.report:
         report(args)

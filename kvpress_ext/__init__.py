@@ -3,8 +3,9 @@
 Three lines::
 
     import kvpress_ext
-    pipe = pipeline("kv-press-text-generation", model=path, press=kvpress_ext.get_press("knorm", compression_ratio=0.5))
-    pipe(context, question=question)["answer"]
+    model, tokenizer = kvpress_ext.load_model("smollm2-135m")  # a short name, a local directory or a hub id
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    pipe(context, question=question, press=kvpress_ext.get_press("knorm", compression_ratio=0.5))["answer"]
 """
 
 from kvpress_ext.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
@@ -17,8 +18,11 @@ from kvpress_ext.errors import (
     UnsupportedModelError,
 )
 from kvpress_ext.hookspecs import hookimpl
+from kvpress_ext.models import ModelLoadError, available_models, load_model, register_model, resolve_model
 from kvpress_ext.pipeline import KVPressExtPipeline
+from kvpress_ext.plugins import failed_plugins, load_plugins  # importing it installs the lazy plugin loader
 from kvpress_ext.positions import next_position, position_state, set_next_position
+from kvpress_ext.registration import RegistrationConflict
 from kvpress_ext.registry import add_press, available_presses, get_press, press_info, press_name, register_press
 
 __version__ = "0.1.0"
@@ -28,22 +32,30 @@ __all__ = [
     "KVPressExtError",
     "KVPressExtPipeline",
     "ModelAdapter",
+    "ModelLoadError",
     "PressParameterError",
+    "RegistrationConflict",
     "UnknownPressError",
     "UnsupportedModelError",
     "add_adapter",
     "add_press",
     "apply_press",
     "available_adapters",
+    "available_models",
     "available_presses",
     "compression_phases",
+    "failed_plugins",
     "get_adapter",
     "get_press",
     "hookimpl",
+    "load_model",
+    "load_plugins",
     "next_position",
     "position_state",
     "press_info",
     "press_name",
+    "register_model",
     "register_press",
+    "resolve_model",
     "set_next_position",
 ]

@@ -5,17 +5,26 @@ model's adapter, registers ``press.forward_hook`` on every attention module the 
 press the adapter's Llama-shaped view of the module (the module itself for Llama-family models; see
 :mod:`kvpress_ext.adapters.gpt_neox` for GPT-NeoX), and tracks positions (:mod:`kvpress_ext.positions`).
 The hooks live only inside the ``with`` block; kvpress itself is not modified.
+
+Inputs a press cannot handle: kvpress checks its inputs with bare ``assert``s. One about the attention
+implementation (eager weights needed or refused) becomes a :class:`PressInputError` naming the press and the fix.
+Any other (an input shorter than the press needs, e.g. SnapKV's ``window_size`` on a 16-token context, or a
+prefill-only press shown a chunk after the first) leaves that forward's cache uncompressed, with one
+:class:`PressSkippedWarning` per press that says so: a short context must not crash a first call, and the caller
+still gets a correct (uncompressed) answer. kvpress's own log lines are shown once per message, not once per layer.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from contextlib import ExitStack, contextmanager
 
 from kvpress import BasePress, DecodingPress, DMSPress, FinchPress, KeyRerotationPress, PrefillDecodingPress
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.adapters.llama import LlamaFamilyAdapter
-from kvpress_ext.errors import PressInputError, UnsupportedModelError
+from kvpress_ext.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
 from kvpress_ext.positions import set_next_position, track_positions
 
 _HOOKABLE_CALLS = (BasePress.__call__, DecodingPress.__call__, PrefillDecodingPress.__call__)
@@ -53,21 +62,93 @@ def positions_follow_cache(press) -> bool:
     return type(press).__name__ == "RestoreKVPress"
 
 
+def about_attention_implementation(exc: BaseException) -> bool:
+    """Whether a press's assertion is about the attention kernel (eager weights needed or refused)."""
+    text = str(exc).lower()
+    return "attention" in text or "eager" in text
+
+
+def _user_facing_name(press) -> str:
+    """The registry name of the press a user chose, looking through internal wrappers (EveryChunkPress)."""
+    from kvpress_ext.registry import available_presses, press_name
+
+    registered = {info.cls for info in available_presses().values()}
+    while type(press) not in registered and getattr(press, "press", None) is not None:
+        press = press.press
+    return press_name(press)
+
+
+def _input_refused(press, exc: AssertionError, hidden_states) -> None:
+    """A press refused its input: raise (attention kernel) or warn once per press and compress nothing."""
+    name = _user_facing_name(press)
+    reason = str(exc).strip() or "assertion failed"
+    if about_attention_implementation(exc):
+        raise PressInputError(
+            f"{name} cannot compress this input: {reason}. Change its parameters (see `kvpress-ext describe "
+            f"{name}`) or the attention implementation."
+        ) from exc
+    if getattr(press, "_kvpress_ext_skip_warned", False):
+        return
+    try:
+        press._kvpress_ext_skip_warned = True
+    except AttributeError:  # a press with __slots__: warn every time rather than never
+        pass
+    n = hidden_states.shape[1] if hidden_states is not None else "?"
+    warnings.warn(
+        f"{name} did not compress a {n}-token input ({reason}); the cache keeps every token of it. Give it a "
+        f"longer input or change its parameters (`kvpress-ext describe {name}`).",
+        PressSkippedWarning, stacklevel=2,
+    )
+
+
 def _press_hook(press, adapter, model):
     def hook(module, args, kwargs, output):
         view = adapter.press_view(model, module)
+        hook_kwargs = adapter.hook_kwargs(module, args, kwargs)
         try:
-            return press.forward_hook(view, list(args), adapter.hook_kwargs(module, args, kwargs), output)
-        except AssertionError as exc:  # kvpress checks its inputs with asserts: say which press and what to change
-            from kvpress_ext.registry import press_name
-
-            name = press_name(press)
-            raise PressInputError(
-                f"{name} cannot compress this input: {str(exc).strip() or 'assertion failed'}. Change its "
-                f"parameters (see `kvpress-ext describe {name}`) or give it a longer input."
-            ) from exc
+            return press.forward_hook(view, list(args), hook_kwargs, output)
+        except AssertionError as exc:  # kvpress checks its inputs with asserts: say which press and what to do
+            if isinstance(exc, PressInputError):
+                raise
+            _input_refused(press, exc, hook_kwargs.get("hidden_states"))
+            return output
 
     return hook
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct log message through once per process (kvpress logs some per layer and per forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_ONCE = _OncePerMessage()
+_QUIET = False  # set by the command line; apply_press then also covers kvpress loggers created later
+
+
+def quiet_repeated_kvpress_logs(enable: bool = True) -> None:
+    """Attach (or with ``enable=False`` detach) the once-per-message filter on every kvpress logger.
+
+    The command line calls it (:func:`kvpress_ext.cli.common.quiet_command_line`); importing kvpress_ext does
+    not, so a library user's logging, and the takeover of kvpress's pipeline, see every record kvpress emits."""
+    global _QUIET
+    _QUIET = enable
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not ((name == "kvpress" or name.startswith("kvpress.")) and isinstance(logger, logging.Logger)):
+            continue
+        if enable and _ONCE not in logger.filters:
+            logger.addFilter(_ONCE)
+        elif not enable:
+            logger.removeFilter(_ONCE)
 
 
 def manages_whole_cache(press) -> bool:
@@ -109,6 +190,8 @@ def apply_press(press, model, *, track=True):
     """
     adapter = get_adapter(model)
     decoder = adapter.decoder(model)
+    if _QUIET:
+        quiet_repeated_kvpress_logs()  # loggers of presses imported since the command started
     with ExitStack() as stack:
         if track:
             stack.enter_context(track_positions(decoder))

@@ -1,4 +1,4 @@
-"""The built-in plugin: kvpress_ext registers its own presses and adapters through the same hooks a
+"""The built-in plugin: kvpress_ext registers its own presses, adapters and model short names through the same hooks a
 third-party plugin uses (see :mod:`kvpress_ext.hookspecs`)."""
 
 from __future__ import annotations
@@ -31,3 +31,10 @@ def kvpress_ext_register_adapters(register):
     register(LlamaFamilyAdapter("qwen2", ("qwen2",)))
     register(LlamaFamilyAdapter("qwen3", ("qwen3",), qk_norm=True))
     register(GPTNeoXAdapter())
+
+
+@hookimpl
+def kvpress_ext_register_models(register):
+    from kvpress_ext.model_sources import register_builtin_models
+
+    register_builtin_models(register)

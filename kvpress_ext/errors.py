@@ -32,3 +32,11 @@ class PressInputError(PressParameterError, AssertionError):
     """A press refused its input (kvpress checks inputs with ``assert``): names the press and what to change.
 
     Also an ``AssertionError``, so code that handles kvpress's own assertions keeps working."""
+
+
+class PressSkippedWarning(UserWarning):
+    """A press could not compress an input (e.g. shorter than its window) and left the cache as it was."""
+
+
+class NoCompressionWarning(UserWarning):
+    """A press configured so that it removes nothing (``compression_ratio=0``)."""

@@ -26,11 +26,15 @@ _NAMES = {
     "StreamingLLMPress": "streaming_llm", "LeverageScorePress": "leverage_score",
 }
 
+#: Decoding presses size the cache themselves (target_size, target_compression_ratio) and override their scorer's
+#: ratio; the scorer is built with 0.0 so that kvpress does not warn that a ratio it ignores is set.
+_SCORER_OF_DECODING = {"base_press": "knorm", "compression_ratio": 0.0}
+
 _DEFAULTS = {
     "AdaKVPress": {"press": "knorm"}, "ComposedPress": {"presses": ["knorm", "streaming_llm"]},
     "KeyRerotationPress": {"press": "knorm"}, "ChunkPress": {"press": "knorm"},
-    "ChunkKVPress": {"press": "knorm"}, "BlockPress": {"press": "knorm"}, "CAMPress": {"base_press": "knorm"},
-    "DecodingPress": {"base_press": "knorm"}, "CompressionRatioDecodingPress": {"base_press": "knorm"},
+    "ChunkKVPress": {"press": "knorm"}, "BlockPress": {"press": "knorm"}, "CAMPress": dict(_SCORER_OF_DECODING),
+    "DecodingPress": dict(_SCORER_OF_DECODING), "CompressionRatioDecodingPress": dict(_SCORER_OF_DECODING),
     "EntropyGatedChunkKVPress": {"press": "knorm"},
     "PerLayerCompressionPress": {"press": "knorm"}, "CriticalKVPress": {"press": "knorm"},
     "CriticalAdaKVPress": {"press": "knorm"}, "MergingPress": {"press": "knorm"},

@@ -1,33 +1,51 @@
 """``pipeline("kv-press-text-generation", ...)`` for every registered press on every adapter.
 
-It keeps kvpress's pipeline (preprocessing, chat template, several questions per context) and changes
-what kvpress hard-wires: presses run through :func:`kvpress_ext.apply.apply_press` (so GPT-NeoX and
-plugin presses work), presses that compress while decoding stay active during the answer, and every
-position comes from the cache's :class:`~kvpress_ext.positions.PositionState` instead of
-``context_length + i``. ``press`` may also be a registry name (``press="knorm"``).
+It keeps kvpress's pipeline (preprocessing, several questions per context) and changes what kvpress
+hard-wires: presses run through :func:`kvpress_ext.apply.apply_press` (so GPT-NeoX and plugin presses
+work), presses that compress while decoding stay active during the answer, and every position comes
+from the cache's :class:`~kvpress_ext.positions.PositionState` instead of ``context_length + i``.
+``press`` may also be a registry name (``press="knorm"``). With a chat template the prompt comes from
+:func:`kvpress_ext.chat.split_chat_prompt` (user turn = context, blank line, question), like every other
+entry point; ``use_chat_template=False`` turns it off (raw text, as kvpress does without a template).
+
+Everything else behaves as kvpress's pipeline, which this one replaces under the same task name once
+``kvpress_ext`` is imported: the same answers, the same log records (``kvpress.pipeline`` logger, e.g.
+the debug lines ``Context Length: N`` / ``Compressed Context Length: M`` after the prefill), the same
+warnings and errors.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
-from kvpress import KVPressTextGenerationPipeline
+from kvpress import DecodingPress, KVPressTextGenerationPipeline, PrefillDecodingPress
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import apply_press, compression_phases
+from kvpress_ext.chat import has_chat_template, split_chat_prompt
+from kvpress_ext.devices import input_device
 from kvpress_ext.positions import position_state
 from kvpress_ext.registry import get_press
 
+#: kvpress's pipeline logger: our records go where kvpress's users (and kvpress's tests) look for them.
+kvpress_logger = logging.getLogger(KVPressTextGenerationPipeline.__module__)
 
-def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eos_token_ids=()) -> list[int]:
-    """Feed ``first_ids`` then decode greedily; positions come from the cache (call inside apply_press)."""
+
+def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eos_token_ids=(),
+                  stop_at_first: bool = True) -> list[int]:
+    """Feed ``first_ids`` then decode greedily; positions come from the cache (call inside apply_press).
+
+    Stops after an end-of-sequence token; ``stop_at_first=False`` does not check the first generated
+    token, as kvpress's pipeline does not.
+    """
     outputs = model(input_ids=first_ids, past_key_values=cache, logits_to_keep=1)
     generated = [int(outputs.logits[0, -1].argmax())]
     for _ in range(max_new_tokens - 1):
-        if generated[-1] in eos_token_ids:
+        if generated[-1] in eos_token_ids and (stop_at_first or len(generated) > 1):
             break
         next_ids = torch.tensor([[generated[-1]]], device=first_ids.device)
         outputs = model(input_ids=next_ids, past_key_values=cache, logits_to_keep=1)
@@ -38,14 +56,41 @@ def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eo
 class KVPressExtPipeline(KVPressTextGenerationPipeline):
     """kvpress's text-generation pipeline, driven through kvpress_ext's adapters and position state."""
 
-    def _sanitize_parameters(self, press=None, max_context_length=None, **kwargs):
+    def _sanitize_parameters(self, press=None, max_context_length=None, use_chat_template=None, **kwargs):
         if isinstance(press, str):
             press = get_press(press)
         if max_context_length is None and getattr(press, "prefill_chunk_size", None):
             # The press streams any input through a bounded cache (lazy_streaming): no truncation to the
             # tokenizer's model_max_length, which is exactly the limit such a press exists to lift.
             max_context_length = int(1e10)
-        return super()._sanitize_parameters(press=press, max_context_length=max_context_length, **kwargs)
+        pre, fwd, post = super()._sanitize_parameters(press=press, max_context_length=max_context_length, **kwargs)
+        if use_chat_template is not None:
+            pre["use_chat_template"] = bool(use_chat_template)
+        return pre, fwd, post
+
+    def preprocess(self, context: str, questions: list[str], answer_prefix: str, max_context_length: int,
+                   enable_thinking: bool = False, use_chat_template: bool = True):
+        """Token ids of the context (template prefix + context) and of each question (blank line, question, end of
+        turn, assistant header, ``answer_prefix``); without a template (or ``use_chat_template=False``) kvpress's
+        own preprocessing (BOS + context; question + newline)."""
+        if not has_chat_template(self.tokenizer):
+            return super().preprocess(context, questions, answer_prefix, max_context_length, enable_thinking)
+        if not use_chat_template:  # what kvpress does for a model without a template
+            prompts = [split_chat_prompt(self.tokenizer, context, q + "\n", use_chat_template=False) for q in questions]
+            context_ids = self.tokenizer.encode(prompts[0].prefix + context, return_tensors="pt",
+                                                add_special_tokens=False)[:, :max_context_length]
+            question_ids = [self.tokenizer.encode(p.suffix + answer_prefix, return_tensors="pt",
+                                                  add_special_tokens=False) for p in prompts]
+            return {"context_ids": context_ids, "questions_ids": question_ids}
+        if enable_thinking:
+            raise ValueError("enable_thinking is not supported by kvpress_ext's chat prompts.")
+        parts = [split_chat_prompt(self.tokenizer, context, q) for q in questions]
+        context_ids = self.tokenizer.encode(parts[0].prefix + context, return_tensors="pt", add_special_tokens=False)
+        question_ids = [self.tokenizer.encode(p.suffix + answer_prefix, return_tensors="pt", add_special_tokens=False)
+                        for p in parts]
+        if context_ids.shape[1] > max_context_length:
+            context_ids = context_ids[:, :max_context_length]  # kvpress keeps the head, and so do we
+        return {"context_ids": context_ids, "questions_ids": question_ids}
 
     def __call__(self, *args, context_chunks=None, **kwargs):
         """``context_chunks=[...]`` hands separately cached chunks to a press that fuses them itself
@@ -65,18 +110,24 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         prefill, decoding = compression_phases(press)
         questions = input_tensors["questions_ids"]
         if decoding and len(questions) > 1:
+            if isinstance(press, (DecodingPress, PrefillDecodingPress)):  # kvpress's own error, unchanged
+                raise ValueError(
+                    "DecodingPress is not compatible with multiple questions. Please specify a single question."
+                )
             raise ValueError(
                 f"{type(press).__name__} compresses while decoding, so the cache after one answer cannot be "
                 "rewound for the next question: ask one question per call."
             )
         cache = DynamicCache() if cache is None else cache
-        context_ids = input_tensors["context_ids"].to(self.model.device)
+        context_ids = input_tensors["context_ids"].to(input_device(self.model))
         decoder = get_adapter(self.model).decoder(self.model)
         # A press with ``prefill_chunk_size`` compacts as the context streams in: feed it chunk by chunk.
         step = max(1, (getattr(press, "prefill_chunk_size", None) if prefill else None) or context_ids.shape[1])
         with apply_press(press if prefill else None, self.model):
             for start in range(0, context_ids.shape[1], step):
                 decoder(input_ids=context_ids[:, start : start + step], past_key_values=cache)
+            kvpress_logger.debug(f"Context Length: {context_ids.shape[1]}")
+            kvpress_logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
 
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -85,7 +136,8 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             for question_ids in questions:
                 lengths = [cache.get_seq_length(i) for i in range(len(cache))]
                 state = copy.copy(position_state(cache))
-                ids = greedy_decode(self.model, question_ids.to(self.model.device), cache, max_new_tokens, eos)
+                ids = greedy_decode(self.model, question_ids.to(input_device(self.model)), cache, max_new_tokens, eos,
+                                    stop_at_first=False)
                 answers.append(str(self.tokenizer.decode(ids, skip_special_tokens=True)))
                 if not decoding:  # rewind the answer so the next question sees the context only
                     self._remove_answer_from_cache(cache, lengths)

@@ -1,10 +1,19 @@
-"""Plugin discovery with pluggy: built-in presses and adapters, then third-party entry points.
+"""Plugin discovery with pluggy: built-in presses, adapters and model names, then third-party entry points.
 
-Each entry point is loaded on its own: one that fails to import or whose hook raises is recorded in
-:func:`failed_plugins` (with its name and reason) and logged, and every other plugin still loads. A
-plugin is all or nothing: if its hook raises half-way, the presses and adapters it registered before
-the error are removed again and it is unregistered from the plugin manager.
-Loading happens once, lazily, the first time a registry is read.
+Each entry point is loaded on its own, and is all or nothing. It fails, is recorded in :func:`failed_plugins`
+(name and reason) and leaves nothing registered when
+
+* its import raises anything, ``sys.exit()`` included (only ``KeyboardInterrupt`` propagates);
+* it has a hook implementation pluggy does not know (a misspelt hook name, reported by ``check_pending``) or a
+  function named like a hook but not marked ``@kvpress_ext.hookimpl``;
+* a hook raises, or registers a press name, adapter model type or model short name that another origin holds without
+  ``override=True`` (the reason names both origins; see :mod:`kvpress_ext.registration`).
+
+Plugins register only through the public functions :func:`kvpress_ext.registry.add_press` and
+:func:`kvpress_ext.adapters.add_adapter` and :func:`kvpress_ext.models.register_model`; rolling a failed plugin back uses the registration tables' own
+snapshots. Loading happens once, lazily, the first time a registry is read (the registries reach this module
+through :func:`kvpress_ext.registration.ensure_loaded`, so nothing imports in a cycle). Each failure is logged
+once as a warning; ``kvpress-ext list`` shows the failures in its output instead.
 """
 
 from __future__ import annotations
@@ -15,11 +24,14 @@ from dataclasses import dataclass
 
 import pluggy
 
-from kvpress_ext import hookspecs
+from kvpress_ext import hookspecs, registration
+from kvpress_ext.adapters import add_adapter
+from kvpress_ext.registry import add_press
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kvpress_ext"
+BUILTIN_NAME = "kvpress_ext.builtin"
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class PluginFailure:
 
 _manager: pluggy.PluginManager | None = None
 _failures: list[PluginFailure] = []
+_loaded_names: list[str] = []
 _loaded = False
 _loading = False
 
@@ -51,38 +64,76 @@ def failed_plugins() -> list[PluginFailure]:
     return list(_failures)
 
 
-def _register_from(plugin, plugin_name: str) -> None:
+def _hook_registrars(origin: str) -> dict:
+    """The ``register`` callables handed to each hook, bound to the plugin's origin."""
+
+    def register_press(name, cls, defaults=None, requires=None, override=False):
+        add_press(name, cls, source=origin, defaults=defaults, requires=requires, override=override)
+
+    def register_adapter(adapter, override=False):
+        add_adapter(adapter, source=origin, override=override)
+
+    def register_model(name, resolve, override=False, **info):
+        from kvpress_ext.models import register_model as add_model
+
+        add_model(name, resolve, plugin=origin, override=override, **info)
+
+    return {"kvpress_ext_register_presses": register_press, "kvpress_ext_register_adapters": register_adapter,
+            "kvpress_ext_register_models": register_model}
+
+
+def _call_hooks(plugin, origin: str) -> None:
     """Call one plugin's hook implementations (and only its) against the registries."""
-    from kvpress_ext.adapters import add_adapter
-    from kvpress_ext.registry import add_press
-
-    def register_press(name, cls, defaults=None, requires=None):
-        add_press(name, cls, source=plugin_name, defaults=defaults, requires=requires)
-
     pm = get_plugin_manager()
     others = [p for p in pm.get_plugins() if p is not plugin]
-    pm.subset_hook_caller("kvpress_ext_register_presses", remove_plugins=others)(register=register_press)
-    pm.subset_hook_caller("kvpress_ext_register_adapters", remove_plugins=others)(register=add_adapter)
+    for hook_name, register in _hook_registrars(origin).items():
+        pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
 
 
-def _registry_state():
-    """Copies of the press and adapter registries, to undo a plugin that fails half-way."""
-    from kvpress_ext import adapters, registry
+def _unmarked_hooks(plugin) -> list[str]:
+    """Functions named ``kvpress_ext_...`` that pluggy will not call because they lack ``@kvpress_ext.hookimpl``."""
+    marker = f"{hookspecs.PROJECT_NAME}_impl"
+    names = []
+    for attr in dir(plugin):
+        value = getattr(plugin, attr, None)
+        if attr.startswith("kvpress_ext_") and callable(value) and not hasattr(value, marker):
+            names.append(attr)
+    return names
 
-    return dict(registry._REGISTRY), list(adapters._ADAPTERS)
+
+def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) while loading"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _restore_registry_state(state) -> None:
-    from kvpress_ext import adapters, registry
-
-    presses, adapter_list = state
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(presses)
-    adapters._ADAPTERS[:] = adapter_list
+def _load_entry_point(pm: pluggy.PluginManager, ep) -> None:
+    """Import, validate and call one plugin under its own origin; raise on any problem."""
+    with registration.registering_as(ep.name):
+        plugin = ep.load()
+        if pm.get_plugin(ep.name) is None:
+            pm.register(plugin, name=ep.name)  # validates hook names' arguments
+        plugin = pm.get_plugin(ep.name)
+        try:
+            pm.check_pending()  # hook implementations with no specification: a misspelt hook name
+        except pluggy.PluginValidationError as exc:
+            known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("kvpress_ext_")))
+            raise pluggy.PluginValidationError(plugin, f"{exc}; the hooks are: {known}") from None
+        unmarked = _unmarked_hooks(plugin)
+        if unmarked:
+            raise pluggy.PluginValidationError(
+                plugin, f"{', '.join(unmarked)} not marked with @kvpress_ext.hookimpl, so it would never be called"
+            )
+        _call_hooks(plugin, ep.name)
 
 
 def load_plugins(force: bool = False) -> None:
-    """Register built-ins and every entry point of the group ``kvpress_ext`` (once per process)."""
+    """Register built-ins and every entry point of the group ``kvpress_ext`` (once per process).
+
+    ``force`` drops what previously loaded plugins registered (bringing back what they overrode) and loads the
+    entry points again.
+    """
     global _loaded, _loading
     if (_loaded and not force) or _loading:
         return
@@ -92,21 +143,27 @@ def load_plugins(force: bool = False) -> None:
         from kvpress_ext import builtin_plugin
 
         if not pm.is_registered(builtin_plugin):
-            pm.register(builtin_plugin, name="kvpress_ext.builtin")
-        _register_from(builtin_plugin, "kvpress_ext")
+            pm.register(builtin_plugin, name=BUILTIN_NAME)
+            with registration.registering_as(registration.BUILTIN):
+                _call_hooks(builtin_plugin, registration.BUILTIN)
+        for name in _loaded_names:
+            registration.remove_origin_everywhere(name)
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+        _loaded_names.clear()
         _failures.clear()
         for ep in _entry_points():
-            before = _registry_state()
+            before = registration.snapshot_all()
             try:
-                plugin = ep.load()
-                if pm.get_plugin(ep.name) is None:
-                    pm.register(plugin, name=ep.name)  # validates hook names and signatures
-                _register_from(pm.get_plugin(ep.name), ep.name)
-            except Exception as exc:  # noqa: BLE001 - isolation is the point
-                _restore_registry_state(before)
+                _load_entry_point(pm, ep)
+                _loaded_names.append(ep.name)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - isolation is the point (sys.exit included)
+                registration.restore_all(before)
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
-                failure = PluginFailure(ep.name, f"{type(exc).__name__}: {exc}")
+                failure = PluginFailure(ep.name, _describe_exception(exc))
                 _failures.append(failure)
                 logger.warning("kvpress_ext plugin %r failed to load and was skipped: %s", ep.name, failure.reason)
         _loaded = True
@@ -116,3 +173,6 @@ def load_plugins(force: bool = False) -> None:
 
 def _entry_points():
     return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+registration.set_loader(load_plugins)

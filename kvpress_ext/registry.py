@@ -4,6 +4,8 @@ Everything that takes a press by name (the CLI, the evaluation scripts, A3's evi
 through :func:`get_press`, so name lookup, parameter checking and documentation live in one place.
 Presses register with the :func:`register_press` decorator (ours), through the plugin hook
 ``kvpress_ext_register_presses`` (third parties), or in :mod:`kvpress_ext.kvpress_presses` (kvpress's own).
+A name another origin already holds is refused unless registered with ``override=True`` (the rule of
+:mod:`kvpress_ext.registration`, shared by every registry).
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpress_ext.errors import PressParameterError, UnknownPressError
+from kvpress_ext import registration
+from kvpress_ext.errors import NoCompressionWarning, PressParameterError, UnknownPressError
 
 #: Parameter names whose value must lie in [0, 1).
 RATIO_PARAMETERS = ("compression_ratio",)
+#: The compression ratio of a press built by name without one (get_press, the CLI, sweeps): half the cache.
+#: kvpress's classes default to 0.0, which compresses nothing; one default everywhere avoids silent no-ops.
+DEFAULT_COMPRESSION_RATIO = 0.5
+#: Parameters that get :data:`DEFAULT_COMPRESSION_RATIO` when not given (ThinK removes key channels, DuoAttention
+#: heads: their ratio means the same "fraction removed", and 0.0 would compress nothing).
+DEFAULT_RATIO_PARAMETERS = ("compression_ratio", "key_channel_compression_ratio", "head_compression_ratio")
 #: Parameter names whose value must be a positive integer.
 POSITIVE_INT_PARAMETERS = ("budget", "target_size", "window_size", "kernel_size", "compression_interval", "window")
 
@@ -48,11 +59,18 @@ class PressInfo:
     defaults: dict = field(default_factory=dict)
     #: Why the press cannot run here, if it needs something unavailable offline (a hub download, a trained model).
     requires: str | None = None
+    #: The origin of the entry this one replaced with ``override=True`` (None: it replaced nothing).
+    overrides: str | None = None
+
+    @property
+    def override_note(self) -> str:
+        """``overrides built-in`` when this press replaced another origin's press of the same name, else ""."""
+        return f"overrides {registration.origin_label(self.overrides)}" if self.overrides else ""
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.cls) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The docstring's first sentence (it may span lines), for one-line listings."""
+        return first_sentence(inspect.getdoc(self.cls) or "")
 
     @property
     def doc(self) -> str:
@@ -63,8 +81,51 @@ class PressInfo:
         """The constructor's parameters (the dataclass fields, or a hand-written ``__init__``'s arguments)."""
         return constructor_parameters(self.cls)
 
+    @property
+    def build_defaults(self) -> dict:
+        """What :func:`get_press` fills in when a parameter is not given: the registered ``defaults``, and
+        :data:`DEFAULT_COMPRESSION_RATIO` for a press with a ``compression_ratio`` parameter."""
+        out = dict(self.defaults)
+        names = {p.name for p in self.parameters}
+        for key in DEFAULT_RATIO_PARAMETERS:
+            if key in names and key not in out:
+                out[key] = DEFAULT_COMPRESSION_RATIO
+        return out
 
-_REGISTRY: dict[str, PressInfo] = {}
+    @property
+    def effective_parameters(self) -> list[PressParameter]:
+        """:attr:`parameters` with the defaults a press built by name gets (what ``kvpress-ext list`` shows)."""
+        defaults = self.build_defaults
+        return [dataclasses.replace(p, default=defaults[p.name], required=False) if p.name in defaults else p
+                for p in self.parameters]
+
+
+def _class_path(info: PressInfo) -> str:
+    return f"{info.cls.__module__}.{info.cls.__qualname__}"
+
+
+_PRESSES = registration.Table("press", describe=_class_path)
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line (whole paragraph if it has no full stop).
+
+    A full stop ends a sentence when followed by whitespace and not part of an abbreviation (``e.g.``, ``et al.``,
+    ``i.e.``, ``vs.``, ``Fig.``) or a decimal number; a trailing colon (a list follows) counts as an end too."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    paragraph = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", paragraph).replace("``", "")  # reST roles and literals
+    if not paragraph:
+        return ""
+    abbreviations = ("e.g.", "i.e.", "et al.", "vs.", "etc.", "Fig.", "cf.", "approx.")
+    for match in re.finditer(r"[.!?:](?=\s|$)", paragraph):
+        end = match.end()
+        head = paragraph[:end]
+        if any(head.endswith(a) for a in abbreviations) and end < len(paragraph):
+            continue
+        if paragraph[match.start()] == ":" and end < len(paragraph):
+            continue
+        return head.rstrip(":") + ("." if head.endswith(":") else "")
+    return paragraph
 
 
 def constructor_parameters(cls: type) -> list[PressParameter]:
@@ -88,49 +149,67 @@ def _type_name(t: Any) -> str:
 
 
 def register_press(
-    name: str, *, source: str = "kvpress_ext", defaults: dict | None = None, requires: str | None = None
+    name: str, *, source: str | None = None, defaults: dict | None = None, requires: str | None = None,
+    override: bool = False,
 ) -> Callable[[type], type]:
-    """Class decorator: register ``cls`` under ``name`` (snake_case). Re-registering a name replaces it."""
+    """Class decorator: register ``cls`` under ``name`` (snake_case); see :func:`add_press` for the rule on taken names."""
 
     def decorator(cls: type) -> type:
-        add_press(name, cls, source=source, defaults=defaults, requires=requires)
+        origin = registration.resolve_origin(source, cls.__module__, self_registration=True)
+        _add(name, cls, origin, defaults, requires, override)
         return cls
 
     return decorator
 
 
 def add_press(
-    name: str, cls: type, *, source: str = "kvpress_ext", defaults: dict | None = None, requires: str | None = None
-) -> None:
-    """Register ``cls`` under ``name``; the functional form of :func:`register_press`."""
-    if not name or not name.replace("_", "").isalnum() or name.lower() != name:
+    name: str, cls: type, *, source: str | None = None, defaults: dict | None = None, requires: str | None = None,
+    override: bool = False,
+) -> PressInfo:
+    """Register ``cls`` under ``name``; the functional form of :func:`register_press`.
+
+    ``source`` names the origin (default: the plugin being loaded, else the calling package). A name
+    that another origin already registered is refused with :class:`~kvpress_ext.registration.RegistrationConflict`
+    naming both; ``override=True`` replaces it, and ``kvpress-ext list`` then marks the press "overrides built-in".
+    """
+    origin = registration.resolve_origin(source, registration.caller_module())
+    return _add(name, cls, origin, defaults, requires, override)
+
+
+def _add(name, cls, origin: str, defaults, requires, override: bool) -> PressInfo:
+    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum() or name.lower() != name:
         raise PressParameterError(f"Press name {name!r} is not snake_case: use lowercase letters, digits and '_'.")
     if not inspect.isclass(cls):
         raise PressParameterError(f"register_press({name!r}) needs a class, got {cls!r}.")
-    _REGISTRY[name] = PressInfo(name=name, cls=cls, source=source, defaults=dict(defaults or {}), requires=requires)
+    info = PressInfo(name=name, cls=cls, source=origin, defaults=dict(defaults or {}), requires=requires)
+    info.overrides = _PRESSES.add(name, info, origin=origin, override=override).overrides
+    return info
+
+
+def _presses() -> dict[str, PressInfo]:
+    return {entry.key: entry.value for entry in _PRESSES.entries()}
 
 
 def _ensure_loaded() -> None:
-    from kvpress_ext.plugins import load_plugins
-
-    load_plugins()
+    registration.ensure_loaded()
 
 
 def available_presses() -> dict[str, PressInfo]:
     """All registered presses by name (sorted), including ``no_press`` and plugin presses."""
     _ensure_loaded()
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(_presses().items()))
 
 
 def press_info(name: str) -> PressInfo:
     """The registry entry for ``name``; an unknown name raises an error that lists the closest names."""
     _ensure_loaded()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+    entry = _PRESSES.get(name) if isinstance(name, str) else None
+    if entry is not None:
+        return entry.value
+    close = difflib.get_close_matches(str(name), _PRESSES.keys(), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPressError(
-        f"Unknown press {name!r}.{hint} Run `kvpress-ext list` to see all {len(_REGISTRY)} registered presses."
+        f"Unknown press {name!r}.{hint} Run `kvpress-ext list` to see all {len(_PRESSES)} registered presses."
     )
 
 
@@ -138,7 +217,7 @@ def press_name(press: Any) -> str:
     """The registry name of a press instance (or class); the class name if it is not registered."""
     _ensure_loaded()
     cls = press if inspect.isclass(press) else type(press)
-    for name, info in _REGISTRY.items():
+    for name, info in _presses().items():
         if info.cls is cls:
             return name
     return cls.__name__
@@ -187,7 +266,9 @@ def _resolve_nested(cls: type, params: dict) -> dict:
         fields = {p.name for p in constructor_parameters(press_info(name).cls)}
         inner = {k: v for k, v in leftovers.items() if k in fields}
         consumed.update(inner)
-        return get_press(name, **inner)
+        with warnings.catch_warnings():  # an idle inner press is reported once, for the press the user named
+            warnings.simplefilter("ignore", NoCompressionWarning)
+            return get_press(name, **inner)
 
     for key in nested_keys:
         value = params.get(key)
@@ -208,19 +289,41 @@ def get_press(name: str, **params: Any):
     info = press_info(name)
     if info.cls is NoPress:
         if any(v not in (None, 0, 0.0) for v in params.values()):
-            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(params)}).")
+            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(params)}); leave them out "
+                                      "or choose a press that compresses.")
         return None
-    merged = {**info.defaults, **params}
+    merged = {**info.build_defaults, **params}
     merged = _resolve_nested(info.cls, merged)
     validate_parameters(info.cls, merged, name)
     try:
-        return info.cls(**merged)
+        press = info.cls(**merged)
     except AssertionError as exc:  # kvpress validates with asserts
         raise PressParameterError(f"{name}: invalid parameters {merged!r}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         if isinstance(exc, PressParameterError):
             raise
         raise PressParameterError(f"{name}: invalid parameters {merged!r}: {exc}") from exc
+    idle = compresses_nothing(press)
+    if idle:
+        warnings.warn(f"{name} is configured to compress nothing ({idle}): the cache is kept whole. Pass e.g. "
+                      f"compression_ratio={DEFAULT_COMPRESSION_RATIO} to compress.", NoCompressionWarning, stacklevel=2)
+    return press
+
+
+def compresses_nothing(press) -> str | None:
+    """Why ``press`` as configured removes nothing (``"compression_ratio=0"``), or None. A press is judged by its
+    ratio (wrappers such as AdaKV forward their inner press's); a composition of presses by all of them. Presses
+    sized otherwise (a budget, a target size, a threshold) are not judged."""
+    for key in DEFAULT_RATIO_PARAMETERS:
+        try:
+            ratio = getattr(press, key, None)
+        except Exception:  # noqa: BLE001 - some presses compute it from a forward pass and raise before one
+            ratio = None
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+            return f"{key}={ratio}" if ratio == 0 else None
+    inner = [p for p in (getattr(press, "presses", None) or []) if not isinstance(p, (str, type))]
+    reasons = [compresses_nothing(p) for p in inner]
+    return reasons[0] if inner and all(reasons) else None
 
 
 class NoPress:

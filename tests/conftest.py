@@ -1,6 +1,15 @@
-"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder."""
+"""Shared fixtures: tiny random models of all five architectures (session-scoped) and the shared data folder.
+
+The suite never touches the network: the Hugging Face libraries are put offline here, before any of them is
+imported (they read these variables at import), so a test that would reach the hub fails at once instead of
+retrying. Tests of the online path mock it (see tests/test_hub.py).
+"""
 
 import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 import warnings
 from pathlib import Path
 
@@ -52,3 +61,37 @@ def stories260k():
     path = shared_path("models", "stories260k")
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_after_commands():
+    """Commands run in-process (``main(argv)``) quiet kvpress's repeated log lines for the rest of the process;
+    put the library default back after each test, so the next one sees every record kvpress emits."""
+    yield
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+
+    quiet_repeated_kvpress_logs(enable=False)
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct by its short name: converted once per machine into $KVPRESS_EXT_CACHE (default
+    ~/.cache/kvpress_ext), then reloaded from there. In CI a missing model package is an error; elsewhere the tests
+    are skipped with the command that installs it."""
+    from kvpress_ext.model_sources import smollm2_gguf
+    from kvpress_ext.models import ModelLoadError, load_model
+
+    try:
+        smollm2_gguf()
+    except ModelLoadError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture
+def two_threads():
+    """The 135M model is worth both cores of a 2-core runner (the tiny models run single-threaded)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)

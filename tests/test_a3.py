@@ -335,3 +335,96 @@ def test_flashinfer_wrapper_layout_against_a_stand_in(monkeypatch):
     out = A.flashinfer_attention(q, k, v, A.causal_mask(qpos, kpos), 0.25)
     assert out.shape == q.shape
     assert (out - A.reference_attention(q, k, v, qpos, kpos, 0.25)).abs().max() < 1e-5
+
+
+# --- the `random` control strategy: its seed ---------------------------------------------------------------
+def test_random_strategy_same_seed_same_selection_whatever_the_global_rng(tmp_path):
+    """The seed alone decides the selection: the global RNG state (seeded differently before each call)
+    does not, and the fused logits repeat exactly."""
+    model = tiny_model("llama", layers=2)
+    chunks, q = _data(4, lengths=(15, 15, 10))
+    store = ChunkStore(tmp_path, model)
+    runs = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        runs.append(A3Press(strategy="random", rate=0.3, seed=7, store=store).fuse_result(model, chunks, q))
+    assert runs[0].selected.tolist() == runs[1].selected.tolist()
+    assert torch.equal(runs[0].logits, runs[1].logits)
+    sel = runs[0].selected
+    assert sel.numel() == 12 and sel.unique().numel() == 12 and 0 <= int(sel.min()) and int(sel.max()) < 40
+    assert sel.tolist() == sorted(sel.tolist())
+
+
+def test_random_strategy_seed_is_honoured(tmp_path):
+    """Different seeds pick different tokens (so recompute different rows and give different logits), and the
+    press's seed reaches the selection: A3Press(seed=s) picks what random_tokens(n, k, s) picks."""
+    model = tiny_model("llama", layers=2)
+    chunks, q = _data(4, lengths=(15, 15, 10))
+    store = ChunkStore(tmp_path, model)
+    results = {s: A3Press(strategy="random", rate=0.3, seed=s, store=store).fuse_result(model, chunks, q)
+               for s in (0, 1, 2, 12345)}
+    selections = {s: tuple(r.selected.tolist()) for s, r in results.items()}
+    assert len(set(selections.values())) == len(selections)  # 4 seeds, 4 different 12-of-40 subsets
+    assert not torch.equal(results[0].logits, results[1].logits)
+    for s, picked in selections.items():
+        assert list(picked) == S.random_tokens(40, 12, s).tolist()
+
+
+def test_random_tokens_is_a_uniform_seeded_subset():
+    """random_tokens(n, k, seed): k distinct sorted indices in [0, n), the same for the same seed, and over many
+    seeds every index is picked about k/n of the time (a seed that were ignored would pick one fixed subset)."""
+    assert S.random_tokens(30, 9, 5).tolist() == S.random_tokens(30, 9, 5).tolist()
+    counts = torch.zeros(30)
+    subsets = set()
+    for seed in range(300):
+        picked = S.random_tokens(30, 9, seed)
+        assert picked.numel() == 9 and picked.unique().numel() == 9 and picked.tolist() == sorted(picked.tolist())
+        assert 0 <= int(picked.min()) and int(picked.max()) < 30
+        counts[picked] += 1
+        subsets.add(tuple(picked.tolist()))
+    assert len(subsets) > 290  # C(30, 9) ~ 1.4e7 subsets: repeats are rare
+    expected = 300 * 9 / 30  # 90 picks per index; binomial sd ~ 7.9
+    assert (counts - expected).abs().max() < 40
+    assert S.random_tokens(10, 10, 3).tolist() == list(range(10))  # k = n: every index
+
+
+def test_selection_helper_edge_cases():
+    """Budgets at 0 and 1 candidates, pooling widths 1 and 2, largest-remainder order and degenerate totals."""
+    assert S.budget(0.5, 0) == 0 and S.budget(1.0, -3) == 0  # no candidates: nothing to pick
+    assert S.budget(0.5, 1) == 1 and S.budget(0.0, 1) == 1
+    x = torch.tensor([4.0, 0, 2, 6])
+    assert S.avg_pool(x.double(), 1) is not None and S.avg_pool(x.double(), 1).dtype == torch.float64  # untouched
+    assert torch.equal(S.avg_pool(x, 1), x)
+    # width 2: the window is the token and the one before it (the first has no predecessor: itself only)
+    assert torch.allclose(S.avg_pool(x, 2), torch.tensor([4.0, 2, 1, 4]))
+    # largest remainders first, whatever their position; ties by position
+    assert S.largest_remainder([1, 4], 2) == [0, 2]  # quotas 0.4, 1.6
+    assert S.largest_remainder([2, 5, 3], 4) == [1, 2, 1]  # quotas 0.8, 2.0, 1.2: remainder 0.8 wins
+    assert S.largest_remainder([2, 3], 1) == [0, 1]
+    assert S.largest_remainder([1], 1) == [1] and S.largest_remainder([7], 3) == [3]
+    assert S.largest_remainder([2, 3], 0) == [0, 0]
+    assert S.largest_remainder([0, 0], 3) == [0, 0]  # nothing to split over
+
+
+def test_value_deviation_is_the_sum_of_squared_differences():
+    g = torch.Generator().manual_seed(5)
+    v_old = torch.randn(1, 2, 6, 4, generator=g)
+    v_new = v_old + torch.randn(1, 2, 6, 4, generator=g)
+    expected = torch.tensor([sum(float(v_new[0, h, t, d] - v_old[0, h, t, d]) ** 2 for h in range(2) for d in range(4))
+                             for t in range(6)])
+    assert torch.allclose(S.value_deviation(v_new, v_old), expected, atol=1e-5)
+    assert torch.equal(S.value_deviation(v_old, v_old), torch.zeros(6))
+
+
+def test_surprisal_chunk_errors_and_empty_budget():
+    s = [torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.3, 0.2])]
+    assert S.surprisal_chunk(s, [3, 2], 2).tolist() == [1, 3]  # one per chunk: the highest in each
+    empty = S.surprisal_chunk(s, [3, 2], 0)
+    assert empty.dtype == torch.long and empty.shape == (0,)
+    with pytest.raises(CacheFormatError, match=r"^Got surprisal for 2 chunks but 3 chunks to fuse\.$"):
+        S.surprisal_chunk(s, [3, 2, 1], 2)
+    fix = r"Rebuild the chunk store with save_surprisal=True\.$"
+    with pytest.raises(CacheFormatError, match=r"^Stored surprisal has 3 values for a chunk of 4 tokens: .*" + fix):
+        S.surprisal_chunk(s, [4, 2], 2)
+    with pytest.raises(CacheFormatError, match=r"^Stored surprisal has None values for a chunk of 3 tokens: .*" + fix):
+        S.surprisal_chunk([None, s[1]], [3, 2], 2)

@@ -70,7 +70,7 @@ def test_truncated_tensor_file_fails(model, tmp_path):
     path = save_cache(cache, tmp_path / "c", model=model)
     f = path / cache_io.TENSORS_FILE
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(CacheFormatError, match="truncated or corrupt"):
+    with pytest.raises(CacheFormatError, match="does not match its checksum"):
         load_cache(path, model=model)
 
 
@@ -114,3 +114,27 @@ def test_crash_during_write_keeps_previous_cache(model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         atomic_directory_write(tmp_path / "new", half_write)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_in_place_safetensors_parser_matches_the_library(tmp_path):
+    """``_parse_safetensors`` (zero-copy views of the file's bytes) reads what safetensors wrote, every dtype."""
+    from safetensors.torch import load, save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(2, 3, 5, generator=g), "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(3, 1, generator=g).half(), "f64": torch.randn(4, generator=g).double(),
+        "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(3.5),
+    }
+    data = save(tensors, metadata={"format_version": "2"})
+    parsed = cache_io._parse_safetensors(bytearray(data))
+    reference = load(data)
+    assert parsed.keys() == reference.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert parsed[name].dtype == t.dtype and torch.equal(parsed[name], t) and torch.equal(parsed[name], reference[name])
+    header_len = int.from_bytes(data[:8], "little")
+    for bad in (data[:5], (10**9).to_bytes(8, "little") + data[8:], data[:8] + b"[" + data[9:],
+                data[: 8 + header_len] + data[8 + header_len : -3]):
+        with pytest.raises(ValueError):
+            cache_io._parse_safetensors(bytearray(bad))

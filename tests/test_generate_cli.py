@@ -213,3 +213,22 @@ def test_missing_model_and_empty_prompt_exit_2(model_dir, tmp_path, capsys):
     assert "The prompt is empty" in capsys.readouterr().err
     assert main(["generate", "--model", model_dir, "--prompt_file", str(tmp_path / "missing.txt")]) == 2
     assert "--prompt_file" in capsys.readouterr().err
+
+
+def test_default_ratio_warnings_and_threads_on_the_command_line(model_dir, tmp_path, capsys):
+    """`--press snapkv` alone removes half the cache (the one default ratio); a short prompt it cannot compress, or
+    a ratio of 0, gives one warning line each (not a traceback, not one per layer); the statistics line names
+    the thread count."""
+    record = run_cli(model_dir, tmp_path, "--press", "snapkv", "--max_new_tokens", "3", prompt=SHORT_PROMPT)
+    err = capsys.readouterr().err
+    assert record["press_params"]["compression_ratio"] == 0.5 and record["threads"] == 1
+    warnings_ = [line for line in err.splitlines() if line.startswith("kvpress-ext: warning:")]
+    assert len(warnings_) == 1 and "snapkv did not compress a 5-token input" in warnings_[0], err
+    assert "on 1 CPU thread |" in err and "loadavg_1m" in record["load_start"]
+    run_cli(model_dir, tmp_path, "--press", "knorm", "--press_kwargs", "compression_ratio=0", "--max_new_tokens", "3",
+            "--threads", "2", name="zero.json")
+    err = capsys.readouterr().err
+    warnings_ = [line for line in err.splitlines() if line.startswith("kvpress-ext: warning:")]
+    assert len(warnings_) == 1 and "knorm is configured to compress nothing (compression_ratio=0)" in warnings_[0]
+    assert "on 2 CPU threads |" in err
+    torch.set_num_threads(1)

@@ -139,6 +139,8 @@ def test_grid_is_resumable_and_writes_table_and_plot(data, tmp_path, capsys):
                                                         ("24", "takeaways")]
     assert all(int(r["cache_length"]) <= int(r["budget"]) + 8 for r in rows)
     assert (tmp_path / "grid.png").stat().st_size > 1000
+    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))  # one sweep cell file each (kvpress_ext.sweep)
+    assert cells == ["b16_none.json", "b16_takeaways_simple.json", "b24_none.json", "b24_takeaways_simple.json"]
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval.json")}
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval.json")} == stamps

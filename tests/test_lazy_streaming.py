@@ -218,3 +218,30 @@ def shared_path_text() -> str:
     from conftest import shared_path
 
     return shared_path("data", "tinystories_val.txt").read_text()
+
+
+def test_generate_past_the_trained_length_without_the_max_length_reminder(caplog):
+    """Positions under lazy_streaming are cache indices (below cap_total), so transformers' reminder that a
+    generation "has exceeded the model's predefined maximum length" is wrong there and is not shown; the same
+    generation without the press shows it (the check can fail)."""
+    import logging
+
+    def generate(model, press):
+        ids = torch.tensor([[5, 6, 7, 8]])
+        kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 40, "min_new_tokens": 40, "do_sample": False,
+              "past_key_values": DynamicCache(), "pad_token_id": 0}
+        with torch.no_grad():
+            if press is None:
+                return model.generate(ids, **kw)
+            with press(model):
+                return model.generate(ids, **kw)
+
+    reminders = []
+    for limit, press in ((29, LazyStreamingPress(cap_total=16, slack=4)), (31, None)):  # distinct: warning_once
+        model = tiny_model("llama")
+        model.config.max_position_embeddings = limit
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            assert generate(model, press).shape[1] == 44
+        reminders.append([r for r in caplog.records if "predefined maximum length" in r.getMessage()])
+    assert reminders[0] == [] and len(reminders[1]) == 1

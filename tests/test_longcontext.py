@@ -60,7 +60,10 @@ def inputs(tmp_path_factory):
 
 
 def load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    """The cell files (kvpress_ext.sweep format) as flat records: params, the cell's record, status, error."""
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    return [{"key": c["key"], **c["params"], **(c["record"] or {}), "status": c["status"], "error": c["error"]}
+            for c in cells]
 
 
 def by_method(records):

@@ -1,4 +1,4 @@
-"""The press grid of the long-context evaluations (kvpress_ext/evaluation/longcontext_grid.py, grid.py) on
+"""The press grid of the long-context evaluations (kvpress_ext/evaluation/longcontext_grid.py on kvpress_ext.sweep) on
 stories260k: each cell against an independent reference (a direct greedy generation, no press, a hand-computed
 StreamingLLM kept set), the two modes, resumability and failed cells."""
 
@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpress_ext.evaluation import grid
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
-from kvpress_ext.evaluation.chat_prompt import split_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = str(lc.shared_dir() / "models" / "stories260k")
@@ -41,7 +39,7 @@ def test_no_press_cell_equals_direct_greedy_generation(hay):
     record = lg.run_cell(cell(hay))
     model, tok = lg.get_model(MODEL)
     sample = lg.needle_sample(tok, cell(hay))
-    parts = split_prompt(tok, sample.context, sample.question, sample.meta["answer_prefix"])
+    parts = lg.split_prompt(tok, sample.context, sample.question, sample.meta["answer_prefix"])
     # the same token ids (each part tokenized on its own, as kvpress's pipeline does), one generate() call
     ids = torch.tensor([tok(parts.compressed, add_special_tokens=False)["input_ids"]
                         + tok(parts.rest, add_special_tokens=False)["input_ids"]])
@@ -65,8 +63,8 @@ def test_query_aware_compresses_the_question(hay):
     aware = lg.run_cell(cell(hay, method="knorm", compression_ratio=0.5, query_aware=True))
     _, tok = lg.get_model(MODEL)
     sample = lg.needle_sample(tok, cell(hay))
-    assert sample.question in split_prompt(tok, sample.context, sample.question, query_aware=True).compressed
-    assert sample.question not in split_prompt(tok, sample.context, sample.question).compressed
+    assert sample.question in lg.split_prompt(tok, sample.context, sample.question, query_aware=True).compressed
+    assert sample.question not in lg.split_prompt(tok, sample.context, sample.question).compressed
     q = len(tok(sample.question, add_special_tokens=False)["input_ids"])
     assert aware["compressed_tokens"] >= agnostic["compressed_tokens"] + q - 2
     assert aware["rest_tokens"] <= agnostic["rest_tokens"] - q + 2
@@ -80,7 +78,7 @@ def test_needle_kept_matches_streaming_llm_by_hand(hay):
     r = lg.run_cell(cell(hay, method="streaming_llm", compression_ratio=ratio))
     _, tok = lg.get_model(MODEL)
     sample = lg.needle_sample(tok, cell(hay))
-    text = split_prompt(tok, sample.context, sample.question).compressed
+    text = lg.split_prompt(tok, sample.context, sample.question).compressed
     needle = sample.meta["needle_texts"][0]
     positions = lg.token_positions(tok, text, [(text.index(needle), text.index(needle) + len(needle))])
     n = r["compressed_tokens"]
@@ -101,14 +99,16 @@ def test_grid_resumes_and_records_failed_cells(tmp_path):
             raise lc.InputError("cell 1 cannot run: use another one")
         return {"score": params["i"] / 10}
 
-    cells = [grid.Cell(f"c{i}", {"i": i}) for i in range(3)]
-    first = grid.run_cells(cells, run, tmp_path, progress=False)
-    assert [r["status"] for r in first] == ["ok", "failed", "ok"] and calls == [0, 1, 2]
+    cells = [lg.Cell(f"c{i}", {"i": i}) for i in range(3)]
+    first = lg.run_cells(cells, run, tmp_path, progress=False)
+    # kvpress_ext.sweep retries a raising cell once (--max_retries 1) before recording it as failed
+    assert [r["status"] for r in first] == ["ok", "failed", "ok"] and calls == [0, 1, 1, 2]
     assert "use another one" in first[1]["error"] and first[2]["score"] == 0.2
-    second = grid.run_cells(cells, run, tmp_path, progress=False)
-    assert calls == [0, 1, 2] and second == first  # nothing recomputed
-    grid.run_cells(cells, run, tmp_path, progress=False, retry_failed=True)
-    assert calls == [0, 1, 2, 1]
+    second = lg.run_cells(cells, run, tmp_path, progress=False)
+    assert calls == [0, 1, 1, 2] and second == first  # nothing recomputed, the failed cell kept
+    lg.run_cells(cells, run, tmp_path, progress=False, retry_failed=True)
+    assert calls == [0, 1, 1, 2, 1, 1]
+    assert json.loads((tmp_path / "cells" / "c1.json").read_text())["attempts"] == 2
 
 
 def needle_script():
@@ -128,9 +128,11 @@ def test_cli_quick_grid_both_modes_failed_cell_and_resume(hay, tmp_path, capsys)
     # 2 samples x (agnostic: no_press, 3 presses, prefill, a3-debug; aware: no_press, 3 presses)
     assert len(records) == 2 * (6 + 4) and "20 cells computed, 0 reused" in err
     failed = [r for r in records if r["status"] == "failed"]
-    assert {r["method"] for r in failed} == {"kvzip"} and all("requires" in r["error"] for r in failed)
+    # cell files of kvpress_ext.sweep: params and the cell's record nested
+    assert {r["params"]["method"] for r in failed} == {"kvzip"} and all("requires" in r["error"] for r in failed)
     ok = [r for r in records if r["status"] == "ok"]
-    assert {r["method"] for r in ok} == {"no_press", "streaming_llm", "rkv", "prefill", "a3-debug"}
+    assert all(0 <= r["record"]["score"] <= 1 for r in ok)
+    assert {r["params"]["method"] for r in ok} == {"no_press", "streaming_llm", "rkv", "prefill", "a3-debug"}
     summary = json.loads((out / "summary.json").read_text())
     for s in summary:
         assert {"method", "compression_ratio", "query_aware", "length", "depth", "score", "n", "ttft_s"} <= set(s)

@@ -3,6 +3,7 @@ command line's errors (run as a subprocess, exit status 2)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,6 +25,14 @@ SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 MODEL = SHARED / "models" / "stories260k"
 TEXT = SHARED / "data" / "tinystories_val.txt"
 SCRIPT = REPO / "evaluation" / "perplexity.py"
+
+
+def _knorm_at_zero():
+    """A press that removes nothing on purpose (the reference); its "compresses nothing" warning is expected."""
+    from kvpress_ext.errors import NoCompressionWarning
+
+    with pytest.warns(NoCompressionWarning):
+        return get_press("knorm", compression_ratio=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,7 @@ def test_incremental_without_press_and_ratio_zero_equal_teacher_forced(stories):
     plain, stats = ppl.compressed_nll(model, ids, None, context_limit=512, chunk_size=100)
     torch.testing.assert_close(plain, reference, rtol=1e-4, atol=1e-4)
     assert stats["cache_len_end"] == 512
-    zero, stats0 = ppl.compressed_nll(model, ids, get_press("knorm", compression_ratio=0.0), 512, chunk_size=100)
+    zero, stats0 = ppl.compressed_nll(model, ids, _knorm_at_zero(), 512, chunk_size=100)
     torch.testing.assert_close(zero, reference, rtol=1e-4, atol=1e-4)
     assert stats0["cache_len_end"] == 512
 
@@ -99,7 +108,7 @@ def test_pipeline_on_every_architecture(arch):
     model = tiny_model(arch)
     ids = torch.randint(4, 128, (1, 96), generator=torch.Generator().manual_seed(1))
     reference = ppl.teacher_forced_nll(model, ids, 96)
-    zero, _ = ppl.compressed_nll(model, ids, get_press("knorm", compression_ratio=0.0), 96, chunk_size=32)
+    zero, _ = ppl.compressed_nll(model, ids, _knorm_at_zero(), 96, chunk_size=32)
     torch.testing.assert_close(zero, reference, rtol=1e-4, atol=1e-4)
     half, stats = ppl.compressed_nll(model, ids, get_press("snapkv", compression_ratio=0.5, window_size=8), 96, 32)
     assert stats["cache_len_end"] == 48 and torch.isfinite(half).all()
@@ -108,7 +117,7 @@ def test_pipeline_on_every_architecture(arch):
 
 def _run(*args, out=None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(SCRIPT), "--model", str(MODEL), "--no_progress", "--num_threads", "1", *args]
+    cmd = [sys.executable, str(SCRIPT), "--model", str(MODEL), "--no_progress", "--threads", "1", *args]
     if out is not None:
         cmd += ["--output_dir", str(out)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -144,11 +153,26 @@ def test_command_line_json_and_errors(tmp_path):
         lines = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (key, stderr)
         assert "Traceback" not in stderr
-    (_stdout, stderr), rc = done["json"]
+    (stdout, stderr), rc = done["json"]
     assert rc == 0, stderr
-    files = list((tmp_path / "out").glob("*.json"))
-    assert len(files) == 1
+    files = sorted((tmp_path / "out").glob("*.json"))  # the press and, beside it, the uncompressed baseline
+    assert len(files) == 2 and "no_press" in files[1].name, files
+    baseline = json.loads(files[1].read_text())
     record = json.loads(files[0].read_text())
+    # The table: baseline first, the press's setting (never ratio=None), units, threads, where the JSON went.
+    lines = stdout.splitlines()
+    row = {line.split()[0]: line for line in lines if line.startswith(("no_press", "knorm"))}
+    assert list(row) == ["no_press", "knorm"] and "(baseline)" in row["no_press"], stdout
+    assert "compression_ratio=0.5" in row["knorm"] and "None" not in stdout
+    ppl_change = (record["perplexity"]["ppl"] / baseline["perplexity"]["ppl"] - 1) * 100
+    assert f"({ppl_change:+.2f} %)" in row["knorm"]
+    assert "22/44 (ratio 0.50)" in row["knorm"] and "44/44 (ratio 0.00)" in row["no_press"]
+    assert " MiB (50 %)" in row["knorm"] and " MiB (100 %)" in row["no_press"]
+    assert "tok/s" in row["knorm"] and " ms" in row["knorm"]
+    assert "Timed on 1 CPU thread; load average" in stdout
+    assert f"JSON in {tmp_path / 'out'}:" in stdout and files[0].name in stdout and files[1].name in stdout
+    assert record["kept"]["effective_ratio"] == pytest.approx(0.5) and baseline["kept"]["effective_ratio"] == 0
+    assert record["environment"]["threads"] == 1 and "loadavg_1m" in record["environment"]["load_start"]
     for key in ("model", "data", "press", "settings", "perplexity", "speed", "cache", "memory", "versions",
                 "environment", "git_commit", "command"):
         assert key in record, key
@@ -215,3 +239,59 @@ def test_sweep_summary_table_and_plots(tmp_path):
     assert "| knorm | 4.2500 | 4.5000 |" in table and "- `bad`: failed" in table
     out = results.plot_ratio_sweeps(dirs, tmp_path / "ratios.png")
     assert out.stat().st_size > 0
+
+
+def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(stories, tmp_path):
+    """In --ppl_apply_press mode, a prefill-only press (leverage_score: asserts on a second chunk) and a press that
+    runs the model itself (kvcompose) are found unsupported by a short probe, with their own reason; presses that
+    work there are not; the probe leaves the press as it was."""
+    from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, probe_support
+
+    model, ids = stories
+    args = PerplexityConfig(command="", context_limit=256, chunk_size=64, ppl_apply_press=True, max_new_tokens=4,
+                            num_runs=1, output_dir=str(tmp_path))
+    assert probe_support(model, ids, get_press("knorm"), args) is None
+    assert probe_support(model, ids, get_press("lazy_streaming", cap_total=64, slack=8), args) is None
+    reason = probe_support(model, ids, get_press("leverage_score"), args)
+    assert reason and "only supports prefill" in reason and "without --ppl_apply_press" in reason, reason
+    reason = probe_support(model, ids, get_press("kvcompose"), args)
+    assert reason and "runs the model itself" in reason, reason
+    # The same presses run when perplexity is taken without the press (only the speed run uses it).
+    plain = PerplexityConfig(command="", context_limit=256, max_new_tokens=4, num_runs=1)
+    assert probe_support(model, ids, get_press("leverage_score"), plain) is None
+
+
+def test_sweep_summary_explains_columns_and_marks_presses_that_did_not_compress(tmp_path):
+    from kvpress_ext.evaluation import results
+
+    def record(name, kv, ppl_value=4.0, status="ok", setting="compression_ratio=0.5"):
+        r = {"press": {"name": name, "compression_ratio": 0.5, "setting": setting, "params": {}}, "status": status,
+             "data": {"dataset": "text"}}
+        if status == "ok":
+            r.update(perplexity={"ppl": ppl_value, "loss": math.log(ppl_value)},
+                     cache={"cache_bytes_end": kv, "cache_len_end": kv // 100}, speed={"decode_tok_per_s": 10.0})
+        else:
+            r["error"] = "ValueError: broken"
+        return r
+
+    recs = [record("no_press", 1000, setting="uncompressed"), record("knorm", 500, 4.4),
+            record("idle", 1000, 4.0), record("bad", 0, status="unsupported")]
+    md, png = results.write_summary(recs, tmp_path)
+    text = md.read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "*did not compress*" in rows["idle"] and "*did not compress*" not in rows["knorm"]
+    assert "*did not compress*" not in rows["no_press"]
+    assert "+10.00 %" in rows["knorm"] and "(ratio 0.50)" in rows["knorm"] and "(50 %)" in rows["knorm"]
+    for column in ("press", "setting", "ppl", "Δ ppl", "kept", "KV", "decode", "TTFT", "status"):
+        assert f"- **{column}**: " in text, column
+    assert "unsupported: ValueError: broken" in rows["bad"]
+    assert png is not None and png.stat().st_size > 0
+    assert "bad (unsupported)" in results._not_run_text(results.summary_rows(recs))
+
+
+def test_line_styles_are_distinct_for_many_lines():
+    from kvpress_ext.evaluation.results import line_style
+
+    styles = [line_style(i) for i in range(60)]
+    assert len(set(styles)) == 60
+    assert all(a[0] != b[0] and a[1] != b[1] for a, b in itertools.pairwise(styles))

@@ -74,7 +74,16 @@ def press_settings(name: str, model, ratio: float) -> dict:
 
 
 def build(name, model, ratio):
-    return get_press(name, **press_settings(name, model, ratio))
+    """The press at ``ratio``; at 0 it removes nothing on purpose (the reference), so its warning saying so is
+    expected and silenced."""
+    import warnings
+
+    from kvpress_ext.errors import NoCompressionWarning
+
+    with warnings.catch_warnings():
+        if ratio == 0:
+            warnings.simplefilter("ignore", NoCompressionWarning)
+        return get_press(name, **press_settings(name, model, ratio))
 
 
 def context_ids(vocab=100, n=CONTEXT_LEN, seed=0):
@@ -190,12 +199,64 @@ def test_same_answers_as_kvpress_pipeline(arch, tiny_models, tokenizer):
     assert checked >= 25
 
 
-def test_kvpress_assertion_becomes_an_error_that_names_the_press(tiny_models, tokenizer):
-    """kvpress rejects some inputs with a bare assert (SnapKV: context shorter than its window); the user
-    gets an error naming the press and the fix, still an AssertionError for code that handled those."""
-    from kvpress_ext.errors import PressInputError
+def test_short_input_compresses_nothing_with_one_warning(tiny_models, tokenizer):
+    """kvpress rejects some inputs with a bare assert (SnapKV: a context no longer than its window). A first call
+    with a short context must not crash: the press leaves the cache uncompressed (so the answer is the no-press
+    answer) and one warning, naming the press, the reason and the fix, says so."""
+    import warnings
+
+    from kvpress_ext.errors import PressSkippedWarning
 
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
-    with pytest.raises(PressInputError, match=r"snapkv cannot compress this input: .*window.*kvpress-ext describe snapkv"):
-        pipe("abcdefgh" * 2, question="x", press=get_press("snapkv", compression_ratio=0.5), max_new_tokens=2)
+    context = "abcdefgh" * 2  # 16 tokens, window_size 64
+    reference = pipe(context, question="x", max_new_tokens=4)["answer"]
+    press = get_press("snapkv", compression_ratio=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer = pipe(context, question="x", press=press, max_new_tokens=4)["answer"]
+        pipe(context, question="y", press=press, max_new_tokens=4)  # same press again: no second warning
+    skipped = [w for w in caught if issubclass(w.category, PressSkippedWarning)]
+    assert len(skipped) == 1, [str(w.message) for w in caught]
+    message = str(skipped[0].message)
+    assert "snapkv did not compress" in message and "window size 64" in message, message
+    assert "kvpress-ext describe snapkv" in message
+    assert answer == reference
+
+
+def test_attention_assertion_becomes_an_error_that_names_the_press(tiny_models, tokenizer):
+    """An assert about the attention kernel is not a short input: it stays an error (naming the press and the
+    fix), still an AssertionError for code that handled kvpress's asserts (the sweep retries with sdpa)."""
+    from kvpress_ext.errors import PressInputError
+
+    model = tiny_models["llama"]
+    press = get_press("block", press="knorm", compression_ratio=0.5, block_size=4)  # refuses eager weights
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with pytest.raises(PressInputError, match=r"block cannot compress this input: .*attention.*describe block"):
+            pipe("abcdefgh" * 4, question="x", press=press, max_new_tokens=2)
+    finally:
+        model.set_attn_implementation(previous)
     assert issubclass(PressInputError, AssertionError)
+
+
+def test_kvpress_log_lines_once_per_message(tiny_models, tokenizer, caplog):
+    """SimLayerKV logs "Sequence length is shorter than ...: no compression applied" for every layer of every
+    forward; a command-line user sees it once."""
+    import logging
+
+    from kvpress_ext import apply
+
+    apply._ONCE.seen.clear()  # earlier tests may have shown it already
+    pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
+    press = get_press("simlayerkv")
+    apply.quiet_repeated_kvpress_logs()  # what every command does first (cli.common.quiet_command_line)
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe("abcdefgh" * 4, question="x", press=press, max_new_tokens=3)
+            pipe("abcdefgh" * 5, question="x", press=press, max_new_tokens=3)
+    finally:
+        apply.quiet_repeated_kvpress_logs(enable=False)
+    lines = [r.getMessage() for r in caplog.records if "no compression applied" in r.getMessage()]
+    assert len(lines) == 1, lines

@@ -74,3 +74,240 @@ def test_parameters_are_read_from_the_dataclass():
     info = kvpress_ext.press_info("snapkv")
     names = {p.name: p.default for p in info.parameters}
     assert names == {"compression_ratio": 0.0, "window_size": 64, "kernel_size": 5}
+
+
+def test_one_default_ratio_when_built_by_name():
+    """kvpress's classes default to compression_ratio=0.0 (no compression); built by name (the CLI, get_press,
+    sweeps) every press with a ratio gets DEFAULT_COMPRESSION_RATIO, which `kvpress-ext list` shows."""
+    import warnings
+
+    from kvpress_ext.evaluation.run_perplexity import PerplexityConfig
+    from kvpress_ext.registry import DEFAULT_COMPRESSION_RATIO, press_info
+
+    assert DEFAULT_COMPRESSION_RATIO == 0.5 == PerplexityConfig(command="").compression_ratio
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # built by name with the default: no "compresses nothing" warning
+        assert get_press("snapkv").compression_ratio == 0.5
+        assert get_press("key_rerotation").press.compression_ratio == 0.5
+        assert get_press("think").key_channel_compression_ratio == 0.5
+        assert get_press("decoding").base_press.compression_ratio == 0.0  # overridden by the decoding press
+    assert kvpress.SnapKVPress().compression_ratio == 0.0  # the class default we replace
+    shown = {p.name: p.default for p in press_info("knorm").effective_parameters}
+    assert shown["compression_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("name, params", [("knorm", {"compression_ratio": 0.0}),
+                                          ("key_rerotation", {"compression_ratio": 0}),
+                                          ("composed", {"compression_ratio": 0.0})])
+def test_a_press_configured_to_compress_nothing_warns_once(name, params):
+    from kvpress_ext.errors import NoCompressionWarning
+
+    with pytest.warns(NoCompressionWarning) as caught:
+        get_press(name, **params)
+    relevant = [w for w in caught if issubclass(w.category, NoCompressionWarning)]
+    assert len(relevant) == 1 and f"{name} is configured to compress nothing (compression_ratio=0" in str(
+        relevant[0].message)
+
+
+@pytest.mark.parametrize("doc, first", [
+    ("Short. More text.", "Short."),
+    ("Spans\n    two lines (e.g. this one). Next.", "Spans two lines (e.g. this one)."),
+    ("R-KV (Cai et al. 2025, arXiv 2505.24133): keep keys. Rest.", "R-KV (Cai et al. 2025, arXiv 2505.24133): keep keys."),
+    ("Uses ``window`` and :class:`ScorerPress` here.\n\nParameters", "Uses window and ScorerPress here."),
+    ("Version 0.5 is used. Then", "Version 0.5 is used."),
+    ("No full stop at all", "No full stop at all"),
+    ("Lists follow:\n\n- a", "Lists follow."),
+])
+def test_first_sentence(doc, first):
+    from kvpress_ext.registry import first_sentence
+
+    assert first_sentence(doc) == first
+
+
+def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(capsys):
+    """`kvpress-ext list` gives each press its docstring's first sentence (wrapped, never cut), and `describe`
+    does not print a parameter list the docstring already has."""
+    import re
+
+    from kvpress_ext.cli import main
+    from kvpress_ext.registry import available_presses
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    joined = " ".join(out.split())  # undo the wrapping
+    for name, info in available_presses().items():
+        assert f"{name} {info.summary}" in joined, name
+        first_paragraph = info.doc.strip().split("\n\n")[0]
+        assert info.summary.endswith(".") or ". " not in first_paragraph, (name, info.summary)  # a whole sentence
+    assert "Lazy-Pruning StreamingLLM: attention sinks and a recent window, compacted once every slack tokens." in joined
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert main(["describe", "snapkv"]) == 0
+    out = capsys.readouterr().out
+    for param in ("compression_ratio", "window_size", "kernel_size"):
+        assert len(re.findall(rf"^\s*{param}\b", out, re.MULTILINE)) == 1, (param, out)
+    assert "compression_ratio=0.5 (class default 0.0)" in out
+# --- exact behaviour of registration, lookup and validation (the messages are the user interface) -------------
+@pytest.fixture
+def registry_sandbox():
+    """The loaded press table, restored afterwards, so test registrations do not leak into other tests."""
+    from kvpress_ext import registry
+
+    kvpress_ext.available_presses()  # plugins loaded before the snapshot: nothing reloads into it
+    saved = registry._PRESSES.snapshot()
+    yield registry
+    registry._PRESSES.restore(saved)
+
+
+def test_registration_records_name_source_defaults_and_requirement(registry_sandbox):
+    class Plain:
+        """A press."""
+
+    registry_sandbox.add_press("plain_press", Plain)
+    info = kvpress_ext.press_info("plain_press")
+    assert (info.name, info.cls, info.source, info.defaults, info.requires) == (
+        "plain_press", Plain, "test_registry", {}, None)  # user code: its own package is the origin
+
+    @register_press("decorated_press")
+    class Decorated:
+        """Another press."""
+
+    @register_press("third_party_press", source="someone", defaults={"a": 1}, requires="a GPU")
+    class ThirdParty:
+        """A third-party press."""
+
+    info = kvpress_ext.press_info("decorated_press")
+    assert (info.name, info.cls, info.source, info.defaults, info.requires) == (
+        "decorated_press", Decorated, "test_registry", {}, None)
+    info = kvpress_ext.press_info("third_party_press")
+    assert (info.source, info.defaults, info.requires) == ("someone", {"a": 1}, "a GPU")
+
+
+@pytest.mark.parametrize("name", ["", "_", "__", "bad-name", "Knorm", "two words"])
+def test_registration_rejects_names_that_are_not_snake_case(registry_sandbox, name):
+    with pytest.raises(PressParameterError) as err:
+        registry_sandbox.add_press(name, type("P", (), {}))
+    assert str(err.value) == f"Press name {name!r} is not snake_case: use lowercase letters, digits and '_'."
+
+
+def test_registration_rejects_non_classes(registry_sandbox):
+    with pytest.raises(PressParameterError) as err:
+        registry_sandbox.add_press("not_a_class", 3)
+    assert str(err.value) == "register_press('not_a_class') needs a class, got 3."
+
+
+def test_press_name_of_instances_and_classes():
+    assert kvpress_ext.press_name(kvpress.KnormPress()) == "knorm"
+    assert kvpress_ext.press_name(kvpress.KnormPress) == "knorm"
+
+    class Unregistered:
+        pass
+
+    assert kvpress_ext.press_name(Unregistered()) == "Unregistered"
+
+
+def test_unknown_name_message(registry_sandbox):
+    registry_sandbox._PRESSES.restore({})
+    for name in ("press_a", "press_b", "press_c", "press_d", "press_e", "press_f", "press_g", "abxy"):
+        registry_sandbox.add_press(name, type("P", (), {"__doc__": "x"}))
+    with pytest.raises(UnknownPressError) as err:
+        get_press("press_z")
+    hint = str(err.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(hint) == 5 and set(hint) <= {f"press_{c}" for c in "abcdefg"}  # the 5 closest, not 3 or 6
+    assert str(err.value).endswith("? Run `kvpress-ext list` to see all 8 registered presses.")
+    with pytest.raises(UnknownPressError) as err:  # similarity 0.5 ("ab" of 4 + 4 characters) is close enough
+        get_press("abcd")
+    assert str(err.value) == "Unknown press 'abcd'. Did you mean: abxy? Run `kvpress-ext list` to see all 8 registered presses."
+    with pytest.raises(UnknownPressError) as err:
+        get_press("zzzz")
+    assert str(err.value) == "Unknown press 'zzzz'. Run `kvpress-ext list` to see all 8 registered presses."
+
+
+def test_no_press_accepts_only_empty_parameters():
+    assert get_press("no_press", compression_ratio=0) is None
+    assert get_press("no_press", compression_ratio=0.0, budget=None) is None
+    for value in (1, 1.0, 0.5):
+        with pytest.raises(PressParameterError) as err:
+            get_press("no_press", compression_ratio=value, window=None)
+        assert str(err.value) == ("Press 'no_press' takes no parameters (got compression_ratio, window); "
+                                  "leave them out or choose a press that compresses.")
+
+
+def test_parameter_messages_name_the_press_and_its_parameters():
+    from kvpress_ext.registry import validate_parameters
+
+    with pytest.raises(PressParameterError) as err:
+        get_press("snapkv", windw=3, kernl=2)
+    assert str(err.value) == ("Press 'snapkv' has no parameter 'kernl', 'windw'. "
+                              "Its parameters are: compression_ratio, kernel_size, window_size.")
+    with pytest.raises(PressParameterError) as err:  # called without a registry name: the class name
+        validate_parameters(kvpress.SnapKVPress, {"windw": 3})
+    assert str(err.value).startswith("Press 'SnapKVPress' has no parameter 'windw'.")
+    with pytest.raises(PressParameterError) as err:
+        get_press("knorm", compression_ratio=1.0)
+    assert str(err.value) == ("knorm: compression_ratio=1.0 is out of range; it must be a number in [0, 1) "
+                              "(the fraction of the cache to remove).")
+    assert get_press("knorm", compression_ratio=0).compression_ratio == 0  # 0 is in range
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3"])
+def test_positive_integer_parameters(bad):
+    with pytest.raises(PressParameterError) as err:
+        get_press("snapkv", window_size=bad)
+    assert str(err.value) == f"snapkv: window_size={bad!r} is invalid; it must be a positive integer."
+    assert get_press("snapkv", window_size=1).window_size == 1
+
+
+def test_presses_without_dataclass_fields_and_hand_written_constructors(registry_sandbox):
+    @register_press("fieldless_press")
+    @dataclass
+    class Fieldless:
+        """No parameters."""
+
+    class HandWritten:
+        """A press with its own constructor."""
+
+        def __init__(self, a, *args, b: int = 2, c: "str" = "x", d: int | None = None, e=1, _hidden=0, **kwargs):
+            self.a = a
+
+    registry_sandbox.add_press("hand_written_press", HandWritten)
+    with pytest.raises(PressParameterError) as err:
+        get_press("fieldless_press", x=1)
+    assert str(err.value) == "Press 'fieldless_press' has no parameter 'x'. Its parameters are: (none)."
+    with pytest.raises(PressParameterError) as err:
+        get_press("hand_written_press", a=1, z=2)
+    assert str(err.value).startswith("Press 'hand_written_press' has no parameter 'z'.")
+    params = kvpress_ext.press_info("hand_written_press").parameters
+    assert [(p.name, p.type, p.default, p.required) for p in params] == [
+        ("a", "", None, True), ("b", "int", 2, False), ("c", "str", "x", False), ("d", "int | None", None, False),
+        ("e", "", 1, False)]
+    assert [str(p) for p in params] == ["a", "b=2", "c='x'", "d=None", "e=1"]
+
+
+def test_constructor_errors_become_parameter_errors(registry_sandbox):
+    @register_press("asserting_press")
+    @dataclass
+    class Asserting:
+        """Checks with an assert, as kvpress does."""
+
+        level: int = 1
+
+        def __post_init__(self):
+            if self.level >= 5:
+                raise AssertionError("level too high")  # a plain assert would be rewritten by pytest
+            if self.level < 0:
+                raise ValueError("level negative")
+
+    with pytest.raises(PressParameterError) as err:
+        get_press("asserting_press", level=7)
+    assert str(err.value) == "asserting_press: invalid parameters {'level': 7}: level too high"
+    with pytest.raises(PressParameterError) as err:
+        get_press("asserting_press", level=-1)
+    assert str(err.value) == "asserting_press: invalid parameters {'level': -1}: level negative"
+
+
+def test_wrapper_parameters_given_by_name_or_as_presses():
+    knorm = kvpress.KnormPress(compression_ratio=0.2)
+    composed = get_press("composed", presses=["snapkv", knorm])
+    assert isinstance(composed.presses[0], kvpress.SnapKVPress) and composed.presses[1] is knorm
+    decoding = get_press("decoding", base_press="snapkv")
+    assert isinstance(decoding.base_press, kvpress.SnapKVPress)

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.errors import KVPressExtError
 
 SUBCOMMAND_MODULES = (
@@ -24,7 +25,7 @@ SUBCOMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpress-ext", description="KV-cache compression toolkit (kvpress-ext)")
+    parser = OneLineArgumentParser(prog="kvpress-ext", description="KV-cache compression toolkit (kvpress-ext)")
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMAND_MODULES:
         try:
@@ -38,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvpress_ext.cli.common import quiet_command_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_command_line()
     try:
         return int(args.func(args) or 0)
     except KVPressExtError as exc:

@@ -1,10 +1,16 @@
-"""Argument parsing shared by the commands: ``KEY=VALUE`` press parameters and positive integers."""
+"""Argument parsing shared by the commands: ``--model``, ``KEY=VALUE`` press parameters, positive integers,
+``--threads``, where a model's layers go (``--device_map``, ``--max_memory``, ``--offload_folder``), sweep executor
+flags, and warnings printed as one line."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import warnings
 
-from kvpress_ext.errors import PressParameterError
+from kvpress_ext.errors import KVPressExtError, PressParameterError
+from kvpress_ext.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
 
 
 def parse_value(text: str):
@@ -42,3 +48,133 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`kvpress_ext.sweep.SweepOptions` (same names), for commands that run sweeps."""
+    from kvpress_ext.sweep import EXECUTORS, SweepOptions
+
+    d = SweepOptions()
+    g = parser.add_argument_group("sweep execution (kvpress_ext.sweep)")
+    g.add_argument("--executor", default=d.executor, choices=EXECUTORS,
+                   help='run cells in this process (local) or as Ray tasks (ray; pip install "kvpress-ext[distributed]")')
+    g.add_argument("--max_retries", type=int, default=d.max_retries,
+                   help="retries of a cell that raised or whose worker died, before it is recorded as failed")
+    g.add_argument("--cell_gpus", type=float, default=d.cell_gpus, help="GPUs per cell (Ray num_gpus; fractions share one)")
+    g.add_argument("--cell_cpus", type=float, default=d.cell_cpus, help="CPU cores per cell (Ray num_cpus)")
+    g.add_argument("--ray_address", default=d.ray_address,
+                   help="existing Ray cluster (e.g. ray://head:10001 or auto; default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--ray_num_cpus", type=positive_int, default=d.ray_num_cpus,
+                   help="CPUs of the local Ray started for the sweep (default: all)")
+
+
+def sweep_options_from_args(args: argparse.Namespace):
+    """The parsed :func:`add_sweep_args` flags as :class:`kvpress_ext.sweep.SweepOptions`."""
+    from kvpress_ext.sweep import SweepOptions
+
+    return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
+                        cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                        progress=not getattr(args, "no_progress", False))
+
+
+def parse_device_map(text: str | None):
+    """``--device_map``: ``auto`` / ``balanced`` / ``sequential`` / a device name as is; a JSON object
+    (``{"model.layers.0": 0, ...}``) or a ``.json`` file holding one becomes a dict."""
+    if text is None:
+        return None
+    raw = text
+    if text.endswith(".json"):
+        from kvpress_ext.inputs import read_text_file
+
+        raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
+    if raw.lstrip().startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise KVPressExtError(f"--device_map is not valid JSON ({exc.msg}): pass auto or a JSON map.") from None
+        if not isinstance(value, dict):
+            raise KVPressExtError("--device_map JSON must be an object {module name: device}.")
+        return value
+    return text
+
+
+def parse_max_memory(items: list[str] | None) -> dict | None:
+    """``["0=20GiB", "cpu=60GiB"]`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (GPU indices as ints), for accelerate."""
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise KVPressExtError(f"--max_memory expects DEVICE=SIZE items (e.g. 0=20GiB cpu=60GiB), got {item!r}.")
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """``--device_map``, ``--max_memory``, ``--offload_folder``: split a model over devices with accelerate."""
+    g = parser.add_argument_group("model placement (accelerate)")
+    g.add_argument("--device_map", default=None,
+                   help="split the model: auto, balanced, sequential, or a JSON map / .json file {module: device|cpu|disk}")
+    g.add_argument("--max_memory", nargs="+", default=None, metavar="DEVICE=SIZE",
+                   help="memory per device for --device_map (e.g. 0=20GiB 1=20GiB cpu=60GiB); implies --device_map auto")
+    g.add_argument("--offload_folder", default=None, help="folder for weights offloaded to disk by --device_map")
+
+
+def placement_kwargs(args: argparse.Namespace) -> dict:
+    """The :func:`add_placement_args` flags as ``load_model`` keyword arguments."""
+    return {"device_map": parse_device_map(args.device_map), "max_memory": parse_max_memory(args.max_memory),
+            "offload_folder": args.offload_folder}
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """``--threads N`` (and any old spellings in ``aliases``, hidden from --help)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest on a busy machine; more can help "
+                             "bigger models on an idle one)")
+    for alias in aliases:
+        parser.add_argument(alias, dest="threads", type=positive_int, default=None, help=argparse.SUPPRESS)
+
+
+def quiet_command_line(prog: str = "kvpress-ext") -> None:
+    """What every command does first: warnings as one line each, kvpress's repeated log lines once each, and no
+    per-tensor "Loading weights" progress bars from transformers (whichever code path loads a model)."""
+    from transformers.utils import logging as hf_logging
+
+    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+
+    hf_logging.disable_progress_bar()
+    print_warnings_on_one_line(prog)
+    quiet_repeated_kvpress_logs()  # kvpress logs some messages per layer and per forward: show each once
+
+
+def print_warnings_on_one_line(prog: str = "kvpress-ext") -> None:
+    """Show warnings as ``prog: warning: message`` on stderr (no file name, line number or source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin adds; `kvpress-ext list` shows them), "
+              "a local model directory or a hub id")
+
+
+def add_model_argument(parser, *, chat_template: bool = True) -> None:
+    """``--model`` (default: :data:`kvpress_ext.models.DEFAULT_MODEL`) and, for commands that build prompts,
+    ``--no_chat_template``."""
+    from kvpress_ext.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
+    if chat_template:
+        parser.add_argument("--no_chat_template", dest="use_chat_template", action="store_false",
+                            help="feed raw text even if the model has a chat template (default: the template's "
+                                 "user turn = context, blank line, question, then the assistant header)")

@@ -5,23 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
-from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext import hub
+from kvpress_ext.chat import split_chat_prompt
+from kvpress_ext.cli.common import (
+    add_model_argument,
+    add_placement_args,
+    add_threads_argument,
+    parse_press_kwargs,
+    placement_kwargs,
+    set_threads,
+)
 from kvpress_ext.errors import PressParameterError
+from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.generate import GenerateInputError, Generation, generate_ids
+from kvpress_ext.inputs import read_text_file
+from kvpress_ext.safe_io import check_output_file, write_output
+from kvpress_ext.threads import threads_text
 
 
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise GenerateInputError(f"--prompt_file {str(path)!r} does not exist: pass an existing UTF-8 text file.")
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(args.prompt_file, "--prompt_file")
     else:
         text = args.prompt
     if not text.strip():
@@ -36,6 +45,8 @@ def _check_args(args) -> None:
         raise GenerateInputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         raise GenerateInputError(f"--top_p must be in (0, 1], got {args.top_p}.")
+    if args.json:
+        check_output_file(args.json)
 
 
 def _build_press(args):
@@ -49,15 +60,18 @@ def _build_press(args):
     return get_press(args.press, **kwargs)
 
 
-def _summary(result: Generation, memory: dict) -> str:
+def _summary(result: Generation, memory: dict, threads: int, device) -> str:
     mem = memory["peak_memory_bytes"] / 2**20
     kind = "peak RSS" if memory["peak_memory_kind"] == "cpu_peak_rss" else "peak CUDA memory"
+    where = threads_text(threads) if torch.device(device).type == "cpu" else str(device)
     return (f"[prompt {result.prompt_tokens} tok | generated {len(result.generated_ids)} tok | "
-            f"TTFT {result.ttft_s * 1000:.1f} ms | decode {result.decode_tok_per_s:.1f} tok/s | "
-            f"cache {result.cache_len_final} final, {result.cache_len_peak} peak | {kind} {mem:.0f} MiB]")
+            f"TTFT {result.ttft_s * 1000:.1f} ms | decode {result.decode_tok_per_s:.1f} tok/s on {where} | "
+            f"cache {result.cache_len_final} final, {result.cache_len_peak} peak (entries per layer) | "
+            f"{kind} {mem:.0f} MiB]")
 
 
 def _cmd_generate(args) -> int:
+    from kvpress_ext.devices import input_device
     from kvpress_ext.evaluation.run_perplexity import press_params
     from kvpress_ext.models import load_model
     from kvpress_ext.registry import press_name
@@ -65,12 +79,16 @@ def _cmd_generate(args) -> int:
     _check_args(args)
     prompt = _read_prompt(args)
     press = _build_press(args)  # before loading the model: bad names/kwargs fail fast
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    threads = set_threads(args.threads)
+    load_start = machine_load()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
-    device = next(model.parameters()).device
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+                                  attn_implementation=args.attn_implementation, **placement_kwargs(args))
+    device = input_device(model)
+    chat = split_chat_prompt(tokenizer, prompt, use_chat_template=args.use_chat_template)
+    if chat.templated:  # the template writes its own special tokens
+        input_ids = tokenizer(chat.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    else:
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if input_ids.shape[1] == 0:
         raise GenerateInputError("The prompt tokenizes to no tokens: pass a longer --prompt.")
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -83,10 +101,11 @@ def _cmd_generate(args) -> int:
 
     reset_peak_memory(device)
     try:
-        result = generate_ids(model, input_ids, press, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, generator=generator,
-                              stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
-                              progress=not (args.stream or args.no_progress))
+        with hub.explain_press_failures(args.press):  # a press needing hub files offline: one line, at once
+            result = generate_ids(model, input_ids, press, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, generator=generator,
+                                  stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
+                                  progress=not (args.stream or args.no_progress))
     except AssertionError as exc:  # kvpress presses assert on the attention implementation
         text = str(exc).lower()
         if "attention" not in text and "eager" not in text:
@@ -102,21 +121,20 @@ def _cmd_generate(args) -> int:
     else:
         print(text)
     memory = peak_memory_bytes(device)
-    print(_summary(result, memory), file=sys.stderr)
+    print(_summary(result, memory, threads, device), file=sys.stderr)
     if args.json:
         record = {
             "model": args.model, "press": press_name(press) if press is not None else None,
             "press_params": press_params(press), "device": str(device),
-            "prompt": prompt, "text": text, "generated_ids": result.generated_ids,
+            "prompt": prompt, "chat_template": chat.templated, "text": text, "generated_ids": result.generated_ids,
             "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.generated_ids),
             "ttft_s": result.ttft_s, "decode_s": result.decode_s, "decode_tok_per_s": result.decode_tok_per_s,
             "cache_len_final": result.cache_len_final, "cache_len_peak": result.cache_len_peak,
             "stopped_at_eos": result.stopped_at_eos, "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, **memory,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "threads": threads,
+            "load_start": load_start, "load_end": machine_load(), **memory,
         }
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))
+        write_output(args.json, json.dumps(record, indent=2))
     return 0
 
 
@@ -124,29 +142,33 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text with any registered press (greedy or sampled, optionally streamed)",
         description="Prefill a prompt through a press and decode token by token; prints the text, then one line "
-                    "of statistics on stderr.",
+                    "of statistics on stderr. A model with a chat template gets the prompt as the user's turn.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local model directory or cached hub id")
+    add_model_argument(p)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt_file", help="UTF-8 file holding the prompt")
     p.add_argument("--press", default=None, help="registered press name (default: no compression)")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="press parameters (int/float/bool/none/str values)")
-    p.add_argument("--max_new_tokens", type=int, default=100)
+    p.add_argument("--max_new_tokens", type=int, default=100, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the text and statistics to this JSON file")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the text and statistics to this JSON file (missing directories are created; an existing "
+                        "file is replaced atomically only if it holds JSON)")
     p.add_argument("--stop_at_eos", dest="stop_at_eos", action="store_true", default=True,
                    help="stop after an end-of-sequence token")
     p.add_argument("--no_stop_at_eos", dest="stop_at_eos", action="store_false",
                    help="keep generating past end-of-sequence tokens")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    p.add_argument("--attn_implementation", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"))
-    p.add_argument("--num_threads", type=int, default=None, help="CPU threads for torch")
+    add_placement_args(p)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="model weights' dtype (auto: as saved)")
+    p.add_argument("--attn_implementation", default="sdpa", choices=("eager", "sdpa", "flash_attention_2"),
+                   help="attention kernel (some presses need eager attention weights)")
+    add_threads_argument(p, "--num_threads")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_generate)

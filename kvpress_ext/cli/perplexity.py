@@ -10,7 +10,16 @@ import argparse
 import dataclasses
 import sys
 
-from kvpress_ext.cli.common import parse_press_kwargs
+from kvpress_ext.cli.common import (
+    MODEL_HELP,
+    OneLineArgumentParser,
+    add_placement_args,
+    add_sweep_args,
+    add_threads_argument,
+    parse_press_kwargs,
+    placement_kwargs,
+    quiet_command_line,
+)
 from kvpress_ext.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
@@ -22,22 +31,34 @@ _DEFAULTS = PerplexityConfig(command="")
 
 def build_parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
-    p = argparse.ArgumentParser(
-        description="Perplexity, speed and memory of a model with and without KV-cache compression.",
+    p = OneLineArgumentParser(
+        description="Perplexity, speed and memory of a model with and without KV-cache compression. With no "
+                    f"options: {d.model} on the first {d.max_eval_tokens} tokens of a local text (the shared "
+                    f"WikiText-2 test file, else Pride and Prejudice) in {d.context_limit}-token windows, speed from "
+                    f"{d.num_runs} timed run(s) after a warm-up of a "
+                    f"{d.context_limit}-token prefill + {d.max_new_tokens} decoded tokens; offline, within 3 minutes "
+                    "on 2 CPU cores (including the model's one-time conversion). Hub data sets only when asked for.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=d.model, help="hub id or local directory")
-    p.add_argument("--dataset", default=d.dataset, choices=ppl.DATASETS, help="text source")
+    p.add_argument("--model", default=d.model, help=MODEL_HELP)
+    p.add_argument("--dataset", default=d.dataset, choices=ppl.DATASETS,
+                   help="text source: a local file (text) or a hub data set (wikitext, pg19: downloaded)")
     p.add_argument("--subset", default=d.subset, help="dataset configuration (wikitext)")
     p.add_argument("--split", default=d.split, help="dataset split")
     p.add_argument("--sample_idx", type=int, default=d.sample_idx, help="PG-19 book index")
-    p.add_argument("--text_file", default=d.text_file, help="UTF-8 text for --dataset text")
+    p.add_argument("--text_file", default=d.text_file,
+                   help="UTF-8 text for --dataset text (default: ../shared/data/wikitext2_test.raw, else "
+                        "../shared/data/pride_and_prejudice.txt; the folder is $KVPRESS_EXT_SHARED when set)")
     p.add_argument("--context_limit", type=int, default=d.context_limit,
                    help="window length; each window starts a fresh cache")
     p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
-    p.add_argument("--press", default=d.press, help="registered press name, 'all', or 'no_press'")
-    p.add_argument("--compression_ratio", type=float, default=d.compression_ratio,
-                   help="fraction of the cache to remove, for presses with a compression_ratio parameter")
+    p.add_argument("--press", nargs="+", default=[d.press],
+                   help="registered press names (one runs next to the uncompressed baseline), 'all', or 'no_press'; "
+                        "several (or all) make a sweep")
+    p.add_argument("--no_baseline", action="store_true", help="do not run no_press next to the presses")
+    p.add_argument("--compression_ratio", nargs="+", type=float, default=[d.compression_ratio],
+                   help="fractions of the cache to remove, for presses with a compression_ratio parameter; "
+                        "several make a sweep (cross product with --press)")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra press parameters (int/float/bool/none/str values)")
     p.add_argument("--ppl_apply_press", action="store_true",
@@ -58,14 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn_implementation", default=d.attn_implementation,
                    choices=("eager", "sdpa", "flash_attention_2"), help="attention kernel of the model")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_placement_args(p)
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
-    p.add_argument("--num_threads", type=int, default=d.num_threads,
-                   help="CPU threads for torch (1 is fastest for tiny models on a busy machine)")
+    add_threads_argument(p, "--num_threads")
     p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--summarize", metavar="DIR", default=None,
-                   help="only rebuild summary.md/summary.png from the JSON files in DIR (e.g. an interrupted sweep)")
+                   help="only rebuild summary.md/summary.png from the cell files in DIR (also while a sweep runs)")
+    add_sweep_args(p)
     return p
 
 
@@ -74,11 +96,13 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
     names = {f.name for f in dataclasses.fields(PerplexityConfig)} - {"command"}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["press_kwargs"] = parse_press_kwargs(args.press_kwargs)
+    values.update(placement_kwargs(args))
     return PerplexityConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_command_line("perplexity")
     try:
         if args.summarize:
             md, png = results.summarize_directory(args.summarize)

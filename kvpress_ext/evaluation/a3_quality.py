@@ -103,4 +103,6 @@ def plot(rows, rates, path):
     axes[1].set(xlabel="rate", ylabel="top-1 agreement", title="next-token top-1 agreement")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from kvpress_ext.safe_io import save_figure
+
+    save_figure(fig, path, dpi=120)

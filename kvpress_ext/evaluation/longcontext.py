@@ -4,11 +4,15 @@ presses, ratios and modes that uses them is :mod:`kvpress_ext.evaluation.longcon
 For A3, a sample's context is cut into chunks (paragraphs packed up to ``chunk_tokens`` tokens; longer
 paragraphs are split), then answered by one of these *methods* (:func:`answer`):
 
-* ``prefill``: a full prefill of ``BOS + chunks + question`` (the chunks' token ids concatenated, so it
+* ``prefill``: a full prefill of ``prefix + chunks + question`` (the chunks' token ids concatenated, so it
   sees exactly the tokens the fusion sees), then greedy decoding;
 * ``a3-<strategy>``: A3 / CacheBlend fusion of the separately precomputed chunk caches
   (:class:`kvpress_ext.presses.a3.A3Press`) at ``rate``, then greedy decoding from the fused cache;
 * ``a3-<strategy>+<press>``: the same with eviction by a registered press after fusion (``evict=``).
+
+With a chat template (unless ``--no_chat_template``) the prefix is the template's (system turn, user header) and
+the question is asked as its suffix (blank line, question, assistant header), from
+:func:`kvpress_ext.chat.split_chat_prompt`; without, the prefix is the BOS token and the question raw text.
 
 Chunk caches are precomputed before the clock starts (A3 stores them offline), so a fusion's TTFT is
 load + fuse + evict; the prefill's TTFT is its forward pass. TPOT is the mean time of the decoding
@@ -68,15 +72,17 @@ def parse_json_or_jsonl(text: str) -> list:
 
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
+    from kvpress_ext.inputs import read_text_file
+
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file not found: {path}")
+        raise InputError(f"data file not found: {path}; pass --data_file an existing JSON/JSONL file")
     try:
-        records = parse_json_or_jsonl(path.read_text())
+        records = parse_json_or_jsonl(read_text_file(path, "--data_file", "a UTF-8 JSON/JSONL file"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not JSON/JSONL: {e}") from None
+        raise InputError(f"{path} is not JSON/JSONL ({e}); pass --data_file a JSON list or JSONL file") from None
     if not records or not all(isinstance(r, dict) for r in records):
-        raise InputError(f"{path} holds no records (expected JSON objects, one per line)")
+        raise InputError(f"{path} holds no records; pass --data_file a JSON list or JSONL file of objects (one per line)")
     return records
 
 
@@ -84,7 +90,8 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
     for i, r in enumerate(records):
         missing = [f for f in fields if f not in r]
         if missing:
-            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}")
+            raise InputError(f"{path}: record {i} lacks field(s) {', '.join(missing)}; every record needs "
+                             f"{', '.join(fields)}")
 
 
 def load_model(name_or_path: str):
@@ -212,7 +219,10 @@ def load_haystack(path) -> list[str]:
     files = [path] if path.is_file() else sorted(path.glob("*.txt")) if path.is_dir() else []
     if not files:
         raise InputError(f"no haystack text at {path}: pass --haystack_file FILE or --haystack_dir with *.txt files")
-    text = " ".join(" ".join(f.read_text(errors="replace").split()) for f in files)
+    from kvpress_ext.inputs import read_text_file
+
+    flag = "--haystack_file" if path.is_file() else "--haystack_dir file"
+    text = " ".join(" ".join(read_text_file(f, flag, "a UTF-8 text file").split()) for f in files)
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
     if not sentences:
         raise InputError(f"the haystack at {path} is empty: pass --haystack_file/--haystack_dir with some text")

@@ -3,14 +3,14 @@
 The three scripts (``evaluation/needle.py``, ``ruler.py``, ``longbench.py``) build cells here: one sample
 (a haystack of ``length`` tokens with a needle at ``depth``, or one record of a data file) answered by one
 method at one compression ratio in one mode. :func:`run_cell` answers a cell from its plain parameters;
-:func:`kvpress_ext.evaluation.grid.run_cells` runs the grid resumably; :func:`write_outputs` writes
+:func:`run_cells` runs the grid resumably (:func:`kvpress_ext.sweep.run_sweep`: local or Ray); :func:`write_outputs` writes
 ``summary.json`` (one record per method x ratio x mode x length x depth), ``summary.md`` (safe ratio,
 accuracy, needle-kept diagnostic, A3 time to first token) and the heat maps.
 
 Methods:
 
 * a registered press name (``no_press``, ``snapkv``, ``rkv``, ...): the prompt is split by
-  :mod:`kvpress_ext.evaluation.chat_prompt`; the press compresses the first part while it is prefilled
+  :func:`split_prompt` (the chat template from :func:`kvpress_ext.chat.split_chat_prompt`); the press compresses the first part while it is prefilled
   (in chunks for a press with ``prefill_chunk_size``), the rest is fed and the answer decoded greedily with
   the press still active if it compresses while decoding (as :class:`kvpress_ext.pipeline.KVPressExtPipeline`
   does). Budget presses get the budget that keeps ``1 - ratio`` of the compressed part
@@ -33,16 +33,17 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvpress_ext.evaluation import longcontext as lc
-from kvpress_ext.evaluation.chat_prompt import split_prompt
-from kvpress_ext.evaluation.grid import Cell
+from kvpress_ext.sweep import Cell
 
 NEEDLE_TASKS = ("passkey", "niah_single", "multikey", "multivalue")
 KEYS = ["sunset", "harbor", "violin", "glacier", "lantern", "meadow", "falcon", "comet", "orchid", "quartz",
@@ -186,6 +187,32 @@ def score(params: dict, sample: lc.Sample, prediction: str) -> float:
 
 
 # --- model, prompt ----------------------------------------------------------------------------------------
+@dataclass
+class PromptParts:
+    compressed: str  # what the press sees before the answer is asked for
+    rest: str  # fed after compression (question-agnostic: the question; always: the assistant header)
+    context_start: int  # character offset of the context inside ``compressed``
+    chat_template: bool
+
+
+def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "", query_aware: bool = False,
+                 use_chat_template: bool = True) -> PromptParts:
+    """The prompt of :func:`kvpress_ext.chat.split_chat_prompt` (user turn = context, blank line, question) cut
+    where the press stops compressing. Two modes, as in kvpress's evaluation: question-agnostic (default), the
+    press compresses ``prefix + context`` and the question comes after; question-aware, it compresses
+    ``prefix + context + blank line + question`` and only the end of the turn and the assistant header come after.
+    Without a template the blank line is kept (raw ``BOS + context + blank line + question``)."""
+    from kvpress_ext.chat import separator, split_chat_prompt
+
+    sep = separator(context, question)  # in the context part: split_chat_prompt then adds no other separator
+    prompt = split_chat_prompt(tokenizer, context + sep, question, use_chat_template=use_chat_template)
+    cut = prompt.suffix.find(question) + len(question) if query_aware and question else 0
+    head = prompt.prefix + context
+    return PromptParts(head + (sep + prompt.suffix[:cut] if query_aware else ""),
+                       ("" if query_aware else sep) + prompt.suffix[cut:] + answer_prefix,
+                       len(prompt.prefix), prompt.templated)
+
+
 _MODELS: dict[tuple, tuple] = {}
 
 
@@ -338,6 +365,7 @@ _STORES: dict = {}
 
 
 def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict:
+    from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.presses.a3 import ChunkStore
 
     strategy, evict = a3_parts(params["method"])
@@ -355,10 +383,11 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
     store.precompute(chunks)  # A3's offline step: not part of the time to first token
     ends = [len(store.prefix_ids) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
     method = lc.Method(params["method"], strategy, evict)
-    r = lc.answer(model, method, store.prefix_ids, chunks, question_ids, params["max_new_tokens"], store=store,
-                  rate=params["rate"] if strategy else 0.15,
-                  evict_kwargs={"compression_ratio": params["compression_ratio"]} if evict else None,
-                  sink_positions=ends + [ends[-1] + len(question_ids)])
+    with explain_press_failures(evict):  # an evict press needing hub files offline: one line
+        r = lc.answer(model, method, store.prefix_ids, chunks, question_ids, params["max_new_tokens"], store=store,
+                      rate=params["rate"] if strategy else 0.15,
+                      evict_kwargs={"compression_ratio": params["compression_ratio"]} if evict else None,
+                      sink_positions=ends + [ends[-1] + len(question_ids)])
     r["context_tokens"] = len(store.prefix_ids) + sum(map(len, chunks))
     r["n_chunks"] = len(chunks)
     r["prefix_tokens"] = len(store.prefix_ids)
@@ -368,6 +397,7 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
 def run_cell(params: dict) -> dict:
     """Answer one cell; the record holds the prediction, ``score`` and timings (and the diagnostic)."""
     from kvpress_ext.evaluation.run_perplexity import build_press, check_ratio, press_params
+    from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.registry import press_info
 
     method, ratio, query_aware = params["method"], params.get("compression_ratio"), params["query_aware"]
@@ -419,9 +449,10 @@ def run_cell(params: dict) -> dict:
             return {"needle_kept": kept, "needle_kept_mean": sum(kept) / len(kept), "needle_match": (
                 "values" if values_only else "keys+values")}
 
-        r, attn = _retry_other_attention(
-            model, lambda: answer_with_press(model, press, compressed_ids, rest_ids, params["max_new_tokens"],
-                                             diagnose))
+        with explain_press_failures(method):  # a press needing hub files offline: one line
+            r, attn = _retry_other_attention(
+                model, lambda: answer_with_press(model, press, compressed_ids, rest_ids, params["max_new_tokens"],
+                                                 diagnose))
         if attn:
             record["attn_implementation_used"] = attn
         r["context_tokens"] = len(compressed_ids)
@@ -451,8 +482,8 @@ def build_cells(samples: list[dict], methods: list[str], ratios: list[float], mo
                 method_rates = rates if is_a3(method) and strategy else [None]
                 for ratio in method_ratios:
                     for rate in method_rates:
-                        key = (f"{method}|ratio={_fmt_ratio(ratio)}|rate={_fmt_ratio(rate)}|"
-                               f"{'aware' if query_aware else 'agnostic'}|{skey}")
+                        key = _cell_file_key(f"{method}|ratio={_fmt_ratio(ratio)}|rate={_fmt_ratio(rate)}|"
+                                             f"{'aware' if query_aware else 'agnostic'}|{skey}")
                         cells.append(Cell(key, {**settings, **sample, "method": method, "compression_ratio": ratio,
                                                 "rate": rate, "query_aware": query_aware}))
     return cells
@@ -614,6 +645,8 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kvpress_ext.safe_io import save_figure
+
     paths = []
     ok = [r for r in records if r["status"] == "ok" and r.get("depth") is not None]
     for qa in sorted({r["query_aware"] for r in ok}):
@@ -641,7 +674,7 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
         if im is not None:
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (x: tokens, y: depth)")
         path = Path(f"{path_prefix}_{_mode(qa)}.png")
-        fig.savefig(path, dpi=90)
+        save_figure(fig, path, flag="--output_dir", dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -649,12 +682,13 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
 
 def write_outputs(records: list[dict], out_dir, title: str, command: str = "") -> dict:
     """``summary.json`` (aggregated records), ``summary.md`` and ``heatmap_<mode>.png`` in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from kvpress_ext.safe_io import claim_output_dir, write_output
+
+    out_dir = claim_output_dir(out_dir)
     summary = summarize(records)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_output(out_dir / "summary.json", json.dumps(summary, indent=1), flag="--output_dir")
     markdown = summary_markdown(records, title, command)
-    (out_dir / "summary.md").write_text(markdown)
+    write_output(out_dir / "summary.md", markdown, kind="markdown", flag="--output_dir")
     pngs = plot_heatmaps(records, out_dir / "heatmap") if any(r.get("depth") is not None for r in records) else []
     return {"summary": summary, "markdown": markdown, "heatmaps": [str(p) for p in pngs]}
 
@@ -662,7 +696,9 @@ def write_outputs(records: list[dict], out_dir, title: str, command: str = "") -
 # --- command line -----------------------------------------------------------------------------------------
 def add_grid_arguments(ap, name: str) -> None:
     """Options shared by needle.py, ruler.py and longbench.py."""
-    ap.add_argument("--model", default=str(lc.shared_dir() / "models" / "stories260k"), help="hub id or local path")
+    from kvpress_ext.cli.common import add_model_argument, add_sweep_args, add_threads_argument
+
+    add_model_argument(ap)  # --model (short name, directory, hub id) and --no_chat_template
     ap.add_argument("--press", nargs="+", default=["no_press"],
                     help="registered presses (or all); no_press is always added as the baseline")
     ap.add_argument("--compression_ratio", type=float, nargs="+", default=[0.5],
@@ -674,18 +710,19 @@ def add_grid_arguments(ap, name: str) -> None:
     ap.add_argument("--strategies", nargs="*", default=[], help="A3 fusion strategies (adds the prefill baseline)")
     ap.add_argument("--rate", type=float, nargs="+", default=[0.15], help="A3: fractions of tokens recomputed")
     ap.add_argument("--evict", default=None, help="A3: press evicting from the fused cache (at each ratio)")
-    ap.add_argument("--max_new_tokens", type=int, default=None)
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="most answer tokens (default: by task)")
     ap.add_argument("--chunk_tokens", type=int, default=128, help="A3 chunk size")
     ap.add_argument("--max_context_tokens", type=int, default=None, help="cut the middle of longer contexts")
     ap.add_argument("--attn_implementation", default=None, help="eager / sdpa (default: the model's)")
-    ap.add_argument("--no_chat_template", action="store_true", help="plain BOS + context + question")
     ap.add_argument("--no_diagnostic", action="store_true", help="skip the needle-kept diagnostic")
-    ap.add_argument("--retry_failed", action="store_true", help="rerun failed cells (finished ones are skipped)")
+    ap.add_argument("--retry_failed", action="store_true",
+                    help="rerun the cells recorded as failed (default: they are kept; finished cells are skipped)")
     ap.add_argument("--summary_only", action="store_true", help="rebuild the summaries from the cells on disk")
     ap.add_argument("--quick", action="store_true", help="a tiny grid for tests (under a minute)")
     ap.add_argument("--output_dir", default=None, help=f"default results/{name}")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--no_progress", action="store_true")
+    add_threads_argument(ap)
+    ap.add_argument("--no_progress", action="store_true", help="hide the progress bar and per-cell lines")
+    add_sweep_args(ap)
 
 
 def methods_from_args(args) -> list[str]:
@@ -716,10 +753,18 @@ def check_args(args) -> tuple[list[str], list[bool]]:
     for r in args.rate:
         if not 0 <= r <= 1:
             raise lc.InputError(f"--rate {r} is out of range: use rates in [0, 1]")
-    for flag in ("max_new_tokens", "chunk_tokens", "max_context_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+    for flag in ("max_new_tokens", "chunk_tokens", "max_context_tokens", "max_samples"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             raise lc.InputError(f"--{flag} must be a positive integer")
     methods = methods_from_args(args)
+    if args.output_dir is not None:  # a directory we may not write into: one line before any model work
+        from kvpress_ext.safe_io import check_output_dir
+
+        check_output_dir(args.output_dir)
+    from kvpress_ext.cli.common import sweep_options_from_args
+    from kvpress_ext.sweep import check_options
+
+    check_options(sweep_options_from_args(args))
     modes = [False, True] if args.both_modes else [bool(args.query_aware)]
     if not any(mode_error(m, qa) is None for m in methods for qa in modes if m != "no_press" or len(methods) == 1):
         raise lc.InputError(mode_error(methods[-1], modes[-1]))
@@ -728,12 +773,13 @@ def check_args(args) -> tuple[list[str], list[bool]]:
 
 def check_lengths(model, tokenizer, lengths: list[int], max_new_tokens: int, chat: bool) -> None:
     """Lengths the model cannot hold: one line naming the longest that fits."""
-    from kvpress_ext.evaluation.chat_prompt import render_user_turn
+    from kvpress_ext.chat import split_chat_prompt
 
     limit = context_limit(model)
     if not limit:
         return
-    overhead = len(_ids(tokenizer, "".join(render_user_turn(tokenizer, chat)))) + 48 + max_new_tokens
+    overhead = len(_ids(tokenizer, split_chat_prompt(tokenizer, "\n\n", "", use_chat_template=chat).text)) + 48 \
+        + max_new_tokens
     too_long = [n for n in lengths if n + overhead > limit]
     if too_long:
         raise lc.InputError(f"--lengths {' '.join(map(str, too_long))} exceed the model's context of {limit} tokens "
@@ -743,25 +789,69 @@ def check_lengths(model, tokenizer, lengths: list[int], max_new_tokens: int, cha
 def settings_from_args(args, max_new_tokens: int) -> dict:
     return {"model": args.model, "max_new_tokens": max_new_tokens, "chunk_tokens": args.chunk_tokens,
             "max_context_tokens": args.max_context_tokens, "attn_implementation": args.attn_implementation,
-            "chat_template": not args.no_chat_template, "diagnostic": not args.no_diagnostic}
+            "chat_template": args.use_chat_template, "diagnostic": not args.no_diagnostic}
+
+
+def run_cells(cells: list[Cell], run_cell_fn, out_dir, retry_failed: bool = False, progress: bool = True,
+              compute: bool = True, options=None) -> list[dict]:
+    """Run the cells not finished in ``out_dir`` with :func:`kvpress_ext.sweep.run_sweep` (local or Ray, retries,
+    one file per cell) and return every cell's flat record (params, status, error, the cell's result) in cell
+    order. A cell recorded as failed is kept unless ``retry_failed`` (its reason is in the summary);
+    ``compute=False`` only collects the cells already on disk (to rebuild summaries)."""
+    from kvpress_ext.sweep import SweepOptions, _identity, load_cells, run_sweep
+
+    options = options or SweepOptions(progress=progress)
+    on_disk = {d.get("key"): d for d in load_cells(out_dir)} if Path(out_dir).is_dir() else {}
+
+    def kept(cell: Cell) -> dict | None:
+        d = on_disk.get(cell.key)
+        if d is None or _identity(d.get("params") or {}) != _identity(cell.params):
+            return None
+        return d if d.get("status") == "ok" or not (retry_failed and compute) else None
+
+    done = {c.key: d for c in cells if (d := kept(c)) is not None}
+    todo = [c for c in cells if c.key not in done] if compute else []
+    computed = {}
+    if todo:
+        def report(cell, data, skipped):
+            if skipped or not progress:
+                return
+            status = "ok" if data["status"] == "ok" else f"FAILED ({data['error']})"
+            score = (data.get("record") or {}).get("score")
+            print(f"{cell.key}: {status} score={score} {data.get('wall_s') or 0:.1f}s", file=sys.stderr)
+
+        computed = run_sweep(todo, run_cell_fn, out_dir, options, desc="cells", on_result=report).cells
+    if progress:
+        print(f"{len(computed)} cells computed, {len(done)} reused", file=sys.stderr)
+    records = []
+    for cell in cells:
+        d = computed.get(cell.key) or done.get(cell.key)
+        if d is not None:
+            records.append({"key": cell.key, **cell.params, **(d.get("record") or {}), "status": d["status"],
+                            "error": d.get("error"), "cell_seconds": d.get("wall_s")})
+    return records
+
+
+def _cell_file_key(key: str) -> str:
+    """A sweep key (filesystem-safe) from the readable ``method|ratio=..|..`` key."""
+    return key.replace("|", "__")
 
 
 def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: list[bool], max_new_tokens: int):
     """Build the cells, run them resumably, write the summaries; returns (records, outputs)."""
     import shlex
-    import sys
 
-    from kvpress_ext.evaluation.grid import run_cells
+    from kvpress_ext.cli.common import sweep_options_from_args
+    from kvpress_ext.threads import set_threads
 
-    if args.threads and args.threads >= 1:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out_dir = Path(args.output_dir or Path("results") / name)
     cells = build_cells(samples, methods, args.compression_ratio, modes, args.rate,
                         settings_from_args(args, max_new_tokens))
     if len(modes) > 1:  # --both_modes: A3 runs question-agnostic only (asked for explicitly, it fails as a cell)
         cells = [c for c in cells if mode_error(c.params["method"], c.params["query_aware"]) is None]
-    records = run_cells(cells, run_cell, out_dir, retry_failed=args.retry_failed,
-                        progress=not args.no_progress, compute=not args.summary_only)
+    records = run_cells(cells, run_cell, out_dir, retry_failed=args.retry_failed, progress=not args.no_progress,
+                        compute=not args.summary_only, options=sweep_options_from_args(args))
     command = " ".join(shlex.quote(a) for a in sys.argv)
     outputs = write_outputs(records, out_dir, f"{name}: {args.model}", command)
     return records, outputs

@@ -25,12 +25,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvpress_ext import hub
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import _cache_length_hook, apply_press, compression_phases, drives_model, positions_follow_cache
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.evaluation.chunked import EveryChunkPress
+from kvpress_ext.inputs import read_text_file
 
-DATASETS = ("wikitext", "pg19", "text")
+DATASETS = ("text", "wikitext", "pg19")
+#: Local texts tried, in order, when ``--dataset text`` has no ``--text_file``: offline, no download.
+DEFAULT_TEXT_FILES = ("data/wikitext2_test.raw", "data/pride_and_prejudice.txt")
 
 
 def shared_dir() -> Path:
@@ -39,21 +44,33 @@ def shared_dir() -> Path:
     return Path(os.environ.get("KVPRESS_EXT_SHARED", default))
 
 
+def default_text_file() -> Path:
+    """The first of :data:`DEFAULT_TEXT_FILES` in the shared folder (WikiText-2 test, else Pride and Prejudice)."""
+    for relative in DEFAULT_TEXT_FILES:
+        path = shared_dir() / relative
+        if path.is_file():
+            return path
+    raise KVPressExtError(
+        f"No local text in {shared_dir()} ({' or '.join(DEFAULT_TEXT_FILES)}): pass --text_file PATH, set "
+        "KVPRESS_EXT_SHARED, or --dataset wikitext to download WikiText-2 from the hub."
+    )
+
+
 # --- data ----------------------------------------------------------------------------------------------------------
 
 
 def load_text(dataset: str, subset: str | None = None, split: str = "test", sample_idx: int = 0,
               text_file: str | None = None) -> str:
-    """The evaluation text: a local file (``dataset="text"``), WikiText (joined split) or one PG-19 book."""
+    """The evaluation text: a local file (``dataset="text"``; without ``text_file`` :func:`default_text_file`),
+    WikiText (joined split, from the hub) or one PG-19 book (from the hub)."""
     if dataset == "text":
-        if not text_file:
-            raise KVPressExtError("--dataset text needs --text_file PATH (a UTF-8 text file).")
-        path = Path(text_file)
+        path = Path(text_file) if text_file else default_text_file()
         if not path.is_file():
             raise KVPressExtError(f"Text file not found: {text_file!r}. Pass an existing file with --text_file.")
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path, "--text_file")
     if dataset not in DATASETS:
         raise KVPressExtError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
+    offline = hub.use_cache_only_if_offline()  # offline: the cache only, no retries
     try:
         from datasets import load_dataset
 
@@ -68,9 +85,10 @@ def load_text(dataset: str, subset: str | None = None, split: str = "test", samp
     except KVPressExtError:
         raise
     except Exception as exc:
+        why = (f"the Hugging Face hub cannot be used ({offline}) and it is not in the local cache" if offline
+               else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
         raise KVPressExtError(
-            f"Could not load dataset {dataset!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Offline? Use --dataset text --text_file PATH."
+            f"Could not load dataset {dataset!r} ({why}). Use --dataset text --text_file PATH (a local UTF-8 file)."
         ) from exc
 
 
@@ -110,7 +128,7 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_nll(model, input_ids: torch.Tensor, context_limit: int = 4096, progress: bool = False):
     """NLL of every predicted token (1-D tensor), each window of ``context_limit`` tokens in one forward pass."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for s, e in tqdm(windows(input_ids.shape[1], context_limit), desc="ppl (no press)", disable=not progress):
         ids = input_ids[:, s:e].to(device)
@@ -179,7 +197,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     plan = plan_for(press)
     adapter = get_adapter(model)
     decoder = adapter.decoder(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     spans = windows(input_ids.shape[1], context_limit)
     out, peak_bytes, peak_len = [], 0, 0
     cache = None
@@ -209,6 +227,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     bar.close()
     stats = {
         "cache_bytes_end": cache_bytes(cache), "cache_len_end": cache_length(cache),
+        "tokens_end": spans[-1][1] - spans[-1][0] if spans else 0,
         "cache_bytes_peak": peak_bytes, "cache_len_peak": peak_len, "ratio_mode": plan.ratio_mode,
         "compresses_at_prefill": plan.prefill, "compresses_while_decoding": plan.decoding,
     }

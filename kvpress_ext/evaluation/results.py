@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import subprocess
 from pathlib import Path
 
 import torch
+
+from kvpress_ext.safe_io import check_output_dir, claim_output_dir, save_figure, write_output
 
 
 def library_versions() -> dict:
@@ -48,6 +51,28 @@ def device_info(device) -> dict:
     return info
 
 
+def machine_load() -> dict:
+    """The machine's load average (1 and 5 minutes) against its CPU count, and whether it was busy: timings taken
+    while other processes ran (load average at or above half the CPUs) are not comparable with idle ones."""
+    cpus = os.cpu_count() or 1
+    try:
+        one, five, _ = os.getloadavg()
+    except (OSError, AttributeError):  # not available on this platform
+        return {"loadavg_1m": None, "loadavg_5m": None, "cpu_count": cpus, "busy": None}
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "cpu_count": cpus, "busy": one >= cpus / 2}
+
+
+def load_text(start: dict, end: dict) -> str:
+    """``load average 1.3 -> 2.1 on 2 CPUs (busy)`` for a start and end :func:`machine_load`."""
+    if start.get("loadavg_1m") is None:
+        return "load average unknown"
+    if end.get("loadavg_1m") is None:
+        end = start
+    busy = start.get("busy") or end.get("busy")
+    return (f"load average {start['loadavg_1m']:.1f} -> {end['loadavg_1m']:.1f} on {start['cpu_count']} CPUs "
+            f"({'busy: timings slowed by other processes' if busy else 'idle'})")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")[:120]
 
@@ -56,7 +81,7 @@ def run_filename(record: dict) -> str:
     press = record["press"]
     params = press.get("params") or {}
     parts = [record["data"]["dataset"], press["name"]]
-    parts += [f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, (dict, list))]
+    parts += [f"{k}={v}" for k, v in sorted(params.items()) if v is not None and not isinstance(v, (dict, list))]
     if record.get("mode"):
         parts.append(record["mode"])
     return _slug("__".join(str(p) for p in parts)) + ".json"
@@ -75,53 +100,135 @@ def _jsonable(x):
 
 
 def write_json(record: dict, output_dir: str | Path) -> Path:
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / run_filename(record)
-    path.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
-    return path
+    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.safe_io.claim_output_dir`)."""
+    out = claim_output_dir(output_dir)
+    return write_output(out / run_filename(record), json.dumps(_jsonable(record), indent=2) + "\n", flag="--output_dir")
 
 
 def _fmt(x, spec):
     return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+#: What every column of ``summary.md`` means (written under the table).
+SUMMARY_COLUMNS = {
+    "press": "registry name (`kvpress-ext describe NAME`).",
+    "setting": "how it was asked to compress: the ratio, or the token budget it was given (budget presses are sized "
+               "from the sweep's ratio).",
+    "ppl": "perplexity over the scored tokens (with --ppl_apply_press every token is predicted from the compressed "
+           "cache; otherwise the press only affects the speed run).",
+    "Δ ppl": "change against no_press in the same sweep.",
+    "kept": "cache entries per layer left / tokens seen at the end of the run, and the effective compression ratio "
+            "(1 - KV bytes / uncompressed bytes).",
+    "KV": "key/value bytes held at the end, in MiB and as % of the same tokens uncompressed; *did not compress* marks "
+          "presses that kept every byte.",
+    "decode": "greedy decoding speed after the prefill, tokens/s (median of the timed runs).",
+    "TTFT": "time to first token: prefill plus the first token, ms.",
+    "status": "ok; unsupported (cannot run in this mode, found before the sweep), skipped (needs something not "
+              "available here) or failed, with the reason.",
+}
+
+
+def _uncompressed_bytes(record: dict, reference: int | None) -> int | None:
+    kept = record.get("kept") or {}
+    return kept.get("kv_bytes_uncompressed") or reference
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
+    """One dict per record for the summary table and plots (older records without ``kept``/``setting`` work too:
+    the uncompressed size is then no_press's)."""
+    reference = next(((r.get("cache") or {}).get("cache_bytes_end") for r in records
+                      if r["press"]["name"] == "no_press" and r.get("status", "ok") == "ok"), None)
+    ref_ppl = next(((r.get("perplexity") or {}).get("ppl") for r in records
+                    if r["press"]["name"] == "no_press" and r.get("status", "ok") == "ok"), None)
     rows = []
     for r in records:
-        ppl, speed = r.get("perplexity") or {}, r.get("speed") or {}
+        ppl, speed, kept = r.get("perplexity") or {}, r.get("speed") or {}, r.get("kept") or {}
+        kv = (r.get("cache") or {}).get("cache_bytes_end")
+        full = _uncompressed_bytes(r, reference)
+        fraction = kv / full if kv is not None and full else None
+        ratio = r["press"].get("compression_ratio")
         rows.append({
-            "press": r["press"]["name"], "ratio": r["press"].get("compression_ratio"),
+            "press": r["press"]["name"], "ratio": ratio,
+            "setting": r["press"].get("setting") or ("-" if ratio is None else f"compression_ratio={ratio}"),
             "params": r["press"].get("params") or {}, "ppl": ppl.get("ppl"), "loss": ppl.get("loss"),
-            "kv_bytes": (r.get("cache") or {}).get("cache_bytes_end"),
+            "ppl_change": ppl["ppl"] / ref_ppl - 1 if ppl.get("ppl") is not None and ref_ppl else None,
+            "kv_bytes": kv, "kv_fraction": fraction,
+            "cache_len": kept.get("cache_len", (r.get("cache") or {}).get("cache_len_end")), "tokens": kept.get("tokens"),
+            "did_not_compress": r["press"]["name"] != "no_press" and fraction is not None and fraction >= 0.999,
             "decode_tok_per_s": speed.get("decode_tok_per_s"), "ttft_s": speed.get("ttft_s"),
             "status": r.get("status", "ok"), "error": r.get("error"),
         })
     return rows
 
 
+def _kept_cell(row: dict) -> str:
+    if row["kv_fraction"] is None:
+        return ""
+    entries = f"{row['cache_len']}/{row['tokens']} " if row.get("tokens") else ""
+    return f"{entries}(ratio {max(0.0, 1 - row['kv_fraction']):.2f})"
+
+
+def _kv_cell(row: dict) -> str:
+    if row["kv_bytes"] is None:
+        return ""
+    text = f"{row['kv_bytes'] / 2**20:.2f}"
+    if row["kv_fraction"] is not None:
+        text += f" ({row['kv_fraction'] * 100:.0f} %)"
+    return text + (" *did not compress*" if row["did_not_compress"] else "")
+
+
 def write_summary(records: list[dict], output_dir: str | Path, title: str = "Perplexity sweep",
                   command: str | None = None) -> tuple[Path, Path | None]:
-    """``summary.md`` (one row per run; skipped and failed presses with their reason) and ``summary.png``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """``summary.md`` (one row per run, what each column means, skipped/unsupported/failed presses with their
+    reason) and ``summary.png``."""
+    out = claim_output_dir(output_dir)
     rows = summary_rows(records)
     lines = [f"# {title}", ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += ["| press | ratio | params | ppl | KV bytes (end) | decode tok/s | TTFT (s) | status |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| press | setting | ppl | Δ ppl | kept | KV MiB (% of uncompressed) | decode tok/s | TTFT (ms) | status |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != "compression_ratio")
         status = row["status"] if not row["error"] else f"{row['status']}: {str(row['error'])[:160]}"
+        change = "" if row["ppl_change"] is None or row["press"] == "no_press" else f"{row['ppl_change'] * 100:+.2f} %"
+        ttft = None if row["ttft_s"] is None else row["ttft_s"] * 1000
         lines.append(
-            f"| {row['press']} | {_fmt(row['ratio'], '.2f')} | {params.replace('|', '/')} | {_fmt(row['ppl'], '.4f')} "
-            f"| {_fmt(row['kv_bytes'], ',d')} | {_fmt(row['decode_tok_per_s'], '.1f')} "
-            f"| {_fmt(row['ttft_s'], '.4f')} | {status.replace('|', '/')} |"
+            f"| {row['press']} | {row['setting'].replace('|', '/')} | {_fmt(row['ppl'], '.4f')} | {change} "
+            f"| {_kept_cell(row)} | {_kv_cell(row)} | {_fmt(row['decode_tok_per_s'], '.1f')} "
+            f"| {_fmt(ttft, '.1f')} | {status.replace('|', '/')} |"
         )
-    md = out / "summary.md"
-    md.write_text("\n".join(lines) + "\n")
+    lines += ["", "Columns:", ""] + [f"- **{k}**: {v}" for k, v in SUMMARY_COLUMNS.items()]
+    environment = next((r.get("environment") for r in records if r.get("environment")), None) or {}
+    if environment.get("threads") or environment.get("load_start"):
+        end = next((r["environment"]["load_end"] for r in reversed(records)  # failed cells record no environment
+                    if (r.get("environment") or {}).get("load_end")), {})
+        timed = (f"Timed with {environment.get('threads', '?')} CPU thread(s) on {environment.get('device', '?')}; "
+                 f"{load_text(environment.get('load_start') or {}, end)}.")
+        lines += ["", timed]
+    md = write_output(out / "summary.md", "\n".join(lines) + "\n", kind="markdown", flag="--output_dir")
     return md, _plot(rows, out / "summary.png", title)
+
+
+_COLORS = 10
+_MARKERS = "osD^v<>pPX*h"
+
+
+def line_style(i: int) -> tuple[int, str]:
+    """(colour index in tab10, marker) of the i-th line: pairs differ for up to 10 x len(_MARKERS) lines, and
+    consecutive lines differ in both, so 20+ lines stay tellable apart."""
+    return i % _COLORS, _MARKERS[(i // _COLORS + i) % len(_MARKERS)]
+
+
+def _not_run_text(rows: list[dict]) -> str:
+    """The presses that did not run, one per line, for a panel beside a figure."""
+    missing = [r for r in rows if r["status"] != "ok" or r["ppl"] is None]
+    if not missing:
+        return ""
+    lines = [f"Not run ({len(missing)}):"]
+    for r in missing:
+        reason = str(r["error"] or "no perplexity").split(": ", 1)[-1]
+        lines.append(f"{r['press']} ({r['status']}): {reason[:60]}{'...' if len(reason) > 60 else ''}")
+    return "\n".join(lines)
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -134,62 +241,101 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     names = sorted({r["press"] for r in ok})
-    if len(names) == len(ok) and len(ok) > 1:  # one point per press (a `--press all` sweep): ranked bars
-        return _plot_ranked(ok, path, title, plt)
+    if len(names) == len(ok) and len(ok) > 1:  # one point per press (a `--press all` sweep): ranked
+        return _plot_ranked(ok, rows, path, title, plt)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, name in enumerate(names):
         pts = sorted((r for r in ok if r["press"] == name), key=lambda r: r["kv_bytes"] or 0)
-        kw = {"color": cmap(i % 20), "label": name, "marker": "o", "ms": 4}
+        color, marker = line_style(i)
+        kw = {"color": cmap(color), "label": name, "marker": marker, "ms": 5}
         axes[0].plot([(p["kv_bytes"] or 0) / 1024 for p in pts], [p["ppl"] for p in pts], **kw)
         tps = [p for p in pts if p["decode_tok_per_s"] is not None]
         if tps:
             axes[1].plot([(p["kv_bytes"] or 0) / 1024 for p in tps], [p["decode_tok_per_s"] for p in tps], **kw)
-    axes[0].set(xlabel="KV cache at end (KiB)", ylabel="perplexity", title="perplexity vs cache size", yscale="log")
+    ref = next((r["ppl"] for r in ok if r["press"] == "no_press"), None)
+    if ref is not None:
+        axes[0].axhline(ref, color="k", ls="--", lw=1, label=f"uncompressed ({ref:.3f})")
+    axes[0].set(xlabel="KV cache at end (KiB)", ylabel="perplexity (axis starts at the data, not 0)",
+                title="perplexity vs cache size", yscale="log")
     axes[1].set(xlabel="KV cache at end (KiB)", ylabel="decode tokens/s", title="decode throughput")
-    if axes[1].lines:
-        axes[1].legend(fontsize=7, ncol=2, loc="best")
-    else:
-        axes[0].legend(fontsize=7, ncol=2, loc="best")
+    (axes[1] if axes[1].lines else axes[0]).legend(fontsize=7, ncol=2, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _add_not_run_panel(fig, rows)
+    save_figure(fig, path, flag="--output_dir", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def _plot_ranked(rows: list[dict], path: Path, title: str, plt) -> Path:
-    """Presses ranked by perplexity (bars, the no-press value as a line) next to their decode speed: with one
-    run per press this reads better than a scatter of points that share a cache size."""
+def _add_not_run_panel(fig, rows: list[dict]) -> None:
+    text = _not_run_text(rows)
+    if text:
+        fig.text(1.0, 0.95, text, ha="left", va="top", fontsize=7, family="monospace", transform=fig.transFigure)
+
+
+def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str, plt) -> Path:
+    """Presses ranked by perplexity as dots on an axis that starts where the data does (bars from 0 would hide the
+    differences), with the uncompressed value as a dashed line; presses that did not compress drawn hollow and
+    labelled; next to it their decode speed; the presses that did not run listed beside the figure."""
     rows = sorted(rows, key=lambda r: r["ppl"])
-    names = [r["press"] for r in rows]
-    y = range(len(rows))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.8), sharey=True)
+    names = [r["press"] + ("  (did not compress)" if r["did_not_compress"] else "") for r in rows]
+    y = list(range(len(rows)))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.8), sharey=True,
+                               gridspec_kw={"width_ratios": [3, 2]})
     ref = next((r["ppl"] for r in rows if r["press"] == "no_press"), None)
-    colors = ["0.55" if r["press"] == "no_press" else "tab:blue" for r in rows]
-    a.barh(y, [r["ppl"] for r in rows], color=colors)
-    lo, hi = min(r["ppl"] for r in rows), max(r["ppl"] for r in rows)
-    a.set_xlim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    if ref is not None:
-        a.axvline(ref, color="k", ls="--", lw=1, label=f"no compression {ref:.3f}")
-        a.legend(fontsize=8, loc="lower right")
     for i, r in enumerate(rows):
+        color = "0.45" if r["press"] == "no_press" else ("0.6" if r["did_not_compress"] else "tab:blue")
+        face = "none" if r["did_not_compress"] else color
+        if ref is not None:
+            a.plot([ref, r["ppl"]], [i, i], color=color, lw=1, alpha=0.5)
+        a.plot([r["ppl"]], [i], "o", color=color, mfc=face, ms=6)
         kib = f"  {r['kv_bytes'] / 1024:.0f} KiB" if r["kv_bytes"] is not None else ""
-        a.text(r["ppl"], i, f" {r['ppl']:.3f}{kib}", va="center", fontsize=7)
-    a.set(yticks=list(y), yticklabels=names, xlabel="perplexity (lower is better)", title="perplexity")
+        a.text(r["ppl"], i, f"  {r['ppl']:.3f}{kib}", va="center", fontsize=7)
+    values = [r["ppl"] for r in rows] + ([ref] if ref is not None else [])
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo) or 0.01 * hi
+    a.set_xlim(lo - pad, hi + 4 * pad)
+    if ref is not None:
+        a.axvline(ref, color="k", ls="--", lw=1, label=f"uncompressed (no_press) {ref:.3f}")
+        a.legend(fontsize=8, loc="lower right")
+    a.set(yticks=y, yticklabels=names, xlabel="perplexity (lower is better; axis starts at the data, not 0)",
+          title="perplexity")
     a.invert_yaxis()
-    b.barh(y, [r["decode_tok_per_s"] or 0 for r in rows], color=colors)
+    b.barh(y, [r["decode_tok_per_s"] or 0 for r in rows],
+           color=["0.45" if r["press"] == "no_press" else "0.6" if r["did_not_compress"] else "tab:blue" for r in rows])
     b.set(xlabel="decode tokens/s", title="decode throughput")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _add_not_run_panel(fig, all_rows)
+    save_figure(fig, path, flag="--output_dir", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def records_from_cells(path: str | Path) -> list[dict]:
+    """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.sweep`); a failed
+    cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
+    from kvpress_ext.sweep import load_cells
+
+    records = []
+    for cell in load_cells(path):
+        if cell.get("status") == "ok" and cell.get("record"):
+            records.append(cell["record"])
+            continue
+        config = (cell.get("params") or {}).get("config") or {}
+        records.append({"press": {"name": config.get("press", cell.get("key")),
+                                  "compression_ratio": config.get("compression_ratio"), "params": {}},
+                        "status": cell.get("status", "failed"), "error": cell.get("error"),
+                        "data": {"dataset": config.get("dataset")}, "command": (cell.get("params") or {}).get("_command")})
+    return records
+
+
 def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
-    """Rebuild ``summary.md``/``summary.png`` from the JSON files of a (possibly interrupted) sweep."""
-    records = [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
+    """Rebuild ``summary.md``/``summary.png`` from the cell files of a sweep (finished, interrupted or still
+    running), or from the per-run JSON files of a directory written before sweeps had cell files."""
+    check_output_dir(path, flag="--summarize")
+    records = records_from_cells(path) or [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
     if not records:
         raise FileNotFoundError(f"No JSON results in {path}")
     records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))
@@ -243,10 +389,11 @@ def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplex
     varying = {n: v for n, v in runs.items() if len(v) > 1 and max(v.values()) - min(v.values()) > 1e-6}
     ranked = sorted(varying, key=lambda n: max(varying[n].values()))
     fig, ax = plt.subplots(figsize=(10, 6))
-    cmap, markers = plt.get_cmap("tab10"), "osD^v<>p*h"
+    cmap = plt.get_cmap("tab10")
     for i, name in enumerate(ranked):
         pts = sorted(varying[name].items())
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i // 10 % len(markers)], color=cmap(i % 10),
+        color, marker = line_style(i)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=cmap(color),
                 label=name, lw=2.2 if name in ("lazy_streaming", "rkv") else 1.2)
     if ref is not None:
         ax.axhline(ref, color="k", ls="--", lw=1, label=f"no compression ({ref:.3f})")
@@ -254,6 +401,6 @@ def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplex
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -91,7 +91,9 @@ def measure_speed(model, context: torch.Tensor, press=None, max_new_tokens: int 
 
     ``decode_only``: report only decode throughput (the prefill is still run to fill the cache, untimed).
     """
-    device = next(model.parameters()).device
+    from kvpress_ext.devices import input_device
+
+    device = input_device(model)
     context = context.to(device)
     min_new_tokens = min(min_new_tokens, max_new_tokens)
     _one_run(model, context, press, min(max_new_tokens, 8), min(min_new_tokens, 8))  # warm-up

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpress_ext.icl.workflow import ICLInputError, load_documents
+from kvpress_ext.inputs import read_text_file
 
 FORMAT_VERSION = 1
 _FIX = "give a local sentence-transformers or Hugging Face model directory with --embedder"
@@ -236,9 +238,9 @@ def save_clusters(clusters: dict, out, data_path=None) -> Path:
         saved.pop("records")
         saved["data"] = {"path": str(data_path.resolve()), "sha256": _sha256(data_path),
                          "count": len(clusters["records"])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(saved, indent=1))
-    return out
+    from kvpress_ext.safe_io import write_output
+
+    return write_output(out, json.dumps(saved, indent=1), flag="--out")
 
 
 def load_clusters(path) -> dict:
@@ -247,15 +249,26 @@ def load_clusters(path) -> dict:
     if not path.is_file():
         raise ICLInputError(f"Clusters file {path} does not exist; run `kvpress-ext icl cluster build --out {path}`.")
     try:
-        clusters = json.loads(path.read_text())
+        clusters = json.loads(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
     except json.JSONDecodeError as exc:
-        raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from exc
+        raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rebuild it "
+                            "with `kvpress-ext icl cluster build`.") from exc
     needed = {"format", "embedder", "centroids", "clusters"}
     if not isinstance(clusters, dict) or not needed <= set(clusters) or not ({"records", "data"} & set(clusters)):
         raise ICLInputError(f"{path} is not a clusters file; build one with `kvpress-ext icl cluster build`.")
-    if clusters["format"] != FORMAT_VERSION:
-        raise ICLInputError(f"{path} has clusters format {clusters['format']}, this version reads "
+    version = clusters["format"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ICLInputError(f"{path} has unknown clusters format version {version!r} (this version reads "
+                            f"{FORMAT_VERSION}); rebuild it with `kvpress-ext icl cluster build`.")
+    if version != FORMAT_VERSION:
+        raise ICLInputError(f"{path} has clusters format {version}, this version reads "
                             f"{FORMAT_VERSION}; rebuild it with `kvpress-ext icl cluster build`.")
+    centroids = clusters["centroids"]
+    if not (isinstance(centroids, list) and centroids and all(isinstance(row, list) and row for row in centroids)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for row in centroids for x in row)):
+        raise ICLInputError(f"{path} has missing, malformed or non-finite centroids; rebuild it with "
+                            "`kvpress-ext icl cluster build`.")
     if "records" not in clusters:
         data = Path(clusters["data"]["path"])
         records = load_documents(data)

@@ -437,24 +437,38 @@ def write_scores_csv(result: dict[str, Any], path: str | Path) -> Path:
     Why a flat per-k file: it is what gets plotted against compression ratio and diffed between runs. Values are
     written at full precision; a k with no eligible question gets an empty ``pass_at_k`` cell.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    from kvpress_ext.safe_io import write_output
+
     total = result.get("n_questions", 0)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for k in result.get("ks", []):
-            entry = result["pass_at_k"][k]
-            mean = entry["mean"]
-            writer.writerow(
-                {
-                    "k": k,
-                    "pass_at_k": "" if mean is None else repr(float(mean)),
-                    "n_questions": entry["n_questions"],
-                    "total_questions": total,
-                }
-            )
-    return path
+    fh = io.StringIO(newline="")
+    writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for k in result.get("ks", []):
+        entry = result["pass_at_k"][k]
+        mean = entry["mean"]
+        writer.writerow(
+            {
+                "k": k,
+                "pass_at_k": "" if mean is None else repr(float(mean)),
+                "n_questions": entry["n_questions"],
+                "total_questions": total,
+            }
+        )
+    return write_output(path, fh.getvalue(), flag="--csv", is_ours=is_scores_csv, what=SCORES_CSV_WHAT)
+
+
+SCORES_CSV_WHAT = f"a scores CSV (header {','.join(CSV_FIELDS)})"
+
+
+def is_scores_csv(path: Path) -> bool:
+    """An existing file that ``write_scores_csv`` wrote (its header), which it may therefore replace."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.readline().strip() == ",".join(CSV_FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def format_scores_table(result: dict[str, Any]) -> str:

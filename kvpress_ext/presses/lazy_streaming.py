@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +17,28 @@ from kvpress_ext.positions import set_next_position
 from kvpress_ext.registry import register_press
 
 
+class _DropMaxLengthReminder(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "predefined maximum length" not in record.getMessage()
+
+
+@contextmanager
+def _without_max_length_reminder():
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    drop = _DropMaxLengthReminder()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 @register_press("lazy_streaming")
 @dataclass
 class LazyStreamingPress(BasePress):
-    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks",
+    """Lazy-Pruning StreamingLLM: attention sinks and a recent window, compacted once every ``slack`` tokens.
+
+    StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models with Attention Sinks",
     arXiv 2309.17453) with lazy pruning: the cache keeps ``n_sink`` first tokens and the most recent
     ``window`` tokens, and RoPE positions are indices in the cache (keys re-rotated when tokens leave).
 
@@ -107,8 +127,13 @@ class LazyStreamingPress(BasePress):
         return max(1, self.slack)
 
     # ---- kvpress / apply_press plumbing -------------------------------------------------------------
+    @contextmanager
     def __call__(self, model):
-        return apply_press(self, model)
+        """``with press(model): model.generate(...)``. transformers' reminder that a generation "has exceeded the
+        model's predefined maximum length" is dropped inside: positions here are cache indices, below ``cap_total``,
+        so going past that length is what this press is for."""
+        with apply_press(self, model), _without_max_length_reminder():
+            yield
 
     def post_init_from_model(self, model):
         self._rerotate = functools.partial(get_adapter(model).rerotate_keys, model)

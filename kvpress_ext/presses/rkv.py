@@ -1,7 +1,9 @@
 """R-KV: redundancy-aware KV-cache compression for reasoning models, with optional key rotation.
 
 Paper: Cai et al., "R-KV: Redundancy-aware KV Cache Compression for Reasoning Models" (arXiv 2505.24133);
-reference code: Zefan-Cai/R-KV (``rkv/compression/r1_kv.py``). This is our own implementation.
+reference code: Zefan-Cai/R-KV (``rkv/utils.py``: ``cal_similarity``; ``rkv/compression/r1_kv.py``:
+``R1KV.update_kv``; ``rkv/modeling.py``: when to compress). This is our own implementation of the same
+scoring; tests/test_rkv.py checks it against per-element loops written from the algorithm's description.
 """
 
 from __future__ import annotations
@@ -19,42 +21,61 @@ from kvpress_ext.positions import position_state, set_next_position
 from kvpress_ext.registry import register_press
 
 RETAIN_DIRECTIONS = ("last", "first", "last_percent", "first_percent")
+SCHEDULES = ("interval", "published")
 SIMILARITY_THRESHOLD = 0.5
 _CACHE_ATTR = "_kvpress_ext_rkv"
 
 
+def retained_index(mask: torch.Tensor, retain_direction: str = "last", retain_ratio: float = 0.1) -> torch.Tensor:
+    """Per row of the similarity ``mask`` (..., L, L), the column r_i whose similarity is not counted.
+
+    As published, an index tensor holds column j where key j is similar to key i and 0 elsewhere (the
+    diagonal included), so a row with no similar key retains column 0:
+
+    - ``"last"``: the last similar column (the maximum of the index tensor);
+    - ``"first"``: the first similar column, 0 when there is none. Not literally the published code: it
+      takes the minimum of the index tensor, which is 0 in every row (the diagonal entry is never
+      similar), so it always spares column 0; we follow its stated intent (the first similar index);
+    - ``"last_percent"``: the largest of the top ``k`` of the index tensor, i.e. the same column as
+      ``"last"`` (as published);
+    - ``"first_percent"``: the ``k``-th smallest entry of the index tensor (zeros included, as published),
+      ``k = max(1, int(L * retain_ratio))``; it is 0 unless fewer than ``k`` entries of the row are 0.
+    """
+    n = mask.shape[-1]
+    if retain_direction == "first":
+        return mask.view(torch.uint8).argmax(dim=-1)  # first maximum = first similar column, 0 if none
+    if retain_direction in ("last", "last_percent"):
+        last = n - 1 - mask.flip(-1).view(torch.uint8).argmax(dim=-1)  # n - 1 when the row has none
+        found = mask.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+        return torch.where(found, last, torch.zeros_like(last))
+    if retain_direction != "first_percent":
+        raise PressParameterError(f"retain_direction must be one of {RETAIN_DIRECTIONS}, got {retain_direction!r}.")
+    k = max(1, int(n * retain_ratio))
+    positive = mask.clone()
+    positive[..., 0] = False  # column 0 encodes as 0 whether similar or not
+    zeros = n - positive.sum(dim=-1)
+    # sorted row: `zeros` zeros, then the similar columns > 0 in order; the k-th is the (k - zeros)-th of those
+    target = (k - zeros).unsqueeze(-1)
+    hit = positive & (positive.cumsum(dim=-1) == target)
+    return hit.view(torch.uint8).argmax(dim=-1)  # no hit (k <= zeros) -> 0
+
+
 def rkv_redundancy(keys: torch.Tensor, retain_direction: str = "last", retain_ratio: float = 0.1,
                    threshold: float = SIMILARITY_THRESHOLD) -> torch.Tensor:
-    """Redundancy of each key, (..., L) -> softmax over L of the mean cosine similarity to the other keys.
+    """Redundancy of each key, (..., L) -> (..., L), as in R-KV's published code.
 
-    For each key (row) one similar key (cosine > ``threshold``) is spared: the last one (``"last"``), the
-    first one (``"first"``), or the one at the ``retain_ratio`` quantile of the similar indices
-    (``*_percent``); rows with no similar key are left as they are. One batched matmul, no token loop.
+    S is the cosine similarity of the keys with a zero diagonal. In each row i one entry S[i, r_i] is
+    zeroed, r_i from :func:`retained_index` (the similar key that row spares); the redundancy of key j is
+    the mean over the rows i of S[i, j] (a column mean), softmaxed over the keys. Computed per batch
+    element and head (the published code uses the first batch element's keys for the whole batch).
     """
     k = keys.float()
     k = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
     sim = k @ k.transpose(-1, -2)
-    n = sim.shape[-1]
     sim.diagonal(dim1=-2, dim2=-1).zero_()
-    mask = sim > threshold
-    valid = mask.any(dim=-1)
-    if retain_direction == "first":
-        chosen = mask.to(torch.uint8).argmax(dim=-1)  # first maximum = first similar index
-    elif retain_direction == "last":
-        chosen = n - 1 - mask.flip(-1).to(torch.uint8).argmax(dim=-1)
-    else:
-        # the rank-th similar index counted from the end ("last_percent") or the start ("first_percent")
-        rank = max(1, int(n * retain_ratio))
-        count = mask.sum(dim=-1)
-        r = torch.clamp(count, max=rank)
-        target = count - r + 1 if retain_direction == "last_percent" else r
-        hit = mask & (mask.cumsum(dim=-1) == target.unsqueeze(-1))
-        chosen = hit.to(torch.uint8).argmax(dim=-1)
-    del mask
-    # spare the chosen key of each row (in place: no second n x n tensor)
-    chosen = chosen.unsqueeze(-1)
-    sim.scatter_(-1, chosen, torch.where(valid.unsqueeze(-1), 0.0, sim.gather(-1, chosen)))
-    return sim.mean(dim=-1).softmax(dim=-1)
+    retained = retained_index(sim > threshold, retain_direction, retain_ratio)
+    sim.scatter_(-1, retained.unsqueeze(-1), 0.0)  # in place: no second L x L float tensor
+    return sim.mean(dim=-2).softmax(dim=-1)
 
 
 def rkv_importance(queries: torch.Tensor, keys: torch.Tensor, num_candidates: int, kernel_size: int) -> torch.Tensor:
@@ -97,17 +118,56 @@ def rkv_select(queries, keys, budget: int, window_size: int, prefix: int = 0, **
 @dataclass
 class _LayerState:
     """Per-layer bookkeeping kept on the cache: original token index and current RoPE position of each slot,
-    and the last ``window_size`` post-RoPE queries (with their positions)."""
+    and what the last ``window_size`` queries are made of (attention inputs, the RoPE cos/sin they got and
+    the positions those were for).
 
-    original: torch.Tensor  # (B, H, L) long: index of the token in the stream fed through the cache
-    position: torch.Tensor  # (B, H, L) long: RoPE position the key currently has
-    queries: torch.Tensor | None = None  # (B, Hq, <=w, d)
-    query_positions: torch.Tensor | None = None  # (<=w,)
+    Decoding adds one token per forward to every layer: that costs list appends here, and the tensors are
+    built only when compressing (once per ``compression_interval`` tokens) or when asked for.
+    """
+
+    original: torch.Tensor  # (B, H, L0) long: index of the token in the stream fed through the cache
+    position: torch.Tensor  # (B, H, L0) long: RoPE position the key currently has
+    pending: list = field(default_factory=list)  # slots appended since: (first index, first position, count)
+    inputs: list = field(default_factory=list)  # per forward, oldest first: (hidden, cos, sin), <= w tokens each
+    query_positions: list = field(default_factory=list)  # RoPE position of each of the last <= w tokens
+
+    @property
+    def length(self) -> int:
+        return self.original.shape[-1] + sum(n for _, _, n in self.pending)
+
+    def materialize(self) -> None:
+        """Append the pending slots to ``original`` and ``position``."""
+        if not self.pending:
+            return
+        b, h, _ = self.original.shape
+        dev = self.original.device
+        orig = torch.cat([torch.arange(i, i + n, device=dev) for i, _, n in self.pending])
+        pos = torch.cat([torch.arange(p, p + n, device=dev) for _, p, n in self.pending])
+        self.original = torch.cat([self.original, orig.expand(b, h, -1)], dim=-1)
+        self.position = torch.cat([self.position, pos.expand(b, h, -1)], dim=-1)
+        self.pending = []
+
+    def add_inputs(self, hidden, cos, sin, window: int) -> None:
+        """Buffer a forward's attention inputs, dropping those older than the last ``window`` tokens."""
+        if hidden.shape[1] > window:
+            hidden, cos, sin = hidden[:, -window:], cos[:, -window:], sin[:, -window:]
+        self.inputs.append((hidden, cos, sin))
+        total = 0
+        for i in range(len(self.inputs) - 1, -1, -1):
+            total += self.inputs[i][0].shape[1]
+            if total >= window:
+                del self.inputs[:i]
+                break
+
+    def window_inputs(self, window: int):
+        """(hidden, cos, sin) of the last <= ``window`` tokens."""
+        return [torch.cat([x[k] for x in self.inputs], dim=1)[:, -window:] for k in range(3)]
 
 
 def rkv_slot_positions(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(original token indices, current RoPE positions) of layer ``layer_idx``'s slots, each (B, H, L)."""
     state = getattr(getattr(cache, "_cache", cache), _CACHE_ATTR)[layer_idx]
+    state.materialize()
     return state.original, state.position
 
 
@@ -121,8 +181,26 @@ class RKVPress(BasePress):
     ``budget - window_size - initial_non_compressible_length`` others by
     ``mix_lambda * importance - (1 - mix_lambda) * redundancy``. Importance is the attention of the last
     ``window_size`` queries (max over each KV head's query group, softmax, mean over queries, max-pooled
-    with ``kernel_size``); redundancy is the softmax of each key's mean cosine similarity to the other keys,
-    sparing one similar key (> 0.5) per row chosen by ``retain_direction``.
+    with ``kernel_size``); redundancy is the softmax over keys of each key's mean cosine similarity to the
+    other keys (a column mean of the similarity matrix), where each key (row) spares one similar key
+    (> 0.5) chosen by ``retain_direction`` (see :func:`rkv_redundancy`).
+
+    When to compress (``schedule``):
+
+    - ``"interval"`` (default): a forward of several tokens (prefill, a new document) compresses as soon
+      as the cache exceeds ``budget``; single-token decoding compresses when the cache reaches
+      ``budget + compression_interval``, i.e. every ``compression_interval`` generated tokens once the
+      budget is full. The cache stays <= ``budget + compression_interval`` and every document fed in one
+      forward is compressed at once, wherever the stream's length happens to be. It is the default
+      because the ICL workflow and the streaming-style callers feed documents of any length and rely on
+      that; it also keeps earlier results reproducible.
+    - ``"published"``: as the reference code (``divide_method="step_length"``): a forward compresses
+      when the number of tokens fed through the cache *before* it is a multiple of
+      ``compression_interval`` (the published ``divide_length``, default 128; 0 counts, so the prefill
+      does) and the cache then holds more than ``budget`` tokens (the published test is ``>= budget``;
+      at exactly ``budget`` it keeps every token, so we skip it). Same bound, but the phase is tied to
+      the absolute length, and a multi-token forward starting off a multiple is not compressed. The
+      published count is never reset between prompts; ours restarts with each cache.
 
     Parameters
     ----------
@@ -130,14 +208,13 @@ class RKVPress(BasePress):
     window_size: recent tokens always kept; their queries score the others.
     kernel_size: max-pooling width that smooths importance along the sequence.
     mix_lambda: weight of importance against redundancy.
-    retain_ratio: ``*_percent`` directions only: spare the ``max(1, int(L * retain_ratio))``-th similar key
-        from the end ("last_percent") or the start ("first_percent"); our reading, upstream's differs.
-    retain_direction: which similar key is spared per row: "last", "first", "last_percent", "first_percent".
+    retain_ratio: ``"first_percent"`` only (as published; ``"last_percent"`` ignores it, see
+        :func:`retained_index`).
+    retain_direction: which similar key is spared per row: "last" (published default), "first",
+        "last_percent", "first_percent".
     initial_non_compressible_length: leading tokens (e.g. a system prompt) never evicted, counted in the budget.
-    compression_interval: the buffer. A forward of several tokens (prefill, a new document) compresses as
-        soon as the cache exceeds ``budget``; single-token decoding compresses when the cache reaches
-        ``budget + compression_interval``, i.e. every ``compression_interval`` generated tokens, so the cache
-        stays <= budget + compression_interval.
+    compression_interval: the buffer (``"interval"``) or the published ``divide_length`` (``"published"``).
+    schedule: ``"interval"`` or ``"published"`` (above).
     rotate_keys: after a compression, re-rotate kept keys (after the prefix) to contiguous positions
         starting at ``initial_non_compressible_length + rotation_offset``; the next token follows them.
         Without rotation keys keep their positions and the next token gets the number of tokens seen.
@@ -152,6 +229,7 @@ class RKVPress(BasePress):
     retain_direction: str = "last"
     initial_non_compressible_length: int = 0
     compression_interval: int = 128
+    schedule: str = "interval"
     rotate_keys: bool = False
     rotation_offset: int = 0
     compression_phases: tuple = field(default=(True, True), init=False, repr=False)
@@ -186,6 +264,8 @@ class RKVPress(BasePress):
             raise PressParameterError(
                 f"RKVPress.retain_direction must be one of {RETAIN_DIRECTIONS}, got {self.retain_direction!r}."
             )
+        if self.schedule not in SCHEDULES:
+            raise PressParameterError(f"RKVPress.schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not isinstance(self.rotation_offset, int) or self.rotation_offset < 0:
             raise PressParameterError(f"RKVPress.rotation_offset must be an integer >= 0, got {self.rotation_offset!r}.")
 
@@ -206,10 +286,8 @@ class RKVPress(BasePress):
         if states.get("forward") != pos.seen_tokens:
             states["forward"], states["next_position"] = pos.seen_tokens, pos.next_position
         next_pos = states["next_position"]
-        new_orig = torch.arange(pos.seen_tokens - n_new, pos.seen_tokens, device=device)
-        new_pos = torch.arange(next_pos - n_new, next_pos, device=device)
         st = states.get(layer_idx)
-        if st is None or st.original.shape[-1] != length - n_new:
+        if st is None or st.length != length - n_new:
             # A cache filled elsewhere (loaded, or before this press ran): assume contiguous slots.
             old = length - n_new
             st = _LayerState(
@@ -219,8 +297,8 @@ class RKVPress(BasePress):
             st.original = st.original.expand(bsz, heads, old).clone()
             st.position = st.position.expand(bsz, heads, old).clone()
             states[layer_idx] = st
-        st.original = torch.cat([st.original, new_orig.expand(bsz, heads, -1)], dim=-1)
-        st.position = torch.cat([st.position, new_pos.expand(bsz, heads, -1)], dim=-1)
+        st.pending.append((pos.seen_tokens - n_new, next_pos - n_new, n_new))
+        st.query_positions = (st.query_positions + list(range(next_pos - n_new, next_pos)))[-self.window_size:]
         return st
 
     def forward_hook(self, module, input, kwargs, output):
@@ -235,30 +313,42 @@ class RKVPress(BasePress):
         n_new = hidden.shape[1]
         st = self._layer_state(cache, layer_idx, length, n_new, keys.device, bsz, heads)
 
-        # Buffer the last window_size post-RoPE queries (decoding hooks see one token at a time).
-        w = self.window_size
-        h_tail = hidden[:, -w:]
-        q = get_prerope_query_states(module, h_tail)
-        cos, sin = kwargs["position_embeddings"]
-        cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
-        q = (q * cos + rope.rotate_half(q) * sin).to(keys.dtype)
-        q_pos = st.position[0, 0, -q.shape[-2]:]
-        if st.queries is not None and n_new < w:
-            q = torch.cat([st.queries, q], dim=-2)[..., -w:, :]
-            q_pos = torch.cat([st.query_positions, q_pos])[-w:]
-        st.queries, st.query_positions = q, q_pos
+        # Buffer what the last window_size queries are made of (decoding hooks see one token at a time).
+        st.add_inputs(hidden, *kwargs["position_embeddings"], self.window_size)
 
-        if length <= self.budget or (n_new == 1 and length < self.budget + self.compression_interval):
-            return output
-        self._compress(module, cache, layer, st)
+        if self.should_compress(length, n_new, position_state(cache).seen_tokens):
+            self._compress(module, cache, layer, st)
         return output
 
+    def should_compress(self, length: int, n_new: int, seen_tokens: int) -> bool:
+        """Whether a forward of ``n_new`` tokens that left ``length`` in the cache (``seen_tokens`` fed in
+        all) compresses, under ``schedule``."""
+        if length <= self.budget:
+            return False
+        if self.schedule == "published":
+            return (seen_tokens - n_new) % self.compression_interval == 0
+        return n_new > 1 or length >= self.budget + self.compression_interval
+
+    def _queries(self, module, st: _LayerState, keys: torch.Tensor) -> torch.Tensor:
+        """The buffered tokens' post-RoPE queries (B, Hq, <=w, d), at the positions their keys have now."""
+        hidden, cos, sin = st.window_inputs(self.window_size)
+        q = get_prerope_query_states(module, hidden)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = (q * cos + rope.rotate_half(q) * sin).to(keys.dtype)
+        nq = q.shape[-2]
+        now = st.position[0, 0, -nq:]
+        then = torch.tensor(st.query_positions[-nq:], device=now.device)
+        if self.rotate_keys and not torch.equal(now, then):  # an earlier compression moved these keys
+            q = rope.rerotate(q, then, now, module.rotary_emb.inv_freq.to(keys.device))
+        return q
+
     def _compress(self, module, cache, layer, st: _LayerState):
+        st.materialize()
         keys, values = layer.keys, layer.values
         prefix = self.initial_non_compressible_length
         # score with the buffered queries (fewer than window_size only right after a cache was loaded)
         keep = rkv_select(
-            st.queries, keys, self.budget, self.window_size, prefix, kernel_size=self.kernel_size,
+            self._queries(module, st, keys), keys, self.budget, self.window_size, prefix, kernel_size=self.kernel_size,
             mix_lambda=self.mix_lambda, retain_direction=self.retain_direction, retain_ratio=self.retain_ratio,
         )
         idx = keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
@@ -274,11 +364,7 @@ class RKVPress(BasePress):
             ], dim=-1)
             inv_freq = module.rotary_emb.inv_freq.to(keys.device)
             keys = rope.rerotate(keys, old_pos, new_pos, inv_freq)
-            # the buffered queries belong to the last slots: move them with their keys
-            nq = st.queries.shape[-2]
-            st.queries = rope.rerotate(st.queries, st.query_positions, new_pos[0, 0, -nq:], inv_freq)
-            st.query_positions = new_pos[0, 0, -nq:].clone()
-            st.position = new_pos
+            st.position = new_pos  # the buffered queries follow their keys when next computed (_queries)
             set_next_position(cache, start + kept - prefix)
         else:
             st.position = old_pos

@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 
 from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.inputs import read_text_file
+
+CHUNK_FILE = "a UTF-8 .txt, .json or .jsonl chunk file"
 
 
 class A3InputError(KVPressExtError):
@@ -20,9 +23,11 @@ def split_tokens(ids: list[int], chunk_tokens: int) -> list[list[int]]:
 
 
 def check_chunk_file(path) -> Path:
+    """``path`` if it is an existing UTF-8 file (checked before any model is loaded), else a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise A3InputError(f"chunk file not found: {path}; pass --chunks with a .txt, .json or .jsonl file")
+    read_text_file(path, "--chunks", CHUNK_FILE)
     return path
 
 
@@ -32,7 +37,7 @@ def read_chunk_texts(path) -> list[str]:
 
     path = check_chunk_file(path)
     try:
-        items = parse_json_or_jsonl(path.read_text())
+        items = parse_json_or_jsonl(read_text_file(path, "--chunks", CHUNK_FILE))
     except json.JSONDecodeError as e:
         raise A3InputError(f"{path} is not JSON/JSONL ({e}); use a JSON list of strings, JSONL, or a .txt file") from None
     texts = []
@@ -51,7 +56,8 @@ def load_chunks(path, tokenizer, chunk_tokens: int = 512) -> list[list[int]]:
     """Token ids of every chunk of a chunk file (see the module docstring), encoded without special tokens."""
     path = check_chunk_file(path)
     if path.suffix.lower() == ".txt":
-        ids = list(tokenizer(path.read_text(), add_special_tokens=False, verbose=False)["input_ids"])  # split below
+        text = read_text_file(path, "--chunks", CHUNK_FILE)
+        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # split below
         chunks = split_tokens(ids, chunk_tokens)
     else:
         chunks = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in read_chunk_texts(path)]

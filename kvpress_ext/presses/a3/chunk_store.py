@@ -15,11 +15,17 @@ On disk::
         tensors.safetensors   layer{i}.keys, layer{i}.values, [surprisal]
         metadata.json         token ids, prefix length, fingerprint, layer count, dtype
 
-The model fingerprint includes a hash of the embedding weights, so two random models with the same
-config never share entries. The chunk key hashes the prefix ids too: the same chunk after another
-prefix has other K/V. Entries are written atomically (:func:`kvpress_ext.cache_io.atomic_directory_write`)
-and reused when present. A missing, corrupt or mismatched entry raises :class:`CacheFormatError`, or is
-recomputed when ``recompute_bad=True``.
+    root/store.json                                   marks the directory as a chunk store (kvpress-ext writes
+                                                      only into a missing, empty or marked directory)
+
+The model fingerprint (:func:`kvpress_ext.cache_io.model_fingerprint`, shared with saved caches) hashes the
+config and a sample of every weight, so two models with the same config never share entries. The chunk key
+hashes the prefix ids too: the same chunk after another prefix has other K/V. Each entry is read and written
+under its own file lock (:func:`kvpress_ext.safe_io.path_lock`): concurrent writers of one store never compute
+a chunk twice (the second waits, then reuses it), and a replacement is swapped in atomically and recoverably.
+An entry's metadata lists the checksum of its tensor file; loading validates the metadata (exact keys, known
+format), the checksum and that every value is finite. A missing, damaged or mismatched entry raises
+:class:`CacheFormatError`, or is recomputed when ``recompute_bad=True``.
 
 ``save_surprisal=True`` also stores each token's surprisal ``-log p(token | prefix, earlier chunk
 tokens)`` from the same forward pass (0 for the chunk's first token), for the ``surprisal_chunk``
@@ -28,23 +34,106 @@ strategy.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from kvpress_ext.adapters import get_adapter
-from kvpress_ext.cache_io import atomic_directory_write, model_fingerprint
+from kvpress_ext.cache_io import (
+    check_fields,
+    check_finite,
+    check_version,
+    file_checksum,
+    is_checksum,
+    is_int,
+    model_fingerprint,
+    read_json_object,
+    read_verified_tensors,
+)
+from kvpress_ext.devices import input_device, layer_devices
 from kvpress_ext.errors import CacheFormatError
+from kvpress_ext.safe_io import (
+    OutputPathError,
+    atomic_write_bytes,
+    first_existing,
+    path_lock,
+    recover,
+    replace_directory,
+    sweep,
+)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+KNOWN_FORMATS = (2,)
+STORE_KIND = "kvpress_ext.a3_chunk_store"
+ENTRY_KIND = "kvpress_ext.a3_chunk"
+STORE_MARKER = "store.json"
+SUMMARY = "precompute_summary.json"
 TENSORS = "tensors.safetensors"
 META = "metadata.json"
+FIX = "recompute it (recompute_bad=True) or delete the directory"
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def _is_store_entry(p: Path) -> bool:
+    name = p.name
+    return ((p.is_dir() and bool(_HEX16.fullmatch(name))) or name in (STORE_MARKER, SUMMARY)
+            or (name.startswith(".") and (name.endswith(".lock") or ".tmp-" in name)))
+
+
+def is_store_root(root) -> bool:
+    """True for a chunk store (marked by ``store.json``, or laid out as one: fingerprint directories and our files)."""
+    root = Path(root)
+    if root.is_symlink() or not root.is_dir():
+        return False
+    try:
+        marker = json.loads((root / STORE_MARKER).read_bytes())
+        if isinstance(marker, dict) and marker.get("kind") == STORE_KIND:
+            return True
+    except (OSError, ValueError):
+        pass
+    entries = list(root.iterdir())
+    return bool(entries) and all(_is_store_entry(p) for p in entries)
+
+
+def check_store_root(root, flag: str = "--store") -> Path:
+    """Raise :class:`OutputPathError` unless ``root`` may hold a chunk store: missing, empty, or a store."""
+    root = Path(root)
+    if root.is_symlink() and not root.is_dir():
+        raise OutputPathError(f"{flag} {root} is a broken symbolic link; pass a directory for the chunk store")
+    if not root.exists():
+        parent = first_existing(root.parent)
+        if parent is not None and not parent.is_dir():
+            raise OutputPathError(f"{flag} {root}: {parent} is not a directory; pass a path inside a directory")
+        return root
+    if not root.is_dir():
+        raise OutputPathError(f"{flag} {root} is a file, not a kvpress-ext chunk store (a directory); pass a new "
+                              "directory or an existing store")
+    if any(root.iterdir()) and not is_store_root(root):
+        raise OutputPathError(f"{flag} {root} is a directory that is not a kvpress-ext chunk store (no {STORE_MARKER}); "
+                              "pass a new or empty directory (nothing was written)")
+    return root
+
+
+_ENTRY_SCHEMA = {
+    "kind": lambda v: v == ENTRY_KIND,
+    "format": is_int,
+    "model_fingerprint": lambda v: isinstance(v, str),
+    "model_name": lambda v: v is None or isinstance(v, str),
+    "token_ids": lambda v: isinstance(v, list) and bool(v) and all(is_int(t) for t in v),
+    "prefix_len": is_int,
+    "num_layers": lambda v: is_int(v, 1),
+    "key_layout": lambda v: v == "post-rope at local positions prefix_len + j",
+    "dtype": lambda v: isinstance(v, str),
+    "checksums": lambda v: isinstance(v, dict) and set(v) == {TENSORS} and is_checksum(v[TENSORS]),
+}
 
 
 @dataclass
@@ -85,7 +174,7 @@ class ChunkStore:
 
     def __init__(self, root, model, tokenizer=None, prefix_ids=None, save_surprisal: bool = False,
                  recompute_bad: bool = False):
-        self.root = Path(root)
+        self.root = check_store_root(root, flag="ChunkStore root")
         self.model = model
         self.tokenizer = tokenizer
         if prefix_ids is None:
@@ -94,9 +183,10 @@ class ChunkStore:
         self.prefix_ids = [int(t) for t in prefix_ids]
         self.save_surprisal = save_surprisal
         self.recompute_bad = recompute_bad
-        self.fingerprint = model_fingerprint(model, include_weights=True)
+        self.fingerprint = model_fingerprint(model)
         self.hits = 0
         self.misses = 0
+        self._swept: set[Path] = set()
 
     # --- paths ------------------------------------------------------------------------------------------
     @property
@@ -142,35 +232,67 @@ class ChunkStore:
         return (self.chunk_path(self.encode(chunk), prefix_ids) / META).is_file()
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _claim_root(self) -> None:
+        if (self.root / STORE_MARKER).is_file():
+            return
+        with path_lock(self.root):
+            if not (self.root / STORE_MARKER).is_file():
+                check_store_root(self.root, flag="ChunkStore root")
+                self.root.mkdir(parents=True, exist_ok=True)
+                marker = json.dumps({"kind": STORE_KIND, "format": STORE_FORMAT}).encode()
+                atomic_write_bytes(self.root / STORE_MARKER, marker)
+
     def _get(self, path: Path, ids, prefix, need_surprisal: bool) -> ChunkKV:
-        if path.exists():
+        if path.parent not in self._swept:
+            sweep(path.parent)  # once per directory: finish or undo what killed writers left
+            self._swept.add(path.parent)
+        if path.exists():  # a hit needs no lock: entries appear by rename, complete
             try:
                 entry = self._load(path, ids, prefix)
-                if need_surprisal and entry.surprisal is None:
-                    if not self.save_surprisal:
-                        raise CacheFormatError(
-                            f"Chunk entry {path} has no stored surprisal; build the store with save_surprisal=True."
-                        )
-                else:
+                if not (need_surprisal and entry.surprisal is None):
                     self.hits += 1
                     return entry
             except CacheFormatError:
-                if not self.recompute_bad:
+                pass  # checked again under the lock (a writer may be replacing it right now)
+        with ExitStack() as stack:
+            try:
+                self._claim_root()
+                stack.enter_context(path_lock(path))  # one writer per entry; others wait, then reuse its result
+                locked = True
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                     raise
-        self.misses += 1
-        entry = self._compute(ids, prefix, surprisal=self.save_surprisal or need_surprisal)
-        self._save(path, entry)
-        return entry
+                locked = False  # a read-only store: report what is there, compute nothing
+            if locked and not path.exists():
+                recover(path)  # a replacement killed between its renames: finish or undo it
+            if path.exists() or not locked:
+                try:
+                    entry = self._load(path, ids, prefix)
+                    if need_surprisal and entry.surprisal is None:
+                        if not self.save_surprisal:
+                            raise CacheFormatError(
+                                f"Chunk entry {path} has no stored surprisal; build the store with save_surprisal=True."
+                            )
+                    else:
+                        self.hits += 1
+                        return entry
+                except CacheFormatError:
+                    if not self.recompute_bad or not locked:
+                        raise
+            self.misses += 1
+            entry = self._compute(ids, prefix, surprisal=self.save_surprisal or need_surprisal)
+            self._save(path, entry)
+            return entry
 
     @torch.no_grad()
     def _compute(self, ids, prefix, surprisal: bool) -> ChunkKV:
         model = self.model
-        device = next(model.parameters()).device
+        device = input_device(model)
         cache = DynamicCache()
         if prefix and ids:
             pre = self.prefix(prefix)
-            for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
-                cache.update(k.to(device), v.to(device), i)
+            for i, (k, v, dev) in enumerate(zip(pre.keys, pre.values, layer_devices(model))):
+                cache.update(k.to(dev), v.to(dev), i)
         if ids:
             x = torch.tensor([ids], device=device)
         else:  # the prefix itself
@@ -189,12 +311,15 @@ class ChunkStore:
         return ChunkKV(list(ids) if ids else list(prefix), keys, values, len(prefix) if ids else 0, surp)
 
     def _save(self, path: Path, entry: ChunkKV) -> None:
+        """Write ``entry`` at ``path`` (called holding the entry's lock)."""
         tensors = {}
         for i, (k, v) in enumerate(zip(entry.keys, entry.values)):
             tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"] = k, v
         if entry.surprisal is not None:
             tensors["surprisal"] = entry.surprisal.float().contiguous()
+        check_finite(tensors, f"Chunk entry {path} (not saved)", "the model produced them; check the dtype and inputs")
         meta = {
+            "kind": ENTRY_KIND,
             "format": STORE_FORMAT,
             "model_fingerprint": self.fingerprint,
             "model_name": getattr(self.model.config, "_name_or_path", None),
@@ -203,49 +328,51 @@ class ChunkStore:
             "num_layers": len(entry.keys),
             "key_layout": "post-rope at local positions prefix_len + j",
             "dtype": str(entry.keys[0].dtype),
+            "checksums": {},
         }
 
         def write(tmp: Path):
             save_file(tensors, str(tmp / TENSORS))
+            meta["checksums"][TENSORS] = file_checksum(tmp / TENSORS)
             (tmp / META).write_text(json.dumps(meta))
 
-        atomic_directory_write(path, write)
+        replace_directory(path, write)
 
     def _load(self, path: Path, ids, prefix) -> ChunkKV:
-        try:
-            meta = json.loads((path / META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CacheFormatError(f"Chunk entry {path} has a missing or corrupt {META} ({exc}).") from exc
+        where = f"Chunk entry {path}"
+        if not path.is_dir():
+            raise CacheFormatError(f"{where} is missing or not a directory; {FIX}.")
+        meta = read_json_object(path / META, where, FIX)
+        check_version(meta.get("format"), KNOWN_FORMATS, where, FIX)
+        check_fields(meta, _ENTRY_SCHEMA, where, FIX)
         expected_ids = list(ids) if ids else list(prefix)
         expected_prefix = len(prefix) if ids else 0
         problems = []
-        if meta.get("format") != STORE_FORMAT:
-            problems.append(f"format {meta.get('format')!r} != {STORE_FORMAT}")
-        if meta.get("model_fingerprint") != self.fingerprint:
-            problems.append(f"model fingerprint {meta.get('model_fingerprint')} != {self.fingerprint}")
-        if meta.get("token_ids") != expected_ids:
+        if meta["model_fingerprint"] != self.fingerprint:
+            problems.append(f"model fingerprint {meta['model_fingerprint']} != {self.fingerprint}")
+        if meta["token_ids"] != expected_ids:
             problems.append("stored token ids differ from the chunk's")
-        if meta.get("prefix_len") != expected_prefix:
-            problems.append(f"prefix length {meta.get('prefix_len')} != {expected_prefix}")
+        if meta["prefix_len"] != expected_prefix:
+            problems.append(f"prefix length {meta['prefix_len']} != {expected_prefix}")
         n_layers = len(get_adapter(self.model).layers(self.model))
-        if meta.get("num_layers") != n_layers:
-            problems.append(f"{meta.get('num_layers')} layers stored, model has {n_layers}")
+        if meta["num_layers"] != n_layers:
+            problems.append(f"{meta['num_layers']} layers stored, model has {n_layers}")
         if problems:
-            raise CacheFormatError(f"Chunk entry {path} does not match: {'; '.join(problems)}. Recompute it "
-                                   "(ChunkStore(..., recompute_bad=True)) or delete the directory.")
-        try:
-            tensors = load_file(str(path / TENSORS))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CacheFormatError(f"Chunk entry {path}: cannot read {TENSORS} ({exc}); it is corrupt.") from exc
+            raise CacheFormatError(f"{where} does not match: {'; '.join(problems)}; {FIX}.")
+        tensors = read_verified_tensors(path / TENSORS, meta["checksums"][TENSORS], where, FIX)
+        names = {f"layer{i}.{kind}" for i in range(n_layers) for kind in ("keys", "values")}
+        if not names <= set(tensors) or set(tensors) - names - {"surprisal"}:
+            raise CacheFormatError(f"{where}: {TENSORS} holds other tensors than a chunk entry has; {FIX}.")
+        check_finite(tensors, where, FIX)
         keys, values = [], []
         for i in range(n_layers):
-            k, v = tensors.get(f"layer{i}.keys"), tensors.get(f"layer{i}.values")
-            if k is None or v is None or k.shape[-2] != len(expected_ids) or v.shape[-2] != len(expected_ids):
-                raise CacheFormatError(f"Chunk entry {path}: layer {i} tensors are missing or of the wrong length.")
+            k, v = tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]
+            if k.dim() != 4 or v.dim() != 4 or k.shape[-2] != len(expected_ids) or v.shape[-2] != len(expected_ids):
+                raise CacheFormatError(f"{where}: layer {i} tensors have the wrong shape; {FIX}.")
             keys.append(k)
             values.append(v)
         surprisal = tensors.get("surprisal")
         if surprisal is not None and surprisal.numel() != len(expected_ids):
-            raise CacheFormatError(f"Chunk entry {path}: surprisal has {surprisal.numel()} values, "
-                                   f"chunk has {len(expected_ids)} tokens.")
+            raise CacheFormatError(f"{where}: surprisal has {surprisal.numel()} values, "
+                                   f"chunk has {len(expected_ids)} tokens; {FIX}.")
         return ChunkKV(expected_ids, keys, values, expected_prefix, surprisal)

@@ -15,6 +15,7 @@ import torch
 
 from kvpress_ext.adapters import get_adapter
 from kvpress_ext.apply import drives_model, manages_whole_cache
+from kvpress_ext.devices import execution_device
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.registry import get_press
 
@@ -38,9 +39,12 @@ def evict_cache(model, result, name: str, kwargs: dict | None = None):
     pos = torch.arange(total, device=cache.layers[0].keys.device)
     press.post_init_from_model(model)
     rotary = adapter.rotary_embedding(model)
+    rotary_device = execution_device(rotary)
     for module, hidden in zip(adapter.attention_modules(model), result.layer_inputs):
-        cos_sin = rotary(hidden, pos.unsqueeze(0))
-        raw = {"hidden_states": hidden, "past_key_values": cache, "layer_past": cache, "cache_position": pos,
+        # layers may sit on different devices (device_map): RoPE tables and positions go where the layer is
+        cos_sin = tuple(t.to(hidden.device) for t in rotary(hidden.to(rotary_device), pos.unsqueeze(0).to(rotary_device)))
+        layer_pos = pos.to(hidden.device)
+        raw = {"hidden_states": hidden, "past_key_values": cache, "layer_past": cache, "cache_position": layer_pos,
                "position_embeddings": cos_sin}
         view = adapter.press_view(model, module)
         press.forward_hook(view, [hidden], adapter.hook_kwargs(module, (), raw), (None, None))

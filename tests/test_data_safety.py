@@ -1,0 +1,572 @@
+"""Nothing lost, nothing silently wrong (issue 13, sections 1-2).
+
+* Tamper tests for each saved format (a saved KV cache, an A3 chunk entry): truncation, flipped bytes, NaN/Inf,
+  another model's weights, bad metadata (pickle, list, missing/extra/ill-typed keys), unknown versions and a
+  pickle in place of the tensors are each refused with one line naming the fix; the repair path (save again /
+  ``recompute_bad``) restores exactly the original tensors.
+* Data-loss tests: an existing file or a user's directory at an output path is left byte for byte as it was,
+  with exit status 2 and one line (``icl precompute --out``, ``a3 precompute --store``, ``--json``, ``--csv``,
+  ``--output_dir``, ``--out_dir``).
+* Recovery: a replacement killed between its renames is finished (or undone) by the next open, and stale
+  ``.NAME.tmp-*`` temporaries are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, shared_path
+from transformers import DynamicCache
+
+from kvpress_ext import cache_io, safe_io
+from kvpress_ext.cache_io import load_cache, model_fingerprint, save_cache
+from kvpress_ext.cli import main
+from kvpress_ext.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.presses.a3 import ChunkStore
+from kvpress_ext.safe_io import OutputPathError
+from kvpress_ext.testing import tiny_model
+
+CHUNK = [5, 9, 17, 33, 65, 3, 7]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=2)
+
+
+def _filled_cache(model):
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7, 11]]), past_key_values=cache)
+    return cache
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` (hidden ones too) with the sha256 of each file: equal snapshots = untouched."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+# --- the two saved formats, behind one interface ------------------------------------------------------------------
+class IclCache:
+    """A saved KV cache (``icl precompute`` output): load = load_cache(model); repair = save it again."""
+
+    version_key = "format_version"
+    missing_key = "seq_lengths"
+
+    def __init__(self, tmp_path, model):
+        self.model, self.dir = model, tmp_path / "cache"
+        self.cache = _filled_cache(model)
+        save_cache(self.cache, self.dir, model=model)
+        self.original = load_cache(self.dir, model=model)[0]
+
+    def load(self, model=None):
+        return load_cache(self.dir, model=model or self.model)
+
+    def repair(self):
+        save_cache(self.cache, self.dir, model=self.model)  # replacing a damaged cache of ours is allowed
+        loaded = load_cache(self.dir, model=self.model)[0]
+        return [layer.keys for layer in loaded.layers], [layer.keys for layer in self.original.layers]
+
+    def foreign(self, other):
+        with pytest.raises(CacheFormatError, match="another model"):
+            load_cache(self.dir, model=other)
+
+
+class A3Entry:
+    """One chunk entry of an A3 store: load = a fresh store's get; repair = recompute_bad=True."""
+
+    version_key = "format"
+    missing_key = "token_ids"
+
+    def __init__(self, tmp_path, model):
+        self.model, self.root = model, tmp_path / "store"
+        self.original = ChunkStore(self.root, model).get(CHUNK)
+        self.dir = ChunkStore(self.root, model).chunk_path(CHUNK)
+
+    def load(self):
+        return ChunkStore(self.root, self.model).get(CHUNK)
+
+    def repair(self):
+        store = ChunkStore(self.root, self.model, recompute_bad=True)
+        entry = store.get(CHUNK)
+        assert store.misses == 1
+        return entry.keys + entry.values, self.original.keys + self.original.values
+
+    def foreign(self, other):
+        # another model's store directory holding this model's entry (copied there by hand)
+        store = ChunkStore(self.root, other)
+        target = store.chunk_path(CHUNK)
+        target.parent.mkdir(parents=True)
+        os.rename(self.dir, target)
+        with pytest.raises(CacheFormatError, match="model fingerprint"):
+            store.get(CHUNK)
+
+
+FORMATS = {"icl_cache": IclCache, "a3_chunk": A3Entry}
+
+
+def _meta(d: Path) -> dict:
+    return json.loads((d / "metadata.json").read_text())
+
+
+def _write_meta(d: Path, meta) -> None:
+    (d / "metadata.json").write_text(json.dumps(meta))
+
+
+def _refresh_checksum(d: Path) -> None:
+    meta = _meta(d)
+    meta["checksums"]["tensors.safetensors"] = cache_io.file_checksum(d / "tensors.safetensors")
+    _write_meta(d, meta)
+
+
+def _data_offset(f: Path) -> int:
+    return 8 + struct.unpack("<Q", f.read_bytes()[:8])[0]
+
+
+def _poke(d: Path, value: bytes, fix_checksum: bool) -> None:
+    """Overwrite the first float32 of the tensor data with ``value`` (NaN, Inf or a flipped byte)."""
+    f = d / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    at = _data_offset(f) + 4 * 3
+    data[at:at + len(value)] = value
+    f.write_bytes(bytes(data))
+    if fix_checksum:
+        _refresh_checksum(d)
+
+
+def _flip(d: Path) -> None:
+    f = d / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    at = (_data_offset(f) + len(data)) // 2
+    data[at] ^= 0x40
+    f.write_bytes(bytes(data))
+
+
+def _truncate(d: Path) -> None:
+    f = d / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _pickle_tensors(d: Path, fix_checksum: bool) -> None:
+    f = d / "tensors.safetensors"
+    from safetensors.torch import load
+
+    torch.save(load(f.read_bytes()), f)  # a pickle where safetensors belong: never unpickled
+    if fix_checksum:
+        _refresh_checksum(d)
+
+
+def _extra_tensor(d: Path) -> None:
+    from safetensors.torch import load, save_file
+
+    f = d / "tensors.safetensors"
+    tensors = load(f.read_bytes())
+    tensors["smuggled"] = torch.zeros(3)
+    save_file(tensors, str(f))
+    _refresh_checksum(d)
+
+
+def _edit_meta(fn):
+    def tamper(d: Path, fmt) -> None:
+        meta = _meta(d)
+        result = fn(meta, fmt)
+        _write_meta(d, meta if result is None else result)
+    return tamper
+
+
+NAN, INF = struct.pack("<f", float("nan")), struct.pack("<f", float("inf"))
+TAMPERS = {
+    "truncate": (lambda d, f: _truncate(d), "does not match its checksum"),
+    "flip_data_byte": (lambda d, f: _flip(d), "does not match its checksum"),
+    "nan_bytes": (lambda d, f: _poke(d, b"\xff\xff\xff\xff", False), "does not match its checksum"),
+    "nan_with_forged_checksum": (lambda d, f: _poke(d, NAN, True), "NaN or Inf"),
+    "inf_with_forged_checksum": (lambda d, f: _poke(d, INF, True), "NaN or Inf"),
+    "pickle_as_tensors": (lambda d, f: _pickle_tensors(d, False), "does not match its checksum"),
+    "pickle_as_tensors_forged_checksum": (lambda d, f: _pickle_tensors(d, True), "cannot read tensors.safetensors"),
+    "extra_tensor": (lambda d, f: _extra_tensor(d), "other tensors"),
+    "metadata_pickle": (lambda d, f: (d / "metadata.json").write_bytes(pickle.dumps(_meta(d))), "not valid JSON"),
+    "metadata_list": (_edit_meta(lambda m, f: [m]), "JSON list, not an object"),
+    "metadata_missing_key": (_edit_meta(lambda m, f: m.pop(f.missing_key) and None), "missing"),
+    "metadata_extra_key": (_edit_meta(lambda m, f: m.update(surprise=1)), "unexpected surprise"),
+    "metadata_missing_checksum": (_edit_meta(lambda m, f: m.pop("checksums") and None), "missing checksums"),
+    "fingerprint_null": (_edit_meta(lambda m, f: m.update(model_fingerprint=None)), "invalid model_fingerprint"),
+    "fingerprint_missing": (_edit_meta(lambda m, f: m.pop("model_fingerprint") and None), "missing model_fingerprint"),
+    "version_0": (_edit_meta(lambda m, f: m.update({f.version_key: 0})), "unknown format version 0"),
+    "version_negative": (_edit_meta(lambda m, f: m.update({f.version_key: -3})), "unknown format version -3"),
+    "version_string": (_edit_meta(lambda m, f: m.update({f.version_key: "2"})), "unknown format version '2'"),
+    "version_bool": (_edit_meta(lambda m, f: m.update({f.version_key: True})), "unknown format version True"),
+    "version_missing": (_edit_meta(lambda m, f: m.pop(f.version_key) and None), "unknown format version None"),
+    "version_newer": (_edit_meta(lambda m, f: m.update({f.version_key: 99})), "newer than this kvpress_ext"),
+    "version_older": (_edit_meta(lambda m, f: m.update({f.version_key: 1})), "older than this kvpress_ext"),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_tampered_file_is_refused_in_one_line_and_repaired(fmt, tamper, model, tmp_path):
+    saved = FORMATS[fmt](tmp_path, model)
+    apply, message = TAMPERS[tamper]
+    apply(saved.dir, saved)
+    with pytest.raises(CacheFormatError, match=message) as info:
+        saved.load()
+    assert "\n" not in str(info.value)
+    if "version" in tamper and "newer" not in message:
+        assert "newer" not in str(info.value)
+    got, want = saved.repair()
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_foreign_weights_with_the_same_config_are_refused(fmt, model, tmp_path):
+    other = tiny_model("llama", layers=2, seed=1)
+    assert other.config.to_dict() == model.config.to_dict()
+    assert model_fingerprint(other) != model_fingerprint(model)
+    FORMATS[fmt](tmp_path, model).foreign(other)
+
+
+def test_fingerprint_sees_weights_beyond_the_embedding(model):
+    twin = tiny_model("llama", layers=2)
+    assert model_fingerprint(twin) == model_fingerprint(model)  # same weights, same fingerprint
+    with torch.no_grad():
+        twin.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    assert model_fingerprint(twin) != model_fingerprint(model)
+
+
+def test_saving_nan_is_refused(model, tmp_path):
+    cache = _filled_cache(model)
+    cache.layers[1].values[0, 0, 2, 0] = float("nan")
+    with pytest.raises(CacheFormatError, match="NaN or Inf"):
+        save_cache(cache, tmp_path / "c", model=model)
+    assert not (tmp_path / "c").exists()
+
+
+# --- data loss: what is not ours stays as it was -------------------------------------------------------------------
+def _user_files(tmp_path: Path) -> dict[str, Path]:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    user_dir = tmp_path / "mydir"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("\\section{Intro}\n")
+    return {"file": notes, "dir": user_dir}
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def _assert_refused(rc, err, before, tmp_path):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("target", ["file", "dir"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_icl_precompute_never_overwrites_what_is_not_a_cache(target, recompute, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"question": "q", "solution": "s", "answer": "a"}]))
+    out = _user_files(tmp_path)[target]
+    before = snapshot(tmp_path)
+    rc, err = _run(capsys, "icl", "precompute", "--data", data, "--model", "unused-model-never-loaded", "--out", out,
+                   *(["--recompute"] if recompute else []))
+    _assert_refused(rc, err, before, tmp_path)
+    assert "not a kvpress-ext cache" in err
+
+
+@pytest.mark.parametrize("target", ["file", "dir"])
+def test_a3_precompute_never_writes_into_what_is_not_a_store(target, tmp_path, capsys):
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(["one chunk"]))
+    store = _user_files(tmp_path)[target]
+    before = snapshot(tmp_path)
+    rc, err = _run(capsys, "a3", "precompute", "--model", "unused", "--chunks", chunks, "--store", store)
+    _assert_refused(rc, err, before, tmp_path)
+    rc, err = _run(capsys, "a3", "ask", "--model", "unused", "--chunks", chunks, "--store", store, "--question", "q",
+                   "--compute_missing")
+    _assert_refused(rc, err, before, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["file", "dir"])
+def test_json_outputs_never_replace_other_files(target, tmp_path, capsys):
+    out = _user_files(tmp_path)[target]
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(["one chunk"]))
+    evals = tmp_path / "eval.json"
+    evals.write_text(json.dumps({"records": []}))
+    before = snapshot(tmp_path)
+    for argv in (["generate", "--model", "unused", "--prompt", "hi", "--json", out],
+                 ["a3", "ask", "--model", "unused", "--chunks", chunks, "--store", tmp_path / "s", "--question", "q",
+                  "--compute_missing", "--json", out],
+                 ["icl", "score", "--eval", evals, "--csv", out]):
+        rc, err = _run(capsys, *argv)
+        _assert_refused(rc, err, before, tmp_path)
+
+
+def test_output_file_rule(tmp_path):
+    js = tmp_path / "old.json"
+    js.write_text('{"a": 1}')
+    safe_io.write_output(js, '{"b": 2}')  # a JSON file (an earlier output) is replaced, atomically
+    assert json.loads(js.read_text()) == {"b": 2}
+    safe_io.write_output(tmp_path / "new" / "deeper" / "out.json", "{}")  # missing directories are created
+    empty = tmp_path / "empty.json"
+    empty.touch()
+    safe_io.write_output(empty, "{}")  # an empty file holds nothing to lose
+    (tmp_path / "link.json").symlink_to(js)
+    with pytest.raises(OutputPathError, match="symbolic link"):
+        safe_io.write_output(tmp_path / "link.json", "{}")
+    (tmp_path / "plot.png").write_text("not a png")
+    with pytest.raises(OutputPathError, match="image"):
+        safe_io.check_output_file(tmp_path / "plot.png", kind="image", flag="--plot")
+    with pytest.raises(OutputPathError, match="not a directory"):
+        safe_io.check_output_file(js / "x.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "link.json", "new", "old.json", "plot.png"]
+
+
+def test_results_directories_must_be_ours(tmp_path, capsys):
+    user_dir = _user_files(tmp_path)["dir"]
+    with pytest.raises(OutputPathError, match="did not create"):
+        safe_io.claim_output_dir(user_dir)
+    before = snapshot(tmp_path)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"question": "q", "solution": "s", "answer": "a"}]))
+    before = snapshot(tmp_path)
+    rc, err = _run(capsys, "icl", "grid", "--data", data, "--model", "unused", "--budgets", "16", "--out_dir", user_dir)
+    _assert_refused(rc, err, before, tmp_path)
+    spec = importlib.util.spec_from_file_location("ppl_script", REPO / "evaluation" / "perplexity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = tmp_path / "t.txt"
+    text.write_text("once upon a time " * 20)
+    before = snapshot(tmp_path)
+    rc = script.main(["--model", "unused", "--dataset", "text", "--text_file", str(text), "--press", "no_press",
+                      "--output_dir", str(user_dir)])
+    _assert_refused(rc, capsys.readouterr().err, before, tmp_path)
+    assert script.main(["--summarize", str(user_dir)]) == 2
+    # a directory of earlier results (summary + JSON objects only), or one marked ours, is reused
+    old = tmp_path / "old_results"
+    old.mkdir()
+    (old / "summary.md").write_text("# Perplexity sweep\n")
+    (old / "run.json").write_text("{}")
+    assert safe_io.claim_output_dir(old) == old and (old / safe_io.RESULTS_MARKER).is_file()
+    (user_dir / safe_io.RESULTS_MARKER).touch()
+    assert safe_io.claim_output_dir(user_dir) == user_dir
+
+
+def test_library_save_refuses_foreign_targets(model, tmp_path):
+    files = _user_files(tmp_path)
+    before = snapshot(tmp_path)
+    for target in files.values():
+        with pytest.raises(KVPressExtError, match="not a kvpress-ext cache"):
+            save_cache(_filled_cache(model), target, model=model)
+        with pytest.raises(KVPressExtError, match="not a kvpress-ext chunk store"):
+            ChunkStore(target, model)
+    assert snapshot(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    save_cache(_filled_cache(model), tmp_path / "empty", model=model)  # an empty directory is fine
+    assert load_cache(tmp_path / "empty", model=model)[1]["num_layers"] == 2
+
+
+def test_perplexity_report_parses_arguments_and_writes_only_where_told(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("ppl_report", REPO / "evaluation" / "perplexity_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    tracked = REPO / "docs" / "results" / "perplexity_ratios.png"
+    tracked_hash = hashlib.sha256(tracked.read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--help"])
+    assert exit_info.value.code == 0
+    assert report.main([]) == 2  # no sweep results here: one line, nothing written
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == {"docs": "dir", "docs/results": "dir"}
+    # with results, it writes exactly the two paths it is given
+    def record(name, ppl):
+        return {"press": {"name": name, "compression_ratio": None, "params": {}}, "status": "ok",
+                "perplexity": {"ppl": ppl}, "cache": {"cache_bytes_end": 1000}, "speed": {"decode_tok_per_s": 50.0},
+                "versions": {"torch": "t", "transformers": "tr", "kvpress": "k"}}
+    for d, name, ppl in [("no_press", "no_press", 4.0), ("sweep_r0.25", "snapkv", 4.1), ("sweep_r0.5", "snapkv", 4.2),
+                         ("sweep_r0.75", "snapkv", 4.4)]:
+        (tmp_path / "res" / d).mkdir(parents=True)
+        (tmp_path / "res" / d / "r.json").write_text(json.dumps(record(name, ppl)))
+    assert report.main(["--results_dir", "res", "--markdown", "out/p.md", "--plot", "out/p.png"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.md", "p.png"]
+    assert "snapkv" in (tmp_path / "out" / "p.md").read_text()
+    assert (tmp_path / "out" / "p.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in (tmp_path / "docs" / "results").iterdir()) == []
+    assert hashlib.sha256(tracked.read_bytes()).hexdigest() == tracked_hash
+
+
+# --- recovery of an interrupted replacement ------------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands for SIGKILL: no handler of ours runs (replace_directory only cleans up after its write step)."""
+
+
+def _kill_at_rename(monkeypatch, n):
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == n:
+            raise Killed
+        real(src, dst)
+
+    monkeypatch.setattr(safe_io.os, "rename", rename)
+
+
+@pytest.mark.parametrize("killed_at, expect", [(1, "old"), (2, "old"), (3, "new")])
+def test_replacement_killed_between_renames_is_recovered(killed_at, expect, model, tmp_path, monkeypatch):
+    """Renames: tmp -> .c.new-*, c -> .c.old-*, .c.new-* -> c. A kill before the third leaves no ``c``; the next
+    open finishes the swap (the new cache is complete) or, before the new one was complete, keeps the old one."""
+    path = tmp_path / "c"
+    save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
+    with monkeypatch.context() as m:
+        _kill_at_rename(m, killed_at)
+        with pytest.raises(Killed):
+            save_cache(_filled_cache(model), path, model=model, extra={"v": "new"})
+    if killed_at == 3:
+        assert not path.exists() and [p.name[:7] for p in sorted(tmp_path.iterdir())] == [".c.new-", ".c.old-"]
+    assert load_cache(path, model=model)[1]["extra"] == {"v": expect}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # nothing left over
+
+
+def test_only_old_copy_left_is_restored_and_stale_temporaries_removed(model, tmp_path):
+    path = tmp_path / "c"
+    save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
+    os.rename(path, tmp_path / ".c.old-123-dead")
+    (tmp_path / ".c.tmp-456-dead").mkdir()
+    (tmp_path / ".c.tmp-456-dead" / "tensors.safetensors").write_bytes(b"partial")
+    assert load_cache(path, model=model)[1]["extra"] == {"v": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    # the same in an A3 store: a killed writer's temporary entry is removed when the entry is next opened
+    store = ChunkStore(tmp_path / "s", model)
+    entry = store.chunk_path(CHUNK)
+    entry.parent.mkdir(parents=True)
+    (entry.parent / f".{entry.name}.tmp-1-dead").mkdir()
+    store.get(CHUNK)
+    assert entry.is_dir() and not [p for p in entry.parent.iterdir() if p.name.startswith(".")]
+
+
+def _save_then_die_at_third_rename(path):
+    real, n = os.rename, [0]
+
+    def rename(a, b):
+        n[0] += 1
+        if n[0] == 3:
+            os._exit(9)  # like SIGKILL: no cleanup, no finally, the lock freed by the kernel
+        real(a, b)
+
+    safe_io.os.rename = rename
+    model = tiny_model("llama", layers=2)
+    save_cache(_filled_cache(model), path, model=model, extra={"v": "new"})
+    os._exit(0)
+
+
+def test_real_kill_between_renames_then_next_run_finishes(model, tmp_path):
+    """The same with a real process (forked) that dies after moving the old cache aside."""
+    import multiprocessing
+
+    path = tmp_path / "c"
+    save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
+    proc = multiprocessing.get_context("fork").Process(target=_save_then_die_at_third_rename, args=(path,))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 9
+    assert not path.exists()  # killed with the old cache moved aside and the new one not yet in place
+    assert load_cache(path, model=model)[1]["extra"] == {"v": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the dead writer's lock file is gone too
+
+
+# --- command line: tampered files exit 2 with one line; the repair flag repairs ---------------------------------
+@pytest.fixture(scope="module")
+def stories_dir():
+    return str(shared_path("models", "stories260k"))
+
+
+@pytest.mark.parametrize("tamper", ["flip_data_byte", "nan_with_forged_checksum", "metadata_pickle", "version_0",
+                                    "version_missing", "metadata_extra_key"])
+def test_cli_a3_tampered_entry_exits_2_then_recompute_bad_repairs(tamper, stories_dir, tmp_path, capsys):
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(["Tom had a big red ball.", "The dog was sad."]))
+    store = tmp_path / "store"
+    args = ["a3", "precompute", "--model", stories_dir, "--chunks", chunks, "--store", store]
+    assert _run(capsys, *args)[0] == 0
+    entries = sorted(p for p in store.glob("*/chunk-*"))
+    good = {p.name: snapshot(p) for p in entries}
+    TAMPERS[tamper][0](entries[0], A3Entry)
+    rc, err = _run(capsys, *args)
+    errors = [line for line in err.splitlines() if "error" in line]  # (stderr also holds the progress bar)
+    assert rc == 2 and len(errors) == 1 and "--recompute_bad" in errors[0] and "Traceback" not in err, err
+    assert _run(capsys, *args, "--recompute_bad")[0] == 0
+    assert {p.name: snapshot(p) for p in entries} == good  # recomputed bit for bit (deterministic CPU forward)
+    summary = json.loads((store / "precompute_summary.json").read_text())
+    assert (summary["computed"], summary["reused"]) == (1, 1)
+
+
+@pytest.mark.parametrize("tamper", ["truncate", "inf_with_forged_checksum", "metadata_list", "fingerprint_missing",
+                                    "version_string"])
+def test_cli_icl_tampered_cache_exits_2_then_recompute_repairs(tamper, stories_dir, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"question": "Tom has 2 apples and gets 3 more.", "solution": "5", "answer": "5"}]))
+    out = tmp_path / "cache"
+    pre = ["icl", "precompute", "--data", data, "--model", stories_dir, "--out", out, "--mode", "none",
+           "--budget", "32", "--window_size", "4"]
+    assert _run(capsys, *pre)[0] == 0
+    TAMPERS[tamper][0](out, IclCache)
+    for argv in (pre, ["icl", "eval", "--cache", out, "--model", stories_dir, "--question", "q", "--max_new_tokens",
+                       "2", "--out", tmp_path / "e.json"]):
+        rc, err = _run(capsys, *argv)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "e.json").exists()
+    assert _run(capsys, *pre, "--recompute")[0] == 0
+    assert load_cache(out)[1]["extra"]["mode"] == "none"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_both_checksum_algorithms_verify_and_unknown_ones_are_refused(fmt, model, tmp_path):
+    saved = FORMATS[fmt](tmp_path, model)
+    assert _meta(saved.dir)["checksums"]["tensors.safetensors"].startswith("xxh3_128:")  # xxhash ships with datasets
+    meta = _meta(saved.dir)
+    meta["checksums"]["tensors.safetensors"] = cache_io.file_checksum(saved.dir / "tensors.safetensors", "sha256")
+    _write_meta(saved.dir, meta)
+    saved.load()  # a sha256 checksum (written where xxhash is missing) verifies too
+    meta["checksums"]["tensors.safetensors"] = "md5:" + "0" * 32
+    _write_meta(saved.dir, meta)
+    with pytest.raises(CacheFormatError, match="invalid checksums"):
+        saved.load()
+
+
+@pytest.mark.parametrize("version, message", [(1, None), (0, "unknown"), (-1, "unknown"), ("1", "unknown"),
+                                              (True, "unknown"), (2, "this version reads 1")])
+def test_clusters_file_versions_and_centroids(version, message, tmp_path):
+    """The third saved format, a clusters JSON file: known version only, finite centroids."""
+    from kvpress_ext.icl.cluster import load_clusters
+    from kvpress_ext.icl.workflow import ICLInputError
+
+    saved = {"format": version, "embedder": "e", "centroids": [[0.5, 1.0]], "clusters": [[0]],
+             "records": [{"question": "q"}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(saved))
+    if message is None:
+        assert load_clusters(path)["centroids"] == [[0.5, 1.0]]
+        path.write_text(json.dumps(saved).replace("0.5", "NaN"))
+        message = "non-finite centroids"
+    with pytest.raises(ICLInputError, match=message):
+        load_clusters(path)

@@ -1,0 +1,145 @@
+"""Position tracking (kvpress_ext.positions) against plain transformers runs: caches filled elsewhere, inputs
+given as embeddings, caller-supplied cache positions and attention masks, padded batches."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_ext.apply import apply_press
+from kvpress_ext.positions import PositionState, next_position, position_state
+from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+
+TOL = 1e-5
+
+
+def _ids(n, seed=0, batch=1):
+    return torch.randint(4, 120, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cache_filled_elsewhere_continues_at_its_length(tiny_models):
+    """A cache prefilled outside apply_press gets a state from its length; decoding inside continues there."""
+    model = tiny_models["llama"]
+    ids, nxt = _ids(9), _ids(2, seed=1)
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        model(input_ids=ids, past_key_values=ref_cache)
+        ref = model(input_ids=nxt, past_key_values=ref_cache).logits
+        cache = DynamicCache()
+        model(input_ids=ids, past_key_values=cache)  # no tracking: no state yet
+        assert position_state(cache) == PositionState(next_position=9, seen_tokens=9, rotated=False)
+        with apply_press(None, model):
+            out = model(input_ids=nxt, past_key_values=cache).logits
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+    assert next_position(cache) == 11 and position_state(cache).seen_tokens == 11
+
+
+def test_inputs_given_as_embeddings_are_tracked(tiny_models):
+    model = tiny_models["qwen3"]
+    ids = _ids(12)
+    emb = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        ref = [model(inputs_embeds=emb[:, :8], past_key_values=ref_cache).logits,
+               model(inputs_embeds=emb[:, 8:], past_key_values=ref_cache).logits]
+        cache = DynamicCache()
+        with apply_press(None, model):
+            out = [model(inputs_embeds=emb[:, :8], past_key_values=cache).logits,
+                   model(inputs_embeds=emb[:, 8:], past_key_values=cache).logits]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+    assert next_position(cache) == 12
+
+
+def _stream(model, chunks, press, extra=None):
+    """Feed ``chunks`` under ``press``; ``extra(cache, chunk)`` adds keyword arguments to each forward."""
+    cache, logits = DynamicCache(), []
+    with torch.no_grad(), apply_press(press, model):
+        for chunk in chunks:
+            kwargs = extra(cache, chunk) if extra else {}
+            logits.append(model(input_ids=chunk, past_key_values=cache, **kwargs).logits)
+    return cache, logits
+
+
+def test_cache_position_and_mask_from_the_caller_follow_the_compressed_cache(tiny_models):
+    """After an eviction the caller's own counts (transformers' generate passes cache_position and an all-ones
+    attention_mask that count evicted tokens) must not leak into the forward: the physical index drives the
+    causal mask. Chunks of several tokens make the causal mask matter."""
+    model = tiny_models["llama"]
+    ids = _ids(40, seed=2)
+    chunks = [ids[:, i : i + 5] for i in range(0, 40, 5)]
+    press = LazyStreamingPress(n_sink=2, window=8, slack=5)
+    ref_cache, ref = _stream(model, chunks, press)
+    assert position_state(ref_cache).seen_tokens == 40 and ref_cache.get_seq_length() < 20  # tokens were evicted
+
+    def logical(cache, chunk):
+        seen = position_state(cache).seen_tokens
+        n = chunk.shape[1]
+        return {"cache_position": torch.arange(seen, seen + n), "attention_mask": torch.ones(1, seen + n)}
+
+    _, out = _stream(model, chunks, LazyStreamingPress(n_sink=2, window=8, slack=5), extra=logical)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+def test_padded_batch_with_a_compressed_cache_is_refused(tiny_models):
+    model = tiny_models["llama"]
+    ids = _ids(30, seed=3, batch=2)
+    cache = DynamicCache()
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.no_grad(), apply_press(LazyStreamingPress(n_sink=2, window=8, slack=4), model):
+        model(input_ids=ids[:, :20], past_key_values=cache)  # 20 > cap 14: compacted
+        assert cache.get_seq_length() < position_state(cache).seen_tokens
+        with pytest.raises(ValueError, match=r"Padded batches cannot be used with a compressed cache: run one "
+                                             r"sequence at a time \(batch size 1\) or without padding\."):
+            model(input_ids=ids[:, 20:], past_key_values=cache, attention_mask=mask)
+
+
+def test_padded_batch_without_compression_equals_transformers(tiny_models):
+    """Nothing evicted: a left-padded batch is tracked and its mask kept, as transformers itself would run it."""
+    model = tiny_models["llama"]
+    ids = _ids(10, seed=4, batch=2)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    step = _ids(1, seed=5, batch=2)
+    step_mask = torch.ones(2, 11, dtype=torch.long)
+    step_mask[1, :4] = 0
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        ref = [model(input_ids=ids, attention_mask=mask, past_key_values=ref_cache).logits]
+        ref.append(model(input_ids=step, attention_mask=step_mask, past_key_values=ref_cache).logits)
+        cache = DynamicCache()
+        with apply_press(None, model):
+            out = [model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits]
+            out.append(model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
+    # compare the rows transformers defines: the real tokens of each sequence
+    torch.testing.assert_close(out[0][0], ref[0][0], atol=TOL, rtol=TOL)
+    torch.testing.assert_close(out[0][1, 4:], ref[0][1, 4:], atol=TOL, rtol=TOL)
+    torch.testing.assert_close(out[1], ref[1], atol=TOL, rtol=TOL)
+    # and the padding really was used: without the mask the padded row differs
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+    assert (unmasked[1, 4:] - ref[0][1, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_positions_are_made_on_the_inputs_device(tiny_models, arch):
+    """The hook builds cache_position/position_ids on the device of the inputs, not torch's default device: a
+    CPU model run while another default device is set (as a CUDA model runs while the default is the CPU)
+    gives the plain run's logits. ("meta" stands in for the other device: this check runs without a GPU.)"""
+    model = tiny_models[arch]
+    ids = _ids(6, seed=6, batch=2)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # padding: the causal mask is built from cache_position
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        ref = [model(input_ids=ids, past_key_values=ref_cache, attention_mask=mask[:, :6]).logits]
+        ref.append(model(input_ids=ids[:, :1], past_key_values=ref_cache, attention_mask=mask).logits)
+        cache = DynamicCache()
+        with torch.device("meta"), apply_press(None, model):
+            out = [model(input_ids=ids, past_key_values=cache, attention_mask=mask[:, :6]).logits]
+            out.append(model(input_ids=ids[:, :1], past_key_values=cache, attention_mask=mask).logits)
+    for a, b in zip(out, ref):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a[0], b[0], atol=TOL, rtol=TOL)
+        torch.testing.assert_close(a[1, -4:], b[1, -4:], atol=TOL, rtol=TOL)

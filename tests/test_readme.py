@@ -1,0 +1,169 @@
+"""README.md is true: every command and Python block runs as written from a fresh copy of the repository with
+``../shared`` beside it (with smaller sizes), prints what the README says, without noise; its excerpts of program
+output and example files are what the code gives now (docs/build_readme_excerpts.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+#: Blocks that are run; ``text`` blocks show output, ``toml`` blocks are excerpts of files (checked below).
+RUN, SHOWN = ("bash", "python"), ("text", "toml")
+SKIP = "readme-test: skip"
+#: Smaller sizes for the test, each of which must match the README (so a README change cannot make the test slow).
+SMALLER = [
+    ("--max_eval_tokens 2048", "--max_eval_tokens 600"),
+    ("--max_new_tokens 2000", "--max_new_tokens 120"),
+    ("max_new_tokens=1000,", "max_new_tokens=560,"),
+    ("min_new_tokens=1000,", "min_new_tokens=560,"),
+    ("max_new_tokens=200)", "max_new_tokens=40)"),
+    # The test suite itself: collected (every test module imports), not run again from inside a test.
+    ("python -m pytest -q", "python -m pytest -q --collect-only"),
+]
+NOISE = ("Traceback", "predefined maximum length", "no compression applied")
+#: Our commands hide transformers' per-tensor "Loading weights" bars; a user's own ``pipeline(...)`` call shows them.
+COMMAND_NOISE = ("Loading weights",)
+
+_BLOCK = re.compile(r"^(?:<!-- (?P<marker>[^>]*) -->\n)?```(?P<lang>\w*)\n(?P<body>(?:(?!```).*\n)*)```", re.MULTILINE)
+
+
+def readme_blocks() -> list[dict]:
+    """Every fenced block of README.md: its section, language, body and the marker comment above it."""
+    text = README.read_text()
+    blocks = []
+    for match in _BLOCK.finditer(text):
+        sections = re.findall(r"^## (.+)$", text[: match.start()], re.MULTILINE)
+        blocks.append({"section": sections[-1] if sections else "", "lang": match.group("lang"),
+                       "body": match.group("body"), "marker": match.group("marker") or ""})
+    return blocks
+
+
+def jobs() -> list[tuple[str, str, str]]:
+    """(id, language, code) to run: each bash block alone, the Python blocks of a section as one script (later
+    blocks continue the earlier ones); the small sizes of :data:`SMALLER` substituted."""
+    out, python = [], {}
+    for i, block in enumerate(readme_blocks()):
+        if block["lang"] not in RUN or block["marker"].startswith(SKIP) or "excerpt:" in block["marker"]:
+            continue
+        if block["lang"] == "python":
+            python.setdefault(block["section"], []).append(block["body"])
+        else:
+            out.append((f"bash-{i}-{block['section'].split()[0].lower()}", "bash", block["body"]))
+    out += [(f"python-{section.split()[0].lower()}", "python", "\n".join(bodies)) for section, bodies in python.items()]
+    return [(name, lang, _smaller(code)) for name, lang, code in out]
+
+
+def _smaller(code: str) -> str:
+    for big, small in SMALLER:
+        code = code.replace(big, small)
+    return code
+
+
+def test_readme_blocks_are_runnable_output_or_excerpts():
+    blocks = readme_blocks()
+    assert blocks, "no code blocks found in README.md"
+    for block in blocks:
+        assert block["lang"] in RUN + SHOWN, f"block without a known language ({block['lang']!r}): {block['body'][:80]}"
+        if block["lang"] == "toml":
+            assert "excerpt:" in block["marker"], "toml blocks are excerpts of files"
+    skipped = [b for b in blocks if b["marker"].startswith(SKIP)]
+    assert len(skipped) == 1 and "python3 -m venv" in skipped[0]["body"], "only the venv set-up line may be skipped"
+    text = README.read_text()
+    for big, _small in SMALLER:
+        assert big in text, f"README.md no longer has {big!r}: update SMALLER in tests/test_readme.py"
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory):
+    """The repository's files (tracked and new, not ignored) copied to <tmp>/kvpress-ext, <tmp>/shared beside it."""
+    shared = shared_path()
+    root = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=False)
+    files = [f for f in listed.stdout.split("\0") if f] if listed.returncode == 0 else None
+    copy = root / "kvpress-ext"
+    if files is None:  # not a git checkout: everything but caches and results
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "__pycache__", ".*_cache"))
+    else:
+        for name in files:
+            if (REPO / name).is_file():
+                (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, copy / name)
+    (root / "shared").symlink_to(shared.resolve(), target_is_directory=True)
+    return copy
+
+
+def _run(copy: Path, lang: str, code: str) -> subprocess.CompletedProcess:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(copy),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("KVPRESS_EXT_SHARED", None)  # the README says ../shared
+    if lang == "bash":
+        cmd = ["bash", "-euo", "pipefail", "-c", code]
+    else:
+        script = copy / "readme_block.py"
+        script.write_text(code)
+        cmd = [sys.executable, str(script)]
+    return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.mark.parametrize("name, lang, code", jobs(), ids=[j[0] for j in jobs()])
+def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
+    assert shutil.which("kvpress-ext", path=str(Path(sys.executable).parent)), "install the package: pip install -e ."
+    run = _run(fresh_copy, lang, code)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, f"{name} failed:\n{code}\n--- output ---\n{output[-4000:]}"
+    for noise in NOISE + (COMMAND_NOISE if lang == "bash" else ()):
+        assert noise not in output, f"{name} printed {noise!r}:\n{output[-3000:]}"
+    if "evaluation/perplexity.py" in code and "--executor ray" in code:  # a sweep: a line per cell, the summary
+        assert re.search(r"^no_press +\| uncompressed", run.stdout, re.MULTILINE), run.stdout
+        assert run.stdout.count("knorm ") == 3 and "wrote results/sweep/summary.md" in run.stdout, run.stdout
+    elif "evaluation/perplexity.py" in code:  # the main job: the baseline beside the press, what it kept, units
+        assert re.search(r"^no_press \(baseline\) +uncompressed", run.stdout, re.MULTILINE), run.stdout
+        assert re.search(r"^lazy_streaming +cap_total=256, slack=32 .* MiB \(\d+ %\) .* tok/s .* ms", run.stdout,
+                         re.MULTILINE), run.stdout
+        assert "None" not in run.stdout and "JSON in results/perplexity" in run.stdout
+    if lang == "python" and "pipeline(" in code:  # the quickstart: compression visibly happens, generate is bounded
+        context, kept = map(int, re.search(r"(\d+) context tokens, (\d+) kept in the KV cache", run.stdout).groups())
+        assert 0 < kept < context, run.stdout
+        held = int(re.search(r": (\d+) cache entries \(cap_total 128\)", run.stdout).group(1))
+        assert held <= 128, run.stdout
+    if "a3 ask" in code:
+        assert re.search(r"recomputed \d+/\d+ document tokens", run.stdout) and (fresh_copy / "ask.json").is_file()
+    if "icl precompute" in code:
+        assert (fresh_copy / "cache" / "metadata.json").is_file(), output
+
+
+def _excerpts_module():
+    spec = importlib.util.spec_from_file_location("build_readme_excerpts", REPO / "docs" / "build_readme_excerpts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_excerpts_match_the_code():
+    module = _excerpts_module()
+    text = README.read_text()
+    assert text.count("<!-- excerpt: ") == len(module.EXCERPTS), "every excerpt the builder knows is in README.md"
+    assert module.build(text) == text, "README.md excerpts are stale: run `python docs/build_readme_excerpts.py`"
+
+
+def test_excerpt_builder_replaces_a_stale_block():
+    """The check can fail: a stale list excerpt is rewritten, and the rewrite is what `kvpress-ext list` prints."""
+    module = _excerpts_module()
+    stale = "x\n<!-- excerpt: kvpress-ext list -->\n```text\nPresses (48):\n  old line\n```\ny\n"
+    rebuilt = module.build(stale)
+    assert rebuilt != stale and "old line" not in rebuilt and rebuilt.startswith("x\n") and rebuilt.endswith("```\ny\n")
+    listing = module._list_output()
+    for line in rebuilt.splitlines()[3:-2]:
+        assert line == "  ..." or line in listing.splitlines(), line
