@@ -24,7 +24,7 @@ PARTS = [
     ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory (issue 4)"),
     ("rkv", "R-KV scoring speed (issue 5)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
-    ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
+    ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M (issues 6, 11)"),
 ]
 
 
