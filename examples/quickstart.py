@@ -1,4 +1,4 @@
-"""Each method of kvpress-ext in a few lines, on SmolLM2-135M-Instruct by default (CPU, under a minute).
+"""Each method of kvpress-ext in a few lines, on SmolLM2-135M-Instruct by default (CPU, a minute or two; stories260k: seconds).
 
     python examples/quickstart.py [--model smollm2-135m|stories260k|PATH|HUB_ID] [--stream_tokens 1000]
 
@@ -35,7 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = kvpress_ext.load_model(args.model, device="cpu")  # a short name, a directory or a hub id
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
-    story = text[: text.index("\n\n")] if "\n\n" in text[:2000] else text[:800]  # one story, ~150 tokens
+    story = text[: text.index("\n\n", 1000)] if "\n\n" in text[1000:3000] else text[:1200]  # ~300 tokens
     question = "What happens next in the story?"
 
     # 1. Any press by name (or as an object) through the pipeline.
