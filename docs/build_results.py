@@ -25,6 +25,7 @@ PARTS = [
     ("rkv", "R-KV scoring speed (issue 5)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: LongBench, needle, RULER (issue 6)"),
+    ("models", "Models by short name: smollm2-135m (default), stories260k (issue 10)"),
 ]
 
 
