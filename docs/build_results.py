@@ -25,6 +25,7 @@ PARTS = [
     ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput (issues 5, 12)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M (issues 6, 11)"),
+    ("models", "Models by short name: smollm2-135m (default), stories260k (issue 10)"),
     ("scaling", "Sweeps on Ray and models split with accelerate: overheads (issue 15)"),
     ("threads", "CPU threads: the default of every command (issue 14)"),
 ]

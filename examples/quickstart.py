@@ -1,4 +1,4 @@
-"""Each method of kvpress-ext in a few lines, on SmolLM2-135M-Instruct by default (CPU, under a minute).
+"""Each method of kvpress-ext in a few lines, on SmolLM2-135M-Instruct by default (CPU, a minute or two; stories260k: seconds).
 
     python examples/quickstart.py [--model smollm2-135m|stories260k|PATH|HUB_ID] [--stream_tokens 1000]
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quickstart.py: error: {exc}", file=sys.stderr)
         return 2
     text = (SHARED / "data" / "tinystories_val.txt").read_text()
-    story = text[: text.index("\n\n")] if "\n\n" in text[:2000] else text[:800]  # one story, ~150 tokens
+    story = text[: text.index("\n\n", 1000)] if "\n\n" in text[1000:3000] else text[:1200]  # ~300 tokens
     question = "What happens next in the story?"
 
     # 1. Any press by name (or as an object) through the pipeline.

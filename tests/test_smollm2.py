@@ -80,7 +80,7 @@ def _context_then_question_logits(model, context_ids, question_ids, press):
 def short_prompt(smollm2, novel):
     """(prefix + context ids, question suffix ids, dense logits at the question, dense cache length)."""
     model, tok = smollm2
-    prefix, context, suffix = split_chat_prompt(tok, _words(novel, 90), "Who is the story about?").ids(tok)
+    prefix, context, suffix = split_chat_prompt(tok, _words(novel, 60), "Who is the story about?").ids(tok)
     logits, n = _context_then_question_logits(model, prefix + context, suffix, None)
     return prefix + context, suffix, logits, n
 
@@ -98,8 +98,8 @@ def test_ratio_zero_reproduces_the_logits(smollm2, short_prompt, name):
 @torch.no_grad()
 def test_lazy_streaming_before_its_cap_equals_dense_decoding(smollm2, novel):
     model, tok = smollm2
-    prompt_ids = _ids(tok, split_chat_prompt(tok, _words(novel, 60), "Continue the story.").text)
-    steps = 16
+    prompt_ids = _ids(tok, split_chat_prompt(tok, _words(novel, 40), "Continue the story.").text)
+    steps = 12
     press = LazyStreamingPress(cap_total=len(prompt_ids) + steps + 8, slack=4)
 
     def run(press):
@@ -139,7 +139,7 @@ def test_a3_at_rate_one_equals_a_full_prefill(smollm2, novel, tmp_path):
 ])
 def test_generate_runs_end_to_end_on_the_default_model(smollm2, novel, tmp_path, capsys, press, kwargs, bound):
     out = tmp_path / "g.json"
-    assert main(["generate", "--prompt", "Summarise: " + _words(novel, 60), "--press", press, "--press_kwargs",
+    assert main(["generate", "--prompt", "Summarise: " + _words(novel, 40), "--press", press, "--press_kwargs",
                  *kwargs, "--max_new_tokens", "24", "--no_stop_at_eos", "--no_progress", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["model"] == "smollm2-135m" and record["chat_template"] is True and record["press"] == press
