@@ -148,7 +148,9 @@ def _plain(x):
     return repr(x)
 
 
-def _identity(params: dict) -> dict:
+def cell_identity(params: dict) -> dict:
+    """What makes two cells the same computation: their params without the ``_``-prefixed (bookkeeping) ones,
+    as plain JSON values. A finished cell is reused only when this matches."""
     return _plain({k: v for k, v in params.items() if not str(k).startswith("_")})
 
 
@@ -181,7 +183,7 @@ def _finished(out_dir, cell: Cell) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("status") == "ok" and _identity(data.get("params") or {}) == _identity(cell.params):
+    if data.get("status") == "ok" and cell_identity(data.get("params") or {}) == cell_identity(cell.params):
         return data
     return None
 

@@ -798,14 +798,14 @@ def run_cells(cells: list[Cell], run_cell_fn, out_dir, retry_failed: bool = Fals
     one file per cell) and return every cell's flat record (params, status, error, the cell's result) in cell
     order. A cell recorded as failed is kept unless ``retry_failed`` (its reason is in the summary);
     ``compute=False`` only collects the cells already on disk (to rebuild summaries)."""
-    from kvpress_ext.sweep import SweepOptions, _identity, load_cells, run_sweep
+    from kvpress_ext.sweep import SweepOptions, cell_identity, load_cells, run_sweep
 
     options = options or SweepOptions(progress=progress)
     on_disk = {d.get("key"): d for d in load_cells(out_dir)} if Path(out_dir).is_dir() else {}
 
     def kept(cell: Cell) -> dict | None:
         d = on_disk.get(cell.key)
-        if d is None or _identity(d.get("params") or {}) != _identity(cell.params):
+        if d is None or cell_identity(d.get("params") or {}) != cell_identity(cell.params):
             return None
         return d if d.get("status") == "ok" or not (retry_failed and compute) else None
 
