@@ -190,10 +190,14 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
         except KeyError as exc:
             raise CacheFormatError(f"Cache at {path} misses tensor {exc}; recompute it.") from exc
         if keys.shape[-2] != length or values.shape[-2] != length:
-            raise CacheFormatError(f"Cache at {path}: layer {i} holds {keys.shape[-2]} tokens, metadata says {length}.")
+            raise CacheFormatError(
+                f"Cache at {path}: layer {i} holds {keys.shape[-2]} keys and {values.shape[-2]} values, metadata "
+                f"says {length} tokens; the cache is corrupt: recompute it."
+            )
         if dtype is not None:
             keys, values = keys.to(dtype), values.to(dtype)
         cache.update(keys, values, i)
-    state = PositionState(**metadata.get("positions", {}))
-    position_state(cache).__dict__.update(dataclasses.asdict(state))
+    positions = metadata.get("positions")
+    if positions is not None:  # without it (a hand-made file) the state follows the cache length
+        position_state(cache).__dict__.update(dataclasses.asdict(PositionState(**positions)))
     return cache, metadata
