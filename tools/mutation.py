@@ -261,6 +261,12 @@ def main(argv=None) -> int:
         if not (work / "mutants").exists():
             _fail(f"no previous run of {args.module}: run without --survivors first")
         files, _ = MODULES[args.module]
+        changed = [f for f in files if (work / f).read_bytes() != (REPO / f).read_bytes()]
+        if changed:  # mutant numbering follows the source: earlier verdicts no longer apply
+            print(f"{', '.join(changed)} changed since the last run: running every mutant again")
+            args.survivors = False
+    if args.survivors:
+        files, _ = MODULES[args.module]
         equivalent = _load_equivalent()
         names = sorted(n for n, s in _statuses(work, files).items() if s not in KILLED and n not in equivalent)
         previous = _exit_codes(work, files)
