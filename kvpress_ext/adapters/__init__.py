@@ -24,8 +24,12 @@ def available_adapters() -> list[ModelAdapter]:
 
 
 def get_adapter(model) -> ModelAdapter:
-    """The adapter for ``model``; an unsupported model gets an error naming the families and the fix."""
-    for adapter in available_adapters():
+    """The adapter for ``model`` (the latest registered for its model_type); an unsupported model gets an
+    error naming the families and the fix."""
+    from kvpress_ext.plugins import load_plugins
+
+    load_plugins()
+    for adapter in _ADAPTERS:  # registration order, newest first (available_adapters sorts by name)
         if adapter.matches(model):
             return adapter
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
