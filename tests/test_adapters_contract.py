@@ -116,7 +116,8 @@ def test_attention_scaling_defaults_to_one_without_the_attribute():
 
 
 def test_shapes_and_qwen3_head_dim_that_is_not_hidden_over_heads():
-    assert GPTNeoXAdapter().shape(tiny_model("gpt_neox")) == AttentionShape(4, 4, 16, 4)
+    neox = GPTNeoXAdapter().shape(tiny_model("gpt_neox"))
+    assert neox == AttentionShape(4, 4, 16, 4) and all(isinstance(x, int) for x in vars(neox).values())
     assert get_adapter(tiny_model("llama")).shape(tiny_model("llama")) == AttentionShape(4, 2, 16, 16)
     qwen2 = tiny_model("qwen2")  # its config has no head_dim: hidden // heads
     shape = get_adapter(qwen2).shape(qwen2)
@@ -229,12 +230,29 @@ def test_unsupported_models_get_the_full_message():
                                   f"Supported: {supported}. {fix}")
 
 
-def test_a_later_adapter_for_a_model_type_takes_precedence(monkeypatch, tiny_models):
-    get_adapter(tiny_models["llama"])  # plugins loaded before the registry is swapped
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_a_later_adapter_for_a_model_type_takes_precedence(monkeypatch, tiny_models, arch):
+    get_adapter(tiny_models[arch])  # plugins loaded before the registry is swapped
     monkeypatch.setattr(adapters_mod, "_ADAPTERS", list(adapters_mod._ADAPTERS))
-    mine = LlamaFamilyAdapter("my_llama", ("llama",))
+    mine = LlamaFamilyAdapter("my_llama", ("llama",)) if arch == "llama" else type("MyNeoX", (GPTNeoXAdapter,),
+                                                                                    {"name": "my_neox"})()
     add_adapter(mine)
-    assert get_adapter(tiny_models["llama"]) is mine
+    assert get_adapter(tiny_models[arch]) is mine
     with pytest.raises(TypeError) as err:
         add_adapter(3)
     assert str(err.value) == "add_adapter needs a ModelAdapter instance, got 3"
+
+
+def test_neox_view_built_under_another_default_device_stays_on_the_model_device(tiny_models):
+    """A view built while torch's default device is another one (a CUDA model built while the default is the
+    CPU; "meta" stands in) keeps its tables on the model's device and gives the same tables."""
+    model = tiny_models["gpt_neox"]
+    attn = get_adapter(model).attention_modules(model)[0]
+    hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(5))
+    ref = GPTNeoXAdapter().press_view(model, attn).rotary_emb(hidden, torch.arange(5)[None])
+    with torch.device("meta"):
+        view = GPTNeoXAdapter().press_view(model, attn)
+        cos, sin = view.rotary_emb(hidden, torch.arange(5, device="cpu")[None])
+    assert view.rotary_emb.inv_freq.device.type == "cpu" and cos.device.type == sin.device.type == "cpu"
+    torch.testing.assert_close(cos, ref[0])
+    torch.testing.assert_close(sin, ref[1])
