@@ -120,6 +120,9 @@ def _env() -> dict:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on sys.path; nothing may shadow it
     env.setdefault("KVPRESS_EXT_SHARED", str(REPO.parent / "shared"))
+    if not Path(env["KVPRESS_EXT_SHARED"]).is_dir():
+        print(f"warning: no shared data at {env['KVPRESS_EXT_SHARED']} (set KVPRESS_EXT_SHARED): the tests that need "
+              "it are skipped or fail", file=sys.stderr)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PY_COLORS"] = "0"
     return env
