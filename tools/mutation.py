@@ -65,6 +65,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
+# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses
+COPIED = ["evaluation", "examples"]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
@@ -89,6 +91,7 @@ def _config(files: list[str], tests: list[str]) -> str:
         f"only_mutate = {arr(files)}\n"
         f"pytest_add_cli_args_test_selection = {arr(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore"]\n'
+        f"also_copy = {arr(COPIED)}\n"
         "use_git_change_detection = false\n"
     )
 
@@ -102,12 +105,12 @@ def _prepare(module: str, fresh: bool) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("kvpress_ext", "tests"):
+    for name in ("kvpress_ext", "tests", *COPIED):
         if (work / name).exists():
             shutil.rmtree(work / name)
         shutil.copytree(REPO / name, work / name, ignore=ignore)
         # the scratch copy under mutants/ must see the current tests too (mutmut copies them only once)
-        if name == "tests" and (work / "mutants" / name).exists():
+        if name != "kvpress_ext" and (work / "mutants" / name).exists():
             shutil.rmtree(work / "mutants" / name)
             shutil.copytree(REPO / name, work / "mutants" / name, ignore=ignore)
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -116,9 +119,11 @@ def _prepare(module: str, fresh: bool) -> Path:
     return work
 
 
-def _env() -> dict:
+def _env(work: Path) -> dict:
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on sys.path; nothing may shadow it
+    # scripts the tests start (evaluation/*.py) import this branch's package (unmutated: mutmut maps only
+    # in-process calls to tests, and putting mutants/ here breaks that mapping); pytest itself gets mutants/ first
+    env["PYTHONPATH"] = str(work)
     env.setdefault("KVPRESS_EXT_SHARED", str(REPO.parent / "shared"))
     if not Path(env["KVPRESS_EXT_SHARED"]).is_dir():
         print(f"warning: no shared data at {env['KVPRESS_EXT_SHARED']} (set KVPRESS_EXT_SHARED): the tests that need "
@@ -131,7 +136,7 @@ def _env() -> dict:
 def _mutmut(work: Path, *args: str, log=None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", *args]
-    return subprocess.run(cmd, check=False, cwd=work, env=_env(), text=True, stdout=log or subprocess.PIPE,
+    return subprocess.run(cmd, check=False, cwd=work, env=_env(work), text=True, stdout=log or subprocess.PIPE,
                           stderr=subprocess.STDOUT)
 
 
