@@ -64,9 +64,11 @@ def test_load_hub_datasets(hub):
     assert ppl.load_text("wikitext") == " = Title =\nline one\nline two\n"  # the split joined as it is
     assert ppl.load_text("wikitext", subset="wikitext-103-raw-v1", split="validation").startswith(" = Title")
     assert ppl.load_text("pg19", sample_idx=2) == "book 2"
+    assert ppl.load_text("pg19") == "book 0"  # the first book by default
     assert hub == [
         ("wikitext", ("wikitext-2-raw-v1",), {"split": "test"}),
         ("wikitext", ("wikitext-103-raw-v1",), {"split": "validation"}),
+        ("deepmind/pg19", (), {"split": "test", "streaming": True}),
         ("deepmind/pg19", (), {"split": "test", "streaming": True}),
     ]
     assert _message(KVPressExtError, ppl.load_text, "pg19", sample_idx=5) == (
@@ -74,12 +76,14 @@ def test_load_hub_datasets(hub):
 
 
 def test_load_hub_dataset_offline(monkeypatch):
+    first_line = "no network here " + "x" * 300
+
     def offline(*args, **kwargs):
-        raise ConnectionError("no network here\nsecond line")
+        raise ConnectionError(first_line + "\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    assert _message(KVPressExtError, ppl.load_text, "wikitext") == (
-        "Could not load dataset 'wikitext' (ConnectionError: no network here). "
+    assert _message(KVPressExtError, ppl.load_text, "wikitext") == (  # the error's first line, 200 characters
+        f"Could not load dataset 'wikitext' (ConnectionError: {first_line[:200]}). "
         "Offline? Use --dataset text --text_file PATH.")
 
 
@@ -147,6 +151,12 @@ def test_plans_for_each_kind_of_press():
     assert plan.ratio_mode == plan.hooked.ratio_mode
     rerotating = kvpress.KeyRerotationPress(press=knorm)
     assert ppl.plan_for(rerotating).extra_hooks == [_cache_length_hook]  # next position = cache length
+
+    class RerotatingDecoder(kvpress.KeyRerotationPress):  # re-rotates and compresses while decoding
+        compression_phases = (True, True)
+
+    both = RerotatingDecoder(press=knorm)
+    assert ppl.plan_for(both).extra_hooks == [_cache_length_hook] and ppl.plan_for(both).hooked is both
     lazy = LazyStreamingPress(window=8, slack=2)
     assert ppl.plan_for(lazy).extra_hooks == [] and ppl.plan_for(lazy).decoding
 
