@@ -24,12 +24,15 @@ from kvpress_ext.icl.scoring import (
     ("The answer is $x$ and $y$.", "x"),
     ("The answer is $XY$.", "XY"),
     ("The answer is $42", "42"),  # an unclosed span: all of it
+    ("The answer is $east", "east"),
+    ("The answer is Blue whale\nThat is all", "Blue whale"),  # the rest of the marker's line only
     # delimiters and markdown around a plain phrase
     ("The answer is: **X**.", "X"),
     ("The answer is: **$x$**.", "x"),
     ("The answer is: \\[x\\].", "x"),
     ("The answer is: *$x+1*", "x+1"),
     ("The answer is: x$.", "x"),
+    ("The answer is: xy$.", "xy"),
     ("The answer is: a$b.", "a$b"),
     ("The answer is: *$$*", None),
     # boxes without braces, escaped braces, adjacent and nested boxes
@@ -39,6 +42,7 @@ from kvpress_ext.icl.scoring import (
     ("\\boxed{a}\\boxed{b}", "b"),
     ("\\boxed{a\\{b}", "a\\{b"),
     ("\\boxed{\\boxed{42}}", "42"),
+    ("\\boxed{\\boxed{east}}", "east"),
 ])
 def test_extract_answer_edges(text, expected):
     assert extract_answer(text) == expected
@@ -118,6 +122,9 @@ def test_reports_of_minimal_results(tmp_path):
         "     1    0.7500          2\n"
         "     2    1.0000          1*\n"
         "* averaged only over questions with at least k samples")
+
+    single = score_generations([{"answer": "1", "generations": ["1", "1", "0"]}], ks=[1])
+    assert format_scores_table(single).splitlines()[0] == "questions: 1   samples/question: 3   correct samples: 2/3"
 
     path = tmp_path / "new" / "deeper" / "scores.csv"  # parent folders are created
     write_scores_csv({"ks": [1], "pass_at_k": {1: {"mean": 0.5, "n_questions": 1}}}, path)
