@@ -125,9 +125,6 @@ def _env(work: Path) -> dict:
     # in-process calls to tests, and putting mutants/ here breaks that mapping); pytest itself gets mutants/ first
     env["PYTHONPATH"] = str(work)
     env.setdefault("KVPRESS_EXT_SHARED", str(REPO.parent / "shared"))
-    if not Path(env["KVPRESS_EXT_SHARED"]).is_dir():
-        print(f"warning: no shared data at {env['KVPRESS_EXT_SHARED']} (set KVPRESS_EXT_SHARED): the tests that need "
-              "it are skipped or fail", file=sys.stderr)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PY_COLORS"] = "0"
     return env
@@ -282,6 +279,10 @@ def main(argv=None) -> int:
         if not names:
             print("no survivors to rerun")
             return 0
+    shared = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+    if not shared.is_dir():
+        print(f"warning: no shared data at {shared} (set KVPRESS_EXT_SHARED): the tests that need it are skipped "
+              "or fail", file=sys.stderr)
     work = _prepare(args.module, fresh=not args.survivors)
     t0 = time.time()
     log_path = work / "mutmut.log"
