@@ -245,3 +245,75 @@ def test_generate_past_the_trained_length_without_the_max_length_reminder(caplog
             assert generate(model, press).shape[1] == 44
         reminders.append([r for r in caplog.records if "predefined maximum length" in r.getMessage()])
     assert reminders[0] == [] and len(reminders[1]) == 1
+# --- parameters, budgets and chunked prefill at their edges -------------------------------------------------
+@pytest.mark.parametrize("params, message", [
+    ({"window": 8, "n_sink": 1.5}, "lazy_streaming: n_sink=1.5 is invalid; it must be an integer >= 0."),
+    ({"window": 8, "slack": "2"}, "lazy_streaming: slack='2' is invalid; it must be an integer >= 0."),
+    ({"window": 3.5}, "lazy_streaming: window=3.5 is invalid; it must be an integer >= 1."),
+    ({"window": 0}, "lazy_streaming: window=0 is invalid; it must be an integer >= 1."),
+    ({"cap_total": 20.0}, "lazy_streaming: cap_total=20.0 must be an integer."),
+    ({"cap_total": True}, "lazy_streaming: cap_total=True must be an integer."),
+    ({"cap_total": 6, "n_sink": 4, "slack": 2},
+     ("lazy_streaming: cap_total=6 is too small for n_sink=4 and slack=2: it must be >= n_sink + slack + 1 = 7 so "
+     "that at least one recent token is kept.")),
+    ({}, ("lazy_streaming: give exactly one of `window` (recent tokens kept after a compaction, >= 1) or `cap_total` "
+         "(most tokens in the cache, >= n_sink + slack + 1); got window=None, cap_total=None.")),
+])
+def test_invalid_settings_messages(params, message):
+    with pytest.raises(PressParameterError) as err:
+        LazyStreamingPress(**params)
+    assert str(err.value) == message
+
+
+def test_smallest_valid_settings():
+    p = LazyStreamingPress(cap_total=7, n_sink=4, slack=2)
+    assert (p.recent, p.cap, p.max_cache) == (1, 5, 7)
+    assert LazyStreamingPress(window=1, n_sink=0, slack=0).recent == 1
+
+
+@pytest.mark.parametrize("ratio, length, params, expected", [
+    (0.5, 100, {}, (4, 50, 6)),  # cap (1 - r) * length, slack an eighth of it
+    (0.99, 100, {}, (4, 6, 1)),  # at least n_sink + 2 tokens, slack at least 1
+    (0.95, 100, {"n_sink": 10}, (10, 12, 1)),
+    (0.0, 64, {"slack": 5}, (4, 64, 5)),  # a given slack wins
+    (0.25, 200, {}, (4, 150, 18)),
+])
+def test_from_compression_ratio(ratio, length, params, expected):
+    p = LazyStreamingPress.from_compression_ratio(ratio, length, **params)
+    assert (p.n_sink, p.cap_total, p.slack) == expected and p.window is None
+
+
+def test_chunked_prefill_equals_one_forward_and_keeps_one_logit():
+    model = tiny_model("llama")
+    ids = torch.randint(4, 120, (1, 23), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[:, -1]
+        for chunk_size in (1, 5, 23, 100):
+            cache = DynamicCache()
+            with apply_press(None, model):
+                out = chunked_prefill(model, ids, cache, chunk_size)
+            assert out.logits.shape == (1, 1, 128)
+            torch.testing.assert_close(out.logits[:, -1], ref, atol=ATOL, rtol=ATOL)
+            assert cache.get_seq_length() == 23 and next_position(cache) == 23
+        out = chunked_prefill(model, ids, DynamicCache(), 10, logits_to_keep=3)
+        assert out.logits.shape == (1, 3, 128)
+        assert chunked_prefill(model, ids[:, :0], DynamicCache(), 4) is None
+    with pytest.raises(PressParameterError) as err:
+        chunked_prefill(model, ids, DynamicCache(), 0)
+    assert str(err.value) == "chunked_prefill: chunk_size=0 must be >= 1."
+
+
+def test_compaction_works_on_the_cache_device_not_the_default_device():
+    """Compaction builds its shift on the keys' device: a run while another default device is set (as a CUDA
+    model runs while the default is the CPU; "meta" stands in, no GPU needed) equals the plain run."""
+    model = tiny_model("llama")
+    ids = torch.randint(4, 120, (1, 40), generator=torch.Generator().manual_seed(8))
+    runs = []
+    for default in ("cpu", "meta"):
+        cache = DynamicCache()
+        with torch.no_grad(), torch.device(default), apply_press(LazyStreamingPress(window=8, slack=4), model):
+            out = chunked_prefill(model, ids, cache, 5)
+        runs.append((out.logits, cache.layers[0].keys))
+        assert cache.get_seq_length() <= 16
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=ATOL, rtol=ATOL)

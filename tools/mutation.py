@@ -56,14 +56,17 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "cache_io": (["kvpress_ext/cache_io.py"], ["tests/test_cache_io.py"]),
     "adapters": (["kvpress_ext/adapters/__init__.py", "kvpress_ext/adapters/base.py",
                   "kvpress_ext/adapters/gpt_neox.py", "kvpress_ext/adapters/llama.py"],
-                 ["tests/test_adapters_rope.py", "tests/test_neox_press_inputs.py", "tests/test_rkv.py",
+                 ["tests/test_adapters_rope.py", "tests/test_adapters_contract.py", "tests/test_neox_press_inputs.py",
+                  "tests/test_rkv.py",
                   "tests/test_lazy_streaming.py", "tests/test_plugins.py"]),
-    "perplexity": (["kvpress_ext/evaluation/perplexity.py"], ["tests/test_perplexity.py"]),
-    "icl_scoring": (["kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py"]),
+    "perplexity": (["kvpress_ext/evaluation/perplexity.py"], ["tests/test_perplexity_units.py", "tests/test_perplexity.py"]),
+    "icl_scoring": (["kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py", "tests/test_icl_scoring_edges.py"]),
     "registry": (["kvpress_ext/registry.py"], ["tests/test_registry.py", "tests/test_plugins.py"]),
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
+# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses
+COPIED = ["evaluation", "examples"]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
@@ -88,6 +91,7 @@ def _config(files: list[str], tests: list[str]) -> str:
         f"only_mutate = {arr(files)}\n"
         f"pytest_add_cli_args_test_selection = {arr(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore"]\n'
+        f"also_copy = {arr(COPIED)}\n"
         "use_git_change_detection = false\n"
     )
 
@@ -101,12 +105,12 @@ def _prepare(module: str, fresh: bool) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("kvpress_ext", "tests"):
+    for name in ("kvpress_ext", "tests", *COPIED):
         if (work / name).exists():
             shutil.rmtree(work / name)
         shutil.copytree(REPO / name, work / name, ignore=ignore)
         # the scratch copy under mutants/ must see the current tests too (mutmut copies them only once)
-        if name == "tests" and (work / "mutants" / name).exists():
+        if name != "kvpress_ext" and (work / "mutants" / name).exists():
             shutil.rmtree(work / "mutants" / name)
             shutil.copytree(REPO / name, work / "mutants" / name, ignore=ignore)
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -115,9 +119,11 @@ def _prepare(module: str, fresh: bool) -> Path:
     return work
 
 
-def _env() -> dict:
+def _env(work: Path) -> dict:
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on sys.path; nothing may shadow it
+    # scripts the tests start (evaluation/*.py) import this branch's package (unmutated: mutmut maps only
+    # in-process calls to tests, and putting mutants/ here breaks that mapping); pytest itself gets mutants/ first
+    env["PYTHONPATH"] = str(work)
     env.setdefault("KVPRESS_EXT_SHARED", str(REPO.parent / "shared"))
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PY_COLORS"] = "0"
@@ -127,7 +133,7 @@ def _env() -> dict:
 def _mutmut(work: Path, *args: str, log=None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", *args]
-    return subprocess.run(cmd, check=False, cwd=work, env=_env(), text=True, stdout=log or subprocess.PIPE,
+    return subprocess.run(cmd, check=False, cwd=work, env=_env(work), text=True, stdout=log or subprocess.PIPE,
                           stderr=subprocess.STDOUT)
 
 
@@ -261,12 +267,22 @@ def main(argv=None) -> int:
         if not (work / "mutants").exists():
             _fail(f"no previous run of {args.module}: run without --survivors first")
         files, _ = MODULES[args.module]
+        changed = [f for f in files if (work / f).read_bytes() != (REPO / f).read_bytes()]
+        if changed:  # mutant numbering follows the source: earlier verdicts no longer apply
+            print(f"{', '.join(changed)} changed since the last run: running every mutant again")
+            args.survivors = False
+    if args.survivors:
+        files, _ = MODULES[args.module]
         equivalent = _load_equivalent()
         names = sorted(n for n, s in _statuses(work, files).items() if s not in KILLED and n not in equivalent)
         previous = _exit_codes(work, files)
         if not names:
             print("no survivors to rerun")
             return 0
+    shared = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
+    if not shared.is_dir():
+        print(f"warning: no shared data at {shared} (set KVPRESS_EXT_SHARED): the tests that need it are skipped "
+              "or fail", file=sys.stderr)
     work = _prepare(args.module, fresh=not args.survivors)
     t0 = time.time()
     log_path = work / "mutmut.log"

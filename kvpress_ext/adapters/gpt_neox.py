@@ -41,15 +41,23 @@ def neox_view_permutation(head_dim: int, rotary_dim: int) -> torch.Tensor:
 
 
 class _ViewRotary:
-    """A rotary embedding over the whole (permuted) head: zero frequency on pass-through dimensions."""
+    """A rotary embedding over the whole (permuted) head: zero frequency on pass-through dimensions.
+
+    ``inv_freq`` is padded with zeros (a rotation by a position difference leaves pass-through dims alone);
+    the tables carry the model's ``attention_scaling`` on the rotary dims only, as the model's own RoPE does.
+    """
 
     def __init__(self, inv_freq: torch.Tensor, head_dim: int, scaling: float):
         pad = torch.zeros(head_dim // 2 - inv_freq.shape[-1], dtype=inv_freq.dtype, device=inv_freq.device)
         self.inv_freq = torch.cat([inv_freq, pad])
+        self.rotary_half = inv_freq.shape[-1]
+        self.head_dim = head_dim
         self.attention_scaling = scaling
 
     def __call__(self, x: torch.Tensor, position_ids: torch.Tensor):
-        cos, sin = rope.cos_sin(position_ids.to(x.device), self.inv_freq.to(x.device), self.attention_scaling)
+        inv_freq = self.inv_freq[: self.rotary_half].to(x.device)
+        cos, sin = rope.cos_sin(position_ids.to(x.device), inv_freq, self.attention_scaling)
+        cos, sin = _view_position_embeddings(cos, sin, self.head_dim)
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
