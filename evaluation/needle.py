@@ -10,7 +10,7 @@ question-agnostic or --query_aware; the fraction of the needle each press kept, 
 
 --task multidoc: multi-document QA, --lengths // --chunk_tokens documents (the starts of distinct files of
 --haystack_dir, each cut to --chunk_tokens tokens, "Document [i] (Title: ...)"), the pass key in document
-round(depth x (N - 1)); A3 caches one chunk per document.
+depth x (N - 1), rounded half up; A3 caches one chunk per document.
 
 Writes one JSON per cell (<output_dir>/cells/), summary.json, summary.md and heatmap_<mode>.png; a second run
 skips finished cells.

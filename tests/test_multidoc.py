@@ -60,17 +60,18 @@ def test_context_is_n_documents_of_distinct_files(folder, tok, length, chunk):
         assert size <= chunk and size > chunk - 12
 
 
-@pytest.mark.parametrize("depth,expected", [(0.0, 0), (0.25, 1), (0.5, 2), (0.7, 3), (1.0, 4)])
-def test_needle_in_exactly_the_document_the_depth_picks(folder, tok, depth, expected):
-    sample = lg.needle_sample(tok, params(folder, length=640, depth=depth))  # 5 documents
+@pytest.mark.parametrize("length,depth,expected", [(640, 0.0, 0), (640, 0.25, 1), (640, 0.5, 2), (640, 0.7, 3),
+                                                   (640, 1.0, 4), (256, 0.5, 1), (384, 0.25, 1)])
+def test_needle_in_exactly_the_document_the_depth_picks(folder, tok, length, depth, expected):
+    sample = lg.needle_sample(tok, params(folder, length=length, depth=depth))  # 128-token documents
     needle = sample.meta["needle_texts"][0]
-    assert sample.meta["needle_document"] == expected == round(depth * 4)
+    assert sample.meta["needle_document"] == expected  # depth x (N - 1), rounded half up
     holding = [i for i, d in enumerate(sample.meta["documents"]) if needle in d]
     assert holding == [expected] and sample.context.count(needle) == 1
     key = sample.answers[0]
     assert 5 <= len(key) <= 7 and key.isdigit() and needle.count(key) == 2
     # the depths of one key move only the needle: same files, same key
-    other = lg.needle_sample(tok, params(folder, length=640, depth=1.0 - depth))
+    other = lg.needle_sample(tok, params(folder, length=length, depth=1.0 - depth))
     assert other.meta["titles"] == sample.meta["titles"] and other.answers == sample.answers
 
 

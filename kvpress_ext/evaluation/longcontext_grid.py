@@ -158,7 +158,7 @@ PASS_KEY_QUESTION = "What is the pass key mentioned in the {where}? Reply with t
 def multidoc_sample(tokenizer, params: dict) -> lc.Sample:
     """Multi-document QA: ``length // chunk_tokens`` documents (the starts of distinct files of the folder
     ``haystack``, each cut to ``chunk_tokens`` tokens, headed ``Document [i] (Title: stem)`` as a
-    retrieval-augmented prompt is), the pass key in the middle of document ``round(depth x (N - 1))``. The
+    retrieval-augmented prompt is), the pass key in the middle of document ``depth x (N - 1)`` (rounded half up). The
     files and the key depend on (seed, length, key_index) only, so the depths of one key move only the needle."""
     length, depth, chunk = params["length"], params["depth"], params["chunk_tokens"]
     path = params["haystack"]
@@ -170,7 +170,7 @@ def multidoc_sample(tokenizer, params: dict) -> lc.Sample:
     picked = rng.sample(range(len(docs)), n)
     value = pass_key(rng)
     needle = f"The pass key is {value}. Remember it. {value} is the pass key."
-    target = round(depth * (n - 1))
+    target = int(depth * (n - 1) + 0.5)  # rounded half up
     documents = [lc.build_document(tokenizer, i + 1, *docs[j], chunk, needle if i == target else None)
                  for i, j in enumerate(picked)]
     return lc.Sample(id=f"{MULTIDOC}-{length}-{depth}-{params['key_index']}", context="\n\n".join(documents),
