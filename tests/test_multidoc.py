@@ -21,10 +21,12 @@ TOPICS = ["apples", "boats", "clocks", "dragons", "eagles", "forests"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Six documents, each a distinct word repeated in sentences (so a document's origin is readable)."""
+    """Six documents, each a distinct word repeated in sentences (so a document's origin is readable), and a file
+    too short to fill a 128-token document (never picked: its context would fall short of its length)."""
     root = tmp_path_factory.mktemp("docs")
     for i, topic in enumerate(TOPICS):
         (root / f"{i}_{topic}.txt").write_text(f"The {topic} were here. " * 60 + "\n\nMore about them. " * 5)
+    (root / "9_short.txt").write_text("A short note. " * 30)
     return root
 
 
@@ -42,7 +44,7 @@ def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("length,chunk", [(512, 128), (384, 96), (520, 128)])
+@pytest.mark.parametrize("length,chunk", [(512, 128), (384, 96), (520, 128), (768, 128)])
 def test_context_is_n_documents_of_distinct_files(folder, tok, length, chunk):
     sample = lg.needle_sample(tok, params(folder, length=length, chunk_tokens=chunk))
     docs = sample.meta["documents"]
@@ -168,12 +170,14 @@ def test_bad_folders_one_line_exit_2(tmp_path, capsys, make, flags, fix):
 
 def test_too_few_files_exits_2_from_the_command_line(tmp_path):
     for i in range(3):
-        (tmp_path / f"{i}.txt").write_text("Some words here. " * 50)
+        (tmp_path / f"{i}.txt").write_text("Some words here. " * 200)
+    (tmp_path / "short.txt").write_text("Too short to fill a document. " * 10)  # not counted
     r = subprocess.run([sys.executable, str(REPO / "evaluation" / "needle.py"), *ARGS, "--haystack_dir", str(tmp_path),
                         "--lengths", "2048"], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == (f"error: --lengths 2048 needs 4 documents of --chunk_tokens 512 but {tmp_path} has 3 "
-                                "non-empty *.txt files: add files, use a larger --chunk_tokens or shorter --lengths")
+                                "*.txt files of at least 512 words: add files, use a smaller --chunk_tokens or shorter "
+                                "--lengths")
 
 
 def test_chunk_too_small_for_title_and_needle_fails_the_cell(folder, tok):

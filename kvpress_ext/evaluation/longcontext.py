@@ -293,16 +293,19 @@ def n_documents(length: int, chunk_tokens: int) -> int:
 
 
 def check_documents(path, lengths: list[int], chunk_tokens: int) -> list[tuple[str, str]]:
-    """The folder's documents, or one line naming the fix when a length needs more files than it has."""
+    """The folder's documents long enough to fill a chunk (at least ``chunk_tokens`` words, so every document
+    has about ``chunk_tokens`` tokens and a context about its length), or one line naming the fix when a length
+    needs more of them than the folder has."""
     docs = load_documents(path)
     if min(lengths) < chunk_tokens:
         raise InputError(f"--lengths {min(lengths)} is shorter than one document of --chunk_tokens {chunk_tokens}: "
                          "use lengths of at least --chunk_tokens")
+    docs = [(title, text) for title, text in docs if len(text.split()) >= chunk_tokens]
     need = n_documents(max(lengths), chunk_tokens)
     if need > len(docs):
         raise InputError(f"--lengths {max(lengths)} needs {need} documents of --chunk_tokens {chunk_tokens} but {path} "
-                         f"has {len(docs)} non-empty *.txt files: add files, use a larger --chunk_tokens or shorter "
-                         "--lengths")
+                         f"has {len(docs)} *.txt files of at least {chunk_tokens} words: add files, use a smaller "
+                         "--chunk_tokens or shorter --lengths")
     return docs
 
 

@@ -157,15 +157,15 @@ PASS_KEY_QUESTION = "What is the pass key mentioned in the {where}? Reply with t
 
 def multidoc_sample(tokenizer, params: dict) -> lc.Sample:
     """Multi-document QA: ``length // chunk_tokens`` documents (the starts of distinct files of the folder
-    ``haystack``, each cut to ``chunk_tokens`` tokens, headed ``Document [i] (Title: stem)`` as a
+    ``haystack`` of at least ``chunk_tokens`` words, each cut to ``chunk_tokens`` tokens, headed ``Document [i] (Title: stem)`` as a
     retrieval-augmented prompt is), the pass key in the middle of document ``depth x (N - 1)`` (rounded half up). The
     files and the key depend on (seed, length, key_index) only, so the depths of one key move only the needle."""
     length, depth, chunk = params["length"], params["depth"], params["chunk_tokens"]
-    path = params["haystack"]
-    if path not in _DOCUMENTS:
-        _DOCUMENTS[path] = lc.load_documents(path)
+    key = f"{params['haystack']}:{chunk}"
+    if key not in _DOCUMENTS:
+        _DOCUMENTS[key] = lc.check_documents(params["haystack"], [chunk], chunk)  # the files long enough
     n = lc.n_documents(length, chunk)
-    docs = lc.check_documents(path, [length], chunk) if n > len(_DOCUMENTS[path]) or n < 1 else _DOCUMENTS[path]
+    docs = _DOCUMENTS[key] if 1 <= n <= len(_DOCUMENTS[key]) else lc.check_documents(params["haystack"], [length], chunk)
     rng = random.Random(f"{params['seed']}:{MULTIDOC}:{length}:{params['key_index']}")
     picked = rng.sample(range(len(docs)), n)
     value = pass_key(rng)
