@@ -5,6 +5,12 @@ question-agnostic or --query_aware; the fraction of the needle each press kept, 
     PYTHONPATH=. python evaluation/needle.py --model /work/smollm2-135m --lengths 1024 2048 --depths 0 0.5 1 \
         --num_keys 2 --press snapkv streaming_llm rkv --compression_ratio 0.25 0.5 --both_modes
     PYTHONPATH=. python evaluation/needle.py --strategies debug blend random --rate 0.15 --lengths 2048
+    PYTHONPATH=. python evaluation/needle.py --task multidoc --chunk_tokens 500 --lengths 2000 4000 \
+        --strategies debug blend --rate 0.15
+
+--task multidoc: multi-document QA, --lengths // --chunk_tokens documents (the starts of distinct files of
+--haystack_dir, each cut to --chunk_tokens tokens, "Document [i] (Title: ...)"), the pass key in document
+depth x (N - 1), rounded half up; A3 caches one chunk per document.
 
 Writes one JSON per cell (<output_dir>/cells/), summary.json, summary.md and heatmap_<mode>.png; a second run
 skips finished cells.
@@ -34,11 +40,14 @@ def add_needle_arguments(ap, default_task: str, tasks) -> None:
 
 def needle_grid(args, name: str) -> int:
     def go():
+        multidoc = args.task == lg.MULTIDOC
+        if args.chunk_tokens is None:  # multidoc: each document is one A3 chunk
+            args.chunk_tokens = (128 if args.quick else 512) if multidoc else 128
         if args.quick:
-            args.lengths = args.lengths or [128]
+            args.lengths = args.lengths or [2 * args.chunk_tokens if multidoc else 128]
             args.depths = args.depths or [0.0, 1.0]
             args.num_keys = args.num_keys or 1
-        lengths = args.lengths or [256, 512, 1024]
+        lengths = args.lengths or ([2 * args.chunk_tokens, 4 * args.chunk_tokens] if multidoc else [256, 512, 1024])
         depths = args.depths if args.depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
         num_keys = args.num_keys or 3
         max_new = args.max_new_tokens or (4 if args.quick else 12 * (args.n_needles if args.task == "multivalue"
@@ -51,7 +60,13 @@ def needle_grid(args, name: str) -> int:
         if num_keys < 1 or args.n_needles < 1:
             raise lc.InputError("--num_keys and --n_needles must be positive")
         haystack = args.haystack_file or args.haystack_dir
-        lg.haystack_sentences(haystack)  # missing or empty: one line, exit 2
+        if multidoc:
+            if args.haystack_file:
+                raise lc.InputError("--task multidoc takes a folder of documents: pass --haystack_dir, not "
+                                    "--haystack_file")
+            lc.check_documents(haystack, lengths, args.chunk_tokens)  # too few files: one line, exit 2
+        else:
+            lg.haystack_sentences(haystack)  # missing or empty: one line, exit 2
         model, tok = lg.get_model(args.model, args.attn_implementation)
         lg.check_lengths(model, tok, lengths, max_new, args.use_chat_template)
         samples = [{"source": "needle", "task": args.task, "haystack": haystack, "length": n, "depth": d,
@@ -65,7 +80,7 @@ def needle_grid(args, name: str) -> int:
 
 def main(argv=None) -> int:
     ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_needle_arguments(ap, "passkey", lg.NEEDLE_TASKS)
+    add_needle_arguments(ap, "passkey", (*lg.NEEDLE_TASKS, lg.MULTIDOC))
     lg.add_grid_arguments(ap, "needle")
     return needle_grid(ap.parse_args(argv), "needle")
 

@@ -265,3 +265,95 @@ def build_haystack_multi(tokenizer, sentences: list[str], length: int, needles: 
     paragraphs = [" ".join(picked[k : k + sentences_per_paragraph])
                   for k in range(0, len(picked), sentences_per_paragraph)]
     return "\n\n".join(paragraphs), where
+
+
+# --- multi-document contexts (Needle --task multidoc) ---------------------------------------------------------
+DOCUMENT_HEADER = "Document [{index}] (Title: {title})\n"
+
+
+def load_documents(path) -> list[tuple[str, str]]:
+    """(title = file stem, whitespace-normalised text) of every non-empty ``*.txt`` file of a folder, by name."""
+    from kvpress_ext.inputs import read_text_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"--task multidoc needs a folder of documents, not {path}: pass --haystack_dir with *.txt "
+                         "files (one document each)")
+    docs = [(f.stem, " ".join(read_text_file(f, "--haystack_dir file", "a UTF-8 text file").split()))
+            for f in sorted(path.glob("*.txt"))]
+    docs = [(title, text) for title, text in docs if text]
+    if not docs:
+        raise InputError(f"no documents in {path}: pass --haystack_dir a folder with non-empty *.txt files")
+    return docs
+
+
+def n_documents(length: int, chunk_tokens: int) -> int:
+    """Documents of a multi-document context of ``length`` tokens: one per ``chunk_tokens``."""
+    return length // chunk_tokens
+
+
+def check_documents(path, lengths: list[int], chunk_tokens: int) -> list[tuple[str, str]]:
+    """The folder's documents long enough to fill a chunk (at least ``chunk_tokens`` words, so every document
+    has about ``chunk_tokens`` tokens and a context about its length), or one line naming the fix when a length
+    needs more of them than the folder has."""
+    docs = load_documents(path)
+    if min(lengths) < chunk_tokens:
+        raise InputError(f"--lengths {min(lengths)} is shorter than one document of --chunk_tokens {chunk_tokens}: "
+                         "use lengths of at least --chunk_tokens")
+    docs = [(title, text) for title, text in docs if len(text.split()) >= chunk_tokens]
+    need = n_documents(max(lengths), chunk_tokens)
+    if need > len(docs):
+        raise InputError(f"--lengths {max(lengths)} needs {need} documents of --chunk_tokens {chunk_tokens} but {path} "
+                         f"has {len(docs)} *.txt files of at least {chunk_tokens} words: add files, use a smaller "
+                         "--chunk_tokens or shorter --lengths")
+    return docs
+
+
+def _insert_middle(body: str, needle: str) -> str:
+    """``needle`` at the sentence boundary nearest the middle of ``body`` (the middle word without one)."""
+    cuts = [m.end() for m in re.finditer(r"(?<=[.!?])\s+", body)] or \
+        [m.end() for m in re.finditer(r"\s+", body)] or [len(body)]
+    cut = min(cuts, key=lambda c: abs(c - len(body) / 2))
+    return (body[:cut].rstrip() + " " + needle + " " + body[cut:]).strip()
+
+
+def build_document(tokenizer, index: int, title: str, text: str, chunk_tokens: int, needle: str | None = None) -> str:
+    """``Document [index] (Title: title)`` and the longest start of ``text`` (whole words) such that the
+    document, with ``needle`` in its middle if given and the blank line after it, fits ``chunk_tokens`` tokens."""
+    header = DOCUMENT_HEADER.format(index=index, title=title)
+    words = text.split()
+
+    def make(k: int) -> str:
+        body = " ".join(words[:k])
+        return header + (_insert_middle(body, needle) if needle else body)
+
+    def size(k: int) -> int:
+        return len(tokenizer(make(k) + "\n\n", add_special_tokens=False)["input_ids"])
+
+    if size(0) > chunk_tokens:
+        raise InputError(f"--chunk_tokens {chunk_tokens} cannot hold a document's title and the needle "
+                         f"({size(0)} tokens): use a larger --chunk_tokens")
+    lo, hi = 0, min(len(words), 4 * chunk_tokens)  # lo always fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if size(mid) <= chunk_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(lo)
+
+
+def document_chunks(tokenizer, documents: list[str], text: str | None = None) -> list[list[int]]:
+    """A3 chunks of a multi-document context: one per document (its tokens and the blank line between it and the
+    next), so the chunk caches are per document as in CacheBlend / A3's retrieval-augmented setting. ``text``,
+    the compressed part's context, is checked to be the documents joined by blank lines; whatever follows the
+    last document in it goes into the last chunk, so the chunks hold exactly the tokens a press sees."""
+    joined = "\n\n".join(documents)
+    tail = ""
+    if text is not None:
+        if not text.startswith(joined) or text[len(joined):].strip():
+            raise InputError("the multi-document context is not the documents joined by blank lines: report this "
+                             "as a bug of kvpress_ext.evaluation.longcontext")
+        tail = text[len(joined):]
+    texts = [d + "\n\n" for d in documents[:-1]] + [documents[-1] + tail]
+    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]

@@ -46,6 +46,7 @@ from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.sweep import Cell
 
 NEEDLE_TASKS = ("passkey", "niah_single", "multikey", "multivalue")
+MULTIDOC = "multidoc"  # the pass key in one of several documents (needle.py --task multidoc)
 KEYS = ["sunset", "harbor", "violin", "glacier", "lantern", "meadow", "falcon", "comet", "orchid", "quartz",
         "pepper", "canyon", "ember", "willow", "saturn", "marble"]
 A3_PREFIX = "a3-"
@@ -114,6 +115,8 @@ def needle_sample(tokenizer, params: dict) -> lc.Sample:
     """The sample of a needle cell, fully determined by its parameters (task, haystack, length, depth,
     key_index, seed, n_needles): the same sample for every method, ratio and mode."""
     task, length, depth = params["task"], params["length"], params["depth"]
+    if task == MULTIDOC:
+        return multidoc_sample(tokenizer, params)
     n = max(1, int(params.get("n_needles", 1)))
     rng = random.Random(f"{params['seed']}:{task}:{length}:{depth}:{params['key_index']}")
     sentences = haystack_sentences(params["haystack"])
@@ -146,6 +149,34 @@ def needle_sample(tokenizer, params: dict) -> lc.Sample:
     return lc.Sample(id=f"{task}-{length}-{depth}-{params['key_index']}", context=context, question=question,
                      answers=answers, meta={"answer_prefix": prefix,
                                             "needle_texts": [needles[i][1] for i in targets]})
+
+
+_DOCUMENTS: dict[str, list[tuple[str, str]]] = {}
+PASS_KEY_QUESTION = "What is the pass key mentioned in the {where}? Reply with the digits of the pass key."
+
+
+def multidoc_sample(tokenizer, params: dict) -> lc.Sample:
+    """Multi-document QA: ``length // chunk_tokens`` documents (the starts of distinct files of the folder
+    ``haystack`` of at least ``chunk_tokens`` words, each cut to ``chunk_tokens`` tokens, headed ``Document [i] (Title: stem)`` as a
+    retrieval-augmented prompt is), the pass key in the middle of document ``depth x (N - 1)`` (rounded half up). The
+    files and the key depend on (seed, length, key_index) only, so the depths of one key move only the needle."""
+    length, depth, chunk = params["length"], params["depth"], params["chunk_tokens"]
+    key = f"{params['haystack']}:{chunk}"
+    if key not in _DOCUMENTS:
+        _DOCUMENTS[key] = lc.check_documents(params["haystack"], [chunk], chunk)  # the files long enough
+    n = lc.n_documents(length, chunk)
+    docs = _DOCUMENTS[key] if 1 <= n <= len(_DOCUMENTS[key]) else lc.check_documents(params["haystack"], [length], chunk)
+    rng = random.Random(f"{params['seed']}:{MULTIDOC}:{length}:{params['key_index']}")
+    picked = rng.sample(range(len(docs)), n)
+    value = pass_key(rng)
+    needle = f"The pass key is {value}. Remember it. {value} is the pass key."
+    target = int(depth * (n - 1) + 0.5)  # rounded half up
+    documents = [lc.build_document(tokenizer, i + 1, *docs[j], chunk, needle if i == target else None)
+                 for i, j in enumerate(picked)]
+    return lc.Sample(id=f"{MULTIDOC}-{length}-{depth}-{params['key_index']}", context="\n\n".join(documents),
+                     question=PASS_KEY_QUESTION.format(where="documents"), answers=[value],
+                     meta={"answer_prefix": "The pass key is", "needle_texts": [needle], "documents": documents,
+                           "needle_document": target, "titles": [docs[j][0] for j in picked]})
 
 
 _FILES: dict[str, list[dict]] = {}
@@ -378,7 +409,11 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
         _STORES[key] = ChunkStore(root, model, tokenizer, prefix_ids=prefix,
                                   save_surprisal=strategy == "surprisal_chunk")
     store = _STORES[key]
-    chunks = lc.chunk_context(tokenizer, parts.compressed[parts.context_start:], params["chunk_tokens"])
+    documents = sample.meta.get("documents")
+    if documents:  # one chunk per document: the chunk boundaries are the document boundaries
+        chunks = lc.document_chunks(tokenizer, documents, parts.compressed[parts.context_start:])
+    else:
+        chunks = lc.chunk_context(tokenizer, parts.compressed[parts.context_start:], params["chunk_tokens"])
     question_ids = _ids(tokenizer, parts.rest)
     store.precompute(chunks)  # A3's offline step: not part of the time to first token
     ends = [len(store.prefix_ids) + sum(map(len, chunks[: i + 1])) - 1 for i in range(len(chunks))]
@@ -421,6 +456,9 @@ def run_cell(params: dict) -> dict:
                             "use shorter --lengths (or --max_context_tokens)")
     record: dict = {"answers": sample.answers, "sample_id": sample.id, "compressed_tokens": len(compressed_ids),
                     "rest_tokens": len(rest_ids), "chat_template": parts.chat_template}
+    if sample.meta.get("documents"):
+        record.update(n_documents=len(sample.meta["documents"]), needle_document=sample.meta["needle_document"],
+                      titles=sample.meta["titles"])
     if is_a3(method):
         r = _a3_answer(model, tokenizer, params, sample, parts)
     else:
@@ -711,7 +749,8 @@ def add_grid_arguments(ap, name: str) -> None:
     ap.add_argument("--rate", type=float, nargs="+", default=[0.15], help="A3: fractions of tokens recomputed")
     ap.add_argument("--evict", default=None, help="A3: press evicting from the fused cache (at each ratio)")
     ap.add_argument("--max_new_tokens", type=int, default=None, help="most answer tokens (default: by task)")
-    ap.add_argument("--chunk_tokens", type=int, default=128, help="A3 chunk size")
+    ap.add_argument("--chunk_tokens", type=int, default=None,
+                    help="A3 chunk size (default 128; needle.py --task multidoc: 512, the size of each document)")
     ap.add_argument("--max_context_tokens", type=int, default=None, help="cut the middle of longer contexts")
     ap.add_argument("--attn_implementation", default=None, help="eager / sdpa (default: the model's)")
     ap.add_argument("--no_diagnostic", action="store_true", help="skip the needle-kept diagnostic")
@@ -787,7 +826,7 @@ def check_lengths(model, tokenizer, lengths: list[int], max_new_tokens: int, cha
 
 
 def settings_from_args(args, max_new_tokens: int) -> dict:
-    return {"model": args.model, "max_new_tokens": max_new_tokens, "chunk_tokens": args.chunk_tokens,
+    return {"model": args.model, "max_new_tokens": max_new_tokens, "chunk_tokens": args.chunk_tokens or 128,
             "max_context_tokens": args.max_context_tokens, "attn_implementation": args.attn_implementation,
             "chat_template": args.use_chat_template, "diagnostic": not args.no_diagnostic}
 
