@@ -146,3 +146,19 @@ def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_seconds_starts_no_cell_after_the_limit(tmp_path, capsys):
+    if not (SHARED / "models" / "stories260k").is_dir():
+        pytest.skip("stories260k not found (set KVPRESS_EXT_SHARED)")
+    code = lg.main(["--model", str(SHARED / "models" / "stories260k"), "--device", "cpu", "--quick", "--part", "nll",
+                    "--max_seconds", "0", "--output_dir", str(tmp_path / "out")])
+    assert code == 0
+    assert "9 cell(s) not run" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "nll_summary.json").exists()
+
+
+def test_cells_put_full_then_the_target_budget_first():
+    grid = lg.cells(["rkv", "full", "lazy_streaming"], [256, 512, 1024], first_budget=512)
+    assert [c.name for c in grid] == ["full", "rkv_b512", "lazy_streaming_b512", "rkv_b256", "lazy_streaming_b256",
+                                      "rkv_b1024", "lazy_streaming_b1024"]

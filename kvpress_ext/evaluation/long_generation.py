@@ -58,14 +58,15 @@ def check_budgets(budgets) -> list[int]:
     return budgets
 
 
-def cells(methods, budgets) -> list[Cell]:
-    """``full`` once (first: every other cell is compared with it), every other method at every budget."""
+def cells(methods, budgets, first_budget: int | None = None) -> list[Cell]:
+    """``full`` once (first: every other cell is compared with it), then every other method at every budget,
+    ``first_budget``'s cells first (a run stopped by a time limit has the most wanted cells)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LongGenerationInputError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
-    budgets = check_budgets(budgets)
+    budgets = sorted(check_budgets(budgets), key=lambda b: b != first_budget)
     out = [Cell("full", None)] if "full" in methods else []
-    return out + [Cell(m, b) for m in methods if m != "full" for b in budgets]
+    return out + [Cell(m, b) for b in budgets for m in methods if m != "full"]
 
 
 def build_press(method: str, budget: int | None, compression_interval: int = 128, n_sink: int = 4, slack: int = 64):
@@ -282,6 +283,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help=f"tiny setting for tests (options given explicitly win): "
                         f"{', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    p.add_argument("--max_seconds", type=float, default=None,
+                   help="start no new cell after this many seconds (finished cells are kept; rerun to continue)")
     p.add_argument("--no_progress", action="store_true", help="no per-cell lines")
     add_threads_argument(p)
     return p
@@ -297,8 +300,10 @@ def _load_cell(path, settings: dict) -> dict | None:
     return record if record.get("settings") == settings else None
 
 
-def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say) -> list[dict]:
-    """Compute (or reuse) every cell of ``part``; each cell's JSON is written when done."""
+def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say, on_update, deadline: float) -> int:
+    """Compute (or reuse) every cell of ``part``; each cell's JSON is written when done and ``on_update(records)``
+    rewrites the summary, so a run cut off by a time limit keeps what it finished. Returns the cells not run
+    (none are started after ``deadline``, a ``time.monotonic()`` value)."""
     import json
 
     from kvpress_ext.safe_io import write_output
@@ -306,10 +311,14 @@ def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say) ->
     folder = out / part
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    for cell in grid:
+    for i, cell in enumerate(grid):
         path = folder / f"{cell.name}.json"
         record = _load_cell(path, settings)
         if record is None:
+            if time.monotonic() > deadline:
+                say(f"{part}: --max_seconds reached; {len(grid) - i} cell(s) not run (run the same command again "
+                    "to continue)")
+                return len(grid) - i
             press = build_press(cell.method, cell.budget, settings["compression_interval"])
             record = {"method": cell.method, "budget": cell.budget, "settings": settings, **compute(press)}
             write_output(path, json.dumps(record))
@@ -317,7 +326,8 @@ def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say) ->
         else:
             say(f"{part} {cell.name}: reused {path}")
         records.append(record)
-    return records
+        on_update(records)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -355,7 +365,8 @@ def main(argv=None) -> int:
         out = claim_output_dir(args.output_dir)
         model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         device = next(model.parameters()).device
-        grid = cells(args.methods, args.budgets)
+        grid = cells(args.methods, args.budgets, args.target_budget)
+        deadline = time.monotonic() + (args.max_seconds if args.max_seconds is not None else math.inf)
         common = {"model": args.model, "dtype": args.dtype, "compression_interval": args.compression_interval}
         summary = {"model": args.model, "device": str(device), "dtype": args.dtype, "command": " ".join(sys.argv),
                    "machine_load_start": machine_load()}
@@ -368,31 +379,40 @@ def main(argv=None) -> int:
             ids = ids.to(device)
             settings = {**common, "text_file": text_file.name, "context": args.context,
                         "continuation": args.continuation, "decode_chunk_size": args.decode_chunk_size}
-            records = _run_part("nll", grid, settings, out, lambda press: nll_cell(
-                model, ids, args.context, press, args.decode_chunk_size, args.segment), say)
-            table, target = nll_table(records, args.target_budget)
-            print(table)
-            write_output(out / "nll_summary.json", json.dumps({**summary, "settings": settings, "target": target,
-                                                                "records": records}, indent=1))
-            if records:
+            final = {}
+
+            def nll_update(records):
+                final["table"], target = nll_table(records, args.target_budget)
+                write_output(out / "nll_summary.json", json.dumps(
+                    {**summary, "settings": settings, "target": target, "records": records}, indent=1))
                 plot_nll(records, out / "nll.png", f"{args.model}: NLL of {args.continuation} continuation tokens "
                          f"after {args.context} ({text_file.name})")
+
+            _run_part("nll", grid, settings, out, lambda press: nll_cell(
+                model, ids, args.context, press, args.decode_chunk_size, args.segment), say, nll_update, deadline)
+            print(final.get("table", "nll: no cell finished"))
         if args.part in ("gen", "both"):
             prompt = chat_prompt_ids(tokenizer, args.prompt, args.use_chat_template).to(device)
             settings = {**common, "prompt": args.prompt, "chat_template": args.use_chat_template,
                         "gen_tokens": args.gen_tokens}
-            records = _run_part("gen", grid, settings, out,
-                                lambda press: generation_cell(model, prompt, press, args.gen_tokens), say)
-            full = next((r for r in records if r["method"] == "full"), None)
-            for r in records:
-                r.update(agreement(r["generated_ids"], full["generated_ids"]) if full else {})
-            print(generation_table(records))
-            if full:
-                print("full-cache generation starts:", repr(tokenizer.decode(full["generated_ids"][:60])))
-            write_output(out / "gen_summary.json", json.dumps({**summary, "settings": settings, "records": records}))
-            if records:
+            final = {}
+
+            def gen_update(records):
+                full = next((r for r in records if r["method"] == "full"), None)
+                for r in records:
+                    r.update(agreement(r["generated_ids"], full["generated_ids"]) if full else {})
+                final["table"] = generation_table(records)
+                final["start"] = tokenizer.decode(full["generated_ids"][:60]) if full else None
+                write_output(out / "gen_summary.json", json.dumps({**summary, "settings": settings,
+                                                                   "records": records}))
                 plot_cache(records, out / "gen_cache.png", f"{args.model}: cache length while generating "
                            f"{args.gen_tokens} tokens greedily")
+
+            _run_part("gen", grid, settings, out, lambda press: generation_cell(model, prompt, press, args.gen_tokens),
+                      say, gen_update, deadline)
+            print(final.get("table", "gen: no cell finished"))
+            if final.get("start"):
+                print("full-cache generation starts:", repr(final["start"]))
     except KVPressExtError as exc:
         print(f"long_generation: error: {exc}", file=sys.stderr)
         return 2
