@@ -1,5 +1,7 @@
-"""Per-segment perplexity of StreamingLLM caches over a long TinyStories stream (``--model``: a short name, default
-smollm2-135m, a directory or a hub id; the recorded results use ``--model stories260k``).
+"""Per-segment perplexity of StreamingLLM caches over a long text stream (``--model``: a short name, default
+smollm2-135m, a directory or a hub id; ``--text_file``: a file or a folder of .txt files, default Pride and Prejudice
+followed by the Paul Graham essays of ../shared/data; the recorded stories260k results use
+``--text_file ../shared/data/tinystories_val.txt``).
 
 Methods: dense (growing cache), reference (sliding window of sinks + recent tokens recomputed from
 scratch for every target), eager (lazy_streaming with slack=0) and lazy (slack > 0), all at the same
@@ -8,6 +10,10 @@ scratch for every target), eager (lazy_streaming with slack=0) and lazy (slack >
 
     PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --method lazy --tokens 20000
     PYTHONPATH=$PWD python evaluation/streaming_quality.py --model stories260k --report
+
+On a GPU (``--device``, default cuda if available) every method does the same Python work per forward as on the CPU:
+dense and lazy feed chunks, eager one token per forward (slack 0: it compacts after every token), the reference one
+batch of ``--batch`` windows per forward for every ``--reference_stride``-th target.
 """
 
 from __future__ import annotations
@@ -29,27 +35,69 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
 
 
-def load(tokens: int, model_name: str = "smollm2-135m"):
+def _fail(message: str):
+    print(f"streaming_quality: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def default_text_files() -> list[Path]:
+    """Pride and Prejudice, then the Paul Graham essays (sorted by name): over 300k tokens of continuous text."""
+    essays = SHARED / "data" / "paul_graham_essays"
+    return [SHARED / "data" / "pride_and_prejudice.txt", *sorted(essays.glob("*.txt"))]
+
+
+def text_files(text_file: str | None) -> list[Path]:
+    """The files of ``--text_file`` (a file, or a folder's .txt files by name), or :func:`default_text_files`."""
+    if text_file is None:
+        files = [f for f in default_text_files() if f.is_file()]
+        if not files:
+            _fail(f"no default text in {SHARED / 'data'}; pass --text_file PATH or set KVPRESS_EXT_SHARED")
+        return files
+    path = Path(text_file)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            _fail(f"--text_file {path} is a folder without .txt files; pass a text file or a folder of them")
+        return files
+    if not path.is_file():
+        _fail(f"--text_file {path} does not exist; pass an existing text file or folder")
+    return [path]
+
+
+def text_label(files: list[Path]) -> str:
+    return files[0].name if len(files) == 1 else f"{files[0].name} + {len(files) - 1} more ({files[1].parent.name})"
+
+
+def load(tokens: int, model_name: str = "smollm2-135m", text_file: str | None = None, device: str | None = None,
+         dtype: str = "float32"):
+    """(model, ids of ``tokens + 1`` tokens, text label); bad input: one line, exit 2."""
     from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.inputs import read_text_file
     from kvpress_ext.models import load_model
 
+    files = text_files(text_file)
     try:
-        model, tok = load_model(model_name, device="cpu")
+        model, tok = load_model(model_name, device=device, dtype=dtype)
+        parts, chars = [], 0
+        for f in files:  # read only what ``tokens`` can need (about 8 characters a token at most)
+            parts.append(read_text_file(f, "--text_file"))
+            chars += len(parts[-1])
+            if chars >= tokens * 8:
+                break
     except KVPressExtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    text = (SHARED / "data" / "tinystories_val.txt").read_text()
+        _fail(str(exc))
+    text = "\n\n".join(parts)
     ids = torch.tensor(tok(text[: tokens * 8])["input_ids"])[: tokens + 1]
     if len(ids) < tokens + 1:
-        sys.exit(f"text too short for {tokens} tokens")
-    return model, ids
+        _fail(f"--text_file has {len(ids)} tokens, fewer than --tokens {tokens} + 1; pass a longer text or fewer tokens")
+    return model, ids, text_label(files)
 
 
 def run(args):
     from kvpress_ext.evaluation.streaming import dense_nlls, recompute_reference_nlls, streaming_nlls
     from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
-    model, ids = load(args.tokens, args.model)
+    model, ids, label = load(args.tokens, args.model, args.text_file, args.device, args.dtype)
     load_start = machine_load()
     start = time.time()
     if args.method == "dense":
@@ -66,10 +114,11 @@ def run(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items() if k != "report"}
+    meta.update(text=label, device=str(next(model.parameters()).device))
     meta["slack"] = 0 if args.method == "eager" else args.slack
     meta.update(load_start=load_start, load_end=machine_load())  # timings on a busy machine are not idle ones
     torch.save({"nlls": nlls, "seconds": seconds, "args": meta}, out / f"{args.method}.pt")
-    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s")
+    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s on {meta['device']}")
 
 
 def report(args):
@@ -88,8 +137,14 @@ def report(args):
             mask &= ~torch.isnan(nll[m][:n])
         return n, mask
 
+    if not runs:
+        _fail(f"no saved run in {out}; run --method dense/reference/eager/lazy first (same --out_dir)")
+    first = next(iter(runs.values()))["args"]
+    text = first.get("text", "tinystories_val.txt")  # runs saved before --text_file read TinyStories
+    device = first.get("device", "cpu")
     result = {
-        "model": args.model, "text": "tinystories_val.txt", "segment": seg, "machine": "CPU, 2 cores (shared)",
+        "model": args.model, "text": text, "segment": seg,
+        "machine": "CPU, 2 cores (shared)" if device == "cpu" else device,
         "predictions": {m: len(v) for m, v in nll.items()},
         "settings": {m: r["args"] for m, r in runs.items()}, "seconds": {m: r["seconds"] for m, r in runs.items()},
         "segment_ppl_all_targets": {m: segment_perplexity(v, seg) for m, v in nll.items()},
@@ -123,7 +178,7 @@ def report(args):
     print(json.dumps({k: result[k] for k in ("predictions", "checks")}, indent=1))
     curves = result.get("segment_ppl_reference_targets", result["segment_ppl_all_targets"])
     for m, v in curves.items():
-        print(f"{m:>9}: " + " ".join(f"{x:.2f}" for x in v[:12]) + (" ..." if len(v) > 12 else ""))
+        print(f"{m:>9}: " + " ".join(f"{x:.2f}" for x in v[:24]) + (" ..." if len(v) > 24 else ""))
 
     import matplotlib
 
@@ -146,7 +201,9 @@ def report(args):
         ax.plot([(i + 0.5) * seg for i in range(len(v))], v, style[m], label=label(m))
     ax.set_yscale("log")
     ax.set_ylabel(f"perplexity per {seg}-token segment")
-    ax.set_title(f"{args.model} on TinyStories: StreamingLLM, cap_total={args.cap_total}, 4 sinks")
+    cap = first.get("cap_total", args.cap_total)
+    ax.set_title(f"{args.model} on {text}: StreamingLLM, cap_total={cap}, {first.get('n_sink', 4)} sinks",
+                 fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     if ratio_panel:  # the streaming curves relative to the reference, on the reference's targets
@@ -174,12 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["dense", "reference", "eager", "lazy"], help="the one method this run computes")
     p.add_argument("--report", action="store_true", help="merge saved runs into JSON + plot")
     p.add_argument("--tokens", type=int, default=20000, help="length of the token stream")
+    p.add_argument("--text_file", default=None,
+                   help="text file, or a folder whose .txt files are joined by name (default: Pride and Prejudice "
+                        "followed by the Paul Graham essays in ../shared/data)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     # The dashed spellings are the former names, kept so old commands still run.
     p.add_argument("--cap_total", "--cap-total", type=int, default=512, help="most tokens in the cache (all methods)")
     p.add_argument("--n_sink", "--n-sink", type=int, default=4, help="attention sinks kept")
     p.add_argument("--slack", type=int, default=64, help="lazy: tokens allowed past the cap before a compaction")
     p.add_argument("--batch", type=int, default=16, help="reference windows per forward")
-    p.add_argument("--stride", type=int, default=1, help="reference: score every stride-th target")
+    p.add_argument("--stride", "--reference_stride", type=int, default=1,
+                   help="reference: score every stride-th target (a forward of cap_total tokens per scored target)")
     p.add_argument("--segment", type=int, default=512, help="tokens per point of the perplexity curve")
     p.add_argument("--out_dir", "--out-dir", default=str(REPO / "results" / "streaming_quality"),
                    help="where each method's per-token NLLs are saved")

@@ -1,7 +1,8 @@
 """Long-text perplexity under StreamingLLM-style caches: dense, recompute reference, eager and lazy pruning.
 
-Each function returns ``nll[i] = -log p(ids[i + 1] | context)`` for i = 0 .. len(ids) - 2 (float64 tensor);
-:func:`segment_perplexity` turns them into per-segment perplexities.
+Each function returns ``nll[i] = -log p(ids[i + 1] | context)`` for i = 0 .. len(ids) - 2 (float64 tensor, on the
+CPU); :func:`segment_perplexity` turns them into per-segment perplexities. ``ids`` may be on any device: each
+forward's tokens go to the model's input device, so a GPU run does the same Python work per forward as a CPU one.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
+from kvpress_ext.devices import input_device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").double()
+    targets = targets.to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").double().cpu()
 
 
 @torch.no_grad()
 def dense_nlls(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Growing cache, nothing evicted, positions 0..n-1 (the model runs past its trained length)."""
     cache, out = DynamicCache(), []
+    ids = ids.to(input_device(model))
     with apply_press(None, model):
         for start in range(0, len(ids) - 1, chunk):
             piece = ids[start : min(start + chunk, len(ids) - 1)]
@@ -39,6 +43,7 @@ def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: i
     ``stride``-th target past the first window (the others are NaN): one forward of ``total`` tokens
     per target is the cost StreamingLLM avoids."""
     n = len(ids) - 1
+    ids = ids.to(input_device(model))
     first = min(total, n)
     logits = model(input_ids=ids[None, :first]).logits[0]  # targets whose window is the whole prefix
     out = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -49,7 +54,7 @@ def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: i
     for start in range(0, len(chosen), batch):
         targets = chosen[start : start + batch]
         idx = torch.cat([torch.arange(n_sink).expand(len(targets), -1), targets[:, None] - recent + 1 + offsets], 1)
-        logits = model(input_ids=ids[idx], logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=ids[idx.to(ids.device)], logits_to_keep=1).logits[:, -1]
         out[targets] = _nll(logits, ids[targets + 1])
         if progress:
             progress(int(targets[-1]) + 1, n)
@@ -65,6 +70,7 @@ def streaming_nlls(model, ids: torch.Tensor, press) -> torch.Tensor:
     over the chunk equals decoding its tokens one by one.
     """
     n = len(ids) - 1
+    ids = ids.to(input_device(model))
     cache, out, start = DynamicCache(), [], 0
     size = press.max_cache + 1
     with apply_press(press, model):
