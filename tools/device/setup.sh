@@ -1,8 +1,9 @@
 # sourced by run_b.sh / run_c.sh: our stack on the device machine's python3 (see README.md)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export KVPRESS_EXT_CACHE=/tmp/kvcache KVPRESS_EXT_SHARED=$PWD/.shared
-if [ ! -f /tmp/site/.installed ] && [ -d .whl ]; then
+if [ -z "${SKIP_INSTALL:-}" ] && [ ! -f /tmp/site/.installed ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.installed
 fi
-export PYTHONPATH=$PWD:/tmp/site
+export PYTHONPATH=$PWD:${SITE:-/tmp/site}
+PY=${PY:-python3}  # a local dry run sets PY to the venv's python
