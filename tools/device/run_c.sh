@@ -40,7 +40,19 @@ for T in pride_and_prejudice.txt wikitext2_test.raw; do  # 2c perplexity at a 4k
   ( timeout $(left) $P --text_file .shared/data/$T --ppl_apply_press --output_dir $RES/ppl4k_${T%%.*}_incremental \
       > $RES/ppl4k_${T%%.*}_incremental.log 2>&1 ) &
 done
-# EXTRA_JOBS
+G="$PY evaluation/long_generation.py --threads 1 --no_progress --budgets 256 512 1024"
+( timeout $(left) $G --part nll --methods full rkv --max_seconds $(( $(left) - 40 )) --output_dir $RES/longgen_nll_rkv \
+    > $RES/longgen_nll_rkv.log 2>&1 ) &
+( timeout $(left) $G --part nll --methods full lazy_streaming decoding_snapkv decoding_streaming_llm \
+    --max_seconds $(( $(left) - 40 )) --output_dir $RES/longgen_nll_others > $RES/longgen_nll_others.log 2>&1 ) &
+( timeout $(left) $G --part gen --gen_tokens 1000 --max_seconds $(( $(left) - 40 )) --output_dir $RES/longgen_gen \
+    > $RES/longgen_gen.log 2>&1 ) &
+for C in 1024 2048; do  # 2d: 32k tokens of Pride and Prejudice + essays, past the 8k trained context
+  S="$PY evaluation/streaming_quality.py --model smollm2-135m --cap_total $C --out_dir $RES/streaming_cap$C"
+  ( for m in lazy dense; do timeout $(left) $S --tokens 32768 --method $m; done
+    timeout $(left) $S --tokens 32768 --method reference --reference_stride 32 --batch 32
+    timeout $(left) $S --tokens 4096 --method eager ) > $RES/streaming_cap$C.log 2>&1 &
+done
 sleep 5; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 wait
 echo "all jobs ended after $(( $(date +%s) - START )) s"
