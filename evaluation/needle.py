@@ -68,10 +68,10 @@ def needle_grid(args, name: str) -> int:
         else:
             lg.haystack_sentences(haystack)  # missing or empty: one line, exit 2
         model, tok = lg.get_model(args.model, args.attn_implementation)
-        lg.check_lengths(model, tok, lengths, max_new, args.use_chat_template)
         samples = [{"source": "needle", "task": args.task, "haystack": haystack, "length": n, "depth": d,
                     "key_index": k, "seed": args.seed, "n_needles": args.n_needles}
                    for n in lengths for d in depths for k in range(num_keys)]
+        lg.check_lengths(model, tok, samples, lg.settings_from_args(args, max_new), modes)
         _, outputs = lg.run_grid(args, name, samples, methods, modes, max_new)
         print(outputs["markdown"])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvpress_ext.evaluation import longcontext as lc
+from kvpress_ext.evaluation import longcontext_grid as lg
 from kvpress_ext.evaluation.metrics import score_longbench, substring_match
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +187,30 @@ def test_bad_input_exits_2(inputs, capsys, name, args, message):
 def test_bad_input_subprocess_exit_code(inputs):
     p = run_script("ruler", "--data_file", inputs / "missing.jsonl", "--model", MODEL)
     assert p.returncode == 2 and "not found" in p.stderr.strip().splitlines()[-1]
+
+
+def test_length_preflight_agrees_with_the_cells(inputs, capsys):
+    """The length named as the longest that fits runs; one token more is refused before any cell starts (the
+    preflight measures the real prompt: chat template, needle, question, answer prefix, max_new_tokens)."""
+    args = ["--haystack_dir", str(inputs / "hay"), "--model", str(MODEL), "--depths", "0", "1", "--num_keys", "1",
+            "--max_new_tokens", "4", "--both_modes", "--no_progress"]
+    assert script("needle").main(args + ["--lengths", "600", "--output_dir", str(inputs / "pre0")]) == 2
+    err = capsys.readouterr().err.strip()
+    longest = int(err.rsplit(" ", 1)[-1])
+    assert 300 < longest < 512, err
+    model, tok = lg.get_model(str(MODEL))
+    settings = {"model": str(MODEL), "max_new_tokens": 4, "chunk_tokens": 128, "max_context_tokens": None,
+                "attn_implementation": None, "chat_template": True, "diagnostic": True}
+    for n, fits in ((longest, True), (longest + 1, False)):
+        totals = []
+        for depth in (0.0, 1.0):
+            for aware in (False, True):
+                sample = {"source": "needle", "task": "passkey", "haystack": str(inputs / "hay"), "length": n,
+                          "depth": depth, "key_index": 0, "seed": 0, "n_needles": 4, "query_aware": aware}
+                _, _, ids, rest = lg.cell_prompt(tok, {**settings, **sample})
+                totals.append(len(ids) + len(rest) + 4)
+        assert (max(totals) <= lg.context_limit(model)) == fits, (n, totals)
+    out = inputs / "pre1"
+    assert script("needle").main(args + ["--lengths", str(longest), "--output_dir", str(out)]) == 0
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert cells and all(c["status"] == "ok" for c in cells), [c.get("error") for c in cells]

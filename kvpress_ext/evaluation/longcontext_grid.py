@@ -429,6 +429,19 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
     return r
 
 
+def cell_prompt(tokenizer, params: dict):
+    """(sample, prompt parts, compressed ids, ids after them) of a cell: what :func:`run_cell` feeds the model,
+    and what :func:`check_lengths` measures before a grid starts."""
+    sample = (needle_sample(tokenizer, params) if params["source"] == "needle" else file_sample(params))
+    parts = split_prompt(tokenizer, sample.context, sample.question, sample.meta.get("answer_prefix", ""),
+                         params["query_aware"], params.get("chat_template", True))
+    compressed_ids, rest_ids = _ids(tokenizer, parts.compressed), _ids(tokenizer, parts.rest)
+    if params.get("max_context_tokens") and len(compressed_ids) > params["max_context_tokens"]:
+        half = params["max_context_tokens"] // 2  # LongBench keeps the head and the tail
+        compressed_ids = compressed_ids[:half] + compressed_ids[-half:]
+    return sample, parts, compressed_ids, rest_ids
+
+
 def run_cell(params: dict) -> dict:
     """Answer one cell; the record holds the prediction, ``score`` and timings (and the diagnostic)."""
     from kvpress_ext.evaluation.run_perplexity import build_press, check_ratio, press_params
@@ -442,13 +455,7 @@ def run_cell(params: dict) -> dict:
     if ratio is not None:
         check_ratio(ratio)
     model, tokenizer = get_model(params["model"], params.get("attn_implementation"))
-    sample = (needle_sample(tokenizer, params) if params["source"] == "needle" else file_sample(params))
-    parts = split_prompt(tokenizer, sample.context, sample.question, sample.meta.get("answer_prefix", ""),
-                         query_aware, params.get("chat_template", True))
-    compressed_ids, rest_ids = _ids(tokenizer, parts.compressed), _ids(tokenizer, parts.rest)
-    if params.get("max_context_tokens") and len(compressed_ids) > params["max_context_tokens"]:
-        half = params["max_context_tokens"] // 2  # LongBench keeps the head and the tail
-        compressed_ids = compressed_ids[:half] + compressed_ids[-half:]
+    sample, parts, compressed_ids, rest_ids = cell_prompt(tokenizer, params)
     limit = context_limit(model)
     total = len(compressed_ids) + len(rest_ids) + params["max_new_tokens"]
     if limit and total > limit:
@@ -810,19 +817,34 @@ def check_args(args) -> tuple[list[str], list[bool]]:
     return methods, modes
 
 
-def check_lengths(model, tokenizer, lengths: list[int], max_new_tokens: int, chat: bool) -> None:
-    """Lengths the model cannot hold: one line naming the longest that fits."""
-    from kvpress_ext.chat import split_chat_prompt
+def check_lengths(model, tokenizer, samples: list[dict], settings: dict, modes: list[bool]) -> None:
+    """Lengths the model cannot hold: one line naming the longest that fits.
 
+    Measured on the real prompt of every sample in every mode (chat template, haystack, needle, question, answer
+    prefix) plus ``max_new_tokens``, as :func:`run_cell` builds it, so a grid never starts cells that can only
+    fail."""
     limit = context_limit(model)
     if not limit:
         return
-    overhead = len(_ids(tokenizer, split_chat_prompt(tokenizer, "\n\n", "", use_chat_template=chat).text)) + 48 \
-        + max_new_tokens
-    too_long = [n for n in lengths if n + overhead > limit]
+
+    def needed(n: int, group: list[dict]) -> int:  # the most tokens any sample of ``group`` needs at length n
+        return max(len(c) + len(r) + settings["max_new_tokens"]
+                   for sample in group for query_aware in modes
+                   for _, _, c, r in [cell_prompt(tokenizer, {**settings, **sample, "length": n,
+                                                               "query_aware": query_aware})])
+
+    by_length: dict[int, list[dict]] = {}
+    for sample in samples:
+        by_length.setdefault(sample["length"], []).append(sample)
+    too_long = [n for n, group in by_length.items() if needed(n, group) > limit]
     if too_long:
+        group = by_length[min(too_long)]
+        lo, hi = 16, min(too_long) - 1  # the longest length at which every such sample fits (bisection)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if needed(mid, group) <= limit else (lo, mid - 1)
         raise lc.InputError(f"--lengths {' '.join(map(str, too_long))} exceed the model's context of {limit} tokens "
-                            f"(with the question and answer): use lengths up to {limit - overhead}")
+                            f"(with the prompt around the text, the question and the answer): use lengths up to {lo}")
 
 
 def settings_from_args(args, max_new_tokens: int) -> dict:
