@@ -839,10 +839,13 @@ def check_lengths(model, tokenizer, samples: list[dict], settings: dict, modes: 
     too_long = [n for n, group in by_length.items() if needed(n, group) > limit]
     if too_long:
         group = by_length[min(too_long)]
-        lo, hi = 16, min(too_long) - 1  # the longest length at which every such sample fits (bisection)
+        worst = [max(group, key=lambda sample: needed(min(too_long), [sample]))]
+        lo, hi = 16, min(too_long) - 1  # the longest length at which the longest prompt fits (bisection) ...
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if needed(mid, group) <= limit else (lo, mid - 1)
+            lo, hi = (mid, hi) if needed(mid, worst) <= limit else (lo, mid - 1)
+        while lo > 16 and needed(lo, group) > limit:  # ... and then every sample does
+            lo -= 1
         raise lc.InputError(f"--lengths {' '.join(map(str, too_long))} exceed the model's context of {limit} tokens "
                             f"(with the prompt around the text, the question and the answer): use lengths up to {lo}")
 
