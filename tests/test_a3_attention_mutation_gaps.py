@@ -72,17 +72,18 @@ def test_every_token_active_with_unsorted_positions_is_not_plain_causal():
     q, k, v = _qkv(1, 2, 2, 6, 6)
     perm = torch.tensor([2, 5, 3, 0, 1, 4])
     assert (A.masked_attention(q, k, v, perm, perm, SCALE) - _explicit(q, k, v, perm, perm, SCALE)).abs().max() < TOL
-    ordered = torch.arange(6)  # the genuine full recompute still matches
-    want = _explicit(q, k, v, ordered, ordered, SCALE)
-    assert (A.masked_attention(q, k, v, ordered, ordered, SCALE) - want).abs().max() < TOL
-    assert (A.torch_attention(q, k, v, A.causal_mask(ordered, ordered), SCALE) - want).abs().max() < TOL
+    ordered = torch.arange(6)  # the genuine full recompute still matches, with and without grouped KV heads
+    for q, k, v in (_qkv(1, 2, 2, 6, 6), _qkv(2, 4, 2, 6, 6)):
+        want = _explicit(q, k, v, ordered, ordered, SCALE)
+        assert (A.masked_attention(q, k, v, ordered, ordered, SCALE) - want).abs().max() < TOL
+        assert (A.torch_attention(q, k, v, A.causal_mask(ordered, ordered), SCALE) - want).abs().max() < TOL
 
 
 @pytest.mark.parametrize("kpos", [[1, 0], [3, 0, 2, 1, 9, 4, 6, 5, 8, 7], [0, 1, 2, 3, 4, 9, 5, 6, 7, 8]])
 def test_unsorted_keys_with_more_queries_than_a_block(kpos):
     """Keys out of position order cannot be cut at the block's largest position; the result still matches."""
     kpos = torch.tensor(kpos)
-    qpos = torch.tensor([9, 0, 1, 4])
+    qpos = torch.tensor([9, 0, 1, 4, 6])
     q, k, v = _qkv(2, 4, 2, len(qpos), len(kpos))
     want = _explicit(q, k, v, qpos, kpos, SCALE)
     seen_any = (kpos.view(1, -1) <= qpos.view(-1, 1)).any(-1)
@@ -167,11 +168,69 @@ class _StandIn:
 def test_masked_attention_hands_the_flashinfer_branch_the_mask_and_scale(monkeypatch):
     """When the backend is flashinfer, masked_attention builds the causal mask from the positions and passes the
     scale (a stand-in kernel on CPU; the real one is compared on a GPU in test_a3.py)."""
-    calls = []
-    monkeypatch.setattr(A, "flashinfer", _StandIn)
-    monkeypatch.setattr(A, "choose_backend", lambda q, backend="auto": calls.append(backend) or "flashinfer")
+    calls, kernel_calls = [], []
+
+    class Recording(_StandIn):
+        @staticmethod
+        def single_prefill_with_kv_cache(*args, **kwargs):
+            kernel_calls.append(1)
+            return _StandIn.single_prefill_with_kv_cache(*args, **kwargs)
+
+    monkeypatch.setattr(A, "flashinfer", Recording)
+    monkeypatch.setattr(A, "choose_backend", lambda q, backend="auto": calls.append((q, backend)) or "flashinfer")
     q, k, v = _qkv(7, 4, 2, 5, 12)
     qpos, kpos = torch.tensor([2, 4, 7, 10, 11]), torch.arange(12)
     out = A.masked_attention(q, k, v, qpos, kpos, SCALE, backend="flashinfer")
-    assert calls == ["flashinfer"]
+    assert len(calls) == 1 and calls[0][0] is q and calls[0][1] == "flashinfer" and kernel_calls == [1]
     assert out.shape == q.shape and (out - _explicit(q, k, v, qpos, kpos, SCALE)).abs().max() < TOL
+
+
+def test_each_block_is_computed_against_only_the_keys_it_can_see(monkeypatch):
+    """The point of the blocked path (its docstring): a block of queries is scored against the keys up to its
+    largest position, not all keys. The kernel calls are recorded: (queries, keys) per call."""
+    calls = []
+    kernel = A.torch_attention
+    monkeypatch.setattr(A, "torch_attention", lambda q, k, v, mask, scale: calls.append(tuple(mask.shape))
+                        or kernel(q, k, v, mask, scale))
+    n = 50
+    q, k, v = _qkv(8, 2, 1, 7, n)
+    qpos = torch.tensor([3, 4, 10, 11, 20, 30, 40])
+    out = A.blocked_torch_attention(q, k, v, qpos, torch.arange(n), SCALE, block=3)
+    assert calls == [(3, 11), (3, 31), (1, 41)] and (out - _explicit(q, k, v, qpos, torch.arange(n), SCALE)).abs().max() < TOL
+    calls.clear()
+    A.blocked_torch_attention(q, k, v, qpos, torch.arange(n), SCALE, block=7)  # one block: one call, every key
+    assert calls == [(7, n)]
+    calls.clear()
+    A.blocked_torch_attention(q[:, :, :6], k, v, qpos[:6], torch.arange(n), SCALE, block=5)
+    assert calls == [(5, 21), (1, 31)]
+    calls.clear()
+    repeated = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 6, 6, 7, 8])  # sorted, with ties: still cut per block
+    q, k, v = _qkv(10, 2, 1, 4, 12)
+    A.blocked_torch_attention(q, k, v, torch.tensor([1, 3, 4, 6]), repeated, SCALE, block=2)
+    assert calls == [(2, 7), (2, 10)]
+    calls.clear()
+    full = torch.arange(12)  # every token active: one causal pass
+    q, k, v = _qkv(9, 2, 1, 12, 12)
+    A.blocked_torch_attention(q, k, v, full, full, SCALE, block=5)
+    assert calls == [(12, 12)]
+
+
+def test_full_recompute_uses_the_causal_kernel_and_partial_ones_the_mask(monkeypatch):
+    """A full recompute (every query at its own key's position, in order) is handed to SDPA as is_causal, which
+    has a fused kernel; anything else passes the explicit boolean mask."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", recording)
+    q, k, v = _qkv(11, 4, 2, 9, 9)
+    full = torch.arange(9)
+    A.torch_attention(q, k, v, A.causal_mask(full, full), SCALE)
+    assert seen == [(True, True)]
+    seen.clear()
+    for qpos, kpos in ((full, full.flip(0)), (torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7]), full), (full + 1, full)):
+        A.torch_attention(q, k, v, A.causal_mask(qpos, kpos), SCALE)
+    assert seen == [(False, False)] * 3
