@@ -70,8 +70,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
-# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses
-COPIED = ["evaluation", "examples"]
+# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and
+# test_data_safety.py checks that a tracked file under docs/ is left untouched
+COPIED = ["evaluation", "examples", "docs"]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
