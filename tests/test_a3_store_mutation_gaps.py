@@ -113,6 +113,10 @@ def test_other_prefixes_and_no_prefix(model, tmp_path):
     other = store.get(CHUNK, prefix_ids=[1])  # per call
     assert other.prefix_len == 1 and not torch.equal(other.values[1], entry.values[1])
     assert store.prefix([1, 40]).token_ids == [1, 40]
+    paths = store.precompute([[8, 9], CHUNK], prefix_ids=[1])  # the per-call prefix reaches the entries and paths
+    assert paths == [store.chunk_path([8, 9], [1]), store.chunk_path(CHUNK, [1])] and all(p.is_dir() for p in paths)
+    assert paths[0] != store.chunk_path([8, 9]) and not store.contains([8, 9]) and store.contains([8, 9], prefix_ids=[1])
+    assert json.loads((paths[0] / "metadata.json").read_text())["prefix_len"] == 1
     nobos = tiny_model("llama", layers=2)
     nobos.config.bos_token_id = None
     bare = ChunkStore(tmp_path / "b", nobos)
@@ -394,3 +398,22 @@ def test_missing_and_empty_chunk_files(tmp_path):
     empty.write_text("")
     with pytest.raises(A3InputError, match=r"e\.txt: the file has no tokens; remove empty chunks$"):
         load_chunks(empty, tiny_tokenizer())
+
+
+def test_unreadable_or_non_utf8_chunk_files(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from kvpress_ext.inputs import InputFileError
+
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'["caf\xe9"]')
+    with pytest.raises(InputFileError, match=r"^--chunks '.*latin\.json' is not valid UTF-8 \(byte 0xe9 on line 1"):
+        read_chunk_texts(latin)
+    locked = tmp_path / "locked.txt"
+    locked.write_text("abc")
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self == locked else real(self))
+    with pytest.raises(InputFileError, match=r"^--chunks '.*locked\.txt' cannot be read \(Permission denied\); pass a "
+                                             r"UTF-8 \.txt, \.json or \.jsonl chunk file\.$"):
+        load_chunks(locked, tiny_tokenizer())
