@@ -182,10 +182,11 @@ def _entry(model, tmp_path, **kwargs):
 
 
 def _refused(model, tmp_path, match):
+    store = ChunkStore(tmp_path, model)
     with pytest.raises(CacheFormatError, match=match) as info:
-        ChunkStore(tmp_path, model).get(CHUNK)
-    assert "\n" not in str(info.value)
-    assert re.search(r"; recompute it \(recompute_bad=True\) or delete the directory\.?$", str(info.value))
+        store.get(CHUNK)
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"Chunk entry {store.chunk_path(CHUNK)}")
+    assert re.search(r"[;,] (or )?recompute it \(recompute_bad=True\) or delete the directory\.?$", str(info.value))
     return str(info.value)
 
 
@@ -210,6 +211,20 @@ def test_ill_typed_metadata_is_refused(model, tmp_path, field, value):
     path = _entry(model, tmp_path)
     _rewrite(path, meta={field: value})
     _refused(model, tmp_path, rf"metadata.json is not valid \(invalid {field}\)")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "metadata.json is not valid JSON"), ("[1]", "metadata.json holds a JSON list, not an object"),
+    ('{"kind": "kvpress_ext.a3_chunk"}', "unknown format version None"),
+    ('{"format": 3}', r"format version 3, newer than this kvpress_ext understands \(2\); upgrade kvpress-ext, or"),
+    ('{"format": 1}', r"format version 1, older than this kvpress_ext reads \(2\)"),
+])
+def test_unreadable_metadata_is_refused(model, tmp_path, text, match):
+    path = _entry(model, tmp_path)
+    (path / "metadata.json").write_text(text)
+    _refused(model, tmp_path, match)
+    (path / "metadata.json").unlink()
+    _refused(model, tmp_path, "metadata.json is missing")
 
 
 def test_valid_metadata_edges_are_accepted(model, tmp_path):
@@ -357,8 +372,9 @@ def test_split_tokens():
     assert split_tokens(list(range(6)), 1) == [[i] for i in range(6)]
 
 
-def test_chunk_files(tmp_path):
+def test_chunk_files(tmp_path, caplog):
     tok = tiny_tokenizer()
+    tok.model_max_length = 600  # the .txt below is longer: it is split into slices, so the tokenizer must not warn
     txt = tmp_path / "c.TXT"
     txt.write_text("abcdefghij")
     assert load_chunks(txt, tok, chunk_tokens=4) == [[69, 70, 71, 72], [73, 74, 75, 76], [77, 78]]
@@ -368,6 +384,7 @@ def test_chunk_files(tmp_path):
     js = tmp_path / "c.json"
     js.write_text(json.dumps(["ab", {"text": "c", "id": 3}]))
     assert read_chunk_texts(js) == ["ab", "c"] and load_chunks(js, tok) == [[69, 70], [71]]
+    assert "longer than the specified maximum" not in caplog.text  # a long .txt is cut below: no warning
     jl = tmp_path / "c.jsonl"
     jl.write_text('"ab"\n{"text": "c"}\n')
     assert load_chunks(jl, tok, chunk_tokens=1) == [[69, 70], [71]]  # JSON chunks are never cut
