@@ -268,6 +268,16 @@ def test_wrong_tensors_are_refused(model, tmp_path):
     assert ChunkStore(tmp_path, model).get(CHUNK, need_surprisal=True).surprisal.tolist() == [0.0] * len(CHUNK)
 
 
+def test_damaged_tensor_file_is_refused(model, tmp_path):
+    path = _entry(model, tmp_path)
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte of a value: the checksum no longer matches
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+    _refused(model, tmp_path, "tensors.safetensors")
+    (path / "tensors.safetensors").unlink()
+    _refused(model, tmp_path, "tensors.safetensors")
+
+
 def test_missing_entry_directory_and_recompute_bad(model, tmp_path):
     path = _entry(model, tmp_path)
     good = ChunkStore(tmp_path, model).get(CHUNK)
