@@ -97,6 +97,8 @@ def test_entry_on_disk_is_the_chunks_slice_of_a_full_forward(model, tmp_path):
     prefix = store.prefix()
     assert prefix.token_ids == [1] and prefix.prefix_len == 0 and len(prefix) == 1
     assert all((prefix.keys[i] - cache.layers[i].keys[:, :, :1]).abs().max() < TOL for i in range(2))
+    assert prefix.surprisal is None  # computed without logits; its file holds the layers only
+    assert set(load_file(str(store.prefix_path() / "tensors.safetensors"))) == set(on_disk)
     pmeta = json.loads((store.prefix_path() / "metadata.json").read_text())
     assert pmeta["token_ids"] == [1] and pmeta["prefix_len"] == 0
     assert store.precompute([CHUNK, [8, 8]]) == [path, store.chunk_path([8, 8])]
@@ -376,6 +378,19 @@ def test_store_root_rules(tmp_path):
 
 
 # --- chunk files ---------------------------------------------------------------------------------------------
+def test_root_taken_over_before_the_first_write_is_left_alone(model, tmp_path):
+    """The root is checked again when the first entry is written: a file that appeared since the store was opened
+    makes it foreign, and nothing is written."""
+    root = tmp_path / "store"
+    root.mkdir()
+    store = ChunkStore(root, model)
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match=r"^ChunkStore root .*store is a directory that is not a kvpress-ext "
+                                              r"chunk store \(no store\.json\)"):
+        store.get(CHUNK)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
 def test_split_tokens():
     assert split_tokens(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert split_tokens([7, 8], 5) == [[7, 8]] and split_tokens([], 3) == []
