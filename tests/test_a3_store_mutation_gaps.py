@@ -326,6 +326,53 @@ def test_read_only_store_serves_entries_and_computes_nothing(model, tmp_path, mo
         assert store.misses == 0 and not store.chunk_path([4, 4]).exists()
 
 
+def test_killed_replacements_are_restored_and_hits_take_no_lock(model, tmp_path, monkeypatch):
+    """A writer killed between its renames leaves only ``.NAME.old-*``: the first lookup in the directory restores
+    every such entry (one sweep per directory), a later one is restored under the entry's lock when asked for;
+    either way it is a hit, not a recomputation. A hit never takes a lock; a read-only store restores nothing."""
+    store = ChunkStore(tmp_path, model, save_surprisal=True)
+    store.get(CHUNK)
+    b = store.get([8, 9, 10])
+    pb = store.chunk_path([8, 9, 10])
+
+    def kill_b(tag):
+        pb.rename(pb.parent / f".{pb.name}.old-{tag}-dead")
+
+    def leftovers():
+        return sorted(p.name for p in pb.parent.iterdir() if ".old-" in p.name)
+
+    swept = []
+    real_sweep = CS.sweep
+    monkeypatch.setattr(CS, "sweep", lambda d: swept.append(d) or real_sweep(d))
+    kill_b(1)
+    fresh = ChunkStore(tmp_path, model)
+    fresh.get(CHUNK)
+    assert pb.is_dir() and leftovers() == [] and (fresh.hits, fresh.misses) == (1, 0)
+    kill_b(2)  # after the sweep
+    got = fresh.get([8, 9, 10])
+    assert pb.is_dir() and leftovers() == [] and (fresh.hits, fresh.misses) == (2, 0)
+    assert all(torch.equal(x, y) for x, y in zip(got.keys + got.values, b.keys + b.values))
+    fresh.get(CHUNK)
+    fresh.prefix()
+    assert swept == [store.directory]  # once per directory, not per lookup
+
+    def no_lock(path, *a, **k):
+        raise RuntimeError(f"a hit took the lock of {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(CS, "path_lock", no_lock)
+        reader = ChunkStore(tmp_path, model)
+        assert reader.get(CHUNK).surprisal is not None and reader.get(CHUNK, need_surprisal=True).token_ids == CHUNK
+        assert reader.hits == 2
+    with _read_only(monkeypatch, errno.EROFS):
+        ro = ChunkStore(tmp_path, model)
+        ro.get(CHUNK)  # the directory is swept now
+        kill_b(3)
+        with pytest.raises(CacheFormatError, match="is missing or not a directory"):
+            ro.get([8, 9, 10])
+        assert not pb.exists() and leftovers() == [f".{pb.name}.old-3-dead"]
+
+
 def test_other_lock_errors_propagate(model, tmp_path, monkeypatch):
     with _read_only(monkeypatch, errno.ENOSPC), pytest.raises(OSError, match="refused"):
         ChunkStore(tmp_path, model).get(CHUNK)
