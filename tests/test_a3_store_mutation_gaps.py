@@ -438,6 +438,12 @@ def test_root_taken_over_before_the_first_write_is_left_alone(model, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
 
 
+def test_opening_a_store_on_a_foreign_path_names_the_store_root(model, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match=r"^ChunkStore root .*file is a file, not a kvpress-ext chunk store"):
+        ChunkStore(tmp_path / "file", model)
+
+
 def test_split_tokens():
     assert split_tokens(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert split_tokens([7, 8], 5) == [[7, 8]] and split_tokens([], 3) == []
