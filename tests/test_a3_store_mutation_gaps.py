@@ -123,6 +123,8 @@ def test_other_prefixes_and_no_prefix(model, tmp_path):
     nobos.config.bos_token_id = None
     bare = ChunkStore(tmp_path / "b", nobos)
     assert bare.prefix_ids == []
+    del nobos.config.bos_token_id  # a config class without the attribute at all (transformers 5's base config)
+    assert not hasattr(nobos.config, "bos_token_id") and ChunkStore(tmp_path / "c", nobos).prefix_ids == []
     entry = bare.get(CHUNK)
     cache, _ = _cache_of(nobos, CHUNK)
     assert entry.prefix_len == 0 and (entry.values[0] - cache.layers[0].values).abs().max() < TOL
