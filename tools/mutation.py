@@ -285,6 +285,9 @@ def main(argv=None) -> int:
         if not names:
             print("no survivors to rerun")
             return 0
+        # mutmut maps functions to tests once and then traces only *new* test names: a test extended since the
+        # last run would not be rerun against the functions it now reaches. Trace every test again.
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     shared = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
     if not shared.is_dir():
         print(f"warning: no shared data at {shared} (set KVPRESS_EXT_SHARED): the tests that need it are skipped "
