@@ -49,8 +49,10 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "lazy_streaming": (["kvpress_ext/presses/lazy_streaming.py"],
                        ["tests/test_lazy_streaming.py", "tests/test_pipeline_presses.py"]),
     "a3_store": (["kvpress_ext/presses/a3/chunk_store.py", "kvpress_ext/presses/a3/chunk_files.py"],
-                 ["tests/test_a3.py", "tests/test_a3_cli.py"]),
-    "a3_attention": (["kvpress_ext/presses/a3/attention.py"], ["tests/test_a3.py"]),
+                 ["tests/test_a3.py", "tests/test_a3_cli.py", "tests/test_data_safety.py", "tests/test_concurrency.py",
+                  "tests/test_a3_store_mutation_gaps.py"]),
+    "a3_attention": (["kvpress_ext/presses/a3/attention.py"],
+                     ["tests/test_a3.py", "tests/test_a3_attention_mutation_gaps.py"]),
     "a3_fusion": (["kvpress_ext/presses/a3/fusion.py", "kvpress_ext/presses/a3/press.py",
                    "kvpress_ext/presses/a3/evict.py"],
                   ["tests/test_a3.py", "tests/test_a3_cli.py"]),
@@ -68,8 +70,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
-# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses
-COPIED = ["evaluation", "examples"]
+# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and
+# test_data_safety.py checks that a tracked file under docs/ is left untouched
+COPIED = ["evaluation", "examples", "docs"]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
@@ -282,6 +285,9 @@ def main(argv=None) -> int:
         if not names:
             print("no survivors to rerun")
             return 0
+        # mutmut maps functions to tests once and then traces only *new* test names: a test extended since the
+        # last run would not be rerun against the functions it now reaches. Trace every test again.
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     shared = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
     if not shared.is_dir():
         print(f"warning: no shared data at {shared} (set KVPRESS_EXT_SHARED): the tests that need it are skipped "

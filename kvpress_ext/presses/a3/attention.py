@@ -53,8 +53,10 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def torch_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q (1, H, nq, d), k/v (1, KVH, nk, d), mask (nq, nk) bool -> (1, H, nq, d)."""
     nq, nk = mask.shape
-    if nq == nk and bool(mask.diagonal().all()) and bool(mask.sum() == nq * (nq + 1) // 2):
-        # every token active (full recompute): plain causal attention, which has a fused CPU kernel
+    if nq == nk and torch.equal(mask, torch.ones_like(mask).tril()):
+        # every token active (full recompute): plain causal attention, which has a fused CPU kernel. The whole
+        # mask is compared: one query per key at the same (but unsorted) positions also has a True diagonal
+        # and n(n+1)/2 Trues without being lower-triangular
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
