@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                    "kvpress_ext/presses/a3/evict.py"],
                   ["tests/test_a3.py", "tests/test_a3_cli.py"]),
     "rkv": (["kvpress_ext/presses/rkv.py"], ["tests/test_rkv.py", "tests/test_rkv_mutation_gaps.py"]),
-    "cache_io": (["kvpress_ext/cache_io.py"], ["tests/test_cache_io.py"]),
+    "cache_io": (["kvpress_ext/cache_io.py"], ["tests/test_cache_io.py", "tests/test_data_safety.py"]),
     "adapters": (["kvpress_ext/adapters/__init__.py", "kvpress_ext/adapters/base.py",
                   "kvpress_ext/adapters/gpt_neox.py", "kvpress_ext/adapters/llama.py"],
                  ["tests/test_adapters_rope.py", "tests/test_adapters_contract.py", "tests/test_neox_press_inputs.py",
@@ -68,8 +68,9 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
-# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses
-COPIED = ["evaluation", "examples"]
+# copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and one
+# (test_data_safety.py) checks that a report leaves the tracked docs/results/ files alone
+COPIED = ["evaluation", "examples", "docs"]
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
