@@ -64,7 +64,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "perplexity": (["kvpress_ext/evaluation/perplexity.py"], ["tests/test_perplexity_units.py", "tests/test_perplexity.py"]),
     "icl_scoring": (["kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py", "tests/test_icl_scoring_edges.py"]),
     "registry": (["kvpress_ext/registry.py"], ["tests/test_registry.py", "tests/test_plugins.py"]),
-    "registration": (["kvpress_ext/registration.py"], ["tests/test_registry.py", "tests/test_plugins.py"]),
+    "registration": (["kvpress_ext/registration.py"],
+                     ["tests/test_registration_mutation_gaps.py", "tests/test_registry.py", "tests/test_plugins.py"]),
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
 }
 
