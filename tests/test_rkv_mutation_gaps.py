@@ -270,11 +270,13 @@ def test_retained_index_equals_loop_reference_on_any_mask(direction, ratio):
 
 
 def test_retained_index_defaults_and_bad_direction():
-    mask = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(8)) < 0.7
-    rows = mask.reshape(-1, 10).tolist()
+    # dense rows of 30 columns: "first_percent" with the default ratio 0.1 (k = 3) spares a column > 0 in some
+    mask = torch.rand(2, 30, 30, generator=torch.Generator().manual_seed(8)) < 0.95
+    rows = mask.reshape(-1, 30).tolist()
     assert retained_index(mask).flatten().tolist() == [_reference_retained(r, "last", 0.1) for r in rows]
-    assert retained_index(mask, "first_percent").flatten().tolist() == [
-        _reference_retained(r, "first_percent", 0.1) for r in rows]
+    expected = [_reference_retained(r, "first_percent", 0.1) for r in rows]
+    assert retained_index(mask, "first_percent").flatten().tolist() == expected
+    assert any(expected)
     with pytest.raises(PressParameterError, match="retain_direction must be one of"):
         retained_index(mask, "middle")
 
@@ -295,10 +297,14 @@ def test_redundancy_of_keys_with_any_leading_shape(shape):
         got = rkv_redundancy(keys, direction, ratio)
         assert got.shape == keys.shape[:-1]
         torch.testing.assert_close(got.double(), _reference_redundancy(keys, direction, ratio), atol=1e-7, rtol=1e-5)
-    # the defaults: "last", ratio 0.1
+    # the defaults ("last", ratio 0.1), on keys of one tight cluster (every key similar to every other), where
+    # "first_percent" at ratio 0.1 spares another column than at ratio 1
+    _, keys = clustered_qk(4, n=40, clusters=1, kv_heads=2, d=16, noise=0.2, singles=0.0)
+    keys = keys[(0,) * (2 - len(shape))]
     torch.testing.assert_close(rkv_redundancy(keys).double(), _reference_redundancy(keys), atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(rkv_redundancy(keys, "first_percent").double(),
-                               _reference_redundancy(keys, "first_percent", 0.1), atol=1e-7, rtol=1e-5)
+    expected = _reference_redundancy(keys, "first_percent", 0.1)
+    torch.testing.assert_close(rkv_redundancy(keys, "first_percent").double(), expected, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(expected, _reference_redundancy(keys, "first_percent", 1.0), atol=1e-6, rtol=0)
 
 
 def test_redundancy_at_the_threshold_and_for_a_near_zero_key():
@@ -318,7 +324,7 @@ def test_redundancy_at_the_threshold_and_for_a_near_zero_key():
 def test_scores_defaults_and_ratio():
     """rkv_scores' defaults are the published ones (kernel 7, lambda 0.07, "last", ratio 0.1); the ratio reaches
     the redundancy."""
-    queries, keys = clustered_qk(1, n=60, clusters=3, kv_heads=2, q_heads=4, d=16, window=4, noise=0.2)
+    queries, keys = clustered_qk(1, n=60, clusters=1, kv_heads=2, q_heads=4, d=16, window=4, noise=0.2, singles=0.0)
     _, ref = reference_kept(queries, keys, 30, 4, 7, 0.07, "last")
     torch.testing.assert_close(rkv_scores(queries, keys, 4)[0].double(), torch.tensor(ref, dtype=torch.float64),
                                atol=1e-7, rtol=1e-5)
@@ -327,6 +333,9 @@ def test_scores_defaults_and_ratio():
         kwargs = {"retain_ratio": ratio} if ratio != 0.1 else {}
         got = rkv_scores(queries, keys, 4, retain_direction="first_percent", **kwargs)
         torch.testing.assert_close(got[0].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-7, rtol=1e-5)
+    # one cluster: the ratio matters (at 0.1 "first_percent" spares the second similar column, at 1.0 the last)
+    assert not torch.allclose(rkv_scores(queries, keys, 4, retain_direction="first_percent"),
+                              rkv_scores(queries, keys, 4, retain_direction="last_percent"), atol=1e-7, rtol=0)
 
 
 # --- construction ------------------------------------------------------------------------------------------------
@@ -487,3 +496,32 @@ def test_attention_inputs_older_than_the_window_are_released():
     finally:
         handle.remove()
     assert math.isfinite(float(cache.layers[0].keys.sum()))
+
+
+def test_each_batch_row_keeps_what_it_keeps_alone():
+    """Scores are per batch element: a batch of two prompts keeps, row by row, the tokens and positions each
+    prompt keeps when decoded alone, with the same logits (float32 tolerance)."""
+    model = tiny_model("llama")
+    press = RKVPress(budget=12, window_size=4, compression_interval=2, initial_non_compressible_length=1,
+                     rotate_keys=True, rotation_offset=2)
+    ids = torch.randint(4, 120, (2, 20), generator=torch.Generator().manual_seed(13))
+    steps = torch.randint(4, 120, (2, 8), generator=torch.Generator().manual_seed(14))  # fed, not generated
+
+    def run(rows):
+        cache, logits = DynamicCache(), []
+        with apply_press(press, model), torch.no_grad():
+            logits.append(model(input_ids=ids[rows], past_key_values=cache).logits[:, -1])
+            for t in range(steps.shape[1]):
+                logits.append(model(input_ids=steps[rows, t:t + 1], past_key_values=cache).logits[:, -1])
+        return cache, torch.stack(logits, dim=1)
+
+    both, both_logits = run([0, 1])
+    assert both.get_seq_length() < 28  # compressed
+    for row in (0, 1):
+        alone, alone_logits = run([row])
+        for layer in range(len(both)):
+            orig_b, pos_b = rkv_slot_positions(both, layer)
+            orig_a, pos_a = rkv_slot_positions(alone, layer)
+            assert torch.equal(orig_b[row], orig_a[0]) and torch.equal(pos_b[row], pos_a[0])
+            torch.testing.assert_close(both.layers[layer].keys[row], alone.layers[layer].keys[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both_logits[row], alone_logits[0], atol=1e-4, rtol=1e-4)
