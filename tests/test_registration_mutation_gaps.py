@@ -86,6 +86,12 @@ def test_removal_skips_every_entry_of_the_removed_origin(table):
     assert _state(table) == {"k": ("builtin", BUILTIN, None)}
     table.remove_origin(BUILTIN)
     assert len(table) == 0
+    # a plugin's free key overridden by another plugin: removing the first leaves the second overriding nothing
+    table.add("free", "first", origin="plug")
+    table.add("free", "second", origin="other", override=True)
+    table.remove_origin("plug")
+    assert _state(table) == {"free": ("second", "other", None)}
+    assert table.get("free").replaced is None and table.get("free").override_note == ""
 
 
 def test_check_raises_like_add_and_changes_nothing(table):
