@@ -56,7 +56,9 @@ def test_names_that_are_not_strings(sandbox, name):
 def test_no_compression_warning_points_at_the_caller():
     with pytest.warns(NoCompressionWarning) as caught:
         get_press("knorm", compression_ratio=0.0)
-    assert [w.filename for w in caught if issubclass(w.category, NoCompressionWarning)] == [__file__]
+    (where,) = [w.filename for w in caught if issubclass(w.category, NoCompressionWarning)]
+    # the caller's line, not the registry's; under mutation testing mutmut's wrapper stands between the two
+    assert where == __file__ or where.endswith("trampoline.py"), where
 
 
 def test_composition_reports_its_first_idle_press():
