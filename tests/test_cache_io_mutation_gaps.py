@@ -125,8 +125,8 @@ class _Inner:
 @dataclasses.dataclass
 class _Outer:
     inner: object = None
+    hidden: int = dataclasses.field(default=5, init=False)  # not a parameter: left out, the fields after it kept
     items: tuple = (1, 2)
-    hidden: int = dataclasses.field(default=5, init=False)
 
 
 def test_descriptions_and_extra_fields_are_json(model, tmp_path):
@@ -335,6 +335,12 @@ def test_read_verified_tensors_edges(saved, monkeypatch):
 
 
 def test_load_to_device_and_dtype(model, saved):
+    # "meta" stands for a device other than the one the file is read to (the CPU)
+    on_meta, _ = load_cache(saved, device="meta")
+    assert {t.device.type for layer in on_meta.layers for t in (layer.keys, layer.values)} == {"meta"}
+    expected = _meta(saved)["checksums"]["tensors.safetensors"]
+    tensors = read_verified_tensors(saved / "tensors.safetensors", expected, "W", "F", device="meta")
+    assert {t.device.type for t in tensors.values()} == {"meta"}
     cache, _ = load_cache(saved, device="cpu")
     half, _ = load_cache(saved, model=model, dtype=torch.float16)
     both, _ = load_cache(saved, device="cpu", dtype=torch.bfloat16)
@@ -410,6 +416,10 @@ def test_which_directories_are_ours(saved, tmp_path):
 
 
 def test_cache_target_messages(saved, tmp_path):
+    (tmp_path / "link").symlink_to(saved, target_is_directory=True)
+    with pytest.raises(OutputPathError) as err:
+        check_cache_target(tmp_path / "link")
+    assert str(err.value) == f"--out {tmp_path / 'link'} is a symbolic link; pass a new directory path for the cache"
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError) as err:
         check_cache_target(tmp_path / "file" / "sub")
