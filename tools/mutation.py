@@ -68,7 +68,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                  ["tests/test_registry.py", "tests/test_registry_mutation_gaps.py", "tests/test_plugins.py"]),
     "registration": (["kvpress_ext/registration.py"],
                      ["tests/test_registration_mutation_gaps.py", "tests/test_registry.py", "tests/test_plugins.py"]),
-    "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
+    "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py", "tests/test_plugins_mutation_gaps.py"]),
 }
 
 # copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and one
