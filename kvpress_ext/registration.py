@@ -67,6 +67,18 @@ class Registration:
         return f"overrides {origin_label(self.overrides)}" if self.overrides else ""
 
 
+def _without_origin(entry: Registration | None, origin: str) -> Registration | None:
+    """``entry`` and the chain of entries it replaced, with every entry of ``origin`` left out."""
+    if entry is None:
+        return None
+    rest = _without_origin(entry.replaced, origin)
+    if entry.origin == origin:
+        return rest
+    if rest is entry.replaced:
+        return entry
+    return Registration(entry.key, entry.value, entry.origin, rest.origin if rest else None, rest)
+
+
 _TABLES: list[Table] = []
 
 
@@ -101,17 +113,17 @@ class Table:
                                        self._describe(value), self._describe(current.value))
 
     def remove_origin(self, origin: str) -> None:
-        """Drop every entry of ``origin``, bringing back what those entries had overridden."""
+        """Drop every entry of ``origin``, bringing back what those entries had overridden.
+
+        Entries of ``origin`` are also dropped from what other origins' entries replaced: removing a plugin
+        that was itself overridden must not bring it back when the one overriding it goes too.
+        """
         for key, entry in list(self._entries.items()):
-            if entry.origin != origin:
-                continue
-            previous = entry.replaced
-            while previous is not None and previous.origin == origin:
-                previous = previous.replaced
-            if previous is None:
+            kept = _without_origin(entry, origin)
+            if kept is None:
                 del self._entries[key]
             else:
-                self._entries[key] = previous
+                self._entries[key] = kept
 
     def get(self, key: str) -> Registration | None:
         return self._entries.get(key)
@@ -169,7 +181,7 @@ def _package(module: str) -> str:
     return BUILTIN if package in (BUILTIN, "kvpress") else (package or "unknown")
 
 
-def caller_module() -> str:
+def caller_module() -> str:  # pragma: no mutate block (mutmut's wrapper would add a frame; tests check it)
     """The ``__name__`` of the module that called the function calling this (e.g. who called ``add_press``)."""
     return sys._getframe(2).f_globals.get("__name__", "")
 

@@ -165,7 +165,7 @@ def register_press(
 def add_press(
     name: str, cls: type, *, source: str | None = None, defaults: dict | None = None, requires: str | None = None,
     override: bool = False,
-) -> PressInfo:
+) -> PressInfo:  # pragma: no mutate block (mutmut's wrapper would be the caller_module; tests check the origin)
     """Register ``cls`` under ``name``; the functional form of :func:`register_press`.
 
     ``source`` names the origin (default: the plugin being loaded, else the calling package). A name

@@ -57,7 +57,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                    "kvpress_ext/presses/a3/evict.py"],
                   ["tests/test_a3.py", "tests/test_a3_cli.py"]),
     "rkv": (["kvpress_ext/presses/rkv.py"], ["tests/test_rkv.py", "tests/test_rkv_mutation_gaps.py"]),
-    "cache_io": (["kvpress_ext/cache_io.py"], ["tests/test_cache_io.py"]),
+    "cache_io": (["kvpress_ext/cache_io.py"],
+                 ["tests/test_cache_io.py", "tests/test_cache_io_mutation_gaps.py", "tests/test_data_safety.py"]),
     "adapters": (["kvpress_ext/adapters/__init__.py", "kvpress_ext/adapters/base.py",
                   "kvpress_ext/adapters/gpt_neox.py", "kvpress_ext/adapters/llama.py"],
                  ["tests/test_adapters_rope.py", "tests/test_adapters_contract.py", "tests/test_neox_press_inputs.py",
@@ -65,9 +66,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   "tests/test_lazy_streaming.py", "tests/test_plugins.py"]),
     "perplexity": (["kvpress_ext/evaluation/perplexity.py"], ["tests/test_perplexity_units.py", "tests/test_perplexity.py"]),
     "icl_scoring": (["kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py", "tests/test_icl_scoring_edges.py"]),
-    "registry": (["kvpress_ext/registry.py"], ["tests/test_registry.py", "tests/test_plugins.py"]),
-    "registration": (["kvpress_ext/registration.py"], ["tests/test_registry.py", "tests/test_plugins.py"]),
-    "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py"]),
+    "registry": (["kvpress_ext/registry.py"],
+                 ["tests/test_registry.py", "tests/test_registry_mutation_gaps.py", "tests/test_plugins.py"]),
+    "registration": (["kvpress_ext/registration.py"],
+                     ["tests/test_registration_mutation_gaps.py", "tests/test_registry.py", "tests/test_plugins.py"]),
+    "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py", "tests/test_plugins_mutation_gaps.py"]),
 }
 
 # copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and

@@ -110,7 +110,8 @@ def rkv_select(queries, keys, budget: int, window_size: int, prefix: int = 0, **
     b, h, n, _ = keys.shape
     scores = rkv_scores(queries, keys, window_size, **score_kwargs)[..., prefix:]
     top = scores.topk(budget - window_size - prefix, dim=-1).indices + prefix
-    fixed = torch.cat([torch.arange(prefix), torch.arange(n - window_size, n)]).to(keys.device)
+    dev = keys.device  # not torch's default device: it may differ from the model's
+    fixed = torch.cat([torch.arange(prefix, device=dev), torch.arange(n - window_size, n, device=dev)])
     keep = torch.cat([top, fixed.expand(b, h, -1)], dim=-1)
     return keep.sort(dim=-1).values
 
