@@ -162,7 +162,7 @@ def test_no_prefix_store_at_rate_one_equals_a_full_prefill_without_bos(arch, tmp
 def test_prefix_ids_and_question_forms_reach_the_fusion(tmp_path):
     """prefix_ids given to fuse replace the store's prefix (chunks are encoded after it); a question as a tensor,
     a list or text gives the same logits."""
-    model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
+    model, tok = tiny_model("llama", layers=3), tiny_tokenizer()  # 3 layers: the last one keeps stored K/V
     chunks, q = _data(9)
     press = A3Press(strategy="debug", rate=1.0, store=ChunkStore(tmp_path, model, tok))
     prefix = [1, 40, 41, 42]
