@@ -469,7 +469,7 @@ def test_pipeline_with_a_chat_template(tmp_path):
     model, tok = tiny_model("llama", layers=2, seed=7), _bos_tokenizer()  # seed 7: answers depend on the blank line
     model.generation_config.eos_token_id = None
     tok.chat_template = CHATML
-    store = ChunkStore(tmp_path, model, prefix_ids=[1, 50])
+    store = ChunkStore(tmp_path, model, prefix_ids=[1, 50, 60])
     press, pipe, q = A3Press(strategy="debug", rate=1.0, store=store), _pipe(model, tok), "Who ran?"
     ctx = "".join(TEXTS)
     text = tok.apply_chat_template([{"role": "user", "content": ctx + "\n" + q}], tokenize=False,
@@ -488,7 +488,8 @@ def test_pipeline_with_a_chat_template(tmp_path):
     assert pipe(context_chunks=as_ids, question=q, press=press, max_new_tokens=6)["answer"] == _text(
         tok, _greedy(model, _ids(tok, text), 6))
     raw = pipe(context_chunks=TEXTS, question=q, press=press, max_new_tokens=6, use_chat_template=False)["answer"]
-    assert raw == _text(tok, _greedy(model, [1, 50] + _ids(tok, ctx + q), 6))
+    assert raw == _text(tok, _greedy(model, [1, 50, 60] + _ids(tok, ctx + q), 6))
+    assert raw != _text(tok, _greedy(model, [1] + _ids(tok, ctx + q), 6))  # the store's prefix, not the BOS text
 
 
 def test_pipeline_errors(tmp_path):
