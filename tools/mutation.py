@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                      ["tests/test_a3.py", "tests/test_a3_attention_mutation_gaps.py"]),
     "a3_fusion": (["kvpress_ext/presses/a3/fusion.py", "kvpress_ext/presses/a3/press.py",
                    "kvpress_ext/presses/a3/evict.py"],
-                  ["tests/test_a3.py", "tests/test_a3_cli.py"]),
+                  ["tests/test_a3.py", "tests/test_a3_cli.py", "tests/test_a3_fusion_mutation_gaps.py"]),
     "rkv": (["kvpress_ext/presses/rkv.py"], ["tests/test_rkv.py", "tests/test_rkv_mutation_gaps.py"]),
     "cache_io": (["kvpress_ext/cache_io.py"],
                  ["tests/test_cache_io.py", "tests/test_cache_io_mutation_gaps.py", "tests/test_data_safety.py"]),
