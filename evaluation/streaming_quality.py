@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, or a folder whose .txt files are joined by name (default: Pride and Prejudice "
                         "followed by the Paul Graham essays in ../shared/data)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="model weights dtype (auto: as saved)")
     # The dashed spellings are the former names, kept so old commands still run.
     p.add_argument("--cap_total", "--cap-total", type=int, default=512, help="most tokens in the cache (all methods)")
     p.add_argument("--n_sink", "--n-sink", type=int, default=4, help="attention sinks kept")
