@@ -168,7 +168,7 @@ def test_surprisal_stored_and_mismatch_fails(tmp_path):
 
 
 def test_store_reuse_corruption_and_mismatch(tmp_path):
-    model = tiny_model("llama", layers=2)
+    model = tiny_model("llama", layers=3)  # layer 0 keeps stored K/V, so the checks below see what the store returns
     chunks, q = _data()
     store = ChunkStore(tmp_path, model)
     store.precompute(chunks)
@@ -193,7 +193,7 @@ def test_store_reuse_corruption_and_mismatch(tmp_path):
     with pytest.raises(CacheFormatError, match="token ids"):
         ChunkStore(tmp_path, model).get(chunks[1])
     # another model with the same config uses another directory (weights are fingerprinted)
-    other = ChunkStore(tmp_path, tiny_model("llama", layers=2, seed=1))
+    other = ChunkStore(tmp_path, tiny_model("llama", layers=3, seed=1))
     assert other.directory != store.directory
 
 

@@ -129,6 +129,10 @@ def test_other_prefixes_and_no_prefix(model, tmp_path):
     cache, _ = _cache_of(nobos, CHUNK)
     assert entry.prefix_len == 0 and (entry.values[0] - cache.layers[0].values).abs().max() < TOL
     assert (entry.keys[1] - cache.layers[1].keys).abs().max() < TOL
+    with pytest.raises(ValueError, match="the prefix is empty"):  # not a torch error from an empty float tensor
+        bare.prefix()
+    with pytest.raises(ValueError, match="the prefix is empty"):
+        store.prefix([])
 
 
 def test_surprisal_is_stored_per_token_and_recomputed_when_needed(model, tmp_path):

@@ -214,6 +214,9 @@ class ChunkStore:
     def prefix(self, prefix_ids=None) -> ChunkKV:
         """The prefix's own cache (positions 0..P-1), computed and stored on first use."""
         prefix = self._prefix(prefix_ids)
+        if not prefix:  # a model without BOS and no prefix given: there is nothing to encode
+            raise ValueError("ChunkStore.prefix: the prefix is empty (the tokenizer adds no BOS and no prefix_ids "
+                             "were given); callers fuse without a prefix cache then.")
         return self._get(self.prefix_path(prefix), prefix, [], need_surprisal=False)
 
     def get(self, chunk, prefix_ids=None, need_surprisal: bool = False) -> ChunkKV:
