@@ -168,7 +168,7 @@ def test_surprisal_stored_and_mismatch_fails(tmp_path):
 
 
 def test_store_reuse_corruption_and_mismatch(tmp_path):
-    model = tiny_model("llama", layers=3)  # layer 0 keeps stored K/V, so the checks below see what the store returns
+    model = tiny_model("llama", layers=3)  # a layer after the selection layer reads stored K/V: the checks see them
     chunks, q = _data()
     store = ChunkStore(tmp_path, model)
     store.precompute(chunks)
