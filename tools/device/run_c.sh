@@ -22,7 +22,7 @@ run() {  # name, command...: one key per depth first, then three (the second run
     timeout $(left) "$@" --num_keys 3 --output_dir $RES/$name >> $RES/$name.log 2>&1
     echo "$name done rc=$? at $(( $(date +%s) - START )) s" >> $RES/$name.log ) &
 }
-for L in ${LENGTHS:-1024 2048 4096 8192}; do
+for L in ${LENGTHS:-1024 2048 4096 7900}; do  # 8k: the longest haystack that fits 8,192 positions with the prompt (7,980)
   run passkey_${L}_agnostic $N --lengths $L $COMMON --press $PRESSES --compression_ratio 0.1 0.25 0.5 0.75
   run passkey_${L}_aware $N --lengths $L $COMMON --press $PRESSES --compression_ratio 0.1 0.25 0.5 0.75 --query_aware
   run a3_${L} $N --lengths $L $COMMON --strategies blend debug attnlink surprisal_chunk cat full random \
