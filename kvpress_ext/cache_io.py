@@ -323,23 +323,13 @@ def is_our_cache_dir(path) -> bool:
 def check_cache_target(path, flag: str = "--out") -> Path:
     """Raise :class:`~kvpress_ext.safe_io.OutputPathError` unless a cache may be written at ``path``: missing,
     an empty directory, or one of our caches. Nothing is written."""
-    from kvpress_ext.safe_io import OutputPathError, first_existing
+    from kvpress_ext.safe_io import check_target_dir
 
-    path = Path(path)
-    if path.is_symlink():
-        raise OutputPathError(f"{flag} {path} is a symbolic link; pass a new directory path for the cache")
-    if not path.exists():
-        parent = first_existing(path.parent)
-        if parent is not None and not parent.is_dir():
-            raise OutputPathError(f"{flag} {path}: {parent} is not a directory; pass a path inside a directory")
-        return path
-    if not path.is_dir():
-        raise OutputPathError(f"{flag} {path} is an existing file, not a kvpress-ext cache; pass a new directory "
-                              "path (nothing was written)")
-    if any(path.iterdir()) and not is_our_cache_dir(path):
-        raise OutputPathError(f"{flag} {path} is a directory that is not a kvpress-ext cache; pass a new or empty "
-                              "directory (nothing was written)")
-    return path
+    return check_target_dir(
+        path, flag=flag, ours=is_our_cache_dir, what="a kvpress-ext cache", refuse_symlinks=True,
+        symlink_fix="pass a new directory path for the cache",
+        file_error="is an existing file, not a kvpress-ext cache; pass a new directory path (nothing was written)",
+    )
 
 
 # --- save / load ---------------------------------------------------------------------------------------------------

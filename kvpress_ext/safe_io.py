@@ -401,23 +401,51 @@ def _legacy_results(directory: Path) -> bool:
     return True
 
 
-def check_output_dir(path, flag: str = "--output_dir") -> Path:
-    """Raise :class:`OutputPathError` unless ``path`` may hold our results (see :func:`claim_output_dir`)."""
+def check_target_dir(path, *, flag: str, ours: Callable[[Path], bool], what: str,
+                     refuse_symlinks: bool = False, symlink_fix: str = "pass a directory",
+                     file_error: str | None = None, foreign_error: str | None = None) -> Path:
+    """Raise :class:`OutputPathError` unless kvpress-ext may write into directory ``path``; return it as a Path.
+
+    The one directory rule of the module docstring, shared by results directories, saved caches and chunk stores:
+    a missing path (whose first existing parent is a directory), an empty directory, or one that ``ours(path)``
+    recognises is accepted; an existing non-directory or somebody else's directory is refused with one line
+    ``"{flag} {path} ..."`` naming the fix. Nothing is written. ``what`` names our kind of directory in the default
+    messages; ``file_error`` / ``foreign_error`` replace the text after ``"{flag} {path} "`` where a caller words
+    it differently. A symbolic link is followed to a directory (refused only when broken or not to a directory:
+    ``"is a broken symbolic link; {symlink_fix}"``), or always refused with ``refuse_symlinks``
+    (``"is a symbolic link; {symlink_fix}"``). ``ours`` is asked before the directory is listed for emptiness,
+    so a marker file alone decides even where the directory cannot be listed.
+    """
     path = Path(path)
+    if refuse_symlinks and path.is_symlink():
+        raise OutputPathError(f"{flag} {path} is a symbolic link; {symlink_fix}")
     if path.is_symlink() and not path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a broken symbolic link; pass a directory")
+        raise OutputPathError(f"{flag} {path} is a broken symbolic link; {symlink_fix}")
     if not path.exists():
         parent = first_existing(path.parent)
         if parent is not None and not parent.is_dir():
             raise OutputPathError(f"{flag} {path}: {parent} is not a directory; pass a path inside a directory")
         return path
     if not path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a file, not a directory; pass a new or empty directory")
-    if (path / RESULTS_MARKER).is_file() or not any(path.iterdir()) or _legacy_results(path):
+        raise OutputPathError(f"{flag} {path} " + (file_error or f"is a file, not {what}; pass a new or empty directory"))
+    if ours(path) or not any(path.iterdir()):
         return path
-    raise OutputPathError(
-        f"{flag} {path} is a directory kvpress-ext did not create (it has other files and no {RESULTS_MARKER}); "
-        f"pass a new or empty directory, or `touch {path / RESULTS_MARKER}` to let kvpress-ext write into it"
+    raise OutputPathError(f"{flag} {path} " + (foreign_error or f"is a directory that is not {what}; pass a new or "
+                                                                "empty directory (nothing was written)"))
+
+
+def _is_results_dir(path: Path) -> bool:
+    return (path / RESULTS_MARKER).is_file() or _legacy_results(path)
+
+
+def check_output_dir(path, flag: str = "--output_dir") -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` may hold our results (see :func:`claim_output_dir`)."""
+    path = Path(path)
+    return check_target_dir(
+        path, flag=flag, ours=_is_results_dir, what="a directory",
+        foreign_error=f"is a directory kvpress-ext did not create (it has other files and no {RESULTS_MARKER}); "
+                      f"pass a new or empty directory, or `touch {path / RESULTS_MARKER}` to let kvpress-ext write "
+                      "into it",
     )
 
 

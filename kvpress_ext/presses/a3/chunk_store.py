@@ -61,9 +61,8 @@ from kvpress_ext.cache_io import (
 from kvpress_ext.devices import input_device, layer_devices
 from kvpress_ext.errors import CacheFormatError
 from kvpress_ext.safe_io import (
-    OutputPathError,
     atomic_write_bytes,
-    first_existing,
+    check_target_dir,
     path_lock,
     recover,
     replace_directory,
@@ -105,21 +104,13 @@ def is_store_root(root) -> bool:
 
 def check_store_root(root, flag: str = "--store") -> Path:
     """Raise :class:`OutputPathError` unless ``root`` may hold a chunk store: missing, empty, or a store."""
-    root = Path(root)
-    if root.is_symlink() and not root.is_dir():
-        raise OutputPathError(f"{flag} {root} is a broken symbolic link; pass a directory for the chunk store")
-    if not root.exists():
-        parent = first_existing(root.parent)
-        if parent is not None and not parent.is_dir():
-            raise OutputPathError(f"{flag} {root}: {parent} is not a directory; pass a path inside a directory")
-        return root
-    if not root.is_dir():
-        raise OutputPathError(f"{flag} {root} is a file, not a kvpress-ext chunk store (a directory); pass a new "
-                              "directory or an existing store")
-    if any(root.iterdir()) and not is_store_root(root):
-        raise OutputPathError(f"{flag} {root} is a directory that is not a kvpress-ext chunk store (no {STORE_MARKER}); "
-                              "pass a new or empty directory (nothing was written)")
-    return root
+    return check_target_dir(
+        root, flag=flag, ours=is_store_root, what="a kvpress-ext chunk store",
+        symlink_fix="pass a directory for the chunk store",
+        file_error="is a file, not a kvpress-ext chunk store (a directory); pass a new directory or an existing store",
+        foreign_error=f"is a directory that is not a kvpress-ext chunk store (no {STORE_MARKER}); pass a new or empty "
+                      "directory (nothing was written)",
+    )
 
 
 _ENTRY_SCHEMA = {
