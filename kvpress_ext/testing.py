@@ -63,3 +63,16 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def random_chunks(seed: int = 0, lengths=(9, 13, 6), q_len: int = 5, vocab: int = 128):
+    """Seeded random token chunks (one per length) and a question, for A³ tests: ``(chunks, question_ids)``.
+    Ids start at 4, above the tiny tokenizer's special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    chunks = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+    return chunks, torch.randint(4, vocab, (q_len,), generator=g).tolist()
+
+
+def flatten(chunks) -> list[int]:
+    """The chunks' ids one after another."""
+    return [t for chunk in chunks for t in chunk]

@@ -89,6 +89,15 @@ def smollm2():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls are dominated by OpenMP thread start-up when the machine is shared: one thread, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def two_threads():
     """The 135M model is worth both cores of a 2-core runner (the tiny models run single-threaded)."""
     before = torch.get_num_threads()

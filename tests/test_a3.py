@@ -14,28 +14,12 @@ from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import attention as A
 from kvpress_ext.presses.a3 import selection as S
 from kvpress_ext.registry import get_press
-from kvpress_ext.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+from kvpress_ext.testing import ARCHITECTURES, flatten, random_chunks, tiny_model, tiny_tokenizer
 
 TOL = 1e-4  # float32 logits, tiny models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls are dominated by OpenMP thread start-up when the machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _data(seed=0, lengths=(9, 13, 6), q_len=5):
-    g = torch.Generator().manual_seed(seed)
-    chunks = [torch.randint(4, 128, (n,), generator=g).tolist() for n in lengths]
-    return chunks, torch.randint(4, 128, (q_len,), generator=g).tolist()
-
-
-def _flat(chunks):
-    return [t for c in chunks for t in c]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _full_logits(model, ids, q_len):
@@ -47,15 +31,15 @@ def _full_logits(model, ids, q_len):
 @pytest.mark.parametrize("strategy", ["blend", "debug", "random"])
 def test_rate_one_equals_full_prefill(arch, strategy, tmp_path):
     model = tiny_model(arch, layers=3)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     store = ChunkStore(tmp_path, model)
     cache, logits = A3Press(strategy=strategy, rate=1.0, store=store).fuse(model, chunks, q)
-    ref = _full_logits(model, [1] + _flat(chunks) + q, len(q))
+    ref = _full_logits(model, [1] + flatten(chunks) + q, len(q))
     assert (logits - ref).abs().max() < TOL
     # the cache continues like the full prefill's
     full_cache = DynamicCache()
     with torch.no_grad():
-        model(torch.tensor([[1] + _flat(chunks) + q]), past_key_values=full_cache)
+        model(torch.tensor([[1] + flatten(chunks) + q]), past_key_values=full_cache)
         nxt = torch.tensor([[5]])
         a = model(nxt, past_key_values=cache).logits
         b = model(nxt, past_key_values=full_cache).logits
@@ -65,7 +49,7 @@ def test_rate_one_equals_full_prefill(arch, strategy, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
 def test_rate_zero_full_equals_realigned_concatenation(arch, tmp_path):
     model = tiny_model(arch, layers=3)
-    chunks, q = _data(1)
+    chunks, q = random_chunks(1)
     store = ChunkStore(tmp_path, model)
     _, logits = A3Press(strategy="full", rate=0.0, store=store).fuse(model, chunks, q)
     # manual reference: encode each chunk after BOS alone, re-rotate keys with RoPE from scratch, run the question
@@ -93,14 +77,14 @@ def test_rate_zero_full_equals_realigned_concatenation(arch, tmp_path):
         ref = model(torch.tensor([q]), past_key_values=ref_cache).logits[0]
     assert (logits - ref).abs().max() < TOL
     # and it is not the full prefill (cross-chunk attention is missing): the test can tell them apart
-    assert (logits - _full_logits(model, [1] + _flat(chunks) + q, len(q))).abs().max() > 1e-3
+    assert (logits - _full_logits(model, [1] + flatten(chunks) + q, len(q))).abs().max() > 1e-3
 
 
 def test_kl_falls_with_rate(tmp_path):
     model = tiny_model("llama", layers=4)
-    chunks, q = _data(2, lengths=(20, 20, 20), q_len=6)
+    chunks, q = random_chunks(2, lengths=(20, 20, 20), q_len=6)
     store = ChunkStore(tmp_path, model)
-    ref = _full_logits(model, [1] + _flat(chunks) + q, len(q)).log_softmax(-1)
+    ref = _full_logits(model, [1] + flatten(chunks) + q, len(q)).log_softmax(-1)
     errs = []
     for rate in (0.0, 0.5, 1.0):
         _, logits = A3Press(strategy="blend", rate=rate, store=store).fuse(model, chunks, q)
@@ -110,7 +94,7 @@ def test_kl_falls_with_rate(tmp_path):
 
 def test_selection_counts_and_rules(tmp_path):
     model = tiny_model("llama", layers=3)
-    chunks, q = _data(3, lengths=(10, 10, 20))
+    chunks, q = random_chunks(3, lengths=(10, 10, 20))
     store = ChunkStore(tmp_path, model, save_surprisal=True)
     n_doc = 40
     r = A3Press(strategy="debug", rate=0.25, store=store).fuse_result(model, chunks, q)
@@ -145,14 +129,14 @@ def test_parameter_errors(tmp_path):
     assert isinstance(get_press("a3", strategy="debug"), A3Press)
     assert A3Press(strategy="blend").selection_layer == 1 and A3Press(strategy="random").selection_layer == 0
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     with pytest.raises(PressParameterError, match="sink_positions must lie"):
         A3Press(strategy="attnlink", sink_positions=[0], store=ChunkStore(tmp_path, model)).fuse(model, chunks, q)
 
 
 def test_surprisal_stored_and_mismatch_fails(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     store = ChunkStore(tmp_path, model, save_surprisal=True)
     entry = store.get(chunks[0])
     with torch.no_grad():
@@ -169,7 +153,7 @@ def test_surprisal_stored_and_mismatch_fails(tmp_path):
 
 def test_store_reuse_corruption_and_mismatch(tmp_path):
     model = tiny_model("llama", layers=3)  # a layer after the selection layer reads stored K/V: the checks see them
-    chunks, q = _data()
+    chunks, q = random_chunks()
     store = ChunkStore(tmp_path, model)
     store.precompute(chunks)
     assert store.misses == 4 and all(store.contains(c) for c in chunks)  # 3 chunks + the prefix
@@ -217,7 +201,7 @@ def test_text_chunks_and_pipeline(tmp_path):
 
 def test_evict_after_fusion(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(lengths=(20, 20))
+    chunks, q = random_chunks(lengths=(20, 20))
     store = ChunkStore(tmp_path, model)
     press = A3Press(strategy="debug", store=store, evict="streaming_llm", evict_kwargs={"compression_ratio": 0.5})
     cache, _ = press.fuse(model, chunks, q)
@@ -232,7 +216,7 @@ def test_evict_after_fusion(tmp_path):
 
 def test_realign_matches_rope_from_scratch(tmp_path):
     model = tiny_model("gpt_neox", layers=2)  # partial rotary
-    chunks, _ = _data()
+    chunks, _ = random_chunks()
     store = ChunkStore(tmp_path, model)
     keys, _ = realign(model, store.prefix(), [store.get(c) for c in chunks])
     from kvpress_ext.adapters import get_adapter
@@ -240,7 +224,7 @@ def test_realign_matches_rope_from_scratch(tmp_path):
     ad = get_adapter(model)
     attn = ad.attention_modules(model)[0]
     with torch.no_grad():
-        emb = model.get_input_embeddings()(torch.tensor([[1] + _flat(chunks)]))
+        emb = model.get_input_embeddings()(torch.tensor([[1] + flatten(chunks)]))
         x = ad.layers(model)[0].input_layernorm(emb)
         k = ad.apply_rope(model, ad.prerope_keys(attn, x), torch.arange(x.shape[1]))
     assert (keys[0] - k).abs().max() < 1e-5  # layer 0 keys depend on the token only, not on its chunk
@@ -289,7 +273,7 @@ def test_evict_after_fusion_with_lazy_streaming(tmp_path):
     from kvpress_ext.positions import next_position
 
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(lengths=(20, 20))
+    chunks, q = random_chunks(lengths=(20, 20))
     store = ChunkStore(tmp_path, model)
     cap = 24
     press = A3Press(strategy="debug", store=store, evict="lazy_streaming", evict_kwargs={"cap_total": cap, "slack": 4})
@@ -342,7 +326,7 @@ def test_random_strategy_same_seed_same_selection_whatever_the_global_rng(tmp_pa
     """The seed alone decides the selection: the global RNG state (seeded differently before each call)
     does not, and the fused logits repeat exactly."""
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(4, lengths=(15, 15, 10))
+    chunks, q = random_chunks(4, lengths=(15, 15, 10))
     store = ChunkStore(tmp_path, model)
     runs = []
     for global_seed in (0, 123):
@@ -359,7 +343,7 @@ def test_random_strategy_seed_is_honoured(tmp_path):
     """Different seeds pick different tokens (so recompute different rows and give different logits), and the
     press's seed reaches the selection: A3Press(seed=s) picks what random_tokens(n, k, s) picks."""
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(4, lengths=(15, 15, 10))
+    chunks, q = random_chunks(4, lengths=(15, 15, 10))
     store = ChunkStore(tmp_path, model)
     results = {s: A3Press(strategy="random", rate=0.3, seed=s, store=store).fuse_result(model, chunks, q)
                for s in (0, 1, 2, 12345)}

@@ -16,12 +16,7 @@ SCALE = 0.3  # not 1/sqrt(16) = 0.25, the default a dropped scale would fall bac
 TOL = 1e-5  # float32 kernels against a float64 loop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(seed, heads, kv_heads, nq, nk, d=16):

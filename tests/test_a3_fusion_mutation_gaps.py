@@ -17,28 +17,13 @@ from kvpress_ext.errors import PressParameterError
 from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import selection as S
 from kvpress_ext.presses.a3.fusion import fuse_chunks
-from kvpress_ext.testing import tiny_model, tiny_tokenizer
+from kvpress_ext.testing import flatten, random_chunks, tiny_model, tiny_tokenizer
 
 TOL = 1e-4  # float32 logits of tiny models
 SCORE_TOL = 1e-5  # selection scores: fusion and the reference differ only by float rounding
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _data(seed=0, lengths=(9, 13, 6), q_len=5):
-    g = torch.Generator().manual_seed(seed)
-    chunks = [torch.randint(4, 128, (n,), generator=g).tolist() for n in lengths]
-    return chunks, torch.randint(4, 128, (q_len,), generator=g).tolist()
-
-
-def _flat(chunks):
-    return [t for c in chunks for t in c]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
@@ -64,11 +49,11 @@ def test_debug_selection_ranks_question_attention_of_a_full_prefill(arch, layer,
     prefill's queries and keys: A3's score is that layer's attention of the question tokens to each document
     token (summed over heads and question tokens), average-pooled."""
     model = tiny_model(arch, layers=3, attn_implementation="eager")
-    chunks, q = _data(5, lengths=(12, 9, 11), q_len=4)
+    chunks, q = random_chunks(5, lengths=(12, 9, 11), q_len=4)
     n_doc, pool = 32, 3
     r = A3Press(strategy="debug", rate=0.25, selection_layer=layer, pool_width=pool,
                 store=ChunkStore(tmp_path, model)).fuse_result(model, chunks, q)
-    att = _full(model, [1] + _flat(chunks) + q, output_attentions=True).attentions[layer]  # (1, H, T, T)
+    att = _full(model, [1] + flatten(chunks) + q, output_attentions=True).attentions[layer]  # (1, H, T, T)
     scores = S.avg_pool(att[0, :, -len(q):, 1 : 1 + n_doc].sum(dim=(0, 1)), pool)
     _assert_top(r.selected, scores, 8)
 
@@ -79,11 +64,11 @@ def test_blend_selection_ranks_value_deviation_from_a_full_prefill(arch, layer, 
     """CacheBlend's score: squared distance between the full prefill's values at the selection layer and the
     chunk's own stored values."""
     model = tiny_model(arch, layers=3)
-    chunks, q = _data(6, lengths=(10, 14), q_len=3)
+    chunks, q = random_chunks(6, lengths=(10, 14), q_len=3)
     store = ChunkStore(tmp_path, model)
     r = A3Press(strategy="blend", rate=0.3, selection_layer=layer, store=store).fuse_result(model, chunks, q)
     cache = DynamicCache()
-    _full(model, [1] + _flat(chunks) + q, past_key_values=cache)
+    _full(model, [1] + flatten(chunks) + q, past_key_values=cache)
     fresh = cache.layers[layer].values[0, :, 1 : 1 + 24]
     stored = torch.cat([store.get(c).values[layer][0] for c in chunks], dim=-2)
     _assert_top(r.selected, ((fresh - stored) ** 2).sum(dim=(0, 2)), 7)
@@ -93,12 +78,12 @@ def test_attnlink_keeps_document_sinks_and_ranks_by_their_attention(tmp_path):
     """attnlink scores with the sinks' queries (one document token, one question token); a document sink is
     always kept, a question sink is not a document index."""
     model = tiny_model("llama", layers=3, attn_implementation="eager")
-    chunks, q = _data(7, lengths=(10, 10), q_len=4)
+    chunks, q = random_chunks(7, lengths=(10, 10), q_len=4)
     n_doc, pool = 20, 2
     sinks = [1, 1 + n_doc]  # the first document token (lowest allowed index) and the first question token
     r = A3Press(strategy="attnlink", rate=0.2, pool_width=pool, sink_positions=sinks,
                 store=ChunkStore(tmp_path, model)).fuse_result(model, chunks, q)
-    att = _full(model, [1] + _flat(chunks) + q, output_attentions=True).attentions[1]
+    att = _full(model, [1] + flatten(chunks) + q, output_attentions=True).attentions[1]
     scores = S.avg_pool(att[0][:, sinks, 1 : 1 + n_doc].sum(dim=(0, 1)), pool)
     sel = r.selected.tolist()
     assert len(sel) == 4 and sel == sorted(set(sel)) and sel[0] == 0 and max(sel) < n_doc
@@ -107,7 +92,7 @@ def test_attnlink_keeps_document_sinks_and_ranks_by_their_attention(tmp_path):
 
 def test_attnlink_sink_range_is_checked_at_both_ends(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     store = ChunkStore(tmp_path, model)
     total = 1 + 28 + len(q)
     r = A3Press(strategy="attnlink", sink_positions=[total - 1], store=store).fuse_result(model, chunks, q)
@@ -137,11 +122,11 @@ def test_no_prefix_store_at_rate_one_equals_a_full_prefill_without_bos(arch, tmp
     """A store with an empty prefix encodes each chunk from position 0; fused at rate 1 the result is a prefill of
     chunks + question alone (chunk k's keys move from 0.. to its global offset)."""
     model = tiny_model(arch, layers=3)
-    chunks, q = _data(8)
+    chunks, q = random_chunks(8)
     press = A3Press(strategy="debug", rate=1.0, store=ChunkStore(tmp_path, model, prefix_ids=[]))
     cache, logits = press.fuse(model, chunks, q)
     assert cache.get_seq_length() == 28 + len(q)
-    assert (logits - _full(model, _flat(chunks) + q).logits[0, -len(q):]).abs().max() < TOL
+    assert (logits - _full(model, flatten(chunks) + q).logits[0, -len(q):]).abs().max() < TOL
     # rate 0 (`full`): the chunks' keys alone, each moved to its offset, without a prefix
     keys, _ = realign(model, None, [press.store.get(c) for c in chunks])
     ref = []
@@ -163,11 +148,11 @@ def test_prefix_ids_and_question_forms_reach_the_fusion(tmp_path):
     """prefix_ids given to fuse replace the store's prefix (chunks are encoded after it); a question as a tensor,
     a list or text gives the same logits."""
     model, tok = tiny_model("llama", layers=3), tiny_tokenizer()  # 3 layers: the last one keeps stored K/V
-    chunks, q = _data(9)
+    chunks, q = random_chunks(9)
     press = A3Press(strategy="debug", rate=1.0, store=ChunkStore(tmp_path, model, tok))
     prefix = [1, 40, 41, 42]
     _, logits = press.fuse(model, chunks, q, prefix_ids=prefix)
-    assert (logits - _full(model, prefix + _flat(chunks) + q).logits[0, -len(q):]).abs().max() < TOL
+    assert (logits - _full(model, prefix + flatten(chunks) + q).logits[0, -len(q):]).abs().max() < TOL
     _, default = press.fuse(model, chunks, q)
     assert (default - logits).abs().max() > 1e-3  # the prefix did change the result
     _, as_tensor = press.fuse(model, chunks, torch.tensor(q), prefix_ids=prefix)
@@ -200,7 +185,7 @@ def test_realign_casts_stored_keys_before_rotating(tmp_path):
     from kvpress_ext.rope import rotate
 
     model = tiny_model("llama", layers=2)
-    chunks, _ = _data(10)
+    chunks, _ = random_chunks(10)
     store = ChunkStore(tmp_path, model)
     prefix, entries = _bf16(store.prefix()), [_bf16(store.get(c)) for c in chunks]
     keys, values = realign(model, prefix, entries, dtype=torch.float32)
@@ -223,7 +208,7 @@ def test_realign_and_evict_build_positions_on_the_caches_device(tmp_path):
     from kvpress_ext.presses.a3.evict import evict_cache
 
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(13, lengths=(8, 8), q_len=4)
+    chunks, q = random_chunks(13, lengths=(8, 8), q_len=4)
     store = ChunkStore(tmp_path, model)
     prefix, entries = store.prefix(), [store.get(c) for c in chunks]
     ref_keys, _ = realign(model, prefix, entries)
@@ -244,7 +229,7 @@ def test_surprisal_chunk_with_a_store_that_does_not_save_surprisal(tmp_path):
     """``surprisal_chunk`` asks the store for surprisal, so new entries get it even without save_surprisal; the
     picks are each chunk's most surprising tokens under the model (budget split by largest remainder)."""
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(11, lengths=(10, 15))
+    chunks, q = random_chunks(11, lengths=(10, 15))
     r = A3Press(strategy="surprisal_chunk", rate=0.2, store=ChunkStore(tmp_path, model)).fuse_result(model, chunks, q)
     surps = []
     for c in chunks:
@@ -258,7 +243,7 @@ def test_surprisal_chunk_with_a_store_that_does_not_save_surprisal(tmp_path):
 
 def test_timings_are_durations_within_the_call(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data(lengths=(20, 20))
+    chunks, q = random_chunks(lengths=(20, 20))
     press = A3Press(strategy="debug", store=ChunkStore(tmp_path, model), evict="streaming_llm",
                     evict_kwargs={"compression_ratio": 0.5})
     t0 = time.perf_counter()
@@ -303,7 +288,7 @@ def test_boundary_parameters_are_accepted():
 
 def test_fuse_errors_and_the_backend_reaching_the_fusion(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     with pytest.raises(PressParameterError, match=r"^a3: A3Press\.fuse needs store=ChunkStore\(\.\.\.\)\.$"):
         A3Press().fuse(model, chunks, q)
     store = ChunkStore(tmp_path, model)
@@ -327,12 +312,12 @@ def test_evict_at_rate_one_equals_the_press_during_a_full_prefill(arch, name, kw
     from kvpress_ext.registry import get_press
 
     model = tiny_model(arch, layers=2)
-    chunks, q = _data(12, lengths=(12, 12), q_len=6)
+    chunks, q = random_chunks(12, lengths=(12, 12), q_len=6)
     press = A3Press(strategy="debug", rate=1.0, store=ChunkStore(tmp_path, model), evict=name, evict_kwargs=kwargs)
     cache, _ = press.fuse(model, chunks, q)
     ref = DynamicCache()
     with apply_press(get_press(name, **kwargs), model):
-        _full(model, [1] + _flat(chunks) + q, past_key_values=ref)
+        _full(model, [1] + flatten(chunks) + q, past_key_values=ref)
     assert cache.get_seq_length() == ref.get_seq_length() < 1 + 24 + 6
     for i in range(2):
         a = cache.layers[i].keys.sort(dim=-2).values  # rows may be gathered in another order
@@ -343,7 +328,7 @@ def test_evict_at_rate_one_equals_the_press_during_a_full_prefill(arch, name, kw
 
 def test_evict_refuses_presses_that_run_the_model_and_no_press_keeps_everything(tmp_path):
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     store = ChunkStore(tmp_path, model)
     with pytest.raises(PressParameterError, match=r"^a3: evict='kvzip' must be a hook-based press \(e\.g\. streaming_llm, "
                                                   r"snapkv, knorm\)\.$"):
@@ -367,7 +352,7 @@ def test_evict_hands_the_model_to_the_press(tmp_path, monkeypatch):
     press = NeedsModel(compression_ratio=0.5)
     monkeypatch.setattr(E, "get_press", lambda name, **kw: press)
     model = tiny_model("llama", layers=2)
-    chunks, q = _data()
+    chunks, q = random_chunks()
     cache, _ = A3Press(store=ChunkStore(tmp_path, model), evict="knorm").fuse(model, chunks, q)
     assert press.n_layers == 2 and cache.get_seq_length() == (1 + 28 + len(q)) - int((1 + 28 + len(q)) * 0.5)
 
@@ -483,7 +468,7 @@ def test_pipeline_with_a_chat_template(tmp_path):
     # token-id chunks are decoded for the separator (the character tokenizer has no newline token, so these end
     # without one and get the full blank line)
     as_ids = [_ids(tok, t) for t in TEXTS[:2] + ["Then it rained."]]
-    text = tok.apply_chat_template([{"role": "user", "content": _text(tok, _flat(as_ids)) + "\n\n" + q}],
+    text = tok.apply_chat_template([{"role": "user", "content": _text(tok, flatten(as_ids)) + "\n\n" + q}],
                                    tokenize=False, add_generation_prompt=True)
     assert pipe(context_chunks=as_ids, question=q, press=press, max_new_tokens=6)["answer"] == _text(
         tok, _greedy(model, _ids(tok, text), 6))
