@@ -12,7 +12,7 @@ Each config starts from a cache already at cap_total (steady state) and is timed
 greedy tokens; configs run interleaved for ``--rounds`` rounds and the median is reported.
 ``--batch B`` decodes B streams at once: on a CPU a small model at batch 1 is bound by reading its
 weights, and more streams per weight read make the cache work dominate (see docs/results/streaming.md).
-``--rss-tokens N`` instead records resident memory while lazy (or dense) decodes N tokens.
+``--rss_tokens N`` instead records resident memory while lazy (or dense) decodes N tokens.
 
     PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model stories260k
     PYTHONPATH=$PWD python benchmarks/streaming_speed.py --model pythia70m-random --steps 256
@@ -136,15 +136,18 @@ def main():
     p.add_argument("--model", default="smollm2-135m",
                    help=f"short name (smollm2-135m, stories260k), directory, hub id, or {' / '.join(SYNTHETIC)} "
                         "(random weights of that shape) (default: %(default)s)")
-    p.add_argument("--cap-total", type=int, default=512)
+    # The dashed spellings are the former names, kept so recorded commands still run.
+    p.add_argument("--cap_total", "--cap-total", type=int, default=512, help="most tokens in the cache")
     p.add_argument("--slacks", default="16,64,256")
     p.add_argument("--steps", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=1,
                    help="streams decoded together (tok/s counts all of them); more streams = more cache work per weight read")
-    p.add_argument("--no-dense", action="store_true")
-    p.add_argument("--rss-tokens", type=int, default=0)
-    p.add_argument("--rss-press", default="lazy", choices=["lazy", "dense"])
+    p.add_argument("--no_dense", "--no-dense", action="store_true", help="skip the dense (no eviction) baseline")
+    p.add_argument("--rss_tokens", "--rss-tokens", type=int, default=0,
+                   help="instead of speed: resident memory while decoding this many tokens")
+    p.add_argument("--rss_press", "--rss-press", default="lazy", choices=["lazy", "dense"],
+                   help="what decodes in the --rss_tokens run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
