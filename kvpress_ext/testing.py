@@ -76,3 +76,27 @@ def random_chunks(seed: int = 0, lengths=(9, 13, 6), q_len: int = 5, vocab: int 
 def flatten(chunks) -> list[int]:
     """The chunks' ids one after another."""
     return [t for chunk in chunks for t in chunk]
+
+
+class FlashinferStandIn:
+    """flashinfer's documented contract, in float64 on the CPU, for tests without a GPU: NHD tensors
+    ((tokens, heads, dim)), the (n_queries, n_keys) mask flattened row-major and bit-packed little-endian, GQA by
+    head groups. Monkeypatched in place of the ``flashinfer`` module."""
+
+    @staticmethod
+    def packbits(x, bitorder="big"):
+        import numpy as np
+
+        return torch.from_numpy(np.packbits(x.numpy().astype(np.uint8), bitorder=bitorder))
+
+    @staticmethod
+    def single_prefill_with_kv_cache(q, k, v, packed_custom_mask=None, sm_scale=None, **unused):
+        import numpy as np
+
+        (nq, heads, _), (nk, kv_heads, _) = q.shape, k.shape
+        bits = np.unpackbits(packed_custom_mask.numpy(), bitorder="little")[: nq * nk].reshape(nq, nk)
+        group = heads // kv_heads
+        kk, vv = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+        scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * sm_scale
+        probs = scores.masked_fill(~torch.from_numpy(bits.astype(bool)), float("-inf")).softmax(-1)
+        return torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)

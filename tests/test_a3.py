@@ -14,7 +14,7 @@ from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import attention as A
 from kvpress_ext.presses.a3 import selection as S
 from kvpress_ext.registry import get_press
-from kvpress_ext.testing import ARCHITECTURES, flatten, random_chunks, tiny_model, tiny_tokenizer
+from kvpress_ext.testing import ARCHITECTURES, FlashinferStandIn, flatten, random_chunks, tiny_model, tiny_tokenizer
 
 TOL = 1e-4  # float32 logits, tiny models
 
@@ -294,24 +294,7 @@ def test_flashinfer_wrapper_layout_against_a_stand_in(monkeypatch):
     """No GPU on CI: a stand-in that follows flashinfer's documented contract (NHD tensors: (tokens, heads, dim);
     the (n_queries, n_keys) mask flattened row-major and bit-packed little-endian; GQA by head groups) checks
     that our wrapper transposes, packs and restores the layout; the real kernel is compared on a GPU above."""
-    import numpy as np
-
-    class StandIn:
-        @staticmethod
-        def packbits(x, bitorder="big"):
-            return torch.from_numpy(np.packbits(x.numpy().astype(np.uint8), bitorder=bitorder))
-
-        @staticmethod
-        def single_prefill_with_kv_cache(q, k, v, packed_custom_mask=None, sm_scale=None, **unused):
-            (nq, heads, _), (nk, kv_heads, _) = q.shape, k.shape
-            bits = np.unpackbits(packed_custom_mask.numpy(), bitorder="little")[: nq * nk].reshape(nq, nk)
-            group = heads // kv_heads
-            kk, vv = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
-            scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * sm_scale
-            probs = scores.masked_fill(~torch.from_numpy(bits.astype(bool)), float("-inf")).softmax(-1)
-            return torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)
-
-    monkeypatch.setattr(A, "flashinfer", StandIn)
+    monkeypatch.setattr(A, "flashinfer", FlashinferStandIn)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 8, 11, 16, generator=g)
     k, v = torch.randn(1, 2, 37, 16, generator=g), torch.randn(1, 2, 37, 16, generator=g)

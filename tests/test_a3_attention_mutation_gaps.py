@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from kvpress_ext.presses.a3 import attention as A
+from kvpress_ext.testing import FlashinferStandIn
 
 SCALE = 0.3  # not 1/sqrt(16) = 0.25, the default a dropped scale would fall back to
 TOL = 1e-5  # float32 kernels against a float64 loop
@@ -143,33 +143,16 @@ def test_choose_backend_rules(monkeypatch):
         A.choose_backend(SimpleNamespace(is_cuda=False, dtype=torch.float16), "flashinfer")
 
 
-class _StandIn:
-    """flashinfer's documented contract (NHD layout, row-major little-endian packed mask), in float64."""
-
-    @staticmethod
-    def packbits(x, bitorder="big"):
-        return torch.from_numpy(np.packbits(x.numpy().astype(np.uint8), bitorder=bitorder))
-
-    @staticmethod
-    def single_prefill_with_kv_cache(q, k, v, packed_custom_mask=None, sm_scale=None, **unused):
-        (nq, heads, _), (nk, kv_heads, _) = q.shape, k.shape
-        bits = np.unpackbits(packed_custom_mask.numpy(), bitorder="little")[: nq * nk].reshape(nq, nk)
-        kk, vv = k.repeat_interleave(heads // kv_heads, 1).double(), v.repeat_interleave(heads // kv_heads, 1).double()
-        scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * sm_scale
-        probs = scores.masked_fill(~torch.from_numpy(bits.astype(bool)), float("-inf")).softmax(-1)
-        return torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)
-
-
 def test_masked_attention_hands_the_flashinfer_branch_the_mask_and_scale(monkeypatch):
     """When the backend is flashinfer, masked_attention builds the causal mask from the positions and passes the
     scale (a stand-in kernel on CPU; the real one is compared on a GPU in test_a3.py)."""
     calls, kernel_calls = [], []
 
-    class Recording(_StandIn):
+    class Recording(FlashinferStandIn):
         @staticmethod
         def single_prefill_with_kv_cache(*args, **kwargs):
             kernel_calls.append(1)
-            return _StandIn.single_prefill_with_kv_cache(*args, **kwargs)
+            return FlashinferStandIn.single_prefill_with_kv_cache(*args, **kwargs)
 
     monkeypatch.setattr(A, "flashinfer", Recording)
     monkeypatch.setattr(A, "choose_backend", lambda q, backend="auto": calls.append((q, backend)) or "flashinfer")
