@@ -209,22 +209,14 @@ def plot_nll(records: list[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvpress_ext.safe_io import save_figure
-
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in records:
         seg = r["segment"]
         xs = [r["context"] + (i + 0.5) * seg for i in range(len(r["segment_nll"]))]
         ax.plot(xs, r["segment_nll"], "k-" if r["method"] == "full" else "-", lw=2 if r["method"] == "full" else 1,
                 label=f"{r['method']} {r['budget'] or ''}".strip())
-    ax.set_xlabel("token position (continuation)")
-    ax.set_ylabel(f"mean NLL per {records[0]['segment'] if records else ''}-token segment")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title, "token position (continuation)",
+            f"mean NLL per {records[0]['segment'] if records else ''}-token segment")
 
 
 def plot_cache(records: list[dict], path, title: str) -> None:
@@ -233,15 +225,22 @@ def plot_cache(records: list[dict], path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvpress_ext.safe_io import save_figure
-
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for r in records:
         ax.plot(range(1, len(r["cache_len_trace"]) + 1), r["cache_len_trace"],
                 "k-" if r["method"] == "full" else "-", lw=2 if r["method"] == "full" else 1,
                 label=f"{r['method']} {r['budget'] or ''} (agree {r.get('agreement', 1.0):.2f})".strip())
-    ax.set_xlabel("generated tokens")
-    ax.set_ylabel("cache length (entries per layer, mean)")
+    _finish(fig, ax, path, title, "generated tokens", "cache length (entries per layer, mean)")
+
+
+def _finish(fig, ax, path, title: str, xlabel: str, ylabel: str) -> None:
+    """Labels, grid and legend of both plots, then the atomic save."""
+    import matplotlib.pyplot as plt
+
+    from kvpress_ext.safe_io import save_figure
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
