@@ -100,16 +100,18 @@ def run(args):
     model, ids, label = load(args.tokens, args.model, args.text_file, args.device, args.dtype)
     load_start = machine_load()
     start = time.time()
+    deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     if args.method == "dense":
         nlls = dense_nlls(model, ids)
     elif args.method == "reference":
         def progress(done, total):
             print(f"reference {done}/{total} {time.time() - start:.0f}s", flush=True)
         nlls = recompute_reference_nlls(model, ids, n_sink=args.n_sink, total=args.cap_total, batch=args.batch,
-                                        stride=args.stride, progress=progress)
+                                        stride=args.stride, progress=progress, deadline=deadline)
     else:
         slack = 0 if args.method == "eager" else args.slack
-        nlls = streaming_nlls(model, ids, LazyStreamingPress(n_sink=args.n_sink, cap_total=args.cap_total, slack=slack))
+        nlls = streaming_nlls(model, ids, LazyStreamingPress(n_sink=args.n_sink, cap_total=args.cap_total, slack=slack),
+                               deadline=deadline)
     seconds = time.time() - start
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +119,10 @@ def run(args):
     meta.update(text=label, device=str(next(model.parameters()).device))
     meta["slack"] = 0 if args.method == "eager" else args.slack
     meta.update(load_start=load_start, load_end=machine_load())  # timings on a busy machine are not idle ones
+    meta["stopped_early"] = len(nlls) < len(ids) - 1  # --max_seconds ran out: a prefix of the stream
     torch.save({"nlls": nlls, "seconds": seconds, "args": meta}, out / f"{args.method}.pt")
-    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s on {meta['device']}")
+    early = f" (stopped by --max_seconds, {len(ids) - 1} asked)" if meta["stopped_early"] else ""
+    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s on {meta['device']}{early}")
 
 
 def report(args):
@@ -146,6 +150,7 @@ def report(args):
         "model": args.model, "text": text, "segment": seg,
         "machine": "CPU, 2 cores (shared)" if device == "cpu" else device,
         "predictions": {m: len(v) for m, v in nll.items()},
+        "stopped_early": sorted(m for m, r in runs.items() if r["args"].get("stopped_early")),  # --max_seconds
         "settings": {m: r["args"] for m, r in runs.items()}, "seconds": {m: r["seconds"] for m, r in runs.items()},
         "segment_ppl_all_targets": {m: segment_perplexity(v, seg) for m, v in nll.items()},
     }
@@ -175,7 +180,7 @@ def report(args):
 
     check_output_file(args.plot, kind="image", flag="--plot")
     write_output(args.json, json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("predictions", "checks")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("predictions", "stopped_early", "checks")}, indent=1))
     curves = result.get("segment_ppl_reference_targets", result["segment_ppl_all_targets"])
     for m, v in curves.items():
         print(f"{m:>9}: " + " ".join(f"{x:.2f}" for x in v[:24]) + (" ..." if len(v) > 24 else ""))
@@ -195,6 +200,8 @@ def report(args):
         text = m if m not in ("eager", "lazy") else f"{m} (slack={runs[m]['args']['slack']})"
         if m == "reference" and runs[m]["args"]["stride"] > 1:
             text += f" (every {runs[m]['args']['stride']}th target)"
+        if runs[m]["args"].get("stopped_early"):
+            text += f" (first {len(nll[m])} predictions: --max_seconds)"
         return text
 
     for m, v in result["segment_ppl_all_targets"].items():
@@ -244,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="reference windows per forward")
     p.add_argument("--stride", "--reference_stride", type=int, default=1,
                    help="reference: score every stride-th target (a forward of cap_total tokens per scored target)")
+    p.add_argument("--max_seconds", type=float, default=None,
+                   help="reference / eager / lazy: stop after this long and save the predictions made so far")
     p.add_argument("--segment", type=int, default=512, help="tokens per point of the perplexity curve")
     p.add_argument("--out_dir", "--out-dir", default=str(REPO / "results" / "streaming_quality"),
                    help="where each method's per-token NLLs are saved")

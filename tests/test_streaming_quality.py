@@ -69,3 +69,51 @@ def test_bad_input_is_one_line_and_exit_2(script, args, words, tmp_path, capsys)
         script.main(["--model", str(MODEL), "--device", "cpu", "--out_dir", str(tmp_path / "none"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_max_seconds_saves_a_prefix_that_the_report_compares(script, tmp_path, capsys):
+    """A run stopped by --max_seconds keeps the predictions made so far (a prefix equal to the full run's), says
+    so, and the report compares methods on the tokens they share."""
+    common = ["--model", str(MODEL), "--device", "cpu", "--threads", "1", "--tokens", "300", "--cap_total", "64",
+              "--slack", "8", "--reference_stride", "2", "--batch", "8"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    for method in ("reference", "eager"):
+        script.main([*common, "--out_dir", full, "--method", method])
+        script.main([*common, "--out_dir", cut, "--method", method, "--max_seconds", "1e-9"])
+    assert "stopped by --max_seconds, 300 asked" in capsys.readouterr().out
+    import torch
+
+    for method, expected in (("reference", 64), ("eager", 65)):  # the first window / the first chunk (cap + 1)
+        whole = torch.load(Path(full) / f"{method}.pt", weights_only=True)
+        part = torch.load(Path(cut) / f"{method}.pt", weights_only=True)
+        assert not whole["args"]["stopped_early"] and part["args"]["stopped_early"]
+        assert len(whole["nlls"]) == 300 and len(part["nlls"]) == expected
+        assert torch.equal(part["nlls"], whole["nlls"][:expected])
+    script.main([*common, "--out_dir", cut, "--method", "lazy"])
+    script.main([*common, "--out_dir", cut, "--report", "--segment", "32", "--json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "r.png")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["stopped_early"] == ["eager", "reference"]
+    assert result["predictions"] == {"reference": 64, "eager": 65, "lazy": 300}
+    assert result["checks"]["lazy_vs_eager_tokens"] == 65 and result["checks"]["lazy_vs_reference_tokens"] == 64
+
+
+def test_library_deadline_stops_between_batches(monkeypatch):
+    """``deadline`` in the library: the reference returns up to the last target of the last finished batch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvpress_ext.evaluation.streaming import recompute_reference_nlls
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 50, (41,))
+    calls = iter([0.0, 0.0, 10.0])  # the first two batches run, the third is past the deadline
+    monkeypatch.setattr("kvpress_ext.evaluation.streaming.time.monotonic", lambda: next(calls))
+    part = recompute_reference_nlls(model, ids, total=8, batch=4, stride=3, deadline=5.0)
+    monkeypatch.undo()
+    whole = recompute_reference_nlls(model, ids, total=8, batch=4, stride=3)
+    # targets 8, 11, ..., 29 in the first two batches: the prefix ends at target 29
+    assert len(part) == 30 and torch.equal(part.isnan(), whole[:30].isnan())
+    assert torch.allclose(part[~part.isnan()], whole[:30][~part.isnan()])

@@ -3,11 +3,15 @@
 Each function returns ``nll[i] = -log p(ids[i + 1] | context)`` for i = 0 .. len(ids) - 2 (float64 tensor, on the
 CPU); :func:`segment_perplexity` turns them into per-segment perplexities. ``ids`` may be on any device: each
 forward's tokens go to the model's input device, so a GPU run does the same Python work per forward as a CPU one.
+The reference and the streaming runs take ``deadline`` (a ``time.monotonic()`` value): a run that reaches it
+returns the predictions made so far (a shorter tensor), so a bounded run on a lent machine still yields a prefix
+instead of nothing.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from transformers import DynamicCache
@@ -36,12 +40,13 @@ def dense_nlls(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
 
 @torch.no_grad()
 def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: int = 512, batch: int = 16,
-                             stride: int = 1, progress=None) -> torch.Tensor:
+                             stride: int = 1, progress=None, deadline: float | None = None) -> torch.Tensor:
     """Sliding window with re-computation: every token is predicted by a cache-free forward over the
     ``n_sink`` first tokens + the most recent ``total - n_sink`` tokens (itself included) at positions
     0..total-1. Windows of ``batch`` targets run as one batch. ``stride > 1`` computes only every
     ``stride``-th target past the first window (the others are NaN): one forward of ``total`` tokens
-    per target is the cost StreamingLLM avoids."""
+    per target is the cost StreamingLLM avoids. Stopped at ``deadline``, it returns the targets up to the last one
+    computed."""
     n = len(ids) - 1
     ids = ids.to(input_device(model))
     first = min(total, n)
@@ -52,6 +57,8 @@ def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: i
     offsets = torch.arange(recent)
     chosen = torch.arange(first, n, stride)
     for start in range(0, len(chosen), batch):
+        if deadline is not None and time.monotonic() >= deadline:
+            return out[: int(chosen[start - 1]) + 1 if start else first]
         targets = chosen[start : start + batch]
         idx = torch.cat([torch.arange(n_sink).expand(len(targets), -1), targets[:, None] - recent + 1 + offsets], 1)
         logits = model(input_ids=ids[idx.to(ids.device)], logits_to_keep=1).logits[:, -1]
@@ -62,19 +69,20 @@ def recompute_reference_nlls(model, ids: torch.Tensor, n_sink: int = 4, total: i
 
 
 @torch.no_grad()
-def streaming_nlls(model, ids: torch.Tensor, press) -> torch.Tensor:
+def streaming_nlls(model, ids: torch.Tensor, press, deadline: float | None = None) -> torch.Tensor:
     """Stream ``ids`` through ``press`` (a LazyStreamingPress); same NLLs as feeding one token at a time.
 
     Tokens go in chunks that end exactly where a token-by-token run would compact (first chunk
     ``max_cache + 1`` tokens, then ``slack + 1``): inside a chunk nothing is evicted, so causal attention
-    over the chunk equals decoding its tokens one by one.
+    over the chunk equals decoding its tokens one by one. Stopped at ``deadline``, it returns the first
+    predictions only.
     """
     n = len(ids) - 1
     ids = ids.to(input_device(model))
     cache, out, start = DynamicCache(), [], 0
     size = press.max_cache + 1
     with apply_press(press, model):
-        while start < n:
+        while start < n and not (out and deadline is not None and time.monotonic() >= deadline):
             piece = ids[start : min(start + size, n)]
             logits = model(input_ids=piece[None], past_key_values=cache).logits[0]
             out.append(_nll(logits, ids[start + 1 : start + 1 + len(piece)]))
