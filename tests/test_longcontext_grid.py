@@ -157,3 +157,21 @@ def test_safe_ratio():
     assert safe[("snapkv", False)]["safe_ratio"] == 0.75  # the largest ratio that is >= 90 %, not the first gap
     assert safe[("knorm", False)]["safe_ratio"] is None
     assert safe[("knorm", True)]["safe_ratio"] == 0.5  # against no press in its own mode
+
+
+def test_safe_ratio_is_paired_with_no_press_on_the_same_samples():
+    """A grid cut short: the press ran only the depths no press fails at. Unpaired, its 0 / 2 would be judged
+    against no press's 2 / 4 (0.5) and fail; on its own samples no press also scores 0, so the press lost nothing.
+    And the reverse: the press ran only the easy samples, where no press scores 1."""
+    def rec(method, ratio, depth, score):
+        return {"method": method, "compression_ratio": ratio, "query_aware": False, "length": 1024,
+                "depth": depth, "key_index": 0, "score": score, "status": "ok"}
+
+    records = [rec("no_press", 0.0, d, s) for d, s in ((0.0, 0.0), (0.25, 0.0), (0.5, 1.0), (1.0, 1.0))]
+    records += [rec("snapkv", 0.5, 0.0, 0.0), rec("snapkv", 0.5, 0.25, 0.0)]  # the hard samples only
+    records += [rec("knorm", 0.5, 0.5, 0.5), rec("knorm", 0.5, 1.0, 0.5)]  # the easy ones: 0.5 < 0.9 x 1.0
+    safe = {s["method"]: s for s in lg.safe_ratios(records)}
+    assert safe["snapkv"]["safe_ratio"] == 0.5 and safe["snapkv"]["no_press"] == 0.5
+    assert safe["knorm"]["safe_ratio"] is None  # unpaired, 0.5 >= 0.9 x 0.5 would have called it safe
+    md = lg.summary_markdown(records, "t")
+    assert "| (no press accuracy) | 0.50 (4) |" in md

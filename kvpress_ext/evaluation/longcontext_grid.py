@@ -568,21 +568,36 @@ def _accuracy(records, **where) -> tuple[float | None, int]:
     return (sum(xs) / len(xs) if xs else None), len(xs)
 
 
+def _sample(r: dict) -> tuple:
+    """What identifies a record's sample (its haystack, needle and key), whatever the method."""
+    return tuple(r.get(k) for k in ("length", "depth", "key_index", "index", "sample_id"))
+
+
 def safe_ratios(records: list[dict], fraction: float = 0.9) -> list[dict]:
     """Per press, length and mode: the largest ratio whose accuracy (over depths and keys) is at least
-    ``fraction`` x no press's in the same mode and length (None if no ratio is), with the accuracies."""
+    ``fraction`` x no press's in the same mode and length (None if no ratio is), with the accuracies.
+    Paired: each ratio is judged against no press on the samples that ratio ran, so a grid cut short (one press
+    with fewer samples than no press) compares like with like."""
     out = []
     presses = sorted({r["method"] for r in records if not is_a3(r["method"]) and r["method"] != "no_press"})
     for length in sorted({r.get("length") for r in records}, key=lambda x: (x is None, x)):
         for qa in sorted({r["query_aware"] for r in records}):
-            base, _ = _accuracy(records, method="no_press", length=length, query_aware=qa)
+            base_records = [r for r in records if r["method"] == "no_press" and r.get("length") == length
+                            and r["query_aware"] == qa and r["status"] == "ok"]
+            base, _ = _accuracy(base_records)
             for m in presses:
                 ratios = sorted({r["compression_ratio"] for r in records if r["method"] == m
                                  and r.get("length") == length and r["query_aware"] == qa
                                  and r["compression_ratio"] is not None})
-                accs = {x: _accuracy(records, method=m, length=length, query_aware=qa, compression_ratio=x)[0]
-                        for x in ratios}
-                safe = [x for x, a in accs.items() if a is not None and base is not None and a >= fraction * base]
+                accs, safe = {}, []
+                for x in ratios:
+                    mine = [r for r in records if r["method"] == m and r.get("length") == length
+                            and r["query_aware"] == qa and r["compression_ratio"] == x and r["status"] == "ok"]
+                    accs[x] = _accuracy(mine)[0]
+                    samples = {_sample(r) for r in mine}
+                    paired = _accuracy([r for r in base_records if _sample(r) in samples])[0]
+                    if accs[x] is not None and paired is not None and accs[x] >= fraction * paired:
+                        safe.append(x)
                 out.append({"method": m, "length": length, "query_aware": qa, "no_press": base,
                             "safe_ratio": max(safe) if safe else None, "accuracy": accs})
     return out
@@ -611,6 +626,9 @@ def summary_markdown(records: list[dict], title: str, command: str = "") -> str:
         if names:
             lines += ["## Safe ratio (largest ratio with accuracy >= 90 % of no press, same length and mode)", "",
                       "| press " + header, "|---" * (1 + len(cols)) + "|"]
+            base = {(n, qa): _accuracy(presses, method="no_press", length=n, query_aware=qa) for n, qa in cols}
+            lines.append("| (no press accuracy) | " + " | ".join(
+                f"{_f(a)} ({k})" if a is not None else "-" for a, k in (base[c] for c in cols)) + " |")
             for m in names:
                 cells = []
                 for n, qa in cols:
