@@ -6,6 +6,8 @@ tests, other shapes come from :func:`llama_config`'s arguments.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -100,3 +102,27 @@ class FlashinferStandIn:
         scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * sm_scale
         probs = scores.masked_fill(~torch.from_numpy(bits.astype(bool)), float("-inf")).softmax(-1)
         return torch.einsum("hqk,khd->qhd", probs, vv).to(q.dtype)
+
+
+@contextmanager
+def attention_inputs(model, layers=None):
+    """Capture the hidden states entering each attention module (after its input norm), one tensor per forward:
+    ``with attention_inputs(model) as inputs: ...`` gives ``inputs[layer]`` as a list. What tests rebuild
+    pre-RoPE keys, queries and values from, independently of the cache and of any press."""
+    from kvpress_ext.adapters import get_adapter
+
+    modules = get_adapter(model).attention_modules(model)
+    chosen = range(len(modules)) if layers is None else layers
+    inputs = {i: [] for i in chosen}
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            inputs[i].append(kwargs.get("hidden_states", args[0] if args else None).detach())
+        return hook
+
+    handles = [modules[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in chosen]
+    try:
+        yield inputs
+    finally:
+        for h in handles:
+            h.remove()

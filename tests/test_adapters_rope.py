@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from kvpress_ext import UnsupportedModelError, apply_press, get_adapter, get_press
 from kvpress_ext.adapters.gpt_neox import CacheBasisView, neox_view_permutation
+from kvpress_ext.testing import attention_inputs
 
 TOL = 1e-5
 
@@ -13,18 +14,10 @@ TOL = 1e-5
 def _layer0_inputs(model, ids):
     """Hidden states entering layer 0's attention (after its input norm)."""
     adapter = get_adapter(model)
-    layer = adapter.layers(model)[0]
-    captured = {}
-    attn = adapter.attention(layer)
-    def grab(module, args, kwargs):
-        captured["h"] = kwargs.get("hidden_states", args[0] if args else None)
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
     cache = DynamicCache()
-    with torch.no_grad():
+    with torch.no_grad(), attention_inputs(model, layers=[0]) as inputs:
         model(input_ids=ids, past_key_values=cache)
-    handle.remove()
-    return adapter, attn, captured["h"], cache
+    return adapter, adapter.attention_modules(model)[0], inputs[0][0], cache
 
 
 def test_prerope_keys_plus_apply_rope_equal_the_cached_keys(arch_model):

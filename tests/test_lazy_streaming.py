@@ -13,7 +13,7 @@ from kvpress_ext.pipeline import greedy_decode
 from kvpress_ext.positions import next_position
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
 from kvpress_ext.registry import get_press
-from kvpress_ext.testing import ARCHITECTURES, tiny_model
+from kvpress_ext.testing import ARCHITECTURES, attention_inputs, tiny_model
 
 ATOL = 1e-4  # float32
 
@@ -72,30 +72,22 @@ def test_cache_equals_prerope_keys_rotated_to_cache_indices(arch):
     model = tiny_model(arch, layers=2)
     adapter = get_adapter(model)
     press = LazyStreamingPress(n_sink=3, window=9, slack=5)
-    captured = {i: [] for i in range(len(adapter.layers(model)))}
-    handles = []
-    for i, module in enumerate(adapter.attention_modules(model)):
-        def pre(mod, args, kwargs, i=i):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            captured[i].append((adapter.prerope_keys(mod, hidden).detach(), adapter.values(mod, hidden).detach()))
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
     token_index: list[int] = []  # stream index of every cached token, mirrored
     seen = 0
-    try:
+    with attention_inputs(model) as captured:
         for _, attended, cache, kept in _stream(model, press, _chunks(prompt=20, prefill_chunk=6, decode=25)):
             n_new = len(attended) - len(token_index)
             token_index = token_index + list(range(seen, seen + n_new))
             seen += n_new
             if len(token_index) > press.max_cache:
                 token_index = token_index[: press.n_sink] + token_index[-press.recent :]
-    finally:
-        for h in handles:
-            h.remove()
     assert seen == 45 and len(token_index) <= press.max_cache
     positions = torch.arange(len(token_index))
-    for i, layer in enumerate(cache.layers):
-        keys = torch.cat([k for k, _ in captured[i]], dim=-2)[..., token_index, :]
-        values = torch.cat([v for _, v in captured[i]], dim=-2)[..., token_index, :]
+    for i, (layer, module) in enumerate(zip(cache.layers, adapter.attention_modules(model))):
+        with torch.no_grad():
+            hidden = torch.cat(captured[i], dim=1)
+            keys = adapter.prerope_keys(module, hidden)[..., token_index, :]
+            values = adapter.values(module, hidden)[..., token_index, :]
         torch.testing.assert_close(layer.keys, adapter.apply_rope(model, keys, positions), atol=1e-5, rtol=0)
         torch.testing.assert_close(layer.values, values, atol=1e-6, rtol=0)
 

@@ -15,7 +15,7 @@ from kvpress_ext.errors import PressParameterError
 from kvpress_ext.positions import position_state
 from kvpress_ext.presses.rkv import RKVPress, rkv_redundancy, rkv_scores, rkv_select, rkv_slot_positions
 from kvpress_ext.registry import get_press
-from kvpress_ext.testing import tiny_model, tiny_tokenizer
+from kvpress_ext.testing import attention_inputs, tiny_model, tiny_tokenizer
 
 
 # --- independent reference: R-KV's published algorithm as per-element loops ----------------------------
@@ -224,13 +224,9 @@ def test_rotated_keys_equal_keys_at_new_positions(arch):
     press = RKVPress(budget=20, window_size=4, compression_interval=4, initial_non_compressible_length=prefix,
                      rotate_keys=True, rotation_offset=offset)
     ids = torch.randint(4, 120, (1, 30), generator=torch.Generator().manual_seed(1))
-    captured = []
-    handle = attn0.register_forward_pre_hook(
-        lambda m, a, k: captured.append((k.get("hidden_states", a[0] if a else None)).detach()), with_kwargs=True
-    )
-    cache, _ = _decode(model, press, ids, 8)
-    handle.remove()
-    hidden = torch.cat(captured, dim=1)  # layer-0 attention inputs do not depend on the cache
+    with attention_inputs(model, layers=[0]) as captured:
+        cache, _ = _decode(model, press, ids, 8)
+    hidden = torch.cat(captured[0], dim=1)  # layer-0 attention inputs do not depend on the cache
     assert hidden.shape[1] == 30 + 8
     orig, pos = rkv_slot_positions(cache, 0)
     n = cache.get_seq_length()
@@ -317,10 +313,7 @@ def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rot
     budget, window, interval = 12, 4, 3  # interval < window: queries from before a compression are reused
     press = RKVPress(budget=budget, window_size=window, compression_interval=interval, kernel_size=3,
                      mix_lambda=0.5, rotate_keys=rotate)
-    hidden, before, after = [], [], []
-
-    def inputs(module, args, kwargs):
-        hidden.append(kwargs.get("hidden_states", args[0] if args else None).detach())
+    before, after = [], []
 
     def pre_press(module, args, kwargs, output):  # registered first: runs before the press's hook
         cache = kwargs["past_key_values"]
@@ -336,18 +329,17 @@ def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rot
         if len(after) < len(before):
             after.append(rkv_slot_positions(kwargs["past_key_values"], 0)[0].clone())
 
-    handles = [attn0.register_forward_pre_hook(inputs, with_kwargs=True),
-               attn0.register_forward_hook(pre_press, with_kwargs=True)]
+    handles = [attn0.register_forward_hook(pre_press, with_kwargs=True)]
     cache = DynamicCache()
     ids = torch.randint(4, 120, (1, 8), generator=torch.Generator().manual_seed(5))
-    with apply_press(press, model), torch.no_grad():
+    with apply_press(press, model), torch.no_grad(), attention_inputs(model, layers=[0]) as captured:
         handles.append(attn0.register_forward_hook(post_press, with_kwargs=True))
         out = model(input_ids=ids, past_key_values=cache)
         for _ in range(24):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
     for h in handles:
         h.remove()
-    hidden = torch.cat(hidden, dim=1)
+    hidden = torch.cat(captured[0], dim=1)
     assert len(before) == len(after) >= 3
     for (keys, orig, pos), kept in zip(before, after):
         last = orig[0, 0, -window:]

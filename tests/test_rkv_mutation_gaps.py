@@ -39,35 +39,22 @@ from kvpress_ext.presses.rkv import (
     rkv_select,
     rkv_slot_positions,
 )
-from kvpress_ext.testing import tiny_model
+from kvpress_ext.testing import attention_inputs, tiny_model
 
 
 def _decode_and_record(model, press, prompt_len, steps, seed=0):
     """Greedy decode; returns per-layer attention inputs and, after every forward, each layer's slots."""
-    adapter = get_adapter(model)
-    attns = adapter.attention_modules(model)
-    inputs = {i: [] for i in range(len(attns))}
-
-    def grab(i):
-        def hook(module, args, kwargs):
-            inputs[i].append((kwargs.get("hidden_states", args[0] if args else None)).detach())
-        return hook
-
-    handles = [a.register_forward_pre_hook(grab(i), with_kwargs=True) for i, a in enumerate(attns)]
+    n_layers = len(get_adapter(model).attention_modules(model))
     ids = torch.randint(4, 120, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     cache, records, logits = DynamicCache(), [], []
-    try:
-        with torch.no_grad(), apply_press(press, model):
-            tok = ids
-            for _ in range(steps + 1):
-                out = model(input_ids=tok, past_key_values=cache)
-                logits.append(out.logits[:, -1])
-                records.append(([tuple(t.clone() for t in rkv_slot_positions(cache, i)) for i in range(len(attns))],
-                                next_position(cache)))
-                tok = out.logits[:, -1:].argmax(-1)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), apply_press(press, model), attention_inputs(model) as inputs:
+        tok = ids
+        for _ in range(steps + 1):
+            out = model(input_ids=tok, past_key_values=cache)
+            logits.append(out.logits[:, -1])
+            records.append(([tuple(t.clone() for t in rkv_slot_positions(cache, i)) for i in range(n_layers)],
+                            next_position(cache)))
+            tok = out.logits[:, -1:].argmax(-1)
     return inputs, records, torch.cat(logits)
 
 
