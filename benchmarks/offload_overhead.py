@@ -23,21 +23,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
 from kvpress_ext.models import load_model
-from kvpress_ext.testing import tiny_model, tiny_tokenizer
-
-
-def device_map_middle_on_disk(model) -> dict:
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = [names[id(layer)] for layer in get_adapter(model).layers(model)]
-    out = {}
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
-        if not any(name.startswith(f"{layer}.") for layer in layers):
-            out[name.rsplit(".", 1)[0]] = "cpu"
-    for i, layer in enumerate(layers):
-        out[layer] = "disk" if 0 < i < len(layers) - 1 else "cpu"
-    return out
+from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
 
 
 @torch.no_grad()
@@ -72,17 +59,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tmp = Path(tempfile.mkdtemp(prefix="offload_overhead_"))
-    model = tiny_model("llama", layers=args.layers, hidden=args.hidden, heads=8, kv_heads=4, vocab_size=128)
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(tmp / "model")
-    tiny_tokenizer().save_pretrained(tmp / "model")
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
+    _, n_params = save_tiny_model("llama", tmp / "model", layers=args.layers, hidden=args.hidden, heads=8, kv_heads=4,
+                                  vocab_size=128)
     ids = torch.randint(4, 120, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     whole, _ = load_model(str(tmp / "model"), device="cpu", attn_implementation="sdpa")
     variants = {
         "whole": whole,
-        "middle_layers_on_disk": load_model(str(tmp / "model"), device_map=device_map_middle_on_disk(whole),
+        "middle_layers_on_disk": load_model(str(tmp / "model"), device_map=middle_layers_on_disk(whole),
                                             offload_folder=str(tmp / "off1"), attn_implementation="sdpa")[0],
         f"auto_max_memory_cpu={args.max_memory}": load_model(str(tmp / "model"), max_memory={"cpu": args.max_memory},
                                                             offload_folder=str(tmp / "off2"),

@@ -126,3 +126,36 @@ def attention_inputs(model, layers=None):
     finally:
         for h in handles:
             h.remove()
+
+
+def middle_layers_on_disk(model, embeddings_too: bool = False) -> dict:
+    """A device_map: every decoder layer but the first and last on "disk" (and the input/output embeddings with
+    ``embeddings_too``: the first parameter is then on the meta device), everything else on the CPU."""
+    from kvpress_ext.adapters import get_adapter
+
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = [names[id(layer)] for layer in get_adapter(model).layers(model)]
+    device_map = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        if not any(name.startswith(f"{layer}.") for layer in layers):
+            device_map[name.rsplit(".", 1)[0]] = "cpu"
+    for i, layer in enumerate(layers):
+        device_map[layer] = "disk" if 0 < i < len(layers) - 1 else "cpu"
+    if embeddings_too:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            device_map[names[id(module)]] = "disk"
+    return device_map
+
+
+def save_tiny_model(arch: str, folder, **config_kwargs):
+    """Save a tiny random model (untied embeddings, so each can be placed on its own device) and the tiny
+    tokenizer into ``folder``, for code that loads from a path (``load_model``, accelerate's device maps).
+    Returns (folder, number of parameters)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = tiny_model(arch, **config_kwargs)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters())

@@ -19,7 +19,7 @@ from kvpress_ext.models import load_model
 from kvpress_ext.positions import position_state
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.registry import get_press
-from kvpress_ext.testing import tiny_model, tiny_tokenizer
+from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
@@ -33,31 +33,11 @@ PRESSES = {
 }
 
 
-def middle_layers_on_disk(model, embeddings_too: bool = False) -> dict:
-    """A device_map: every decoder layer but the first and last on "disk" (and the input/output embeddings with
-    ``embeddings_too``: the first parameter is then on the meta device), everything else on the CPU."""
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = [names[id(layer)] for layer in get_adapter(model).layers(model)]
-    device_map = {}
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
-        if not any(name.startswith(f"{layer}.") for layer in layers):
-            device_map[name.rsplit(".", 1)[0]] = "cpu"
-    for i, layer in enumerate(layers):
-        device_map[layer] = "disk" if 0 < i < len(layers) - 1 else "cpu"
-    if embeddings_too:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            device_map[names[id(module)]] = "disk"
-    return device_map
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt_neox", "llama+embeddings"])
 def models(request, tmp_path_factory):
     arch, _, embeddings = request.param.partition("+")
     tmp = tmp_path_factory.mktemp(f"offload_{arch}")
-    model = tiny_model(arch, layers=4)
-    model.config.tie_word_embeddings = False
-    model.save_pretrained(tmp / "model")
-    tiny_tokenizer().save_pretrained(tmp / "model")
+    save_tiny_model(arch, tmp / "model", layers=4)
     whole, _ = load_model(str(tmp / "model"), device="cpu", attn_implementation="sdpa")
     split, _ = load_model(str(tmp / "model"), device_map=middle_layers_on_disk(whole, bool(embeddings)),
                           offload_folder=str(tmp / "offload"), attn_implementation="sdpa")
