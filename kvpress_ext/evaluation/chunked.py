@@ -14,6 +14,10 @@ geometrically (the cache would settle near ``chunk * (1 - r) / r``). For presses
 ``compression_ratio`` the wrapper instead sets, per layer and chunk, the ratio that keeps
 ``round((1 - r) * tokens seen)`` entries, so the cache always holds a fraction ``1 - r`` of the text so far, as it
 would after one prefill of the whole text. Presses without ``compression_ratio`` apply their own rule per chunk.
+
+Order: kvpress's ``ScorerPress.compress`` leaves the kept entries in score order, which a second compression reads
+as token order (StreamingLLM's sinks and recent window, SnapKV's pooling); plain scorer presses are therefore run
+through :class:`kvpress_ext.presses.temporal_order.TemporalOrderPress`, which keeps the same entries in cache order.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class EveryChunkPress(BasePress):
     _seen: dict = field(default_factory=lambda: defaultdict(int), init=False, repr=False)
 
     def __post_init__(self):
+        from kvpress_ext.presses.temporal_order import in_temporal_order
+
+        self.press = in_temporal_order(self.press)  # compressed again every chunk: keep the cache in token order
         self._target_ratio = _ratio(self.press)
         self._cumulative = self.keep_fraction_of_seen and has_settable_ratio(self.press)
 

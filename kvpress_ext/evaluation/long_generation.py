@@ -11,7 +11,9 @@ Two measures, each against the full (uncompressed) cache, for every method at ev
   generated token, and :func:`agreement` of the tokens with the full cache's generation.
 
 Methods: ``full`` (no press), ``rkv`` (budget = ``budget``), ``lazy_streaming`` (``cap_total`` = budget) and
-kvpress's ``DecodingPress`` (``target_size`` = budget) around ``snapkv`` and ``streaming_llm``. ``rkv`` and the
+kvpress's ``DecodingPress`` (``target_size`` = budget) around ``snapkv`` and ``streaming_llm``, each in a
+:class:`~kvpress_ext.presses.temporal_order.TemporalOrderPress` (DecodingPress compresses the same cache again, and
+kvpress leaves kept entries in score order). ``rkv`` and the
 decoding presses let the cache grow by up to ``compression_interval`` tokens between compressions (snapkv's
 observation window is ``min(64, compression_interval // 2)`` queries); ``lazy_streaming`` never exceeds its cap (slack
 ``min(64, budget // 4)``). Each (method, budget) is one cell whose JSON is written as soon as it
@@ -81,14 +83,16 @@ def build_press(method: str, budget: int | None, compression_interval: int = 128
     if method == "lazy_streaming":
         # small caps (tests) keep most of the cap as the recent window
         return get_press("lazy_streaming", cap_total=budget, n_sink=n_sink, slack=min(slack, budget // 4))
-    if method == "decoding_snapkv":  # snapkv scores with the queries buffered since the last compression
+    if method in ("decoding_snapkv", "decoding_streaming_llm"):
+        from kvpress_ext.presses.temporal_order import in_temporal_order
         from kvpress_ext.registry import press_info
 
-        base = get_press("snapkv", window_size=min(64, compression_interval // 2))
-        return press_info("decoding").cls(base_press=base, target_size=budget, compression_interval=compression_interval)
-    if method == "decoding_streaming_llm":
-        return get_press("decoding", base_press="streaming_llm", target_size=budget,
-                         compression_interval=compression_interval)
+        # snapkv scores with the queries buffered since the last compression
+        extra = {"window_size": min(64, compression_interval // 2)} if method == "decoding_snapkv" else {}
+        base = get_press(method.removeprefix("decoding_"), compression_ratio=0.0, **extra)
+        # DecodingPress compresses the same cache every interval: the kept entries must stay in token order
+        return press_info("decoding").cls(base_press=in_temporal_order(base), target_size=budget,
+                                          compression_interval=compression_interval)
     raise LongGenerationInputError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
 
 
