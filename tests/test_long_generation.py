@@ -162,3 +162,17 @@ def test_cells_put_full_then_the_target_budget_first():
     grid = lg.cells(["rkv", "full", "lazy_streaming"], [256, 512, 1024], first_budget=512)
     assert [c.name for c in grid] == ["full", "rkv_b512", "lazy_streaming_b512", "rkv_b256", "lazy_streaming_b256",
                                       "rkv_b1024", "lazy_streaming_b1024"]
+
+
+@pytest.mark.parametrize("method", ["decoding_snapkv", "decoding_streaming_llm"])
+def test_decoding_methods_keep_token_order_and_do_not_warn(method, recwarn):
+    """DecodingPress compresses the same cache every interval, so its scorer runs in TemporalOrderPress
+    (tests/test_temporal_order.py shows what goes wrong without it); ratio 0 on the scorer is DecodingPress's
+    business, so no 'compresses nothing' warning reaches the user."""
+    from kvpress_ext.presses.temporal_order import TemporalOrderPress
+
+    press = lg.build_press(method, 256, compression_interval=32)
+    assert isinstance(press.base_press, TemporalOrderPress)
+    assert type(press.base_press.press).__name__ == ("SnapKVPress" if method == "decoding_snapkv" else "StreamingLLMPress")
+    assert press.target_size == 256 and press.compression_interval == 32
+    assert not [w for w in recwarn if "compress nothing" in str(w.message)]

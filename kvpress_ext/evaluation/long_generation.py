@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +86,13 @@ def build_press(method: str, budget: int | None, compression_interval: int = 128
         return get_press("lazy_streaming", cap_total=budget, n_sink=n_sink, slack=min(slack, budget // 4))
     if method in ("decoding_snapkv", "decoding_streaming_llm"):
         from kvpress_ext.presses.temporal_order import in_temporal_order
-        from kvpress_ext.registry import press_info
+        from kvpress_ext.registry import NoCompressionWarning, press_info
 
         # snapkv scores with the queries buffered since the last compression
         extra = {"window_size": min(64, compression_interval // 2)} if method == "decoding_snapkv" else {}
-        base = get_press(method.removeprefix("decoding_"), compression_ratio=0.0, **extra)
+        with warnings.catch_warnings():  # ratio 0: DecodingPress sets the ratio of each compression itself
+            warnings.simplefilter("ignore", NoCompressionWarning)
+            base = get_press(method.removeprefix("decoding_"), compression_ratio=0.0, **extra)
         # DecodingPress compresses the same cache every interval: the kept entries must stay in token order
         return press_info("decoding").cls(base_press=in_temporal_order(base), target_size=budget,
                                           compression_interval=compression_interval)
