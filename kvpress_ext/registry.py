@@ -303,6 +303,9 @@ def get_press(name: str, **params: Any):
         if isinstance(exc, PressParameterError):
             raise
         raise PressParameterError(f"{name}: invalid parameters {merged!r}: {exc}") from exc
+    from kvpress_ext.presses.temporal_order import keep_token_order
+
+    press = keep_token_order(press)  # wrappers that compress a compressed cache again: entries in token order
     idle = compresses_nothing(press)
     if idle:
         warnings.warn(f"{name} is configured to compress nothing ({idle}): the cache is kept whole. Pass e.g. "

@@ -8,6 +8,7 @@ import pytest
 import kvpress_ext
 from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press
 from kvpress_ext.kvpress_presses import kvpress_press_classes
+from kvpress_ext.presses.temporal_order import TemporalOrderPress
 
 
 def test_every_kvpress_press_is_registered_by_snake_case_name():
@@ -66,8 +67,11 @@ def test_wrappers_take_inner_press_by_name_and_pass_parameters_inwards():
     assert isinstance(press, kvpress.KeyRerotationPress)
     assert isinstance(press.press, kvpress.SnapKVPress)
     assert press.press.compression_ratio == 0.25 and press.press.window_size == 4
-    composed = get_press("composed")
-    assert [type(p) for p in composed.presses] == [kvpress.KnormPress, kvpress.StreamingLLMPress]
+    composed = get_press("composed")  # each press compresses the previous one's output: kept in token order
+    assert [type(p.press) for p in composed.presses] == [kvpress.KnormPress, kvpress.StreamingLLMPress]
+    assert all(isinstance(p, TemporalOrderPress) for p in composed.presses)
+    decoding = get_press("decoding", base_press="streaming_llm", target_size=64)
+    assert isinstance(decoding.base_press, TemporalOrderPress) and decoding.target_size == 64
 
 
 def test_parameters_are_read_from_the_dataclass():
@@ -308,6 +312,7 @@ def test_constructor_errors_become_parameter_errors(registry_sandbox):
 def test_wrapper_parameters_given_by_name_or_as_presses():
     knorm = kvpress.KnormPress(compression_ratio=0.2)
     composed = get_press("composed", presses=["snapkv", knorm])
-    assert isinstance(composed.presses[0], kvpress.SnapKVPress) and composed.presses[1] is knorm
+    # inside a composition a scorer runs in TemporalOrderPress; a press given as an object stays the inner one
+    assert isinstance(composed.presses[0].press, kvpress.SnapKVPress) and composed.presses[1].press is knorm
     decoding = get_press("decoding", base_press="snapkv")
-    assert isinstance(decoding.base_press, kvpress.SnapKVPress)
+    assert isinstance(decoding.base_press.press, kvpress.SnapKVPress)

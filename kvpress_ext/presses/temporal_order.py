@@ -10,6 +10,8 @@ pools scores over neighbouring indices. Our incremental perplexity (``EveryChunk
 
 :class:`TemporalOrderPress` wraps a scorer press and compresses as ``ScorerPress.compress`` does (the inner press's
 scores, the same number kept, ties broken as ``topk`` breaks them) but puts the kept entries back in cache order.
+:func:`keep_token_order` applies it inside kvpress's wrappers that compress a cache a press already compressed
+(``DecodingPress``, ``PrefillDecodingPress``, ``ComposedPress``); the registry does so for every press it builds.
 """
 
 from __future__ import annotations
@@ -68,4 +70,21 @@ def in_temporal_order(press):
     if isinstance(press, ScorerPress) and not isinstance(press, TemporalOrderPress) \
             and type(press).compress is ScorerPress.compress:
         return TemporalOrderPress(press=press, compression_ratio=press.compression_ratio)
+    return press
+
+
+def keep_token_order(press):
+    """Wrap, in place, the plain scorer presses inside kvpress's wrappers that compress an already compressed cache:
+    ``DecodingPress.base_press`` (every ``compression_interval`` steps), ``PrefillDecodingPress``'s two presses (the
+    decoding one compresses what the prefill one kept) and every press of a ``ComposedPress`` (each compresses the
+    previous one's output). Returns ``press``. A single compression keeps the same entries either way."""
+    from kvpress import ComposedPress, DecodingPress, PrefillDecodingPress
+
+    if isinstance(press, DecodingPress):
+        press.base_press = in_temporal_order(press.base_press)
+    elif isinstance(press, PrefillDecodingPress):
+        press.prefilling_press = keep_token_order(in_temporal_order(press.prefilling_press))
+        press.decoding_press = keep_token_order(press.decoding_press)
+    elif isinstance(press, ComposedPress):
+        press.presses = [keep_token_order(in_temporal_order(p)) for p in press.presses]
     return press
