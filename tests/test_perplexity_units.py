@@ -151,7 +151,7 @@ def test_plans_for_each_kind_of_press():
     knorm = kvpress.KnormPress(compression_ratio=0.5)
     plan = ppl.plan_for(knorm)
     assert (plan.press, plan.prefill, plan.decoding, plan.extra_hooks) == (knorm, True, False, [])
-    assert isinstance(plan.hooked, EveryChunkPress) and plan.hooked.press is knorm
+    assert isinstance(plan.hooked, EveryChunkPress) and plan.hooked.press.press is knorm  # in TemporalOrderPress
     assert plan.ratio_mode == plan.hooked.ratio_mode
     rerotating = kvpress.KeyRerotationPress(press=knorm)
     assert ppl.plan_for(rerotating).extra_hooks == [_cache_length_hook]  # next position = cache length
@@ -193,3 +193,24 @@ def test_unsupported_model_message_is_one_sentence():
     assert _message(UnsupportedModelError, ppl.check_supported, Bloom()) == (
         "No kvpress_ext adapter for model_type 'bloom' (Bloom). Supported: gpt_neox, llama, mistral, qwen2, qwen3.")
     ppl.check_supported(tiny_model("llama"))  # supported: no error
+
+
+def test_git_commit_is_read_once_per_process(tmp_path, monkeypatch):
+    """A sweep records the commit of the code it imported: later commits of the checkout do not change it."""
+    import subprocess
+
+    from kvpress_ext.evaluation import results
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    first = results.git_commit(repo / "f.txt")
+    (repo / "f.txt").write_text("b")
+    subprocess.run([*git, "commit", "-qam", "two"], check=True)
+    assert results.git_commit(repo / "f.txt") == first and len(first) == 40
+    results._git_commit.cache_clear()
+    assert results.git_commit(repo / "f.txt") not in (None, first)

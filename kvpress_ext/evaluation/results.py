@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,8 +29,16 @@ def library_versions() -> dict:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the checkout holding this file (with ``-dirty`` if it has local changes), or None."""
-    cwd = Path(path or __file__).resolve().parent
+    """The commit of the checkout holding this file (with ``-dirty`` if it has local changes), or None.
+
+    Read once per process and folder: the code that runs is the code imported at the start, so a long sweep
+    records that commit even if the checkout moves on while it runs."""
+    return _git_commit(str(Path(path or __file__).resolve().parent))
+
+
+@functools.cache
+def _git_commit(folder: str) -> str | None:
+    cwd = Path(folder)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True, timeout=10)
         if commit.returncode:

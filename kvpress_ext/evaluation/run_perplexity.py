@@ -541,6 +541,7 @@ def _probe_cells(args: PerplexityConfig, cells: list[Cell]) -> None:
 def run(args: PerplexityConfig) -> list[dict]:
     """Run the evaluation described by ``args``; returns the records written (also printed: a table for one
     press, one line per cell and ``summary.md`` for a sweep)."""
+    results.git_commit()  # the commit of the code this process imported, recorded in every cell it writes
     ratios = _as_list(args.compression_ratio)
     for ratio in ratios:
         check_ratio(ratio)
