@@ -55,9 +55,10 @@ def main(argv=None) -> int:
 def render(base: dict, table: str, done: dict) -> str:
     return f"""# Perplexity under KV-cache compression (stories260k, TinyStories validation)
 
-Machine: CPU (AMD EPYC), 2 cores, otherwise idle; the sweeps ran one after the other with `--num_threads 1`
-(re-run 2026-11-23; an earlier run on the machine shared with other jobs had 20-50x lower tok/s, same
-perplexities). torch {base['versions']['torch']}, transformers
+Machine: CPU (AMD EPYC), 2 cores, otherwise idle (load average under 1 at the end); the sweeps ran one after the
+other with `--threads 1` (re-run 2026-11-26 after the token-order fix below; earlier runs: 2026-11-23 on the idle
+machine, and one on the machine shared with other jobs with 20-50x lower tok/s, same perplexities).
+torch {base['versions']['torch']}, transformers
 {base['versions']['transformers']}, kvpress {base['versions']['kvpress']}.
 
 ## Commands
@@ -68,7 +69,7 @@ One sweep per ratio (run one after another):
 PYTHONPATH=$PWD python evaluation/perplexity.py --model ../shared/models/stories260k --dataset text \\
   --text_file ../shared/data/tinystories_val.txt --max_eval_tokens 8192 --context_limit 512 --chunk_size 128 \\
   --decode_chunk_size 8 --press all --compression_ratio R --ppl_apply_press --max_new_tokens 64 --num_runs 3 \\
-  --num_threads 1 --output_dir results/perplexity/sweep_rR      # R in 0.25, 0.5, 0.75
+  --threads 1 --output_dir results/perplexity/sweep_rR      # R in 0.25, 0.5, 0.75
 ```
 
 and the reference (the same with `--press no_press`, output `results/perplexity/no_press`).
@@ -104,12 +105,25 @@ list below had not run yet). Plot for ratio 0.5: `perplexity_r0.5.png` (copy of 
 Perplexity against the ratio for every press that depends on it: `perplexity_ratios.png` (below).
 Refresh with `PYTHONPATH=$PWD python evaluation/perplexity_report.py`.
 
-Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.988, lagkv 3.992,
-streaming_llm 3.993, keydiff 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.174) and key_rerotation
-(4.206) lose most. At 0.75 the order is similar (observed_attention 4.004, streaming_llm 4.023, lagkv 4.026). rkv holds up
-best as the budget shrinks (3.979 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
+Observations: at ratio 0.5 the attention-based scorers (observed_attention 3.988, snapkv 3.989, lagkv 3.993,
+keydiff 3.993, streaming_llm 3.993) stay within 0.4% of the uncompressed 3.979; knorm (4.170) and key_rerotation
+(4.206) lose most. At 0.75 the order is similar (observed_attention 4.006, lagkv 4.026, streaming_llm 4.026). rkv holds
+up best as the budget shrinks (3.979 / 3.988 at 0.5 / 0.75); lazy_streaming is lowest at 0.5 (3.977) and third at
 0.75 (4.011, after rkv and observed_attention). Both sit at or just below the uncompressed 3.979 at 0.5, within
-this model's noise.
+this model's noise. `composed` (knorm 0.5 then streaming_llm 0.5, its registry default) and `think` (key channels)
+do not take the sweep's ratio, so their columns repeat; `composed` applies both ratios to the current cache after
+every chunk, so its cache shrinks to a few dozen entries.
+
+Token order (2026-11-26). kvpress 0.5.5 keeps the entries a scorer press selects in score order (kvpress issue
+#173); a press that compresses the same cache again and reads the cache index as a token's age (StreamingLLM's
+sinks and window, lagkv's partitions, SnapKV's pooling) then works on a shuffled cache. `EveryChunkPress` now runs
+scorer presses through `TemporalOrderPress` (same entries, token order) and the registry does so inside
+`ComposedPress`, `DecodingPress` and `PrefillDecodingPress`. Against the 2026-11-23 table the perplexities moved by
+at most 0.004 for the scorer presses on this 512-token model (lagkv 3.9851 to 3.9837 at 0.25, knorm 4.1741 to
+4.1703 at 0.5; random presses draw new numbers); `composed` went from 4.2718 to 4.1979 at its setting. On SmolLM2 at
+a 4k context the same fix moved streaming_llm from +64 % to +3.4 % (`docs/results/longcontext.md`, part 2c).
+`think` changed before this fix, between 2026-11-23 and 2026-11-25 (4.0896 with this morning's code too), and the
+earlier table showed it at the uncompressed value.
 Failures come from kvpress presses that assume one prefill with q_len == k_len (pyramidkv, chunkkv, block, adakv's
 fake keys) or refuse anything but prefill (leverage_score, non_causal_attention, compactor); their plain-mode
 behaviour (one prefill, no --ppl_apply_press) was not measured here.
