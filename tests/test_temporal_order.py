@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvpress import DecodingPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from kvpress import DecodingPress, KnormPress, ScorerPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from transformers import DynamicCache
 
 from kvpress_ext.apply import apply_press
@@ -115,3 +115,72 @@ def test_wraps_plain_scorers_only():
     assert in_temporal_order(wrapped) is wrapped
     with pytest.raises(TypeError, match="ScorerPress"):
         TemporalOrderPress(press=lazy)
+
+
+# --- the wrapper's contract, piece by piece (cases mutation testing asked for) ---------------------------------
+class _Recording(ScorerPress):
+    """A scorer that records what it is given: scores by descending token index, so it keeps the oldest tokens
+    in reverse order (score order differs from token order)."""
+
+    def __init__(self, compression_ratio=0.0):
+        super().__init__(compression_ratio=compression_ratio)
+        self.calls, self.models = [], []
+
+    def post_init_from_model(self, model):
+        self.models.append(model)
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        self.calls.append((module, hidden_states, keys, values, attentions, kwargs, self.compression_ratio))
+        n = keys.shape[2]
+        return (n - torch.arange(n, dtype=torch.float32)).expand(keys.shape[:3]).clone()
+
+
+def test_passes_everything_to_the_inner_score_and_restores_its_ratio():
+    inner = _Recording(compression_ratio=0.1)
+    press = TemporalOrderPress(press=inner, compression_ratio=0.5)
+    keys = torch.arange(2 * 2 * 8 * 3, dtype=torch.float32).view(2, 2, 8, 3)  # batch 2
+    values, attentions, kwargs, hidden, module = keys + 1000, torch.ones(1), {"k": 1}, torch.zeros(2, 8, 4), object()
+    k, v = press.compress(module, hidden, keys, values, attentions, kwargs)
+    (m, h, kk, vv, a, kw, ratio_seen), = inner.calls
+    assert m is module and h is hidden and kk is keys and vv is values and a is attentions and kw is kwargs
+    assert ratio_seen == 0.5 and inner.compression_ratio == 0.1  # its own ratio while scoring, restored after
+    assert torch.equal(k, keys[:, :, :4]) and torch.equal(v, values[:, :, :4])  # oldest four, in token order
+    press.post_init_from_model("the model")
+    assert inner.models == ["the model"]
+
+
+def test_ratio_zero_is_the_identity_and_does_not_score():
+    inner = _Recording()
+    keys = torch.randn(1, 2, 6, 3)
+    values = keys + 1
+    k, v = TemporalOrderPress(press=inner, compression_ratio=0.0).compress(None, None, keys, values, None, {})
+    assert k is keys and v is values and not inner.calls
+
+
+def test_a_scorer_with_its_own_compress_is_not_wrapped():
+    class OwnCompress(KnormPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            return keys, values
+
+    own = OwnCompress(compression_ratio=0.5)
+    assert in_temporal_order(own) is own
+    with pytest.raises(TypeError, match="OwnCompress"):
+        TemporalOrderPress(press=own)
+    with pytest.raises(TypeError, match="LazyStreamingPress"):
+        TemporalOrderPress(press=LazyStreamingPress(n_sink=2, cap_total=16, slack=2))
+
+
+def test_keep_token_order_reaches_every_press_of_kvpress_wrappers():
+    from kvpress import ComposedPress, PrefillDecodingPress
+
+    from kvpress_ext.presses.temporal_order import keep_token_order
+
+    prefill = KnormPress(compression_ratio=0.5)
+    decoding = DecodingPress(base_press=StreamingLLMPress(), target_size=32, compression_interval=8)
+    both = keep_token_order(PrefillDecodingPress(prefilling_press=prefill, decoding_press=decoding))
+    assert isinstance(both.prefilling_press, TemporalOrderPress) and both.prefilling_press.press is prefill
+    assert both.decoding_press is decoding and isinstance(decoding.base_press, TemporalOrderPress)
+    composed = keep_token_order(ComposedPress(presses=[KnormPress(compression_ratio=0.5), decoding]))
+    assert isinstance(composed.presses[0], TemporalOrderPress) and composed.presses[1] is decoding
+    lazy = LazyStreamingPress(n_sink=2, cap_total=16, slack=2)
+    assert keep_token_order(lazy) is lazy

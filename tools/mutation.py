@@ -71,6 +71,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "registration": (["kvpress_ext/registration.py"],
                      ["tests/test_registration_mutation_gaps.py", "tests/test_registry.py", "tests/test_plugins.py"]),
     "plugins": (["kvpress_ext/plugins.py"], ["tests/test_plugins.py", "tests/test_plugins_mutation_gaps.py"]),
+    "temporal_order": (["kvpress_ext/presses/temporal_order.py"],
+                       ["tests/test_temporal_order.py", "tests/test_registry.py"]),
 }
 
 # copied beside the package: tests run the scripts under evaluation/ and examples/ as subprocesses, and
