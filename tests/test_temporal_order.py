@@ -184,3 +184,16 @@ def test_keep_token_order_reaches_every_press_of_kvpress_wrappers():
     assert isinstance(composed.presses[0], TemporalOrderPress) and composed.presses[1] is decoding
     lazy = LazyStreamingPress(n_sink=2, cap_total=16, slack=2)
     assert keep_token_order(lazy) is lazy
+
+
+def test_snapkv_every_chunk_at_half_keeps_only_its_window_after_the_first_chunk():
+    """The claim in docs/results/longcontext.md (2c): with chunks twice SnapKV's window, ratio 0.5 keeps exactly
+    the window after the first chunk, so the text's first tokens (the attention sinks) leave the cache."""
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(4, 120, (1, 32), generator=torch.Generator().manual_seed(3))
+    reference = _reference(model, ids)
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(EveryChunkPress(press=SnapKVPress(compression_ratio=0.5, window_size=8)), model):
+        model(input_ids=ids[:, :16], past_key_values=cache)
+    kept = _tokens_of_layer0(cache, reference)
+    assert all(torch.equal(row, torch.arange(8, 16)) for row in kept)

