@@ -34,9 +34,9 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext import apply_press, compression_phases, get_adapter, get_press
-from kvpress_ext.cache_io import load_cache, save_cache
-from kvpress_ext.errors import NoCompressionWarning
+from kvpress_ext.core.errors import NoCompressionWarning
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
+from kvpress_ext.storage.cache_files import load_cache, save_cache
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
 
 CONTEXT = 48

@@ -4,7 +4,7 @@ fingerprint, against loading without them.
     PYTHONPATH=$PWD python benchmarks/integrity.py --sizes_mb 4 32 128 --repeats 5 --json results/integrity.json
 
 For each cache size (float32 K/V of 8 layers, 8 KV heads, head_dim 128) it saves one cache with
-:func:`kvpress_ext.cache_io.save_cache`, then times (median of ``--repeats``, file in the page cache):
+:func:`kvpress_ext.storage.cache_files.save_cache`, then times (median of ``--repeats``, file in the page cache):
 
 * ``load_cache``: read + checksum + parse + NaN/Inf scan + DynamicCache (what every load does now);
 * ``read+parse``: the same read and parse without the two checks (the floor of an in-memory load);
@@ -67,7 +67,7 @@ def _unchecked_load(f: Path) -> DynamicCache:
 
 
 def measure_cache(mb: float, repeats: int, model) -> dict:
-    from kvpress_ext.cache_io import TENSORS_FILE, check_finite, load_cache, save_cache
+    from kvpress_ext.storage.cache_files import TENSORS_FILE, check_finite, load_cache, save_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c"
@@ -118,7 +118,7 @@ def measure_a3_entry(repeats: int, tokens: int = 128) -> dict:
 
 
 def measure_fingerprint(repeats: int) -> list[dict]:
-    from kvpress_ext.cache_io import model_fingerprint
+    from kvpress_ext.storage.cache_files import model_fingerprint
 
     rows = []
     for name, kwargs in [("tiny llama (2 layers, hidden 64)", {"layers": 2}),
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         print(f"fingerprint of {r['model']} ({r['parameters']:,} parameters, {r['tensors']} tensors): "
               f"{r['fingerprint_ms']:.2f} ms")
     if args.json:
-        from kvpress_ext.safe_io import write_output
+        from kvpress_ext.storage.safe_write import write_output
 
         record = {"command": "python benchmarks/integrity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "date": str(date.today()), "machine": platform.processor() or platform.machine(),

@@ -24,7 +24,7 @@ CHILD = r"""
 import json, sys, time
 import torch
 import kvpress_ext
-from kvpress_ext.models import resolve_model
+from kvpress_ext.runtime.models import resolve_model
 torch.set_num_threads(int(sys.argv[2]))
 t0 = time.perf_counter()
 model, tok = kvpress_ext.load_model(sys.argv[1], device="cpu")
@@ -50,7 +50,7 @@ def _load_once(name: str, cache: str, threads: int) -> dict:
 
 
 def main() -> None:
-    from kvpress_ext.models import available_models
+    from kvpress_ext.runtime.models import available_models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=None, help="short names (default: every registered one)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.models import load_model
+from kvpress_ext.runtime.models import load_model
 from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
 
 

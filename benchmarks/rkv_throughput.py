@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
+from kvpress_ext.core.apply import apply_press
 
 SMOLLM2_135M_SHAPE = {
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,

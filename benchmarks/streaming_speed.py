@@ -28,14 +28,16 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from kvpress import BasePress, KeyRerotationPress, StreamingLLMPress
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import PressContract
+from kvpress_ext.core.positions import set_next_position
 from kvpress_ext.evaluation.results import machine_load
-from kvpress_ext.positions import set_next_position
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
 
 
@@ -46,8 +48,7 @@ class KvpressStreamingPerStep(BasePress):
     cap_total: int = 512
     n_sink: int = 4
     inner: KeyRerotationPress = field(init=False)
-    uses_apply_press = True
-    compression_phases = (True, True)
+    contract: ClassVar[PressContract] = PressContract(prefill=True, decoding=True)
 
     def __post_init__(self):
         self.inner = KeyRerotationPress(StreamingLLMPress(n_sink=self.n_sink))
@@ -77,8 +78,8 @@ def build_model(name: str):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
     if name not in SYNTHETIC:
-        from kvpress_ext.errors import KVPressExtError
-        from kvpress_ext.models import load_model
+        from kvpress_ext.core.errors import KVPressExtError
+        from kvpress_ext.runtime.models import load_model
 
         try:
             return load_model(name, device="cpu", attn_implementation="sdpa")[0]

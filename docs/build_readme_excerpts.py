@@ -35,7 +35,7 @@ def _list_output() -> str:
 def list_excerpt() -> str:
     """``kvpress-ext list``: its header, the entries of :data:`LISTED_PRESSES` (each with its wrapped lines) and the
     first adapters, ``...`` where lines are left out."""
-    from kvpress_ext.registry import available_presses
+    from kvpress_ext.core.registry import available_presses
 
     missing = [n for n in LISTED_PRESSES if n not in available_presses()]
     if missing:

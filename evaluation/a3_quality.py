@@ -14,11 +14,11 @@ import json
 import sys
 
 from kvpress_ext.cli.common import add_model_argument, add_threads_argument, quiet_command_line, set_threads
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot
 from kvpress_ext.evaluation.results import machine_load
-from kvpress_ext.models import load_model
-from kvpress_ext.safe_io import check_output_file, write_output
+from kvpress_ext.runtime.models import load_model
+from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
 def build_parser() -> argparse.ArgumentParser:

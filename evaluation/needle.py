@@ -24,12 +24,13 @@ import sys
 from kvpress_ext.cli.common import OneLineArgumentParser
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
+from kvpress_ext.storage.inputs import shared_dir
 
 
 def add_needle_arguments(ap, default_task: str, tasks) -> None:
     ap.add_argument("--task", default=default_task, choices=tasks, help="needle kind (default: %(default)s)")
     ap.add_argument("--haystack_file", default=None, help="a text file (default: --haystack_dir)")
-    ap.add_argument("--haystack_dir", default=str(lc.shared_dir() / "data" / "paul_graham_essays"),
+    ap.add_argument("--haystack_dir", default=str(shared_dir() / "data" / "paul_graham_essays"),
                     help="a folder of *.txt files")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack tokens (default 256 512 1024)")
     ap.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")

@@ -26,9 +26,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.core.errors import KVPressExtError
     from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
-    from kvpress_ext.safe_io import check_output_file, write_output
+    from kvpress_ext.storage.safe_write import check_output_file, write_output
 
     root = Path(args.results_dir)
     dirs = {x: root / f"sweep_r{x}" for x in RATIOS}

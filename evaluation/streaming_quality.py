@@ -71,9 +71,9 @@ def text_label(files: list[Path]) -> str:
 def load(tokens: int, model_name: str = "smollm2-135m", text_file: str | None = None, device: str | None = None,
          dtype: str = "float32"):
     """(model, ids of ``tokens + 1`` tokens, text label); bad input: one line, exit 2."""
-    from kvpress_ext.errors import KVPressExtError
-    from kvpress_ext.inputs import read_text_file
-    from kvpress_ext.models import load_model
+    from kvpress_ext.core.errors import KVPressExtError
+    from kvpress_ext.runtime.models import load_model
+    from kvpress_ext.storage.inputs import read_text_file
 
     files = text_files(text_file)
     try:
@@ -176,7 +176,7 @@ def report(args):
         checks["lazy_vs_eager_overall_ppl"] = {"lazy": lazy, "eager": eager, "relative": lazy / eager - 1}
         checks["lazy_within_2pct_of_eager_overall"] = abs(lazy / eager - 1) <= 0.02
     result["checks"] = checks
-    from kvpress_ext.safe_io import check_output_file, save_figure, write_output
+    from kvpress_ext.storage.safe_write import check_output_file, save_figure, write_output
 
     check_output_file(args.plot, kind="image", flag="--plot")
     write_output(args.json, json.dumps(result, indent=1))

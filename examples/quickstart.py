@@ -23,11 +23,11 @@ from transformers.utils import logging as hf_logging
 
 import kvpress_ext
 from kvpress_ext.cli.common import OneLineArgumentParser
-from kvpress_ext.models import load_model
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
-from kvpress_ext.threads import DEFAULT_THREADS, set_threads
+from kvpress_ext.runtime.models import load_model
+from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads
 
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -8,22 +8,22 @@ Three lines::
     pipe(context, question=question, press=kvpress_ext.get_press("knorm", compression_ratio=0.5))["answer"]
 """
 
-from kvpress_ext.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
-from kvpress_ext.apply import apply_press, compression_phases
-from kvpress_ext.errors import (
+from kvpress_ext.core.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
+from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.errors import (
     CacheFormatError,
     KVPressExtError,
     PressParameterError,
     UnknownPressError,
     UnsupportedModelError,
 )
-from kvpress_ext.hookspecs import hookimpl
-from kvpress_ext.models import ModelLoadError, available_models, load_model, register_model, resolve_model
-from kvpress_ext.pipeline import KVPressExtPipeline
-from kvpress_ext.plugins import failed_plugins, load_plugins  # importing it installs the lazy plugin loader
-from kvpress_ext.positions import next_position, position_state, set_next_position
-from kvpress_ext.registration import RegistrationConflict
-from kvpress_ext.registry import add_press, available_presses, get_press, press_info, press_name, register_press
+from kvpress_ext.core.positions import next_position, position_state, set_next_position
+from kvpress_ext.core.registry import add_press, available_presses, get_press, press_info, press_name, register_press
+from kvpress_ext.core.tables import RegistrationConflict
+from kvpress_ext.plugins.hookspecs import hookimpl
+from kvpress_ext.plugins.loader import failed_plugins, load_plugins  # importing it installs the lazy plugin loader
+from kvpress_ext.runtime.models import ModelLoadError, available_models, load_model, register_model, resolve_model
+from kvpress_ext.runtime.pipeline import KVPressExtPipeline
 
 __version__ = "0.1.0"
 

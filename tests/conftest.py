@@ -68,7 +68,7 @@ def _library_logging_after_commands():
     """Commands run in-process (``main(argv)``) quiet kvpress's repeated log lines for the rest of the process;
     put the library default back after each test, so the next one sees every record kvpress emits."""
     yield
-    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+    from kvpress_ext.core.apply import quiet_repeated_kvpress_logs
 
     quiet_repeated_kvpress_logs(enable=False)
 @pytest.fixture(scope="session")
@@ -76,8 +76,8 @@ def smollm2():
     """SmolLM2-135M-Instruct by its short name: converted once per machine into $KVPRESS_EXT_CACHE (default
     ~/.cache/kvpress_ext), then reloaded from there. In CI a missing model package is an error; elsewhere the tests
     are skipped with the command that installs it."""
-    from kvpress_ext.model_sources import smollm2_gguf
-    from kvpress_ext.models import ModelLoadError, load_model
+    from kvpress_ext.runtime.builtin_models import smollm2_gguf
+    from kvpress_ext.runtime.models import ModelLoadError, load_model
 
     try:
         smollm2_gguf()

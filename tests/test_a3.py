@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.errors import CacheFormatError, PressParameterError
+from kvpress_ext.core.errors import CacheFormatError, PressParameterError
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import attention as A
 from kvpress_ext.presses.a3 import selection as S
-from kvpress_ext.registry import get_press
 from kvpress_ext.testing import ARCHITECTURES, FlashinferStandIn, flatten, random_chunks, tiny_model, tiny_tokenizer
 
 TOL = 1e-4  # float32 logits, tiny models
@@ -59,8 +59,8 @@ def test_rate_zero_full_equals_realigned_concatenation(arch, tmp_path):
         model(torch.tensor([[1]]), past_key_values=bos_cache)
         per_layer = [([bos_cache.layers[i].keys], [bos_cache.layers[i].values]) for i in range(3)]
         offset = 1
-        from kvpress_ext.adapters import get_adapter
-        from kvpress_ext.rope import rotate
+        from kvpress_ext.core.adapters import get_adapter
+        from kvpress_ext.core.rope import rotate
 
         inv = get_adapter(model).inv_freq(model)
         for c in chunks:
@@ -184,7 +184,7 @@ def test_store_reuse_corruption_and_mismatch(tmp_path):
 def test_text_chunks_and_pipeline(tmp_path):
     from transformers import pipeline
 
-    import kvpress_ext.pipeline  # noqa: F401 - registers the pipeline
+    import kvpress_ext.runtime.pipeline  # noqa: F401 - registers the pipeline
 
     model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
     texts = ["The cat sat. ", "A dog ran far away. "]
@@ -219,7 +219,7 @@ def test_realign_matches_rope_from_scratch(tmp_path):
     chunks, _ = random_chunks()
     store = ChunkStore(tmp_path, model)
     keys, _ = realign(model, store.prefix(), [store.get(c) for c in chunks])
-    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.core.adapters import get_adapter
 
     ad = get_adapter(model)
     attn = ad.attention_modules(model)[0]
@@ -269,8 +269,8 @@ def test_blocked_attention_matches_reference(block):
 def test_evict_after_fusion_with_lazy_streaming(tmp_path):
     """A whole-cache press (lazy_streaming) evicts the fused cache once: sinks + the most recent tokens, the
     recent keys re-rotated to contiguous positions, and the next token placed right after them."""
-    from kvpress_ext.adapters import get_adapter
-    from kvpress_ext.positions import next_position
+    from kvpress_ext.core.adapters import get_adapter
+    from kvpress_ext.core.positions import next_position
 
     model = tiny_model("llama", layers=2)
     chunks, q = random_chunks(lengths=(20, 20))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.errors import PressParameterError
+from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import selection as S
 from kvpress_ext.presses.a3.fusion import fuse_chunks
@@ -134,7 +134,7 @@ def test_no_prefix_store_at_rate_one_equals_a_full_prefill_without_bos(arch, tmp
         cc = DynamicCache()
         _full(model, c, past_key_values=cc)
         ref.append(cc.layers[0].keys)
-    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.core.adapters import get_adapter
 
     ad = get_adapter(model)
     moved, off = [], 0
@@ -181,8 +181,8 @@ def test_realign_casts_stored_keys_before_rotating(tmp_path):
     """Chunks stored in bfloat16 and fused in float32: keys are cast first and then rotated, so the moved keys
     match a float32 rotation of the stored keys (rotating in bfloat16 would round them to ~3 digits); the
     prefix alone (no chunk) comes back in the requested dtype too."""
-    from kvpress_ext.adapters import get_adapter
-    from kvpress_ext.rope import rotate
+    from kvpress_ext.core.adapters import get_adapter
+    from kvpress_ext.core.rope import rotate
 
     model = tiny_model("llama", layers=2)
     chunks, _ = random_chunks(10)
@@ -308,8 +308,8 @@ def test_evict_at_rate_one_equals_the_press_during_a_full_prefill(arch, name, kw
     """At rate 1 the fused cache and the recorded layer inputs are a full prefill's, so evicting after fusion
     keeps what the press keeps when it runs during a full prefill (SnapKV rotates its window queries with the
     RoPE tables evict hands it)."""
-    from kvpress_ext.apply import apply_press
-    from kvpress_ext.registry import get_press
+    from kvpress_ext.core.apply import apply_press
+    from kvpress_ext.core.registry import get_press
 
     model = tiny_model(arch, layers=2)
     chunks, q = random_chunks(12, lengths=(12, 12), q_len=6)
@@ -379,7 +379,7 @@ def _bos_tokenizer():
 def _pipe(model, tok):
     from transformers import pipeline
 
-    import kvpress_ext.pipeline  # noqa: F401 - registers the pipeline
+    import kvpress_ext.runtime.pipeline  # noqa: F401 - registers the pipeline
 
     return pipeline("kv-press-text-generation", model=model, tokenizer=tok)
 

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from kvpress_ext.cache_io import file_checksum, model_fingerprint
-from kvpress_ext.errors import CacheFormatError
+from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.presses.a3 import chunk_store as CS
 from kvpress_ext.presses.a3.chunk_files import A3InputError, load_chunks, read_chunk_texts, split_tokens
 from kvpress_ext.presses.a3.chunk_store import ChunkKV, ChunkStore, check_store_root, is_store_root
-from kvpress_ext.safe_io import OutputPathError
+from kvpress_ext.storage.cache_files import file_checksum, model_fingerprint
+from kvpress_ext.storage.safe_write import OutputPathError
 from kvpress_ext.testing import tiny_model, tiny_tokenizer
 
 CHUNK = [5, 9, 17, 33, 65, 3, 7]
@@ -508,7 +508,7 @@ def test_missing_and_empty_chunk_files(tmp_path):
 def test_unreadable_or_non_utf8_chunk_files(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from kvpress_ext.inputs import InputFileError
+    from kvpress_ext.storage.inputs import InputFileError
 
     latin = tmp_path / "latin.json"
     latin.write_bytes(b'["caf\xe9"]')

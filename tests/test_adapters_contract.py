@@ -11,10 +11,10 @@ from kvpress import BasePress
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvpress_ext import UnsupportedModelError, apply_press
-from kvpress_ext import adapters as adapters_mod
-from kvpress_ext.adapters import AttentionShape, ModelAdapter, add_adapter, get_adapter
-from kvpress_ext.adapters.gpt_neox import GPTNeoXAdapter
-from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core import adapters as adapters_mod
+from kvpress_ext.core.adapters import AttentionShape, ModelAdapter, add_adapter, get_adapter
+from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
+from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 from kvpress_ext.testing import ARCHITECTURES, tiny_config, tiny_model
 
 TOL = 1e-5
@@ -211,7 +211,7 @@ def test_describe():
 
 def test_unsupported_models_get_the_full_message():
     supported = "gpt_neox, llama, mistral, qwen2, qwen3"
-    fix = ("To add one, subclass kvpress_ext.adapters.ModelAdapter and register an instance from a plugin's "
+    fix = ("To add one, subclass kvpress_ext.core.adapters.ModelAdapter and register an instance from a plugin's "
            "`kvpress_ext_register_adapters` hook (see README, 'Writing a plugin').")
 
     class NoConfig(torch.nn.Module):

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext import UnsupportedModelError, apply_press, get_adapter, get_press
-from kvpress_ext.adapters.gpt_neox import CacheBasisView, neox_view_permutation
+from kvpress_ext.core.adapters.gpt_neox import CacheBasisView, neox_view_permutation
 from kvpress_ext.testing import attention_inputs
 
 TOL = 1e-5

@@ -1,7 +1,7 @@
 """Bad input everywhere, as one table: every command with every bad input we know of.
 
 Each case runs a command in-process (its ``main``) inside a temporary workspace that holds every input file, and
-asserts the contract of ``kvpress_ext/errors.py``: exit status 2, exactly one line on stderr, which names the fix
+asserts the contract of ``kvpress_ext/core/errors.py``: exit status 2, exactly one line on stderr, which names the fix
 (the case's expected words), no traceback, nothing on stdout, and nothing written or changed (a hash of every file
 and directory in the workspace, the working directory included, before and after). The suite runs offline
 (tests/conftest.py), so hub model ids and presses needing hub files are offline cases.
@@ -308,7 +308,7 @@ def workspace(tmp_path_factory):
 
     from kvpress_ext.cli import main
     from kvpress_ext.icl import workflow as wf
-    from kvpress_ext.models import load_model
+    from kvpress_ext.runtime.models import load_model
 
     w = tmp_path_factory.mktemp("bad_input")
     model_dir = str(shared_path("models", "stories260k"))

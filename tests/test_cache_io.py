@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext import cache_io
-from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import atomic_directory_write, load_cache, save_cache
-from kvpress_ext.errors import CacheFormatError
-from kvpress_ext.positions import position_state
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.errors import CacheFormatError
+from kvpress_ext.core.positions import position_state
 from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.storage import cache_files as cache_io
+from kvpress_ext.storage.cache_files import atomic_directory_write, load_cache, save_cache
 from kvpress_ext.testing import tiny_model
 
 

@@ -16,9 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save, save_file
 from transformers import DynamicCache
 
-from kvpress_ext import cache_io
-from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import (
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.errors import CacheFormatError
+from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.storage import cache_files as cache_io
+from kvpress_ext.storage.cache_files import (
     check_cache_target,
     check_fields,
     check_finite,
@@ -33,9 +35,7 @@ from kvpress_ext.cache_io import (
     read_verified_tensors,
     save_cache,
 )
-from kvpress_ext.errors import CacheFormatError
-from kvpress_ext.presses.rkv import RKVPress
-from kvpress_ext.safe_io import OutputPathError
+from kvpress_ext.storage.safe_write import OutputPathError
 from kvpress_ext.testing import tiny_model
 
 
@@ -151,7 +151,7 @@ def test_load_errors_name_the_cache_and_the_fix(model, saved, tmp_path):
     other = tiny_model("llama", seed=1)
     with pytest.raises(CacheFormatError) as err:
         load_cache(saved, model=other)
-    from kvpress_ext.cache_io import model_fingerprint
+    from kvpress_ext.storage.cache_files import model_fingerprint
 
     assert str(err.value) == (
         f"Cache at {saved} was made with another model ('tiny/llama-for-tests', fingerprint "

@@ -1,4 +1,4 @@
-"""Chat-template prompts (:mod:`kvpress_ext.chat`) and every entry point that uses them.
+"""Chat-template prompts (:mod:`kvpress_ext.runtime.chat`) and every entry point that uses them.
 
 The entry points are checked on stories260k given a ChatML template (a real model and tokenizer, cheap): each one's
 model input must be exactly ``prefix + context + suffix`` of :func:`split_chat_prompt`, checked against
@@ -14,9 +14,9 @@ from conftest import shared_path
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.utils import logging as hf_logging
 
-from kvpress_ext.chat import chat_turn_break, separator, split_chat_prompt
 from kvpress_ext.cli import main
 from kvpress_ext.icl import workflow as wf
+from kvpress_ext.runtime.chat import chat_turn_break, separator, split_chat_prompt
 from kvpress_ext.testing import tiny_tokenizer
 
 CHATML = (

@@ -100,7 +100,7 @@ def test_old_spellings_still_parse():
 def test_threads_are_applied_and_default_to_one():
     import torch
 
-    from kvpress_ext.threads import DEFAULT_THREADS, set_threads
+    from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads
 
     before = torch.get_num_threads()
     try:

@@ -22,10 +22,10 @@ import pytest
 import torch
 from conftest import shared_path
 
-from kvpress_ext.cache_io import load_cache
 from kvpress_ext.cli import main
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.presses.a3 import ChunkStore
+from kvpress_ext.storage.cache_files import load_cache
 from kvpress_ext.testing import tiny_model, tiny_tokenizer
 
 ROUNDS = 24

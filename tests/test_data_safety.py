@@ -26,12 +26,13 @@ import torch
 from conftest import REPO, shared_path
 from transformers import DynamicCache
 
-from kvpress_ext import cache_io, safe_io
-from kvpress_ext.cache_io import load_cache, model_fingerprint, save_cache
 from kvpress_ext.cli import main
-from kvpress_ext.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.core.errors import CacheFormatError, KVPressExtError
 from kvpress_ext.presses.a3 import ChunkStore
-from kvpress_ext.safe_io import OutputPathError
+from kvpress_ext.storage import cache_files as cache_io
+from kvpress_ext.storage import safe_write as safe_io
+from kvpress_ext.storage.cache_files import load_cache, model_fingerprint, save_cache
+from kvpress_ext.storage.safe_write import OutputPathError
 from kvpress_ext.testing import tiny_model
 
 CHUNK = [5, 9, 17, 33, 65, 3, 7]

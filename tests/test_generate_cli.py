@@ -10,11 +10,11 @@ import torch
 from conftest import shared_path
 from transformers import DynamicCache, TextStreamer
 
-from kvpress_ext.apply import apply_press
 from kvpress_ext.cli import main
-from kvpress_ext.evaluation.perplexity import cache_length
-from kvpress_ext.pipeline import greedy_decode
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.positions import cache_length
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+from kvpress_ext.runtime.pipeline import greedy_decode
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She"
 SHORT_PROMPT = "Once upon a time"

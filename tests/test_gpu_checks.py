@@ -33,7 +33,7 @@ def test_every_check_passes_on_correct_code(gpu_checks, arch):
 
 
 def test_a_rerotation_that_does_nothing_fails_the_check(gpu_checks, monkeypatch):
-    from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+    from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 
     monkeypatch.setattr(LlamaFamilyAdapter, "rerotate_keys", lambda self, model, keys, old, new: keys)
     results = []

@@ -1,4 +1,4 @@
-"""Offline detection (kvpress_ext/hub.py): HF_HUB_OFFLINE honoured, one quick connect otherwise, a hub model id or
+"""Offline detection (kvpress_ext/runtime/hub.py): HF_HUB_OFFLINE honoured, one quick connect otherwise, a hub model id or
 a press needing hub files fails at once with one line naming the fix. The online path is mocked (no network)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import huggingface_hub.constants
 import pytest
 from conftest import shared_path
 
-from kvpress_ext import hub
 from kvpress_ext.cli import main
+from kvpress_ext.runtime import hub
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvpress_ext.cache_io import load_cache
 from kvpress_ext.cli import main
 from kvpress_ext.icl import workflow as wf
+from kvpress_ext.storage.cache_files import load_cache
 from kvpress_ext.testing import tiny_tokenizer
 
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
@@ -139,7 +139,7 @@ def test_grid_is_resumable_and_writes_table_and_plot(data, tmp_path, capsys):
                                                         ("24", "takeaways")]
     assert all(int(r["cache_length"]) <= int(r["budget"]) + 8 for r in rows)
     assert (tmp_path / "grid.png").stat().st_size > 1000
-    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))  # one sweep cell file each (kvpress_ext.sweep)
+    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))  # one sweep cell file each (kvpress_ext.evaluation.sweep)
     assert cells == ["b16_none.json", "b16_takeaways_simple.json", "b24_none.json", "b24_takeaways_simple.json"]
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval.json")}
     assert main(args) == 0

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.pipeline import greedy_decode
-from kvpress_ext.positions import next_position
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import next_position
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
-from kvpress_ext.registry import get_press
+from kvpress_ext.runtime.pipeline import greedy_decode
 from kvpress_ext.testing import ARCHITECTURES, attention_inputs, tiny_model
 
 ATOL = 1e-4  # float32

@@ -169,7 +169,7 @@ def test_decoding_methods_keep_token_order_and_do_not_warn(method, recwarn):
     """DecodingPress compresses the same cache every interval, so its scorer runs in TemporalOrderPress
     (tests/test_temporal_order.py shows what goes wrong without it); ratio 0 on the scorer is DecodingPress's
     business, so no 'compresses nothing' warning reaches the user."""
-    from kvpress_ext.presses.temporal_order import TemporalOrderPress
+    from kvpress_ext.core.temporal_order import TemporalOrderPress
 
     press = lg.build_press(method, 256, compression_interval=32)
     assert isinstance(press.base_press, TemporalOrderPress)

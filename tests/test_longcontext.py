@@ -16,9 +16,10 @@ import pytest
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 from kvpress_ext.evaluation.metrics import score_longbench, substring_match
+from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = lc.shared_dir() / "models" / "stories260k"
+MODEL = shared_dir() / "models" / "stories260k"
 COMMON = ["--model", str(MODEL), "--rate", "1.0", "--max_new_tokens", "4", "--chunk_tokens", "24", "--no_progress"]
 FIELDS = {"key", "method", "status", "prediction", "answers", "score", "ttft_s", "tpot_s", "context_tokens",
           "compression_ratio", "query_aware"}
@@ -61,7 +62,7 @@ def inputs(tmp_path_factory):
 
 
 def load_cells(out: Path) -> list[dict]:
-    """The cell files (kvpress_ext.sweep format) as flat records: params, the cell's record, status, error."""
+    """The cell files (kvpress_ext.evaluation.sweep format) as flat records: params, the cell's record, status, error."""
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     return [{"key": c["key"], **c["params"], **(c["record"] or {}), "status": c["status"], "error": c["error"]}
             for c in cells]

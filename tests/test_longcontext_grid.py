@@ -1,4 +1,4 @@
-"""The press grid of the long-context evaluations (kvpress_ext/evaluation/longcontext_grid.py on kvpress_ext.sweep) on
+"""The press grid of the long-context evaluations (kvpress_ext/evaluation/longcontext_grid.py on kvpress_ext.evaluation.sweep) on
 stories260k: each cell against an independent reference (a direct greedy generation, no press, a hand-computed
 StreamingLLM kept set), the two modes, resumability and failed cells."""
 
@@ -13,9 +13,10 @@ import torch
 
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
+from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = str(lc.shared_dir() / "models" / "stories260k")
+MODEL = str(shared_dir() / "models" / "stories260k")
 SENTENCES = ["Tom had a red ball.", "He played in the park with his dog.", "The sun was warm and the sky was blue.",
              "Lily liked to bake cakes.", "One day she made a big cake for her mom.", "They ate it under a tree."]
 
@@ -101,7 +102,7 @@ def test_grid_resumes_and_records_failed_cells(tmp_path):
 
     cells = [lg.Cell(f"c{i}", {"i": i}) for i in range(3)]
     first = lg.run_cells(cells, run, tmp_path, progress=False)
-    # kvpress_ext.sweep retries a raising cell once (--max_retries 1) before recording it as failed
+    # kvpress_ext.evaluation.sweep retries a raising cell once (--max_retries 1) before recording it as failed
     assert [r["status"] for r in first] == ["ok", "failed", "ok"] and calls == [0, 1, 1, 2]
     assert "use another one" in first[1]["error"] and first[2]["score"] == 0.2
     second = lg.run_cells(cells, run, tmp_path, progress=False)
@@ -128,7 +129,7 @@ def test_cli_quick_grid_both_modes_failed_cell_and_resume(hay, tmp_path, capsys)
     # 2 samples x (agnostic: no_press, 3 presses, prefill, a3-debug; aware: no_press, 3 presses)
     assert len(records) == 2 * (6 + 4) and "20 cells computed, 0 reused" in err
     failed = [r for r in records if r["status"] == "failed"]
-    # cell files of kvpress_ext.sweep: params and the cell's record nested
+    # cell files of kvpress_ext.evaluation.sweep: params and the cell's record nested
     assert {r["params"]["method"] for r in failed} == {"kvzip"} and all("requires" in r["error"] for r in failed)
     ok = [r for r in records if r["status"] == "ok"]
     assert all(0 <= r["record"]["score"] <= 1 for r in ok)

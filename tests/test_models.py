@@ -12,10 +12,10 @@ import pytest
 from conftest import shared_path
 
 import kvpress_ext
-from kvpress_ext import model_sources as ms
-from kvpress_ext import plugins
 from kvpress_ext.cli import main
-from kvpress_ext.models import DEFAULT_MODEL, ModelLoadError, available_models, resolve_model
+from kvpress_ext.plugins import loader as plugins
+from kvpress_ext.runtime import builtin_models as ms
+from kvpress_ext.runtime.models import DEFAULT_MODEL, ModelLoadError, available_models, resolve_model
 
 
 def test_builtin_names_are_registered_with_their_facts():
@@ -80,7 +80,7 @@ def test_a_plugin_adds_a_short_name_that_every_loader_accepts(monkeypatch, tmp_p
         assert "tiny-from-plugin" in out and "(from model_plugin)" in out and "smollm2-135m" in out
     finally:
         monkeypatch.undo()
-        kvpress_ext.models._MODELS.remove_origin("model_plugin")
+        kvpress_ext.runtime.models._MODELS.remove_origin("model_plugin")
         if plugins.get_plugin_manager().get_plugin("model_plugin") is not None:
             plugins.get_plugin_manager().unregister(name="model_plugin")
         plugins.load_plugins(force=True)

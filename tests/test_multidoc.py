@@ -13,9 +13,10 @@ import pytest
 
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
+from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = str(lc.shared_dir() / "models" / "stories260k")
+MODEL = str(shared_dir() / "models" / "stories260k")
 TOPICS = ["apples", "boats", "clocks", "dragons", "eagles", "forests"]
 
 

@@ -15,9 +15,9 @@ import torch
 from kvpress import BasePress
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press
-from kvpress_ext.positions import set_next_position
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.positions import set_next_position
 
 
 @dataclass

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press, compression_phases
-from kvpress_ext.cache_io import load_cache, save_cache
-from kvpress_ext.models import load_model
-from kvpress_ext.positions import position_state
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.positions import position_state
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
-from kvpress_ext.registry import get_press
+from kvpress_ext.runtime.models import load_model
+from kvpress_ext.storage.cache_files import load_cache, save_cache
 from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_max_memory_offloads_the_rest_to_disk_and_perplexity_is_unchanged(tmp_pa
 
 def test_placement_flags_parse():
     from kvpress_ext.cli.common import parse_device_map, parse_max_memory
-    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.core.errors import KVPressExtError
 
     assert parse_max_memory(["0=20GiB", "cpu=60GiB"]) == {0: "20GiB", "cpu": "60GiB"}
     assert parse_device_map("auto") == "auto" and parse_device_map('{"model.layers.0": 1}') == {"model.layers.0": 1}

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation.chunked import EveryChunkPress
-from kvpress_ext.registry import get_press
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ SCRIPT = REPO / "evaluation" / "perplexity.py"
 
 def _knorm_at_zero():
     """A press that removes nothing on purpose (the reference); its "compresses nothing" warning is expected."""
-    from kvpress_ext.errors import NoCompressionWarning
+    from kvpress_ext.core.errors import NoCompressionWarning
 
     with pytest.warns(NoCompressionWarning):
         return get_press("knorm", compression_ratio=0.0)
@@ -85,7 +85,7 @@ def test_every_chunk_press_makes_prefill_press_compress_each_chunk(stories):
     model, ids = stories
     from transformers import DynamicCache
 
-    from kvpress_ext.apply import apply_press
+    from kvpress_ext.core.apply import apply_press
 
     wrapper = EveryChunkPress(press=get_press("snapkv", compression_ratio=0.25, window_size=16))
     cache, lengths = DynamicCache(), []

@@ -15,12 +15,15 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_ext
-from kvpress_ext.apply import _cache_length_hook
-from kvpress_ext.errors import KVPressExtError, PressParameterError, UnsupportedModelError
+from kvpress_ext.core.apply import _cache_length_hook
+from kvpress_ext.core.contract import PressContract
+from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
+from kvpress_ext.core.positions import cache_length
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation.chunked import EveryChunkPress
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
+from kvpress_ext.storage.inputs import shared_dir
 from kvpress_ext.testing import tiny_model
 
 
@@ -93,11 +96,11 @@ def test_load_hub_dataset_offline(monkeypatch):
 
 def test_shared_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("KVPRESS_EXT_SHARED", str(tmp_path))
-    assert ppl.shared_dir() == tmp_path
+    assert shared_dir() == tmp_path
     monkeypatch.delenv("KVPRESS_EXT_SHARED")
     from pathlib import Path
 
-    assert ppl.shared_dir() == Path(kvpress_ext.__file__).resolve().parents[1].parent / "shared"
+    assert shared_dir() == Path(kvpress_ext.__file__).resolve().parents[1].parent / "shared"
 
 
 # --- tokens and windows -----------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def test_windows():
 # --- caches and plans -------------------------------------------------------------------------------------------
 def test_cache_accounting():
     assert ppl.cache_bytes(None) == 0 and ppl.cache_bytes(object()) == 0
-    assert ppl.cache_length(DynamicCache()) == 0
+    assert cache_length(DynamicCache()) == 0
     quantized = types.SimpleNamespace(layers=[types.SimpleNamespace(
         keys=torch.zeros(1, 2, 3, 4), values=None, _quantized_keys=torch.zeros(5, dtype=torch.uint8),
         _quantized_values=torch.zeros(7, dtype=torch.uint8))])
@@ -157,7 +160,7 @@ def test_plans_for_each_kind_of_press():
     assert ppl.plan_for(rerotating).extra_hooks == [_cache_length_hook]  # next position = cache length
 
     class RerotatingDecoder(kvpress.KeyRerotationPress):  # re-rotates and compresses while decoding
-        compression_phases = (True, True)
+        contract = PressContract(prefill=True, decoding=True, positions_follow_cache=True)
 
     both = RerotatingDecoder(press=knorm)
     assert ppl.plan_for(both).extra_hooks == [_cache_length_hook] and ppl.plan_for(both).hooked is both

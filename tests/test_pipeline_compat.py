@@ -13,7 +13,7 @@ import torch
 from kvpress import DecodingPress, KnormPress, KVPressTextGenerationPipeline, SnapKVPress, StreamingLLMPress
 from transformers import pipeline
 
-from kvpress_ext.pipeline import KVPressExtPipeline
+from kvpress_ext.runtime.pipeline import KVPressExtPipeline
 from kvpress_ext.testing import tiny_model, tiny_tokenizer
 
 CONTEXT = "the quick brown fox jumps over the lazy dog. " * 3

@@ -16,7 +16,7 @@ from transformers import DynamicCache, pipeline
 
 import kvpress_ext
 from kvpress_ext import apply_press, get_adapter, get_press
-from kvpress_ext.apply import compression_phases, drives_model
+from kvpress_ext.core.apply import compression_phases, drives_model
 from kvpress_ext.testing import ARCHITECTURES
 
 PRESSES = kvpress_ext.available_presses()
@@ -81,7 +81,7 @@ def build(name, model, ratio):
     expected and silenced."""
     import warnings
 
-    from kvpress_ext.errors import NoCompressionWarning
+    from kvpress_ext.core.errors import NoCompressionWarning
 
     with warnings.catch_warnings():
         if ratio == 0:
@@ -208,7 +208,7 @@ def test_short_input_compresses_nothing_with_one_warning(tiny_models, tokenizer)
     answer) and one warning, naming the press, the reason and the fix, says so."""
     import warnings
 
-    from kvpress_ext.errors import PressSkippedWarning
+    from kvpress_ext.core.errors import PressSkippedWarning
 
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
     context = "abcdefgh" * 2  # 16 tokens, window_size 64
@@ -229,7 +229,7 @@ def test_short_input_compresses_nothing_with_one_warning(tiny_models, tokenizer)
 def test_attention_assertion_becomes_an_error_that_names_the_press(tiny_models, tokenizer):
     """An assert about the attention kernel is not a short input: it stays an error (naming the press and the
     fix), still an AssertionError for code that handled kvpress's asserts (the sweep retries with sdpa)."""
-    from kvpress_ext.errors import PressInputError
+    from kvpress_ext.core.errors import PressInputError
 
     model = tiny_models["llama"]
     press = get_press("block", press="knorm", compression_ratio=0.5, block_size=4)  # refuses eager weights
@@ -249,7 +249,7 @@ def test_kvpress_log_lines_once_per_message(tiny_models, tokenizer, caplog):
     forward; a command-line user sees it once."""
     import logging
 
-    from kvpress_ext import apply
+    from kvpress_ext.core import apply
 
     apply._ONCE.seen.clear()  # earlier tests may have shown it already
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")

@@ -8,7 +8,7 @@ import torch
 from transformers import pipeline
 
 import kvpress_ext
-from kvpress_ext import plugins
+from kvpress_ext.plugins import loader as plugins
 
 
 def test_example_plugin_is_discovered_through_its_entry_point(tiny_models, tokenizer):
@@ -153,7 +153,7 @@ class ImpostorPress(__import__("kvpress").KnormPress):
 
 
 def _llama_impostor():
-    from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+    from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 
     return LlamaFamilyAdapter("impostor", ("llama", "brand_new_type"))
 
@@ -200,14 +200,14 @@ def test_override_true_replaces_and_is_shown_then_undone_on_reload(with_plugins,
 
 
 def test_taken_adapter_model_type_is_refused_unless_override(with_plugins, tiny_models, capsys):
-    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.core.adapters import get_adapter
 
     with_plugins(_EntryPoint("llama_thief", lambda: _plugin(adapters=[(_llama_impostor(), {})])))
     assert get_adapter(tiny_models["llama"]).name == "llama"
     [failure] = plugins.failed_plugins()
     assert "adapter for model_type 'llama' from plugin 'llama_thief'" in failure.reason
     assert "already registered by built-in" in failure.reason
-    assert "brand_new_type" not in {e.key for e in kvpress_ext.adapters.adapter_registrations()}  # all or nothing
+    assert "brand_new_type" not in {e.key for e in kvpress_ext.core.adapters.adapter_registrations()}  # all or nothing
 
     with_plugins(_EntryPoint("llama_thief", lambda: _plugin(adapters=[(_llama_impostor(), {"override": True})])))
     assert plugins.failed_plugins() == [] and get_adapter(tiny_models["llama"]).name == "impostor"
@@ -261,14 +261,14 @@ def test_misspelt_and_unmarked_hooks_are_reported(with_plugins):
 
 
 def test_direct_registration_follows_the_same_rule():
-    from kvpress_ext.registration import RegistrationConflict
+    from kvpress_ext.core.tables import RegistrationConflict
 
     with pytest.raises(RegistrationConflict, match="already registered by built-in"):
         kvpress_ext.add_press("knorm", ImpostorPress)
     with pytest.raises(RegistrationConflict, match="model_type 'llama'"):
         kvpress_ext.add_adapter(_llama_impostor())
     with pytest.raises(TypeError, match="instance"):
-        from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+        from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 
         kvpress_ext.add_adapter(LlamaFamilyAdapter)
     assert kvpress_ext.press_info("knorm").cls.__name__ == "KnormPress"
@@ -337,7 +337,7 @@ def test_installed_entry_points_end_to_end(tmp_path):
 def fresh_plugin_state(monkeypatch):
     """Plugin manager, registries and load flags as in a new process; everything is restored afterwards.
     (Our own presses register on import, which is cached: only hook-registered entries come back.)"""
-    from kvpress_ext import registration
+    from kvpress_ext.core import tables as registration
 
     state = registration.snapshot_all()
     monkeypatch.setattr(plugins, "_manager", None)
@@ -380,7 +380,7 @@ class _CountingEntryPoint:
 
 
 def test_first_use_registers_builtins_and_entry_point_plugins(fresh_plugin_state):
-    from kvpress_ext import builtin_plugin
+    from kvpress_ext.plugins import builtin as builtin_plugin
 
     presses = kvpress_ext.available_presses()
     assert presses["knorm"].source == "kvpress_ext" and presses["snapkv"].source == "kvpress_ext"
@@ -416,7 +416,7 @@ def test_a_plugin_may_read_the_registry_while_loading(fresh_plugin_state):
 def test_failed_plugin_reason_and_log_line(monkeypatch, caplog):
     real = plugins._entry_points()
     monkeypatch.setattr(plugins, "_entry_points", lambda: [_BrokenEntryPoint(), *real])
-    with caplog.at_level("WARNING", logger="kvpress_ext.plugins"):
+    with caplog.at_level("WARNING", logger="kvpress_ext.plugins.loader"):
         plugins.load_plugins(force=True)
     try:
         reason = "ImportError: No module named 'does_not_exist'"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 import kvpress_ext
-from kvpress_ext import plugins
-from kvpress_ext.adapters import adapter_registrations
-from kvpress_ext.adapters.llama import LlamaFamilyAdapter
-from kvpress_ext.models import available_models
-from kvpress_ext.registration import RegistrationConflict
+from kvpress_ext.core.adapters import adapter_registrations
+from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core.tables import RegistrationConflict
+from kvpress_ext.plugins import loader as plugins
+from kvpress_ext.runtime.models import available_models
 
 
 def _with_entry_points(monkeypatch, *entry_points):

@@ -1,12 +1,12 @@
-"""Position tracking (kvpress_ext.positions) against plain transformers runs: caches filled elsewhere, inputs
+"""Position tracking (kvpress_ext.core.positions) against plain transformers runs: caches filled elsewhere, inputs
 given as embeddings, caller-supplied cache positions and attention masks, padded batches."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
-from kvpress_ext.positions import PositionState, next_position, position_state
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.positions import PositionState, next_position, position_state
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
 TOL = 1e-5

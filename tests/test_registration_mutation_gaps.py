@@ -1,4 +1,4 @@
-"""The registration rule of :mod:`kvpress_ext.registration` on a table of its own (issue #16, mutation gaps).
+"""The registration rule of :mod:`kvpress_ext.core.tables` on a table of its own (issue #16, mutation gaps).
 
 Each test states the rule from the module's docstring and checks a table against it: a free key is
 registered; the same origin replaces its own entry and keeps what that entry overrode; another origin is
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvpress_ext import registration
-from kvpress_ext.errors import KVPressExtError
-from kvpress_ext.registration import BUILTIN, Registration, RegistrationConflict, Table
+from kvpress_ext.core import tables as registration
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.core.tables import BUILTIN, Registration, RegistrationConflict, Table
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 
 import kvpress_ext
 from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press
-from kvpress_ext.kvpress_presses import kvpress_press_classes
-from kvpress_ext.presses.temporal_order import TemporalOrderPress
+from kvpress_ext.core.kvpress_table import kvpress_press_classes
+from kvpress_ext.core.temporal_order import TemporalOrderPress
 
 
 def test_every_kvpress_press_is_registered_by_snake_case_name():
@@ -85,8 +85,8 @@ def test_one_default_ratio_when_built_by_name():
     sweeps) every press with a ratio gets DEFAULT_COMPRESSION_RATIO, which `kvpress-ext list` shows."""
     import warnings
 
+    from kvpress_ext.core.registry import DEFAULT_COMPRESSION_RATIO, press_info
     from kvpress_ext.evaluation.run_perplexity import PerplexityConfig
-    from kvpress_ext.registry import DEFAULT_COMPRESSION_RATIO, press_info
 
     assert DEFAULT_COMPRESSION_RATIO == 0.5 == PerplexityConfig(command="").compression_ratio
     with warnings.catch_warnings():
@@ -104,7 +104,7 @@ def test_one_default_ratio_when_built_by_name():
                                           ("key_rerotation", {"compression_ratio": 0}),
                                           ("composed", {"compression_ratio": 0.0})])
 def test_a_press_configured_to_compress_nothing_warns_once(name, params):
-    from kvpress_ext.errors import NoCompressionWarning
+    from kvpress_ext.core.errors import NoCompressionWarning
 
     with pytest.warns(NoCompressionWarning) as caught:
         get_press(name, **params)
@@ -123,7 +123,7 @@ def test_a_press_configured_to_compress_nothing_warns_once(name, params):
     ("Lists follow:\n\n- a", "Lists follow."),
 ])
 def test_first_sentence(doc, first):
-    from kvpress_ext.registry import first_sentence
+    from kvpress_ext.core.registry import first_sentence
 
     assert first_sentence(doc) == first
 
@@ -134,7 +134,7 @@ def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(cap
     import re
 
     from kvpress_ext.cli import main
-    from kvpress_ext.registry import available_presses
+    from kvpress_ext.core.registry import available_presses
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -154,7 +154,7 @@ def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(cap
 @pytest.fixture
 def registry_sandbox():
     """The loaded press table, restored afterwards, so test registrations do not leak into other tests."""
-    from kvpress_ext import registry
+    from kvpress_ext.core import registry
 
     kvpress_ext.available_presses()  # plugins loaded before the snapshot: nothing reloads into it
     saved = registry._PRESSES.snapshot()
@@ -237,7 +237,7 @@ def test_no_press_accepts_only_empty_parameters():
 
 
 def test_parameter_messages_name_the_press_and_its_parameters():
-    from kvpress_ext.registry import validate_parameters
+    from kvpress_ext.core.registry import validate_parameters
 
     with pytest.raises(PressParameterError) as err:
         get_press("snapkv", windw=3, kernl=2)

@@ -11,16 +11,17 @@ import kvpress
 import pytest
 
 import kvpress_ext
-from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press, registration
-from kvpress_ext.errors import NoCompressionWarning
-from kvpress_ext.registration import RegistrationConflict
-from kvpress_ext.registry import compresses_nothing, first_sentence
+from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press
+from kvpress_ext.core import tables as registration
+from kvpress_ext.core.errors import NoCompressionWarning
+from kvpress_ext.core.registry import compresses_nothing, first_sentence
+from kvpress_ext.core.tables import RegistrationConflict
 
 
 @pytest.fixture
 def sandbox():
     """The loaded press table, restored afterwards."""
-    from kvpress_ext import registry
+    from kvpress_ext.core import registry
 
     kvpress_ext.available_presses()
     saved = registry._PRESSES.snapshot()

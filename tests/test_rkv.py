@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import DynamicCache, pipeline
 
-import kvpress_ext.pipeline  # noqa: F401  (registers the pipeline)
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.positions import position_state
+import kvpress_ext.runtime.pipeline  # noqa: F401  (registers the pipeline)
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import position_state
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.rkv import RKVPress, rkv_redundancy, rkv_scores, rkv_select, rkv_slot_positions
-from kvpress_ext.registry import get_press
 from kvpress_ext.testing import attention_inputs, tiny_model, tiny_tokenizer
 
 

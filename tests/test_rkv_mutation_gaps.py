@@ -26,11 +26,10 @@ import torch
 from test_rkv import clustered_qk, reference_kept, reference_redundancy, reference_similarity
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import load_cache, save_cache
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.positions import next_position, position_state
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import next_position, position_state
 from kvpress_ext.presses.rkv import (
     RKVPress,
     retained_index,
@@ -39,6 +38,7 @@ from kvpress_ext.presses.rkv import (
     rkv_select,
     rkv_slot_positions,
 )
+from kvpress_ext.storage.cache_files import load_cache, save_cache
 from kvpress_ext.testing import attention_inputs, tiny_model
 
 

@@ -1,4 +1,4 @@
-"""kvpress_ext.rope against an independent complex-number formulation of RoPE (float64 reference).
+"""kvpress_ext.core.rope against an independent complex-number formulation of RoPE (float64 reference).
 
 RoPE turns each rotary pair (x_i, x_{i + r/2}) into the complex number x_i + i x_{i + r/2} and multiplies it
 by exp(i * position * inv_freq[i]); the ``r`` rotary dims are the first ones, the rest pass through.
@@ -7,7 +7,7 @@ by exp(i * position * inv_freq[i]); the ``r`` rotary dims are the first ones, th
 import pytest
 import torch
 
-from kvpress_ext import rope
+from kvpress_ext.core import rope
 
 
 def _inv_freq(r, base=10000.0, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""The shared directory rule (:func:`kvpress_ext.safe_io.check_target_dir`) on its own, with a toy notion of "ours".
+"""The shared directory rule (:func:`kvpress_ext.storage.safe_write.check_target_dir`) on its own, with a toy notion of "ours".
 
 Each case states what is expected: missing or empty is accepted, ours (here: holds ``.ours``) is accepted, a
 foreign directory, a file and a broken link are refused with one line naming the flag, the path and the fix, and
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_ext.safe_io import OutputPathError, check_target_dir
+from kvpress_ext.storage.safe_write import OutputPathError, check_target_dir
 
 
 def _ours(p: Path) -> bool:

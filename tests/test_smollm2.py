@@ -13,14 +13,14 @@ import torch
 from conftest import shared_path
 from transformers import DynamicCache, pipeline
 
-from kvpress_ext.apply import apply_press
-from kvpress_ext.chat import split_chat_prompt
 from kvpress_ext.cli import main
+from kvpress_ext.core.apply import apply_press
 from kvpress_ext.evaluation.run_perplexity import build_press
-from kvpress_ext.model_sources import MARKER, SMOLLM2_SHA256
-from kvpress_ext.models import resolve_model
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+from kvpress_ext.runtime.builtin_models import MARKER, SMOLLM2_SHA256
+from kvpress_ext.runtime.chat import split_chat_prompt
+from kvpress_ext.runtime.models import resolve_model
 
 pytestmark = pytest.mark.usefixtures("two_threads")
 

@@ -1,4 +1,4 @@
-"""The sweep executor (kvpress_ext.sweep): cell files, resume, retries and failures, locally and on a local Ray
+"""The sweep executor (kvpress_ext.evaluation.sweep): cell files, resume, retries and failures, locally and on a local Ray
 with 2 CPUs (one Ray session for the module); a 4-cell perplexity sweep (and its baseline) on stories260k gives
 the same records through Ray as in-process, timings and machine load aside."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
-from kvpress_ext.sweep import Cell, SweepError, SweepOptions, cell_key, load_cells, run_sweep
+from kvpress_ext.evaluation.sweep import Cell, SweepError, SweepOptions, cell_key, load_cells, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
@@ -87,7 +87,7 @@ def test_local_retries_then_records_failure_and_goes_on(tmp_path):
 def test_output_directory_rules_and_raised_failures_write_nothing(tmp_path):
     """A directory kvpress-ext did not create is refused before any cell runs; with raise_failures a failing
     cell raises its own exception and leaves no cell file, no marker, no directory."""
-    from kvpress_ext.safe_io import RESULTS_MARKER, OutputPathError
+    from kvpress_ext.storage.safe_write import RESULTS_MARKER, OutputPathError
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -189,7 +189,7 @@ def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
     """kvcompose runs the model itself on a whole context, so under --ppl_apply_press its cell fails (kept with
     the reason) while knorm's and the baseline's run; the summary rebuilt from the cell files lists them. One failing
     press alone is its own one-line error instead, and writes nothing (its baseline would run after it)."""
-    from kvpress_ext.errors import PressParameterError
+    from kvpress_ext.core.errors import PressParameterError
     from kvpress_ext.evaluation import results
 
     config = _config(tmp_path, "local")
@@ -212,7 +212,7 @@ def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
 def test_press_all_probes_before_the_sweep_and_its_cells_record_why(tmp_path, capsys):
     """--press all: every registered press becomes a cell; the probe (_check_sweep) prints which cannot run in the
     mode before any cell line, and those cells record the probe's reason instead of running; no_press comes first."""
-    from kvpress_ext.registry import available_presses
+    from kvpress_ext.core.registry import available_presses
 
     config = _config(tmp_path, "local")
     config.press, config.compression_ratio, config.max_eval_tokens, config.context_limit = ["all"], [0.5], 128, 64

@@ -13,10 +13,10 @@ import torch
 from kvpress import DecodingPress, KnormPress, ScorerPress, SnapKVPress, StreamingLLMPress, TOVAPress
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.temporal_order import TemporalOrderPress, in_temporal_order
 from kvpress_ext.evaluation.chunked import EveryChunkPress
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
-from kvpress_ext.presses.temporal_order import TemporalOrderPress, in_temporal_order
 from kvpress_ext.testing import tiny_model
 
 
@@ -173,7 +173,7 @@ def test_a_scorer_with_its_own_compress_is_not_wrapped():
 def test_keep_token_order_reaches_every_press_of_kvpress_wrappers():
     from kvpress import ComposedPress, PrefillDecodingPress
 
-    from kvpress_ext.presses.temporal_order import keep_token_order
+    from kvpress_ext.core.temporal_order import keep_token_order
 
     prefill = KnormPress(compression_ratio=0.5)
     decoding = DecodingPress(base_press=StreamingLLMPress(), target_size=32, compression_interval=8)

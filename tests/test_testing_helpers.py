@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
+from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.testing import attention_inputs, tiny_model
 
 

@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from kvpress_ext.cli.common import OneLineArgumentParser
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 SUBCOMMAND_MODULES = (
     "kvpress_ext.cli.catalog",

@@ -8,7 +8,7 @@ evaluations: TTFT is load + fuse + evict + the first token; the store is filled 
 
 With a chat template (unless ``--no_chat_template``) the chunks are encoded after the template's prefix (system turn,
 user header) and the question is asked as the template's suffix (blank line, question, assistant header), both from
-:func:`kvpress_ext.chat.split_chat_prompt`; ``precompute`` and ``ask`` must agree on it (the prefix is part of every
+:func:`kvpress_ext.runtime.chat.split_chat_prompt`; ``precompute`` and ``ask`` must agree on it (the prefix is part of every
 stored chunk's key).
 
 A chunk file is a JSON list or JSONL of strings or of ``{"text": ...}`` objects (each one chunk), or a
@@ -25,13 +25,13 @@ import re
 import time
 from pathlib import Path
 
-from kvpress_ext import hub
 from kvpress_ext.cli.common import add_model_argument, add_placement_args, add_threads_argument
-from kvpress_ext.devices import input_device
-from kvpress_ext.errors import CacheFormatError
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
 from kvpress_ext.presses.a3.chunk_store import SUMMARY, check_store_root
-from kvpress_ext.safe_io import check_output_file, write_output
+from kvpress_ext.runtime import hub
+from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
 def _positive(value: int, flag: str) -> int:
@@ -65,16 +65,16 @@ def _evict_kwargs(items: list[str] | None) -> dict:
 
 def _load_model(args):
     from kvpress_ext.cli.common import placement_kwargs, set_threads
-    from kvpress_ext.models import load_model
+    from kvpress_ext.runtime.models import load_model
 
     set_threads(args.threads)
     return load_model(args.model, **placement_kwargs(args))
 
 
 def _prompt(tok, chunks, question: str, use_chat_template: bool):
-    """The chat prompt around the chunks (:func:`kvpress_ext.chat.split_chat_prompt`); the separator before the
+    """The chat prompt around the chunks (:func:`kvpress_ext.runtime.chat.split_chat_prompt`); the separator before the
     question depends on how the last chunk ends."""
-    from kvpress_ext.chat import split_chat_prompt
+    from kvpress_ext.runtime.chat import split_chat_prompt
 
     last = tok.decode(chunks[-1]) if chunks else ""
     return split_chat_prompt(tok, last, question, use_chat_template=use_chat_template)
@@ -174,8 +174,8 @@ def _tokens_per_s(tpot_s):
 
 
 def _validate_ask(args) -> tuple[float, dict]:
+    from kvpress_ext.core.registry import get_press
     from kvpress_ext.presses.a3 import A3Press
-    from kvpress_ext.registry import get_press
 
     rate = _rate(args.rate)
     kwargs = _evict_kwargs(args.evict_kwargs)
@@ -282,7 +282,7 @@ def torch_threads() -> int:
 
 
 def _threads_text() -> str:
-    from kvpress_ext.threads import threads_text
+    from kvpress_ext.runtime.threads import threads_text
 
     return threads_text(torch_threads())
 

@@ -7,12 +7,12 @@ import logging
 import re
 import textwrap
 
-from kvpress_ext.registration import BUILTIN
+from kvpress_ext.core.tables import BUILTIN
 
 
 def _load_quietly() -> None:
     """Load the plugins with their failure warnings off: these commands print the failures themselves."""
-    from kvpress_ext.plugins import load_plugins, logger
+    from kvpress_ext.plugins.loader import load_plugins, logger
 
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -37,9 +37,9 @@ def _wrapped(first: str, text: str) -> str:
 
 
 def _cmd_list(args) -> int:
-    from kvpress_ext.adapters import adapter_registrations
-    from kvpress_ext.plugins import failed_plugins
-    from kvpress_ext.registry import available_presses
+    from kvpress_ext.core.adapters import adapter_registrations
+    from kvpress_ext.core.registry import available_presses
+    from kvpress_ext.plugins.loader import failed_plugins
 
     _load_quietly()
     presses = available_presses()
@@ -70,7 +70,7 @@ def _cmd_list(args) -> int:
 
 
 def _list_models() -> None:
-    from kvpress_ext.models import _MODELS, DEFAULT_MODEL, available_models, model_status
+    from kvpress_ext.runtime.models import _MODELS, DEFAULT_MODEL, available_models, model_status
 
     models = available_models()
     print(f"\nModels by short name ({len(models)}; --model also takes a local directory or a hub id):")
@@ -90,7 +90,7 @@ def _list_models() -> None:
 
 
 def _cmd_describe(args) -> int:
-    from kvpress_ext.registry import press_info
+    from kvpress_ext.core.registry import press_info
 
     _load_quietly()
     info = press_info(args.name)

@@ -9,8 +9,8 @@ import json
 import sys
 import warnings
 
-from kvpress_ext.errors import KVPressExtError, PressParameterError
-from kvpress_ext.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
+from kvpress_ext.core.errors import KVPressExtError, PressParameterError
+from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
 
 
 def parse_value(text: str):
@@ -51,11 +51,11 @@ def positive_int(text: str) -> int:
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of :class:`kvpress_ext.sweep.SweepOptions` (same names), for commands that run sweeps."""
-    from kvpress_ext.sweep import EXECUTORS, SweepOptions
+    """The flags of :class:`kvpress_ext.evaluation.sweep.SweepOptions` (same names), for commands that run sweeps."""
+    from kvpress_ext.evaluation.sweep import EXECUTORS, SweepOptions
 
     d = SweepOptions()
-    g = parser.add_argument_group("sweep execution (kvpress_ext.sweep)")
+    g = parser.add_argument_group("sweep execution (kvpress_ext.evaluation.sweep)")
     g.add_argument("--executor", default=d.executor, choices=EXECUTORS,
                    help='run cells in this process (local) or as Ray tasks (ray; pip install "kvpress-ext[distributed]")')
     g.add_argument("--max_retries", type=int, default=d.max_retries,
@@ -69,8 +69,8 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sweep_options_from_args(args: argparse.Namespace):
-    """The parsed :func:`add_sweep_args` flags as :class:`kvpress_ext.sweep.SweepOptions`."""
-    from kvpress_ext.sweep import SweepOptions
+    """The parsed :func:`add_sweep_args` flags as :class:`kvpress_ext.evaluation.sweep.SweepOptions`."""
+    from kvpress_ext.evaluation.sweep import SweepOptions
 
     return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
                         cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
@@ -84,7 +84,7 @@ def parse_device_map(text: str | None):
         return None
     raw = text
     if text.endswith(".json"):
-        from kvpress_ext.inputs import read_text_file
+        from kvpress_ext.storage.inputs import read_text_file
 
         raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
     if raw.lstrip().startswith("{"):
@@ -150,7 +150,7 @@ def quiet_command_line(prog: str = "kvpress-ext") -> None:
     per-tensor "Loading weights" progress bars from transformers (whichever code path loads a model)."""
     from transformers.utils import logging as hf_logging
 
-    from kvpress_ext.apply import quiet_repeated_kvpress_logs
+    from kvpress_ext.core.apply import quiet_repeated_kvpress_logs
 
     hf_logging.disable_progress_bar()
     print_warnings_on_one_line(prog)
@@ -169,9 +169,9 @@ MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin a
 
 
 def add_model_argument(parser, *, chat_template: bool = True) -> None:
-    """``--model`` (default: :data:`kvpress_ext.models.DEFAULT_MODEL`) and, for commands that build prompts,
+    """``--model`` (default: :data:`kvpress_ext.runtime.models.DEFAULT_MODEL`) and, for commands that build prompts,
     ``--no_chat_template``."""
-    from kvpress_ext.models import DEFAULT_MODEL
+    from kvpress_ext.runtime.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
     if chat_template:

@@ -1,4 +1,4 @@
-"""``kvpress-ext generate``: generate text with any registered press, from a shell (over :mod:`kvpress_ext.generate`)."""
+"""``kvpress-ext generate``: generate text with any registered press, from a shell (over :mod:`kvpress_ext.runtime.generate`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from kvpress_ext import hub
-from kvpress_ext.chat import split_chat_prompt
 from kvpress_ext.cli.common import (
     add_model_argument,
     add_placement_args,
@@ -19,13 +17,15 @@ from kvpress_ext.cli.common import (
     placement_kwargs,
     set_threads,
 )
-from kvpress_ext.errors import PressParameterError
+from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
-from kvpress_ext.generate import GenerateInputError, Generation, generate_ids
-from kvpress_ext.inputs import read_text_file
-from kvpress_ext.safe_io import check_output_file, write_output
-from kvpress_ext.threads import threads_text
+from kvpress_ext.runtime import hub
+from kvpress_ext.runtime.chat import split_chat_prompt
+from kvpress_ext.runtime.generate import GenerateInputError, Generation, generate_ids
+from kvpress_ext.runtime.threads import threads_text
+from kvpress_ext.storage.inputs import read_text_file
+from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
 def _read_prompt(args) -> str:
@@ -50,7 +50,7 @@ def _check_args(args) -> None:
 
 
 def _build_press(args):
-    from kvpress_ext.registry import get_press
+    from kvpress_ext.core.registry import get_press
 
     kwargs = parse_press_kwargs(args.press_kwargs)
     if args.press is None:
@@ -71,10 +71,10 @@ def _summary(result: Generation, memory: dict, threads: int, device) -> str:
 
 
 def _cmd_generate(args) -> int:
-    from kvpress_ext.devices import input_device
+    from kvpress_ext.core.devices import input_device
+    from kvpress_ext.core.registry import press_name
     from kvpress_ext.evaluation.run_perplexity import press_params
-    from kvpress_ext.models import load_model
-    from kvpress_ext.registry import press_name
+    from kvpress_ext.runtime.models import load_model
 
     _check_args(args)
     prompt = _read_prompt(args)

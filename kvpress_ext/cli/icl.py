@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from kvpress_ext.cache_io import check_cache_target
 from kvpress_ext.cli.common import (
     add_model_argument,
     add_placement_args,
@@ -21,14 +20,21 @@ from kvpress_ext.cli.common import (
     set_threads,
     sweep_options_from_args,
 )
+from kvpress_ext.evaluation.sweep import Cell
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
-from kvpress_ext.safe_io import check_output_dir, check_output_file, claim_output_dir, save_figure, write_output
-from kvpress_ext.sweep import Cell
+from kvpress_ext.storage.cache_files import check_cache_target
+from kvpress_ext.storage.safe_write import (
+    check_output_dir,
+    check_output_file,
+    claim_output_dir,
+    save_figure,
+    write_output,
+)
 
 
 def _load_model(args):
-    from kvpress_ext.models import load_model
+    from kvpress_ext.runtime.models import load_model
 
     set_threads(args.threads)
     return load_model(args.model, **placement_kwargs(args))
@@ -117,7 +123,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_grid(args) -> int:
-    from kvpress_ext.sweep import cell_path, import_ray, run_sweep
+    from kvpress_ext.evaluation.sweep import cell_path, import_ray, run_sweep
 
     for b in args.budgets:
         wf.check_budget(b, args.window_size)
@@ -127,7 +133,7 @@ def _cmd_grid(args) -> int:
     options = sweep_options_from_args(args)
     placement = placement_kwargs(args)
     if options.executor == "ray":
-        from kvpress_ext.models import resolve_model
+        from kvpress_ext.runtime.models import resolve_model
 
         import_ray()
         resolve_model(args.model)  # the workers load it; a missing directory fails here

@@ -20,11 +20,11 @@ from kvpress_ext.cli.common import (
     placement_kwargs,
     quiet_command_line,
 )
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
-from kvpress_ext.models import DTYPES
+from kvpress_ext.runtime.models import DTYPES
 
 _DEFAULTS = PerplexityConfig(command="")
 

@@ -10,17 +10,13 @@ and top-1 agreement. ``attnlink`` uses the last token of each chunk and the last
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
 from kvpress_ext.presses.a3 import STRATEGIES, A3Press, ChunkStore
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / ".." / "shared"))
+from kvpress_ext.storage.inputs import shared_dir
 
 
 def load_samples(tokenizer, n_samples: int, n_chunks: int, chunk_tokens: int, question_tokens: int, path=None):
@@ -103,6 +99,6 @@ def plot(rows, rates, path):
     axes[1].set(xlabel="rate", ylabel="top-1 agreement", title="next-token top-1 agreement")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    from kvpress_ext.safe_io import save_figure
+    from kvpress_ext.storage.safe_write import save_figure
 
     save_figure(fig, path, dpi=120)

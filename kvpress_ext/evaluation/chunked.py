@@ -7,7 +7,7 @@ press already compressed, so each chunk has to count as a prefill for the press.
 
 :class:`EveryChunkPress` wraps any hook-based press and does that generically: the inner press's own
 ``forward_hook`` runs after every chunk, with ``cache_position`` shown relative to the chunk (so its prefill test
-passes); positions used by the model are untouched (they come from the cache, :mod:`kvpress_ext.positions`).
+passes); positions used by the model are untouched (they come from the cache, :mod:`kvpress_ext.core.positions`).
 
 Ratio semantics: re-applying ``compression_ratio=r`` to an already compressed cache would shrink it
 geometrically (the cache would settle near ``chunk * (1 - r) / r``). For presses with a settable
@@ -17,7 +17,7 @@ would after one prefill of the whole text. Presses without ``compression_ratio``
 
 Order: kvpress's ``ScorerPress.compress`` leaves the kept entries in score order, which a second compression reads
 as token order (StreamingLLM's sinks and recent window, SnapKV's pooling); plain scorer presses are therefore run
-through :class:`kvpress_ext.presses.temporal_order.TemporalOrderPress`, which keeps the same entries in cache order.
+through :class:`kvpress_ext.core.temporal_order.TemporalOrderPress`, which keeps the same entries in cache order.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 from kvpress import BasePress
+
+from kvpress_ext.core.contract import reset_press
+from kvpress_ext.core.temporal_order import in_temporal_order
 
 
 def has_settable_ratio(press) -> bool:
@@ -66,8 +69,6 @@ class EveryChunkPress(BasePress):
     _seen: dict = field(default_factory=lambda: defaultdict(int), init=False, repr=False)
 
     def __post_init__(self):
-        from kvpress_ext.presses.temporal_order import in_temporal_order
-
         self.press = in_temporal_order(self.press)  # compressed again every chunk: keep the cache in token order
         self._target_ratio = _ratio(self.press)
         self._cumulative = self.keep_fraction_of_seen and has_settable_ratio(self.press)
@@ -83,8 +84,7 @@ class EveryChunkPress(BasePress):
         self._seen = defaultdict(int)
         if self._cumulative:
             self.press.compression_ratio = self._target_ratio
-        if hasattr(self.press, "reset"):
-            self.press.reset()
+        reset_press(self.press)
 
     def forward_hook(self, module, input, kwargs, output):
         hidden_states = kwargs["hidden_states"]

@@ -6,13 +6,13 @@ Two measures, each against the full (uncompressed) cache, for every method at ev
   through the press, then the continuation is fed token by token (or ``decode_chunk_size`` tokens per
   forward) with the press active, so each token is scored from the cache the press compressed while
   "decoding" (the incremental scorer of :func:`kvpress_ext.evaluation.perplexity.compressed_nll`).
-* :func:`generation_cell` (part ii): greedy generation with :func:`kvpress_ext.generate.generate_ids` (the
+* :func:`generation_cell` (part ii): greedy generation with :func:`kvpress_ext.runtime.generate.generate_ids` (the
   pipeline's own generation loop, so the press is applied exactly as there), the cache length after every
   generated token, and :func:`agreement` of the tokens with the full cache's generation.
 
 Methods: ``full`` (no press), ``rkv`` (budget = ``budget``), ``lazy_streaming`` (``cap_total`` = budget) and
 kvpress's ``DecodingPress`` (``target_size`` = budget) around ``snapkv`` and ``streaming_llm``, each in a
-:class:`~kvpress_ext.presses.temporal_order.TemporalOrderPress` (DecodingPress compresses the same cache again, and
+:class:`~kvpress_ext.core.temporal_order.TemporalOrderPress` (DecodingPress compresses the same cache again, and
 kvpress leaves kept entries in score order). ``rkv`` and the
 decoding presses let the cache grow by up to ``compression_interval`` tokens between compressions (snapkv's
 observation window is ``min(64, compression_interval // 2)`` queries); ``lazy_streaming`` never exceeds its cap (slack
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.errors import KVPressExtError
-from kvpress_ext.evaluation.perplexity import cache_length, compressed_nll
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.core.positions import cache_length
+from kvpress_ext.evaluation.perplexity import compressed_nll
 
 METHODS = ("full", "rkv", "lazy_streaming", "decoding_snapkv", "decoding_streaming_llm")
 #: A prompt that asks for a long answer, so 1,000 generated tokens are mostly one text.
@@ -74,7 +75,7 @@ def cells(methods, budgets, first_budget: int | None = None) -> list[Cell]:
 
 def build_press(method: str, budget: int | None, compression_interval: int = 128, n_sink: int = 4, slack: int = 64):
     """The press of ``method`` holding ``budget`` tokens (None for ``full``)."""
-    from kvpress_ext.registry import get_press
+    from kvpress_ext.core.registry import get_press
 
     if method == "full":
         return None
@@ -85,8 +86,8 @@ def build_press(method: str, budget: int | None, compression_interval: int = 128
         # small caps (tests) keep most of the cap as the recent window
         return get_press("lazy_streaming", cap_total=budget, n_sink=n_sink, slack=min(slack, budget // 4))
     if method in ("decoding_snapkv", "decoding_streaming_llm"):
-        from kvpress_ext.presses.temporal_order import in_temporal_order
-        from kvpress_ext.registry import NoCompressionWarning, press_info
+        from kvpress_ext.core.registry import NoCompressionWarning, press_info
+        from kvpress_ext.core.temporal_order import in_temporal_order
 
         # snapkv scores with the queries buffered since the last compression
         extra = {"window_size": min(64, compression_interval // 2)} if method == "decoding_snapkv" else {}
@@ -132,7 +133,7 @@ def nll_cell(model, input_ids: torch.Tensor, context: int, press, decode_chunk_s
 def generation_cell(model, prompt_ids: torch.Tensor, press, gen_tokens: int) -> dict:
     """Greedy generation of exactly ``gen_tokens`` tokens (EOS does not stop it; its first index is recorded)
     and the cache length after every generated token (after the press compressed, if it did)."""
-    from kvpress_ext.generate import eos_token_ids, generate_ids
+    from kvpress_ext.runtime.generate import eos_token_ids, generate_ids
 
     seen = {}
     trace: list[int] = []
@@ -168,7 +169,7 @@ def agreement(ids: list[int], reference: list[int]) -> dict:
 
 def chat_prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> torch.Tensor:
     """(1, n) ids of ``prompt`` as a user turn of the model's chat template (raw text after BOS without one)."""
-    from kvpress_ext.chat import split_chat_prompt
+    from kvpress_ext.runtime.chat import split_chat_prompt
 
     prefix, context, suffix = split_chat_prompt(tokenizer, prompt, use_chat_template=use_chat_template).ids(tokenizer)
     return torch.tensor([prefix + context + suffix])
@@ -244,7 +245,7 @@ def _finish(fig, ax, path, title: str, xlabel: str, ylabel: str) -> None:
     """Labels, grid and legend of both plots, then the atomic save."""
     import matplotlib.pyplot as plt
 
-    from kvpress_ext.safe_io import save_figure
+    from kvpress_ext.storage.safe_write import save_figure
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -312,7 +313,7 @@ def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say, on
     (none are started after ``deadline``, a ``time.monotonic()`` value)."""
     import json
 
-    from kvpress_ext.safe_io import write_output
+    from kvpress_ext.storage.safe_write import write_output
 
     folder = out / part
     folder.mkdir(parents=True, exist_ok=True)
@@ -344,10 +345,10 @@ def main(argv=None) -> int:
     from kvpress_ext.cli.common import quiet_command_line
     from kvpress_ext.evaluation.perplexity import shared_dir, tokenize
     from kvpress_ext.evaluation.results import machine_load
-    from kvpress_ext.inputs import read_text_file
-    from kvpress_ext.models import load_model
-    from kvpress_ext.safe_io import claim_output_dir, write_output
-    from kvpress_ext.threads import set_threads
+    from kvpress_ext.runtime.models import load_model
+    from kvpress_ext.runtime.threads import set_threads
+    from kvpress_ext.storage.inputs import read_text_file
+    from kvpress_ext.storage.safe_write import claim_output_dir, write_output
 
     parser = build_parser()
     args = parser.parse_args(argv)

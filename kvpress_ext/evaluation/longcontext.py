@@ -12,7 +12,7 @@ paragraphs are split), then answered by one of these *methods* (:func:`answer`):
 
 With a chat template (unless ``--no_chat_template``) the prefix is the template's (system turn, user header) and
 the question is asked as its suffix (blank line, question, assistant header), from
-:func:`kvpress_ext.chat.split_chat_prompt`; without, the prefix is the BOS token and the question raw text.
+:func:`kvpress_ext.runtime.chat.split_chat_prompt`; without, the prefix is the BOS token and the question raw text.
 
 Chunk caches are precomputed before the clock starts (A3 stores them offline), so a fusion's TTFT is
 load + fuse + evict; the prefill's TTFT is its forward pass. TPOT is the mean time of the decoding
@@ -22,7 +22,6 @@ forwards after the first token.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -37,10 +36,6 @@ PREFILL = "prefill"
 
 class InputError(Exception):
     """Bad command-line input: the CLIs print it on one line and exit with status 2."""
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / ".." / "shared"))
 
 
 @dataclass
@@ -63,16 +58,9 @@ class Method:
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-def parse_json_or_jsonl(text: str) -> list:
-    """The items of a JSON list, or of JSON Lines (one value per non-empty line); json.JSONDecodeError if neither."""
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
-    from kvpress_ext.inputs import read_text_file
+    from kvpress_ext.storage.inputs import parse_json_or_jsonl, read_text_file
 
     path = Path(path)
     if not path.is_file():
@@ -95,9 +83,9 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
 
 
 def load_model(name_or_path: str):
-    """Model and tokenizer (eval mode) through :func:`kvpress_ext.models.load_model`; errors as :class:`InputError`."""
-    from kvpress_ext.errors import KVPressExtError
-    from kvpress_ext.models import load_model as load
+    """Model and tokenizer (eval mode) through :func:`kvpress_ext.runtime.models.load_model`; errors as :class:`InputError`."""
+    from kvpress_ext.core.errors import KVPressExtError
+    from kvpress_ext.runtime.models import load_model as load
 
     try:
         return load(name_or_path)
@@ -161,9 +149,9 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     question token, to compare a fusion's distributions with a full prefill's."""
     from transformers import DynamicCache
 
-    from kvpress_ext.apply import apply_press
-    from kvpress_ext.pipeline import greedy_decode
+    from kvpress_ext.core.apply import apply_press
     from kvpress_ext.presses.a3 import A3Press
+    from kvpress_ext.runtime.pipeline import greedy_decode
 
     extra = {}
     _sync(model)
@@ -202,7 +190,7 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
 
 def cli_main(fn: Callable[[], object]) -> int:
     """Run ``fn``; an :class:`InputError` (or a press-parameter error) becomes one line on stderr and exit 2."""
-    from kvpress_ext.errors import KVPressExtError
+    from kvpress_ext.core.errors import KVPressExtError
 
     try:
         fn()
@@ -219,7 +207,7 @@ def load_haystack(path) -> list[str]:
     files = [path] if path.is_file() else sorted(path.glob("*.txt")) if path.is_dir() else []
     if not files:
         raise InputError(f"no haystack text at {path}: pass --haystack_file FILE or --haystack_dir with *.txt files")
-    from kvpress_ext.inputs import read_text_file
+    from kvpress_ext.storage.inputs import read_text_file
 
     flag = "--haystack_file" if path.is_file() else "--haystack_dir file"
     text = " ".join(" ".join(read_text_file(f, flag, "a UTF-8 text file").split()) for f in files)
@@ -273,7 +261,7 @@ DOCUMENT_HEADER = "Document [{index}] (Title: {title})\n"
 
 def load_documents(path) -> list[tuple[str, str]]:
     """(title = file stem, whitespace-normalised text) of every non-empty ``*.txt`` file of a folder, by name."""
-    from kvpress_ext.inputs import read_text_file
+    from kvpress_ext.storage.inputs import read_text_file
 
     path = Path(path)
     if not path.is_dir():

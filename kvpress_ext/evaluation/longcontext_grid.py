@@ -3,16 +3,16 @@
 The three scripts (``evaluation/needle.py``, ``ruler.py``, ``longbench.py``) build cells here: one sample
 (a haystack of ``length`` tokens with a needle at ``depth``, or one record of a data file) answered by one
 method at one compression ratio in one mode. :func:`run_cell` answers a cell from its plain parameters;
-:func:`run_cells` runs the grid resumably (:func:`kvpress_ext.sweep.run_sweep`: local or Ray); :func:`write_outputs` writes
+:func:`run_cells` runs the grid resumably (:func:`kvpress_ext.evaluation.sweep.run_sweep`: local or Ray); :func:`write_outputs` writes
 ``summary.json`` (one record per method x ratio x mode x length x depth), ``summary.md`` (safe ratio,
 accuracy, needle-kept diagnostic, A3 time to first token) and the heat maps.
 
 Methods:
 
 * a registered press name (``no_press``, ``snapkv``, ``rkv``, ...): the prompt is split by
-  :func:`split_prompt` (the chat template from :func:`kvpress_ext.chat.split_chat_prompt`); the press compresses the first part while it is prefilled
+  :func:`split_prompt` (the chat template from :func:`kvpress_ext.runtime.chat.split_chat_prompt`); the press compresses the first part while it is prefilled
   (in chunks for a press with ``prefill_chunk_size``), the rest is fed and the answer decoded greedily with
-  the press still active if it compresses while decoding (as :class:`kvpress_ext.pipeline.KVPressExtPipeline`
+  the press still active if it compresses while decoding (as :class:`kvpress_ext.runtime.pipeline.KVPressExtPipeline`
   does). Budget presses get the budget that keeps ``1 - ratio`` of the compressed part
   (:func:`~kvpress_ext.evaluation.run_perplexity.build_press`).
 * ``prefill`` / ``a3-<strategy>`` / ``a3-<strategy>+<press>``: the chunk-cache fusion comparison of
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from kvpress_ext.evaluation import longcontext as lc
-from kvpress_ext.sweep import Cell
+from kvpress_ext.evaluation.sweep import Cell
 
 NEEDLE_TASKS = ("passkey", "niah_single", "multikey", "multivalue")
 MULTIDOC = "multidoc"  # the pass key in one of several documents (needle.py --task multidoc)
@@ -77,7 +77,7 @@ def mode_error(method: str, query_aware: bool) -> str | None:
 def expand_presses(names: list[str]) -> list[str]:
     """Press names with ``all`` expanded to every registered press (those that need a download stay in, and
     fail as cells with the reason); ``no_press`` first."""
-    from kvpress_ext.registry import available_presses, press_info
+    from kvpress_ext.core.registry import available_presses, press_info
 
     out = []
     for name in names:
@@ -228,12 +228,12 @@ class PromptParts:
 
 def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "", query_aware: bool = False,
                  use_chat_template: bool = True) -> PromptParts:
-    """The prompt of :func:`kvpress_ext.chat.split_chat_prompt` (user turn = context, blank line, question) cut
+    """The prompt of :func:`kvpress_ext.runtime.chat.split_chat_prompt` (user turn = context, blank line, question) cut
     where the press stops compressing. Two modes, as in kvpress's evaluation: question-agnostic (default), the
     press compresses ``prefix + context`` and the question comes after; question-aware, it compresses
     ``prefix + context + blank line + question`` and only the end of the turn and the assistant header come after.
     Without a template the blank line is kept (raw ``BOS + context + blank line + question``)."""
-    from kvpress_ext.chat import separator, split_chat_prompt
+    from kvpress_ext.runtime.chat import separator, split_chat_prompt
 
     sep = separator(context, question)  # in the context part: split_chat_prompt then adds no other separator
     prompt = split_chat_prompt(tokenizer, context + sep, question, use_chat_template=use_chat_template)
@@ -250,7 +250,7 @@ _MODELS: dict[tuple, tuple] = {}
 def get_model(name: str, attn_implementation: str | None = None):
     key = (name, attn_implementation)
     if key not in _MODELS:
-        from kvpress_ext.models import load_model
+        from kvpress_ext.runtime.models import load_model
 
         _MODELS[key] = load_model(name, attn_implementation=attn_implementation)
     return _MODELS[key]
@@ -293,7 +293,7 @@ def reference_kv(model, ids: list[int], name: str = "") -> list[tuple[torch.Tens
     memoised for the last two token sequences (the cells of one sample run one after another)."""
     from transformers import DynamicCache
 
-    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.core.adapters import get_adapter
 
     key = (name, id(model), hashlib.sha1(str(ids).encode()).hexdigest())
     if key not in _REFERENCES:
@@ -340,16 +340,17 @@ def answer_with_press(model, press, compressed_ids: list[int], rest_ids: list[in
     runs after the clock for the time to first token stops (the diagnostic)."""
     from transformers import DynamicCache
 
-    from kvpress_ext.adapters import get_adapter
-    from kvpress_ext.apply import apply_press, compression_phases
-    from kvpress_ext.pipeline import greedy_decode
+    from kvpress_ext.core.adapters import get_adapter
+    from kvpress_ext.core.apply import apply_press, compression_phases
+    from kvpress_ext.core.contract import prefill_chunk_size
+    from kvpress_ext.runtime.pipeline import greedy_decode
 
     prefill, decoding = compression_phases(press)
     eos = _eos(model)
     cache = DynamicCache()
     decoder = get_adapter(model).decoder(model)
     context = torch.tensor([compressed_ids], device=model.device)
-    step = max(1, (getattr(press, "prefill_chunk_size", None) if prefill else None) or context.shape[1])
+    step = max(1, (prefill_chunk_size(press) if prefill and press is not None else None) or context.shape[1])
     lc._sync(model)
     t0 = time.perf_counter()
     with apply_press(press if prefill else None, model):
@@ -396,8 +397,8 @@ _STORES: dict = {}
 
 
 def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict:
-    from kvpress_ext.hub import explain_press_failures
     from kvpress_ext.presses.a3 import ChunkStore
+    from kvpress_ext.runtime.hub import explain_press_failures
 
     strategy, evict = a3_parts(params["method"])
     head = _ids(tokenizer, parts.compressed[: parts.context_start])
@@ -444,9 +445,9 @@ def cell_prompt(tokenizer, params: dict):
 
 def run_cell(params: dict) -> dict:
     """Answer one cell; the record holds the prediction, ``score`` and timings (and the diagnostic)."""
+    from kvpress_ext.core.registry import press_info
     from kvpress_ext.evaluation.run_perplexity import build_press, check_ratio, press_params
-    from kvpress_ext.hub import explain_press_failures
-    from kvpress_ext.registry import press_info
+    from kvpress_ext.runtime.hub import explain_press_failures
 
     method, ratio, query_aware = params["method"], params.get("compression_ratio"), params["query_aware"]
     reason = mode_error(method, query_aware)
@@ -485,7 +486,7 @@ def run_cell(params: dict) -> dict:
         ref = reference_kv(model, compressed_ids, params["model"]) if positions else None
 
         def diagnose(cache):
-            from kvpress_ext.positions import position_state
+            from kvpress_ext.core.positions import position_state
 
             if not positions:
                 return {}
@@ -708,7 +709,7 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvpress_ext.safe_io import save_figure
+    from kvpress_ext.storage.safe_write import save_figure
 
     paths = []
     ok = [r for r in records if r["status"] == "ok" and r.get("depth") is not None]
@@ -745,7 +746,7 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
 
 def write_outputs(records: list[dict], out_dir, title: str, command: str = "") -> dict:
     """``summary.json`` (aggregated records), ``summary.md`` and ``heatmap_<mode>.png`` in ``out_dir``."""
-    from kvpress_ext.safe_io import claim_output_dir, write_output
+    from kvpress_ext.storage.safe_write import claim_output_dir, write_output
 
     out_dir = claim_output_dir(out_dir)
     summary = summarize(records)
@@ -790,8 +791,8 @@ def add_grid_arguments(ap, name: str) -> None:
 
 
 def methods_from_args(args) -> list[str]:
+    from kvpress_ext.core.registry import press_info
     from kvpress_ext.presses.a3.press import STRATEGIES
-    from kvpress_ext.registry import press_info
 
     bad = [s for s in args.strategies if s not in STRATEGIES]
     if bad:
@@ -822,11 +823,11 @@ def check_args(args) -> tuple[list[str], list[bool]]:
             raise lc.InputError(f"--{flag} must be a positive integer")
     methods = methods_from_args(args)
     if args.output_dir is not None:  # a directory we may not write into: one line before any model work
-        from kvpress_ext.safe_io import check_output_dir
+        from kvpress_ext.storage.safe_write import check_output_dir
 
         check_output_dir(args.output_dir)
     from kvpress_ext.cli.common import sweep_options_from_args
-    from kvpress_ext.sweep import check_options
+    from kvpress_ext.evaluation.sweep import check_options
 
     check_options(sweep_options_from_args(args))
     modes = [False, True] if args.both_modes else [bool(args.query_aware)]
@@ -876,11 +877,11 @@ def settings_from_args(args, max_new_tokens: int) -> dict:
 
 def run_cells(cells: list[Cell], run_cell_fn, out_dir, retry_failed: bool = False, progress: bool = True,
               compute: bool = True, options=None) -> list[dict]:
-    """Run the cells not finished in ``out_dir`` with :func:`kvpress_ext.sweep.run_sweep` (local or Ray, retries,
+    """Run the cells not finished in ``out_dir`` with :func:`kvpress_ext.evaluation.sweep.run_sweep` (local or Ray, retries,
     one file per cell) and return every cell's flat record (params, status, error, the cell's result) in cell
     order. A cell recorded as failed is kept unless ``retry_failed`` (its reason is in the summary);
     ``compute=False`` only collects the cells already on disk (to rebuild summaries)."""
-    from kvpress_ext.sweep import SweepOptions, cell_identity, load_cells, run_sweep
+    from kvpress_ext.evaluation.sweep import SweepOptions, cell_identity, load_cells, run_sweep
 
     options = options or SweepOptions(progress=progress)
     on_disk = {d.get("key"): d for d in load_cells(out_dir)} if Path(out_dir).is_dir() else {}
@@ -924,7 +925,7 @@ def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: li
     import shlex
 
     from kvpress_ext.cli.common import sweep_options_from_args
-    from kvpress_ext.threads import set_threads
+    from kvpress_ext.runtime.threads import set_threads
 
     set_threads(args.threads)
     out_dir = Path(args.output_dir or Path("results") / name)

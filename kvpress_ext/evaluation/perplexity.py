@@ -10,13 +10,12 @@ Two measures, both per token (so curves and windows come for free):
   chunk; presses that compress while decoding (``compression_phases(press)[1]``) see the first chunk as prefill
   and the rest of the text token by token (``decode_chunk_size``), as during generation.
 
-Positions always come from the cache (:mod:`kvpress_ext.positions`); no loop here computes position ids.
+Positions always come from the cache (:mod:`kvpress_ext.core.positions`); no loop here computes position ids.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,23 +24,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext import hub
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import _cache_length_hook, apply_press, compression_phases, drives_model, positions_follow_cache
-from kvpress_ext.devices import input_device
-from kvpress_ext.errors import KVPressExtError, PressParameterError, UnsupportedModelError
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import (
+    _cache_length_hook,
+    apply_press,
+    compression_phases,
+    drives_model,
+    positions_follow_cache,
+)
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
+from kvpress_ext.core.positions import cache_length
 from kvpress_ext.evaluation.chunked import EveryChunkPress
-from kvpress_ext.inputs import read_text_file
+from kvpress_ext.runtime import hub
+from kvpress_ext.storage.inputs import read_text_file, shared_dir
 
 DATASETS = ("text", "wikitext", "pg19")
 #: Local texts tried, in order, when ``--dataset text`` has no ``--text_file``: offline, no download.
 DEFAULT_TEXT_FILES = ("data/wikitext2_test.raw", "data/pride_and_prejudice.txt")
-
-
-def shared_dir() -> Path:
-    """The shared data folder: ``$KVPRESS_EXT_SHARED`` or ``<repo>/../shared``."""
-    default = Path(__file__).resolve().parents[2].parent / "shared"
-    return Path(os.environ.get("KVPRESS_EXT_SHARED", default))
 
 
 def default_text_file() -> Path:
@@ -148,12 +148,6 @@ def cache_bytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
-
-
-def cache_length(cache) -> int:
-    """Entries in the cache (mean over layers, rounded; presses may keep different counts per layer)."""
-    n = len(getattr(cache, "layers", []))
-    return round(sum(cache.get_seq_length(i) for i in range(n)) / n) if n else 0
 
 
 @dataclass

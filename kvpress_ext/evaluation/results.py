@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvpress_ext.safe_io import check_output_dir, claim_output_dir, save_figure, write_output
+from kvpress_ext.storage.safe_write import check_output_dir, claim_output_dir, save_figure, write_output
 
 
 def library_versions() -> dict:
@@ -109,7 +109,7 @@ def _jsonable(x):
 
 
 def write_json(record: dict, output_dir: str | Path) -> Path:
-    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.safe_io.claim_output_dir`)."""
+    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.storage.safe_write.claim_output_dir`)."""
     out = claim_output_dir(output_dir)
     return write_output(out / run_filename(record), json.dumps(_jsonable(record), indent=2) + "\n", flag="--output_dir")
 
@@ -323,9 +323,9 @@ def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str,
 
 
 def records_from_cells(path: str | Path) -> list[dict]:
-    """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.sweep`); a failed
+    """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.evaluation.sweep`); a failed
     cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
-    from kvpress_ext.sweep import load_cells
+    from kvpress_ext.evaluation.sweep import load_cells
 
     records = []
     for cell in load_cells(path):

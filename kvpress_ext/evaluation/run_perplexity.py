@@ -3,10 +3,10 @@
 :class:`PerplexityConfig` holds every setting as plain values (the command line in
 :mod:`kvpress_ext.cli.perplexity` builds one from its arguments); :func:`run` evaluates it. Bad input (unknown
 press, missing file, ratio out of range, a parameter the press lacks, an unsupported model) raises
-:class:`~kvpress_ext.errors.KVPressExtError`, which the command line prints on one line with exit status 2.
+:class:`~kvpress_ext.core.errors.KVPressExtError`, which the command line prints on one line with exit status 2.
 
 Every run is a set of cells, one per (press, ratio the press actually uses), run by :func:`run_cell` through
-:mod:`kvpress_ext.sweep` (``executor`` local or ray), each cell's JSON under ``output_dir/cells/``, resumable. A
+:mod:`kvpress_ext.evaluation.sweep` (``executor`` local or ray), each cell's JSON under ``output_dir/cells/``, resumable. A
 cell loads the model through a per-process cache, so a local run loads it once and each Ray worker once.
 
 - One press: its cell, then the uncompressed baseline's (``no_press``, unless ``no_baseline``), printed as a table
@@ -35,14 +35,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext import hub
-from kvpress_ext.devices import input_device
-from kvpress_ext.errors import KVPressExtError, NoCompressionWarning, PressParameterError, PressSkippedWarning
-from kvpress_ext.evaluation import perplexity as ppl
-from kvpress_ext.evaluation import results
-from kvpress_ext.evaluation.speed import measure_speed
-from kvpress_ext.models import DEFAULT_MODEL, load_model
-from kvpress_ext.registry import (
+from kvpress_ext.core.contract import (
+    budget_parameters,
+    forget_skip_warning,
+    from_compression_ratio,
+    reset_press,
+    sized_by_budget,
+)
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import KVPressExtError, NoCompressionWarning, PressParameterError, PressSkippedWarning
+from kvpress_ext.core.registry import (
     DEFAULT_COMPRESSION_RATIO,
     available_presses,
     get_press,
@@ -50,9 +52,14 @@ from kvpress_ext.registry import (
     press_name,
     validate_parameters,
 )
-from kvpress_ext.safe_io import check_output_dir
-from kvpress_ext.sweep import Cell, SweepOptions, cell_key, run_sweep
-from kvpress_ext.threads import set_threads, threads_text
+from kvpress_ext.evaluation import perplexity as ppl
+from kvpress_ext.evaluation import results
+from kvpress_ext.evaluation.speed import measure_speed
+from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, run_sweep
+from kvpress_ext.runtime import hub
+from kvpress_ext.runtime.models import DEFAULT_MODEL, load_model
+from kvpress_ext.runtime.threads import set_threads, threads_text
+from kvpress_ext.storage.safe_write import check_output_dir
 
 
 @dataclass
@@ -99,7 +106,7 @@ class PerplexityConfig:
     output_dir: str = "results/perplexity"
     no_progress: bool = False
     no_baseline: bool = False
-    # how the cells run (kvpress_ext.sweep.SweepOptions)
+    # how the cells run (kvpress_ext.evaluation.sweep.SweepOptions)
     executor: str = "local"
     max_retries: int = 1
     cell_gpus: float = 0.0
@@ -131,11 +138,11 @@ def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, 
             raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(press_kwargs)}); leave them out "
                                       "or choose a press that compresses.")
         return None, None
-    by_budget = getattr(info.cls, "from_compression_ratio", None)
-    budget_given = any(k in press_kwargs for k in getattr(info.cls, "budget_parameters", ()))
-    if compression_ratio is not None and context_length and callable(by_budget) and not budget_given:
+    budget_given = any(k in press_kwargs for k in budget_parameters(info.cls))
+    if compression_ratio is not None and context_length and sized_by_budget(info.cls) and not budget_given:
         validate_parameters(info.cls, {**info.defaults, **press_kwargs}, name)
-        return by_budget(compression_ratio, context_length, **{**info.defaults, **press_kwargs}), compression_ratio
+        press = from_compression_ratio(info.cls, compression_ratio, context_length, **{**info.defaults, **press_kwargs})
+        return press, compression_ratio
     # Only to presses that have a ratio (their own or forwarded, as AdaKV's): a decoding press's scorer ratio is
     # overridden by its target size, so passing it there would only report a ratio that was not used.
     has_ratio = any(p.name == "compression_ratio" for p in info.parameters) or hasattr(info.cls, "compression_ratio")
@@ -272,7 +279,7 @@ def press_setting(name: str, press, ratio) -> str:
     """How the press was asked to compress, in words for the table (never ``ratio=None``)."""
     if press is None:
         return "uncompressed" if name == "no_press" else "-"
-    budget = [k for k in getattr(type(press), "budget_parameters", ()) if getattr(press, k, None) is not None]
+    budget = [k for k in budget_parameters(type(press)) if getattr(press, k, None) is not None]
     if budget:
         extra = [k for k in ("slack",) if getattr(press, k, None) is not None]
         text = ", ".join(f"{k}={getattr(press, k)}" for k in budget + extra)
@@ -351,10 +358,8 @@ def _try(model, press, steps) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure makes the press unsupported here; its message says why
         return _first_line(exc)
     finally:
-        if hasattr(press, "reset"):
-            press.reset()
-        if hasattr(press, "_kvpress_ext_skip_warned"):
-            del press._kvpress_ext_skip_warned
+        reset_press(press)
+        forget_skip_warning(press)
 
 
 def mode_text(args: PerplexityConfig) -> str:
@@ -403,9 +408,9 @@ def _check_model(args: PerplexityConfig) -> None:
         return
     from transformers import AutoConfig
 
-    from kvpress_ext.adapters import get_adapter
-    from kvpress_ext.errors import UnsupportedModelError
-    from kvpress_ext.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model
+    from kvpress_ext.core.adapters import get_adapter
+    from kvpress_ext.core.errors import UnsupportedModelError
+    from kvpress_ext.runtime.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model
 
     source = resolve_model(args.model)
     hub.check_model_source(source, args.model, MODEL_ALTERNATIVES)
@@ -550,7 +555,7 @@ def run(args: PerplexityConfig) -> list[dict]:
             raise KVPressExtError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.threads is not None and args.threads < 1:
         raise KVPressExtError(f"--threads must be a positive integer, got {args.threads}.")
-    from kvpress_ext.sweep import check_options, import_ray
+    from kvpress_ext.evaluation.sweep import check_options, import_ray
 
     options = sweep_options(args)
     check_options(options)

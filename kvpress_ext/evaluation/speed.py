@@ -17,16 +17,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press, compression_phases
-from kvpress_ext.evaluation.perplexity import cache_bytes, cache_length
-
-
-def synchronize(device) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.devices import synchronize
+from kvpress_ext.core.positions import cache_length
+from kvpress_ext.evaluation.perplexity import cache_bytes
 
 
 def reset_peak_memory(device) -> None:
@@ -91,7 +85,7 @@ def measure_speed(model, context: torch.Tensor, press=None, max_new_tokens: int 
 
     ``decode_only``: report only decode throughput (the prefill is still run to fill the cache, untimed).
     """
-    from kvpress_ext.devices import input_device
+    from kvpress_ext.core.devices import input_device
 
     device = input_device(model)
     context = context.to(device)

@@ -16,8 +16,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
-from kvpress_ext.devices import input_device
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.devices import input_device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

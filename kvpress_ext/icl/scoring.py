@@ -439,7 +439,7 @@ def write_scores_csv(result: dict[str, Any], path: str | Path) -> Path:
     """
     import io
 
-    from kvpress_ext.safe_io import write_output
+    from kvpress_ext.storage.safe_write import write_output
 
     total = result.get("n_questions", 0)
     fh = io.StringIO(newline="")

@@ -2,13 +2,13 @@
 
 ``precompute`` feeds each document (question, solution, answer) to the model through an :class:`RKVPress`,
 optionally has the model write bullet-point takeaways (``takeaways``) or rewrite one running note
-(``notepad``) after each document, and saves the cache with :func:`kvpress_ext.cache_io.save_cache`.
+(``notepad``) after each document, and saves the cache with :func:`kvpress_ext.storage.cache_files.save_cache`.
 ``evaluate`` samples answers from untouched copies of that cache; ``score`` turns them into pass@k.
 ``grid_cell`` is one (budget, mode, complexity) cell of ``kvpress-ext icl grid``: precompute, evaluate and score,
-run through :mod:`kvpress_ext.sweep` (locally or as a Ray task; its files go to the cell's directory, so a Ray
+run through :mod:`kvpress_ext.evaluation.sweep` (locally or as a Ray task; its files go to the cell's directory, so a Ray
 cluster needs a shared filesystem for ``--out_dir``).
 
-With a chat template (:mod:`kvpress_ext.chat`) the cache is one long user turn: the template's prefix, then the
+With a chat template (:mod:`kvpress_ext.runtime.chat`) the cache is one long user turn: the template's prefix, then the
 documents; a note is asked for as the user's instruction and written as the assistant's reply, after which a new
 user turn continues; each question is asked as the template's suffix (blank line, problem, assistant header) and
 the answer starts with ``Solution:``. The cache's metadata records whether the template was used, and ``evaluate``
@@ -25,16 +25,17 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.apply import apply_press
-from kvpress_ext.cache_io import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
-from kvpress_ext.chat import chat_turn_break, has_chat_template, split_chat_prompt
-from kvpress_ext.devices import input_device
-from kvpress_ext.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
-from kvpress_ext.inputs import read_text_file
 from kvpress_ext.presses.rkv import RKVPress
-from kvpress_ext.registry import get_press
-from kvpress_ext.safe_io import path_lock, recover, waiting_note
+from kvpress_ext.runtime.chat import chat_turn_break, has_chat_template, split_chat_prompt
+from kvpress_ext.runtime.generate import sample_token
+from kvpress_ext.storage.cache_files import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
+from kvpress_ext.storage.inputs import read_text_file
+from kvpress_ext.storage.safe_write import path_lock, recover, waiting_note
 
 MODES = ("takeaways", "notepad", "none")
 COMPLEXITIES = ("simple", "complex")
@@ -120,19 +121,6 @@ def _tokens(tokenizer, text: str, first: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=first)["input_ids"]
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy when ``temperature <= 0``, else nucleus sampling from ``logits / temperature`` with ``generator``."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p >= top_p  # drop tokens once the mass before them reaches top_p
-        sorted_p[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-
-
 def generate(model, tokenizer, cache, prompt_ids: list[int], max_new_tokens: int, *, stop: str | None = None,
              temperature: float = 0.0, top_p: float = 1.0, generator=None) -> tuple[str, list[int]]:
     """Feed ``prompt_ids`` and sample until EOS, ``max_new_tokens`` or ``stop`` (call inside apply_press).
@@ -182,7 +170,7 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
                use_chat_template: bool = True) -> dict:
     """Read ``documents`` (and write notes) into an R-KV cache saved at ``out``; returns its metadata.
 
-    ``out`` must be missing, empty or one of our caches (:func:`kvpress_ext.cache_io.check_cache_target`). If it
+    ``out`` must be missing, empty or one of our caches (:func:`kvpress_ext.storage.cache_files.check_cache_target`). If it
     already holds a valid cache of this model, the work is skipped and the saved metadata returned (with
     ``reused=True``) unless ``recompute``. Runs under the lock of ``out``: a second process writing the same path
     waits, then reuses the cache the first one saved. ``use_chat_template`` lays the cache out as a chat (see the
@@ -347,12 +335,12 @@ _MODELS: dict = {}
 def _cached_model(name: str, placement: dict | None = None, threads: int | None = None):
     """(model, tokenizer) for ``name`` (``placement``: load_model's device_map/max_memory/offload_folder),
     loaded once per process (each Ray worker loads its own) with ``threads`` torch CPU threads."""
-    from kvpress_ext.threads import set_threads
+    from kvpress_ext.runtime.threads import set_threads
 
     set_threads(threads)
     key = json.dumps([name, placement], sort_keys=True, default=str)
     if key not in _MODELS:
-        from kvpress_ext.models import load_model
+        from kvpress_ext.runtime.models import load_model
 
         _MODELS.clear()
         _MODELS[key] = load_model(name, **(placement or {}))
@@ -362,7 +350,7 @@ def _cached_model(name: str, placement: dict | None = None, threads: int | None 
 def grid_cell(params: dict) -> dict:
     """One grid cell: precompute the cache into ``params["dir"]/cache`` (kept if there), answer the questions
     into ``eval.json`` (kept if there, unless ``recompute``), score into ``scores.csv``; returns the table row."""
-    from kvpress_ext.safe_io import write_output
+    from kvpress_ext.storage.safe_write import write_output
 
     model, tok = _cached_model(params["model"], params.get("placement"), params.get("_threads"))
     docs = load_documents(params["data"], params["data_limit"], require_solution=True)

@@ -6,15 +6,17 @@ import functools
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from kvpress import BasePress
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.positions import set_next_position
-from kvpress_ext.registry import register_press
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import PressContract
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import set_next_position
+from kvpress_ext.core.registry import register_press
 
 
 class _DropMaxLengthReminder(logging.Filter):
@@ -68,9 +70,10 @@ class LazyStreamingPress(BasePress):
     window: int | None = None
     slack: int = 64
     cap_total: int | None = None
-    compression_phases = (True, True)  # prefill and decoding
-    uses_apply_press = True
-    budget_parameters = ("cap_total", "window")  # given explicitly, they win over a compression ratio
+    #: Compacts the whole cache once per forward, at prefill (chunk by chunk) and while decoding; ``cap_total`` or
+    #: ``window`` given explicitly wins over a compression ratio.
+    contract: ClassVar[PressContract] = PressContract(
+        prefill=True, decoding=True, whole_cache=True, chunked_prefill=True, budget_parameters=("cap_total", "window"))
 
     def __post_init__(self):
         for name in ("n_sink", "slack"):
@@ -142,7 +145,7 @@ class LazyStreamingPress(BasePress):
         self._rerotate = None
 
     def after_forward(self, cache) -> None:
-        """Once per forward pass (see :func:`kvpress_ext.apply.manages_whole_cache`): compact every layer
+        """Once per forward pass (see :func:`kvpress_ext.core.apply.manages_whole_cache`): compact every layer
         when the cache has grown past ``cap_total``, and put the next token right after the kept ones."""
         length = cache.layers[0].keys.shape[-2]
         if length > self.max_cache:

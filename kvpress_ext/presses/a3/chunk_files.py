@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvpress_ext.errors import KVPressExtError
-from kvpress_ext.inputs import read_text_file
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.storage.inputs import parse_json_or_jsonl, read_text_file
 
 CHUNK_FILE = "a UTF-8 .txt, .json or .jsonl chunk file"
 
@@ -33,8 +33,6 @@ def check_chunk_file(path) -> Path:
 
 def read_chunk_texts(path) -> list[str]:
     """The chunk strings of a JSON list / JSONL file of strings or ``{"text": ...}`` objects."""
-    from kvpress_ext.evaluation.longcontext import parse_json_or_jsonl
-
     path = check_chunk_file(path)
     try:
         items = parse_json_or_jsonl(read_text_file(path, "--chunks", CHUNK_FILE))

@@ -5,7 +5,7 @@ the chunk's tokens see the prefix and themselves, nothing else. Only the chunk's
 
 Key layout: keys are stored **post-RoPE at local positions** ``P + j`` (P = prefix length, j = index in
 the chunk), exactly as the model's cache holds them. Fusion moves them to their global positions with
-one more rotation (:func:`kvpress_ext.rope.rerotate`). Storing post-RoPE keys means a stored chunk is
+one more rotation (:func:`kvpress_ext.core.rope.rerotate`). Storing post-RoPE keys means a stored chunk is
 also a valid cache of ``prefix + chunk`` on its own.
 
 On disk::
@@ -18,10 +18,10 @@ On disk::
     root/store.json                                   marks the directory as a chunk store (kvpress-ext writes
                                                       only into a missing, empty or marked directory)
 
-The model fingerprint (:func:`kvpress_ext.cache_io.model_fingerprint`, shared with saved caches) hashes the
+The model fingerprint (:func:`kvpress_ext.storage.cache_files.model_fingerprint`, shared with saved caches) hashes the
 config and a sample of every weight, so two models with the same config never share entries. The chunk key
 hashes the prefix ids too: the same chunk after another prefix has other K/V. Each entry is read and written
-under its own file lock (:func:`kvpress_ext.safe_io.path_lock`): concurrent writers of one store never compute
+under its own file lock (:func:`kvpress_ext.storage.safe_write.path_lock`): concurrent writers of one store never compute
 a chunk twice (the second waits, then reuses it), and a replacement is swapped in atomically and recoverably.
 An entry's metadata lists the checksum of its tensor file; loading validates the metadata (exact keys, known
 format), the checksum and that every value is finite. A missing, damaged or mismatched entry raises
@@ -46,8 +46,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.cache_io import (
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.devices import input_device, layer_devices
+from kvpress_ext.core.errors import CacheFormatError
+from kvpress_ext.storage.cache_files import (
     check_fields,
     check_finite,
     check_version,
@@ -58,9 +60,7 @@ from kvpress_ext.cache_io import (
     read_json_object,
     read_verified_tensors,
 )
-from kvpress_ext.devices import input_device, layer_devices
-from kvpress_ext.errors import CacheFormatError
-from kvpress_ext.safe_io import (
+from kvpress_ext.storage.safe_write import (
     atomic_write_bytes,
     check_target_dir,
     path_lock,

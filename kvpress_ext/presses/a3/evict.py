@@ -12,12 +12,14 @@ are not re-rotated, so the next token keeps position T. A press that manages the
 from __future__ import annotations
 
 import torch
+from kvpress import BasePress
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import drives_model, manages_whole_cache
-from kvpress_ext.devices import execution_device
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.registry import get_press
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import drives_model, manages_whole_cache
+from kvpress_ext.core.contract import reset_press
+from kvpress_ext.core.devices import execution_device
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.registry import get_press
 
 
 def evict_cache(model, result, name: str, kwargs: dict | None = None):
@@ -28,10 +30,9 @@ def evict_cache(model, result, name: str, kwargs: dict | None = None):
     if manages_whole_cache(press):  # e.g. lazy_streaming: works on the cache alone
         press.post_init_from_model(model)
         press.after_forward(result.cache)
-        if hasattr(press, "reset"):
-            press.reset()
+        reset_press(press)
         return result.cache
-    if drives_model(press) or not hasattr(press, "forward_hook"):
+    if drives_model(press) or not isinstance(press, BasePress):
         raise PressParameterError(f"a3: evict={name!r} must be a hook-based press (e.g. streaming_llm, snapkv, knorm).")
     adapter = get_adapter(model)
     cache = result.cache
@@ -48,6 +49,5 @@ def evict_cache(model, result, name: str, kwargs: dict | None = None):
                "position_embeddings": cos_sin}
         view = adapter.press_view(model, module)
         press.forward_hook(view, [hidden], adapter.hook_kwargs(module, (), raw), (None, None))
-    if hasattr(press, "reset"):
-        press.reset()
+    reset_press(press)
     return cache

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.devices import execution_device, input_device, layer_devices
-from kvpress_ext.errors import PressParameterError
-from kvpress_ext.positions import position_state
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.devices import execution_device, input_device, layer_devices
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import position_state
 from kvpress_ext.presses.a3 import selection as sel
 from kvpress_ext.presses.a3.attention import attention_probs, masked_attention
 from kvpress_ext.presses.a3.chunk_store import ChunkKV

@@ -15,7 +15,7 @@ Usage::
     press = A3Press(strategy="debug", rate=0.15, store=store)
     cache, logits = press.fuse(model, passages[:4], question_ids)    # cache holds prefix+chunks+question
     # logits[-1] predicts the first answer token; continue decoding with `cache`
-    # (e.g. kvpress_ext.pipeline.greedy_decode inside kvpress_ext.apply.apply_press(None, model)).
+    # (e.g. kvpress_ext.runtime.pipeline.greedy_decode inside kvpress_ext.core.apply.apply_press(None, model)).
 
     # or through the pipeline:
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from kvpress_ext.devices import input_device
-from kvpress_ext.errors import PressParameterError
+from kvpress_ext.core.contract import PressContract
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.registry import register_press
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
-from kvpress_ext.registry import register_press
 
 STRATEGIES = ("blend", "debug", "attnlink", "full", "cat", "surprisal_chunk", "random")
 ATTENTION_STRATEGIES = ("blend", "debug", "attnlink")
@@ -83,8 +84,8 @@ class A3Press:
     seed: int = 0
     attention_backend: str = "auto"
 
-    #: A3 does not hook a normal prefill; it builds the cache itself (see :meth:`fuse`).
-    compression_phases = (False, False)
+    #: A3 does not hook a normal prefill; it builds the cache itself from pre-chunked contexts (see :meth:`fuse`).
+    contract: ClassVar[PressContract] = PressContract(prefill=False, takes_context_chunks=True)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -102,7 +103,7 @@ class A3Press:
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise PressParameterError("a3: attention_backend must be 'auto', 'torch' or 'flashinfer'.")
         if self.evict is not None:
-            from kvpress_ext.registry import press_info
+            from kvpress_ext.core.registry import press_info
 
             press_info(self.evict)  # unknown names fail now, with suggestions
 
@@ -156,10 +157,10 @@ class A3Press:
 
         With a chat template the template's prefix (system turn, user header) is the fused cache's prefix and
         each question's suffix (blank line, question, assistant header) is recomputed after the chunks
-        (:func:`kvpress_ext.chat.split_chat_prompt`); otherwise the store's prefix and the raw question."""
-        from kvpress_ext.apply import apply_press
-        from kvpress_ext.chat import split_chat_prompt
-        from kvpress_ext.pipeline import greedy_decode
+        (:func:`kvpress_ext.runtime.chat.split_chat_prompt`); otherwise the store's prefix and the raw question."""
+        from kvpress_ext.core.apply import apply_press
+        from kvpress_ext.runtime.chat import split_chat_prompt
+        from kvpress_ext.runtime.pipeline import greedy_decode
 
         if unused:
             raise TypeError(f"a3 pipeline does not support {', '.join(unused)}")

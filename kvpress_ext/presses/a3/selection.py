@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvpress_ext.errors import CacheFormatError
+from kvpress_ext.core.errors import CacheFormatError
 
 
 def budget(rate: float, n_candidates: int) -> int:

@@ -1,7 +1,7 @@
 """Where the next token goes: one mechanism for every press that moves positions.
 
 Each cache carries a :class:`PositionState`. Every forward pass through the decoder inside
-:func:`kvpress_ext.apply.apply_press` (the pipeline, ``model.generate``, the evaluation loops) takes
+:func:`kvpress_ext.core.apply.apply_press` (the pipeline, ``model.generate``, the evaluation loops) takes
 its RoPE positions from it, through :func:`track_positions`'s pre-hook, and advances it; a press that
 evicts and re-rotates keys (StreamingLLM-style positions inside the cache, R-KV's key rotation,
 kvpress's KeyRerotationPress) sets the next position with :func:`set_next_position`. No loop adds
@@ -102,3 +102,9 @@ def track_positions(decoder: torch.nn.Module):
         yield
     finally:
         handle.remove()
+
+
+def cache_length(cache) -> int:
+    """Entries in the cache (mean over layers, rounded; presses may keep different counts per layer)."""
+    n = len(getattr(cache, "layers", []))
+    return round(sum(cache.get_seq_length(i) for i in range(n)) / n) if n else 0

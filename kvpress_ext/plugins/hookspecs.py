@@ -27,7 +27,7 @@ def kvpress_ext_register_presses(register):
 @hookspec
 def kvpress_ext_register_adapters(register):
     """Register model adapters: call ``register(adapter, override=False)`` with a
-    :class:`kvpress_ext.adapters.ModelAdapter` *instance*; a ``model_type`` another origin drives is refused unless
+    :class:`kvpress_ext.core.adapters.ModelAdapter` *instance*; a ``model_type`` another origin drives is refused unless
     ``override=True``."""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvpress_ext.adapters.base import AttentionShape, ModelAdapter
+from kvpress_ext.core.adapters.base import AttentionShape, ModelAdapter
 
 
 class LlamaFamilyAdapter(ModelAdapter):

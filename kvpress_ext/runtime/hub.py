@@ -16,7 +16,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 CONNECT_TIMEOUT_S = 1.5
 _TRUE = {"1", "true", "yes", "on"}
@@ -144,7 +144,7 @@ def explain_press_failures(name: str | None):
     becomes one :class:`PressUnavailableError` line naming the requirement and the fix. Other presses: no-op."""
     requires = None
     if name:
-        from kvpress_ext.registry import press_info
+        from kvpress_ext.core.registry import press_info
 
         with contextlib.suppress(KVPressExtError):
             requires = press_info(name).requires

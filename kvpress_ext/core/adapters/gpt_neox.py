@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from kvpress_ext import rope
-from kvpress_ext.adapters.base import AttentionShape, ModelAdapter
+from kvpress_ext.core import rope
+from kvpress_ext.core.adapters.base import AttentionShape, ModelAdapter
 
 
 @functools.cache  # called per layer per forward: build each permutation once

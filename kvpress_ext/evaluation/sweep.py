@@ -6,7 +6,7 @@ fault-tolerant and summarisable while it runs. Every sweep in kvpress_ext goes t
 
 Use::
 
-    from kvpress_ext.sweep import Cell, SweepOptions, cell_key, load_cells, run_sweep
+    from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, load_cells, run_sweep
 
     cells = [Cell(cell_key("knorm", r=0.5), {"press": "knorm", "ratio": 0.5}), ...]
     result = run_sweep(cells, my_cell_fn, "results/my_sweep", SweepOptions(executor="ray", cell_gpus=1))
@@ -22,7 +22,7 @@ Contract:
   numbers of a local one); Ray ships it by reference, so its module must be importable on every worker (install
   kvpress-ext on every node). Heavy state such as a loaded model belongs in a per-process cache in ``fn``'s module:
   each process (this one locally, each Ray worker) then loads it once for all the cells it runs.
-- ``out_dir`` must be new, empty or already ours (:mod:`kvpress_ext.safe_io`); it is marked ours before any cell.
+- ``out_dir`` must be new, empty or already ours (:mod:`kvpress_ext.storage.safe_write`); it is marked ours before any cell.
 - Cell file ``<out_dir>/cells/<key>.json``, written atomically by the driver: ``{"key", "status": "ok" | "failed",
   "params", "attempts", "errors", "error", "wall_s", "cpu_s", "executor", "host", "pid", "record"}``.
 - Resume: a cell whose file says ``ok`` with the same params (``_`` names aside) is skipped; failed cells run again.
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 EXECUTORS = ("local", "ray")
 CELLS_DIR = "cells"
@@ -156,8 +156,8 @@ def cell_identity(params: dict) -> dict:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write ``data`` as JSON so that a reader sees the old file or the new one, never half of one
-    (:func:`kvpress_ext.safe_io.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place)."""
-    from kvpress_ext.safe_io import atomic_write_bytes
+    (:func:`kvpress_ext.storage.safe_write.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place)."""
+    from kvpress_ext.storage.safe_write import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
 
@@ -230,7 +230,7 @@ class _Tracker:
         if tb and not ok:
             data["traceback"] = tb[-3000:]
         if not self.claimed:  # checked before the sweep; marked ours only once something is written
-            from kvpress_ext.safe_io import claim_output_dir
+            from kvpress_ext.storage.safe_write import claim_output_dir
 
             claim_output_dir(self.out_dir, self.flag)
             self.claimed = True
@@ -257,13 +257,13 @@ def run_sweep(cells: list[Cell], fn: Callable[[dict], dict], out_dir, options: S
     """Run every cell not finished yet in ``out_dir`` with ``fn`` on the chosen executor (see the module doc).
 
     ``out_dir`` is checked first and claimed before the first cell file is written
-    (:func:`kvpress_ext.safe_io.claim_output_dir`; ``flag`` names it in the one-line refusal of a directory that
+    (:func:`kvpress_ext.storage.safe_write.claim_output_dir`; ``flag`` names it in the one-line refusal of a directory that
     is not ours). ``on_result(cell, cell_file_dict, skipped)`` is called in this process as each cell is skipped
     or finishes (for printing a line or writing another file). With ``raise_failures``, a cell that still fails
     after its retries raises its own exception (a Ray task's: the cell's) and writes no cell file: the caller
     runs one cell whose failure is the command's error. Returns a :class:`SweepResult`.
     """
-    from kvpress_ext.safe_io import check_output_dir
+    from kvpress_ext.storage.safe_write import check_output_dir
 
     options = options or SweepOptions()
     check_options(options)

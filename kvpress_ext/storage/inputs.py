@@ -6,13 +6,32 @@ Every command reads its text inputs (prompts, data files, chunk files, haystacks
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 
 class InputFileError(KVPressExtError):
     """A text input that is missing, not a file, unreadable or not UTF-8."""
+
+
+#: The environment variable naming the shared data folder (``models/``, ``data/``).
+SHARED_ENV = "KVPRESS_EXT_SHARED"
+
+
+def shared_dir() -> Path:
+    """The shared data folder: ``$KVPRESS_EXT_SHARED``, else ``shared/`` beside a source checkout.
+
+    An installed package has no checkout to look beside, so it needs the variable (one line says so)."""
+    if os.environ.get(SHARED_ENV):
+        return Path(os.environ[SHARED_ENV])
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "pyproject.toml").is_file():
+        raise InputFileError(f"the shared data folder is unknown: set {SHARED_ENV} to the folder that holds models/ "
+                             "and data/ (a source checkout finds ../shared by itself).")
+    return checkout.parent / "shared"
 
 
 def read_text_file(path, flag: str, what: str = "a UTF-8 text file") -> str:
@@ -34,3 +53,10 @@ def read_text_file(path, flag: str, what: str = "a UTF-8 text file") -> str:
             f"{flag} {str(path)!r} is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line}, offset "
             f"{exc.start}): re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed.txt`."
         ) from None
+
+
+def parse_json_or_jsonl(text: str) -> list:
+    """The items of a JSON list, or of JSON Lines (one value per non-empty line); json.JSONDecodeError if neither."""
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,11 +1,11 @@
 """``pipeline("kv-press-text-generation", ...)`` for every registered press on every adapter.
 
 It keeps kvpress's pipeline (preprocessing, several questions per context) and changes what kvpress
-hard-wires: presses run through :func:`kvpress_ext.apply.apply_press` (so GPT-NeoX and plugin presses
+hard-wires: presses run through :func:`kvpress_ext.core.apply.apply_press` (so GPT-NeoX and plugin presses
 work), presses that compress while decoding stay active during the answer, and every position comes
-from the cache's :class:`~kvpress_ext.positions.PositionState` instead of ``context_length + i``.
+from the cache's :class:`~kvpress_ext.core.positions.PositionState` instead of ``context_length + i``.
 ``press`` may also be a registry name (``press="knorm"``). With a chat template the prompt comes from
-:func:`kvpress_ext.chat.split_chat_prompt` (user turn = context, blank line, question), like every other
+:func:`kvpress_ext.runtime.chat.split_chat_prompt` (user turn = context, blank line, question), like every other
 entry point; ``use_chat_template=False`` turns it off (raw text, as kvpress does without a template).
 
 Everything else behaves as kvpress's pipeline, which this one replaces under the same task name once
@@ -24,12 +24,13 @@ from kvpress import DecodingPress, KVPressTextGenerationPipeline, PrefillDecodin
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press, compression_phases
-from kvpress_ext.chat import has_chat_template, split_chat_prompt
-from kvpress_ext.devices import input_device
-from kvpress_ext.positions import position_state
-from kvpress_ext.registry import get_press
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.contract import pipeline_call, prefill_chunk_size
+from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.positions import position_state
+from kvpress_ext.core.registry import get_press
+from kvpress_ext.runtime.chat import has_chat_template, split_chat_prompt
 
 #: kvpress's pipeline logger: our records go where kvpress's users (and kvpress's tests) look for them.
 kvpress_logger = logging.getLogger(KVPressTextGenerationPipeline.__module__)
@@ -59,7 +60,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
     def _sanitize_parameters(self, press=None, max_context_length=None, use_chat_template=None, **kwargs):
         if isinstance(press, str):
             press = get_press(press)
-        if max_context_length is None and getattr(press, "prefill_chunk_size", None):
+        if max_context_length is None and press is not None and prefill_chunk_size(press):
             # The press streams any input through a bounded cache (lazy_streaming): no truncation to the
             # tokenizer's model_max_length, which is exactly the limit such a press exists to lift.
             max_context_length = int(1e10)
@@ -99,12 +100,13 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             return super().__call__(*args, **kwargs)
         press = kwargs.pop("press", None)
         press = get_press(press) if isinstance(press, str) else press
-        if args or not hasattr(press, "pipeline_call"):
+        fuse = pipeline_call(press) if press is not None else None
+        if args or fuse is None:
             raise ValueError(
                 "context_chunks=... needs a press that fuses chunk caches (e.g. press=A3Press(store=...)) and no "
                 "positional context."
             )
-        return press.pipeline_call(self, list(context_chunks), **kwargs)
+        return fuse(self, list(context_chunks), **kwargs)
 
     def _forward(self, input_tensors, max_new_tokens: int = 50, press=None, cache=None):
         prefill, decoding = compression_phases(press)
@@ -121,8 +123,8 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         cache = DynamicCache() if cache is None else cache
         context_ids = input_tensors["context_ids"].to(input_device(self.model))
         decoder = get_adapter(self.model).decoder(self.model)
-        # A press with ``prefill_chunk_size`` compacts as the context streams in: feed it chunk by chunk.
-        step = max(1, (getattr(press, "prefill_chunk_size", None) if prefill else None) or context_ids.shape[1])
+        # A press with chunked prefill compacts as the context streams in: feed it chunk by chunk.
+        step = max(1, (prefill_chunk_size(press) if prefill else None) or context_ids.shape[1])
         with apply_press(press if prefill else None, self.model):
             for start in range(0, context_ids.shape[1], step):
                 decoder(input_ids=context_ids[:, start : start + step], past_key_values=cache)

@@ -7,11 +7,11 @@ A saved cache is a directory::
         metadata.json         format version, per-layer lengths, position state, press, token ids, model name,
                               model fingerprint (config + weights), checksum of the tensor file, caller's extra fields
 
-Writes follow :mod:`kvpress_ext.safe_io`: only into a missing path, an empty directory or one of our caches,
+Writes follow :mod:`kvpress_ext.storage.safe_write`: only into a missing path, an empty directory or one of our caches,
 through a temporary sibling swapped in under a lock, so a crash never leaves a half-written cache and a user's
 file is never replaced. Loading validates the metadata (exact keys and types), accepts only known format
 versions, requires the fingerprint of the model given, checks the tensor file's checksum, refuses NaN/Inf, and
-restores the :class:`~kvpress_ext.positions.PositionState`, so generation continues with identical logits.
+restores the :class:`~kvpress_ext.core.positions.PositionState`, so generation continues with identical logits.
 Used by the compress-in-context workflow; A3's chunk store shares the fingerprint and integrity helpers.
 """
 
@@ -32,9 +32,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from kvpress_ext.errors import CacheFormatError
-from kvpress_ext.positions import PositionState, position_state
-from kvpress_ext.safe_io import path_lock, recover, replace_directory, try_lock
+from kvpress_ext.core.errors import CacheFormatError
+from kvpress_ext.core.positions import PositionState, position_state
+from kvpress_ext.storage.safe_write import path_lock, recover, replace_directory, try_lock
 
 FORMAT_VERSION = 2
 KNOWN_VERSIONS = (2,)
@@ -65,7 +65,7 @@ def model_fingerprint(model) -> str:
     payload = {k: d.get(k) for k in _FINGERPRINT_KEYS if k in d}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     if hasattr(model, "named_parameters"):
-        from kvpress_ext.devices import parameter_values
+        from kvpress_ext.core.devices import parameter_values
 
         for name, p in model.named_parameters():
             h.update(f"|{name}|{tuple(p.shape)}|{p.dtype}|".encode())
@@ -268,7 +268,7 @@ def press_description(press) -> dict | None:
     """Name and parameters of a press, JSON-safe (inner presses as nested descriptions)."""
     if press is None:
         return None
-    from kvpress_ext.registry import press_name
+    from kvpress_ext.core.registry import press_name
 
     params = {}
     if dataclasses.is_dataclass(press):
@@ -321,9 +321,9 @@ def is_our_cache_dir(path) -> bool:
 
 
 def check_cache_target(path, flag: str = "--out") -> Path:
-    """Raise :class:`~kvpress_ext.safe_io.OutputPathError` unless a cache may be written at ``path``: missing,
+    """Raise :class:`~kvpress_ext.storage.safe_write.OutputPathError` unless a cache may be written at ``path``: missing,
     an empty directory, or one of our caches. Nothing is written."""
-    from kvpress_ext.safe_io import check_target_dir
+    from kvpress_ext.storage.safe_write import check_target_dir
 
     return check_target_dir(
         path, flag=flag, ours=is_our_cache_dir, what="a kvpress-ext cache", refuse_symlinks=True,
@@ -423,7 +423,7 @@ def read_metadata(path) -> dict:
     if not meta_file.is_file():
         raise CacheFormatError(
             f"No saved cache at {path} (missing {METADATA_FILE}). Create one first, e.g. with "
-            f"`kvpress-ext icl precompute --out {path}` or kvpress_ext.cache_io.save_cache."
+            f"`kvpress-ext icl precompute --out {path}` or kvpress_ext.storage.cache_files.save_cache."
         )
     where, fix = f"Cache at {path}", _fix(path)
     metadata = read_json_object(meta_file, where, fix)
@@ -463,7 +463,7 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     cache = DynamicCache()
     devices = None
     if device is None and model is not None:
-        from kvpress_ext.devices import layer_devices
+        from kvpress_ext.core.devices import layer_devices
 
         devices = layer_devices(model)
     for i, length in enumerate(metadata["seq_lengths"]):

@@ -2,8 +2,8 @@
 
 The prompt is prefilled through the press (in chunks of the press's ``prefill_chunk_size`` when it has
 one, so ``lazy_streaming`` compacts while a prompt longer than its cap streams in), then tokens are
-decoded one forward at a time inside :func:`~kvpress_ext.apply.apply_press`, for the phases the press
-compresses in (:func:`~kvpress_ext.apply.compression_phases`). Greedy by default; nucleus sampling
+decoded one forward at a time inside :func:`~kvpress_ext.core.apply.apply_press`, for the phases the press
+compresses in (:func:`~kvpress_ext.core.apply.compression_phases`). Greedy by default; nucleus sampling
 with a seeded ``torch.Generator`` when ``--temperature`` > 0. The cache length is recorded after every
 forward pass, so the reported peak is what the cache holds between passes (bounded by ``cap_total`` for
 ``lazy_streaming``, however many tokens are generated).
@@ -19,13 +19,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.apply import apply_press, compression_phases
-from kvpress_ext.errors import KVPressExtError
-from kvpress_ext.evaluation.perplexity import cache_length
-from kvpress_ext.evaluation.speed import synchronize
-from kvpress_ext.icl.workflow import sample_token
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.contract import prefill_chunk_size
+from kvpress_ext.core.devices import synchronize
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.core.positions import cache_length
 from kvpress_ext.presses.lazy_streaming import chunked_prefill
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when ``temperature <= 0``, else nucleus sampling from ``logits / temperature`` with ``generator``."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p >= top_p  # drop tokens once the mass before them reaches top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 class GenerateInputError(KVPressExtError):
@@ -80,7 +93,7 @@ def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: 
     """
     device = input_ids.device
     prefill_phase, decoding_phase = compression_phases(press)
-    chunk = getattr(press, "prefill_chunk_size", None) if prefill_phase else None
+    chunk = prefill_chunk_size(press) if prefill_phase else None
     eos = eos_token_ids(model) if stop_at_eos else set()
     cache = DynamicCache()
     result = Generation(prompt_tokens=int(input_ids.shape[1]))

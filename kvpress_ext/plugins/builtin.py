@@ -1,17 +1,17 @@
 """The built-in plugin: kvpress_ext registers its own presses, adapters and model short names through the same hooks a
-third-party plugin uses (see :mod:`kvpress_ext.hookspecs`)."""
+third-party plugin uses (see :mod:`kvpress_ext.plugins.hookspecs`)."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from kvpress_ext.hookspecs import hookimpl
+from kvpress_ext.plugins.hookspecs import hookimpl
 
 
 @hookimpl
 def kvpress_ext_register_presses(register):
-    from kvpress_ext.kvpress_presses import register_kvpress_presses
+    from kvpress_ext.core.kvpress_table import register_kvpress_presses
 
     register_kvpress_presses(register)
     # Our presses register themselves with @register_press when their module is imported.
@@ -23,8 +23,8 @@ def kvpress_ext_register_presses(register):
 
 @hookimpl
 def kvpress_ext_register_adapters(register):
-    from kvpress_ext.adapters.gpt_neox import GPTNeoXAdapter
-    from kvpress_ext.adapters.llama import LlamaFamilyAdapter
+    from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
+    from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 
     register(LlamaFamilyAdapter("llama", ("llama",)))
     register(LlamaFamilyAdapter("mistral", ("mistral",)))
@@ -35,6 +35,6 @@ def kvpress_ext_register_adapters(register):
 
 @hookimpl
 def kvpress_ext_register_models(register):
-    from kvpress_ext.model_sources import register_builtin_models
+    from kvpress_ext.runtime.builtin_models import register_builtin_models
 
     register_builtin_models(register)

@@ -3,9 +3,9 @@
 Everything that takes a press by name (the CLI, the evaluation scripts, A3's eviction step) goes
 through :func:`get_press`, so name lookup, parameter checking and documentation live in one place.
 Presses register with the :func:`register_press` decorator (ours), through the plugin hook
-``kvpress_ext_register_presses`` (third parties), or in :mod:`kvpress_ext.kvpress_presses` (kvpress's own).
+``kvpress_ext_register_presses`` (third parties), or in :mod:`kvpress_ext.core.kvpress_table` (kvpress's own).
 A name another origin already holds is refused unless registered with ``override=True`` (the rule of
-:mod:`kvpress_ext.registration`, shared by every registry).
+:mod:`kvpress_ext.core.tables`, shared by every registry).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpress_ext import registration
-from kvpress_ext.errors import NoCompressionWarning, PressParameterError, UnknownPressError
+from kvpress_ext.core import tables
+from kvpress_ext.core.errors import NoCompressionWarning, PressParameterError, UnknownPressError
 
 #: Parameter names whose value must lie in [0, 1).
 RATIO_PARAMETERS = ("compression_ratio",)
@@ -65,7 +65,7 @@ class PressInfo:
     @property
     def override_note(self) -> str:
         """``overrides built-in`` when this press replaced another origin's press of the same name, else ""."""
-        return f"overrides {registration.origin_label(self.overrides)}" if self.overrides else ""
+        return f"overrides {tables.origin_label(self.overrides)}" if self.overrides else ""
 
     @property
     def summary(self) -> str:
@@ -104,7 +104,7 @@ def _class_path(info: PressInfo) -> str:
     return f"{info.cls.__module__}.{info.cls.__qualname__}"
 
 
-_PRESSES = registration.Table("press", describe=_class_path)
+_PRESSES = tables.Table("press", describe=_class_path)
 
 
 def first_sentence(doc: str) -> str:
@@ -155,7 +155,7 @@ def register_press(
     """Class decorator: register ``cls`` under ``name`` (snake_case); see :func:`add_press` for the rule on taken names."""
 
     def decorator(cls: type) -> type:
-        origin = registration.resolve_origin(source, cls.__module__, self_registration=True)
+        origin = tables.resolve_origin(source, cls.__module__, self_registration=True)
         _add(name, cls, origin, defaults, requires, override)
         return cls
 
@@ -169,10 +169,10 @@ def add_press(
     """Register ``cls`` under ``name``; the functional form of :func:`register_press`.
 
     ``source`` names the origin (default: the plugin being loaded, else the calling package). A name
-    that another origin already registered is refused with :class:`~kvpress_ext.registration.RegistrationConflict`
+    that another origin already registered is refused with :class:`~kvpress_ext.core.tables.RegistrationConflict`
     naming both; ``override=True`` replaces it, and ``kvpress-ext list`` then marks the press "overrides built-in".
     """
-    origin = registration.resolve_origin(source, registration.caller_module())
+    origin = tables.resolve_origin(source, tables.caller_module())
     return _add(name, cls, origin, defaults, requires, override)
 
 
@@ -191,7 +191,7 @@ def _presses() -> dict[str, PressInfo]:
 
 
 def _ensure_loaded() -> None:
-    registration.ensure_loaded()
+    tables.ensure_loaded()
 
 
 def available_presses() -> dict[str, PressInfo]:
@@ -303,7 +303,7 @@ def get_press(name: str, **params: Any):
         if isinstance(exc, PressParameterError):
             raise
         raise PressParameterError(f"{name}: invalid parameters {merged!r}: {exc}") from exc
-    from kvpress_ext.presses.temporal_order import keep_token_order
+    from kvpress_ext.core.temporal_order import keep_token_order
 
     press = keep_token_order(press)  # wrappers that compress a compressed cache again: entries in token order
     idle = compresses_nothing(press)

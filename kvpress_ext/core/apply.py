@@ -3,7 +3,7 @@
 ``apply_press(press, model)`` replaces kvpress's ``BasePress.__call__`` for kvpress_ext: it finds the
 model's adapter, registers ``press.forward_hook`` on every attention module the adapter lists, hands the
 press the adapter's Llama-shaped view of the module (the module itself for Llama-family models; see
-:mod:`kvpress_ext.adapters.gpt_neox` for GPT-NeoX), and tracks positions (:mod:`kvpress_ext.positions`).
+:mod:`kvpress_ext.core.adapters.gpt_neox` for GPT-NeoX), and tracks positions (:mod:`kvpress_ext.core.positions`).
 The hooks live only inside the ``with`` block; kvpress itself is not modified.
 
 Inputs a press cannot handle: kvpress checks its inputs with bare ``assert``s. One about the attention
@@ -20,46 +20,40 @@ import logging
 import warnings
 from contextlib import ExitStack, contextmanager
 
-from kvpress import BasePress, DecodingPress, DMSPress, FinchPress, KeyRerotationPress, PrefillDecodingPress
-
-from kvpress_ext.adapters import get_adapter
-from kvpress_ext.adapters.llama import LlamaFamilyAdapter
-from kvpress_ext.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
-from kvpress_ext.positions import set_next_position, track_positions
-
-_HOOKABLE_CALLS = (BasePress.__call__, DecodingPress.__call__, PrefillDecodingPress.__call__)
+from kvpress_ext.core.adapters import get_adapter
+from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core.contract import contract_of, first_skip_warning, inner_press, reset_press
+from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
+from kvpress_ext.core.positions import set_next_position, track_positions
+from kvpress_ext.core.registry import available_presses, press_name
 
 
 def compression_phases(press) -> tuple[bool, bool]:
     """(compresses at prefill, compresses during decoding) for any press, kvpress's or ours."""
-    if press is None:
-        return False, False
-    if hasattr(press, "compression_phases"):
-        return tuple(press.compression_phases)
-    if isinstance(press, DecodingPress):
-        return False, True
-    if isinstance(press, PrefillDecodingPress):
-        return True, True
-    if isinstance(press, DMSPress):
-        return True, bool(press.decoding)
-    return True, False
+    contract = contract_of(press)
+    return contract.prefill, contract.decoding
 
 
 def drives_model(press) -> bool:
-    """Whether a kvpress press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
-    if press is None:
-        return False
-    call = getattr(type(press), "__call__", None)  # noqa: B004 - the function itself is compared below
-    return not getattr(press, "uses_apply_press", False) and call not in _HOOKABLE_CALLS
+    """Whether a press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
+    return press is not None and contract_of(press).runs_model
 
 
 def positions_follow_cache(press) -> bool:
-    """kvpress presses that re-rotate kept keys to 0..n-1: the next position is the cache length."""
-    if isinstance(press, KeyRerotationPress):
-        return True
-    if isinstance(press, FinchPress):
-        return bool(press.rerotate_keys)
-    return type(press).__name__ == "RestoreKVPress"
+    """Presses that re-rotate kept keys to 0..n-1: the next position is the cache length."""
+    return press is not None and contract_of(press).positions_follow_cache
+
+
+def manages_whole_cache(press) -> bool:
+    """Presses with ``after_forward(cache)``, called once per forward pass after every layer has attended.
+
+    For a press whose decision does not depend on the layer's attention inputs (StreamingLLM-style
+    eviction by position), compacting every layer after the forward equals compacting each layer right
+    after its own attention (no layer reads another layer's cache), and it costs one Python hook per
+    forward instead of one per layer: the per-token overhead that matters when decoding small models.
+    The press works on the real cache tensors (natural basis, partial rotary on GPT-NeoX) through the adapter.
+    """
+    return press is not None and contract_of(press).whole_cache
 
 
 def about_attention_implementation(exc: BaseException) -> bool:
@@ -70,11 +64,9 @@ def about_attention_implementation(exc: BaseException) -> bool:
 
 def _user_facing_name(press) -> str:
     """The registry name of the press a user chose, looking through internal wrappers (EveryChunkPress)."""
-    from kvpress_ext.registry import available_presses, press_name
-
     registered = {info.cls for info in available_presses().values()}
-    while type(press) not in registered and getattr(press, "press", None) is not None:
-        press = press.press
+    while type(press) not in registered and inner_press(press) is not None:
+        press = inner_press(press)
     return press_name(press)
 
 
@@ -87,12 +79,8 @@ def _input_refused(press, exc: AssertionError, hidden_states) -> None:
             f"{name} cannot compress this input: {reason}. Change its parameters (see `kvpress-ext describe "
             f"{name}`) or the attention implementation."
         ) from exc
-    if getattr(press, "_kvpress_ext_skip_warned", False):
+    if not first_skip_warning(press):
         return
-    try:
-        press._kvpress_ext_skip_warned = True
-    except AttributeError:  # a press with __slots__: warn every time rather than never
-        pass
     n = hidden_states.shape[1] if hidden_states is not None else "?"
     warnings.warn(
         f"{name} did not compress a {n}-token input ({reason}); the cache keeps every token of it. Give it a "
@@ -151,17 +139,6 @@ def quiet_repeated_kvpress_logs(enable: bool = True) -> None:
             logger.removeFilter(_ONCE)
 
 
-def manages_whole_cache(press) -> bool:
-    """Presses with ``after_forward(cache)``: called once per forward pass, after every layer has attended.
-
-    For a press whose decision does not depend on the layer's attention inputs (StreamingLLM-style
-    eviction by position), compacting every layer after the forward equals compacting each layer right
-    after its own attention (no layer reads another layer's cache), and it costs one Python hook per
-    forward instead of one per layer: the per-token overhead that matters when decoding small models.
-    The press works on the real cache tensors (natural basis, partial rotary on GPT-NeoX) through the adapter.
-    """
-    return callable(getattr(press, "after_forward", None))
-
 
 def _after_forward_hook(press):
     def hook(module, args, kwargs, output):
@@ -209,17 +186,14 @@ def apply_press(press, model, *, track=True):
             press.post_init_from_model(model)
             handle = decoder.register_forward_hook(_after_forward_hook(press), with_kwargs=True)
             stack.callback(handle.remove)
-            if hasattr(press, "reset"):
-                stack.callback(press.reset)
+            stack.callback(reset_press, press)
         else:
             press.post_init_from_model(model)
             hook = _press_hook(press, adapter, model)
             for module in adapter.attention_modules(model):
                 handle = module.register_forward_hook(hook, with_kwargs=True)
                 stack.callback(handle.remove)
-            for resettable in (press, getattr(press, "decoding_press", None)):
-                if hasattr(resettable, "reset"):
-                    stack.callback(resettable.reset)
+            stack.callback(reset_press, press)
         if positions_follow_cache(press):
             handle = decoder.register_forward_hook(_cache_length_hook, with_kwargs=True)
             stack.callback(handle.remove)

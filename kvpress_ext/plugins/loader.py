@@ -7,12 +7,12 @@ Each entry point is loaded on its own, and is all or nothing. It fails, is recor
 * it has a hook implementation pluggy does not know (a misspelt hook name, reported by ``check_pending``) or a
   function named like a hook but not marked ``@kvpress_ext.hookimpl``;
 * a hook raises, or registers a press name, adapter model type or model short name that another origin holds without
-  ``override=True`` (the reason names both origins; see :mod:`kvpress_ext.registration`).
+  ``override=True`` (the reason names both origins; see :mod:`kvpress_ext.core.tables`).
 
-Plugins register only through the public functions :func:`kvpress_ext.registry.add_press` and
-:func:`kvpress_ext.adapters.add_adapter` and :func:`kvpress_ext.models.register_model`; rolling a failed plugin back uses the registration tables' own
+Plugins register only through the public functions :func:`kvpress_ext.core.registry.add_press` and
+:func:`kvpress_ext.core.adapters.add_adapter` and :func:`kvpress_ext.runtime.models.register_model`; rolling a failed plugin back uses the registration tables' own
 snapshots. Loading happens once, lazily, the first time a registry is read (the registries reach this module
-through :func:`kvpress_ext.registration.ensure_loaded`, so nothing imports in a cycle). Each failure is logged
+through :func:`kvpress_ext.core.tables.ensure_loaded`, so nothing imports in a cycle). Each failure is logged
 once as a warning; ``kvpress-ext list`` shows the failures in its output instead.
 """
 
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import pluggy
 
-from kvpress_ext import hookspecs, registration
-from kvpress_ext.adapters import add_adapter
-from kvpress_ext.registry import add_press
+from kvpress_ext.core import tables
+from kvpress_ext.core.adapters import add_adapter
+from kvpress_ext.core.registry import add_press
+from kvpress_ext.plugins import hookspecs
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _hook_registrars(origin: str) -> dict:
         add_adapter(adapter, source=origin, override=override)
 
     def register_model(name, resolve, override=False, **info):
-        from kvpress_ext.models import register_model as add_model
+        from kvpress_ext.runtime.models import register_model as add_model
 
         add_model(name, resolve, plugin=origin, override=override, **info)
 
@@ -110,7 +111,7 @@ def _describe_exception(exc: BaseException) -> str:
 
 def _load_entry_point(pm: pluggy.PluginManager, ep) -> None:
     """Import, validate and call one plugin under its own origin; raise on any problem."""
-    with registration.registering_as(ep.name):
+    with tables.registering_as(ep.name):
         plugin = ep.load()
         if pm.get_plugin(ep.name) is None:
             pm.register(plugin, name=ep.name)  # validates hook names' arguments
@@ -140,27 +141,27 @@ def load_plugins(force: bool = False) -> None:
     _loading = True
     try:
         pm = get_plugin_manager()
-        from kvpress_ext import builtin_plugin
+        from kvpress_ext.plugins import builtin as builtin_plugin
 
         if not pm.is_registered(builtin_plugin):
             pm.register(builtin_plugin, name=BUILTIN_NAME)
-            with registration.registering_as(registration.BUILTIN):
-                _call_hooks(builtin_plugin, registration.BUILTIN)
+            with tables.registering_as(tables.BUILTIN):
+                _call_hooks(builtin_plugin, tables.BUILTIN)
         for name in _loaded_names:
-            registration.remove_origin_everywhere(name)
+            tables.remove_origin_everywhere(name)
             if pm.get_plugin(name) is not None:
                 pm.unregister(name=name)
         _loaded_names.clear()
         _failures.clear()
         for ep in _entry_points():
-            before = registration.snapshot_all()
+            before = tables.snapshot_all()
             try:
                 _load_entry_point(pm, ep)
                 _loaded_names.append(ep.name)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - isolation is the point (sys.exit included)
-                registration.restore_all(before)
+                tables.restore_all(before)
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
                 failure = PluginFailure(ep.name, _describe_exception(exc))
@@ -175,4 +176,4 @@ def _entry_points():
     return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
-registration.set_loader(load_plugins)
+tables.set_loader(load_plugins)

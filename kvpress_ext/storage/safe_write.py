@@ -34,7 +34,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 RESULTS_MARKER = ".kvpress-ext-results"
 

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from kvpress_ext.errors import KVPressExtError
+from kvpress_ext.core.errors import KVPressExtError
 
 #: The origin of everything kvpress_ext (and kvpress) registers itself.
 BUILTIN = "kvpress_ext"
@@ -203,7 +203,7 @@ _loader: Callable[[], None] | None = None
 
 
 def set_loader(loader: Callable[[], None]) -> None:
-    """Installed by :mod:`kvpress_ext.plugins`: called by :func:`ensure_loaded` before a registry is read."""
+    """Installed by :mod:`kvpress_ext.plugins.loader`: called by :func:`ensure_loaded` before a registry is read."""
     global _loader
     _loader = loader
 

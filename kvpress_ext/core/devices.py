@@ -41,7 +41,7 @@ def input_device(model) -> torch.device:
 
 def layer_devices(model) -> list[torch.device]:
     """Execution device of each decoder layer, in order (where that layer's cache tensors belong)."""
-    from kvpress_ext.adapters import get_adapter
+    from kvpress_ext.core.adapters import get_adapter
 
     return [execution_device(layer) for layer in get_adapter(model).layers(model)]
 
@@ -67,3 +67,11 @@ def parameter_values(model, name: str) -> torch.Tensor | None:
         return weight_values(module, attr)
     except RuntimeError:
         return None
+
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

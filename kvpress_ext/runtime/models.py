@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from kvpress_ext import hub, registration
-from kvpress_ext.errors import KVPressExtError, UnsupportedModelError
+from kvpress_ext.core import tables
+from kvpress_ext.core.errors import KVPressExtError, UnsupportedModelError
+from kvpress_ext.runtime import hub
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -53,7 +54,7 @@ class ModelInfo:
     plugin: str = "kvpress_ext"
 
 
-_MODELS = registration.Table("model", describe=lambda info: info.source)
+_MODELS = tables.Table("model", describe=lambda info: info.source)
 
 
 def register_model(name: str, resolve: Callable[[], str], *, parameters: str = "", context: int | None = None,
@@ -61,14 +62,14 @@ def register_model(name: str, resolve: Callable[[], str], *, parameters: str = "
                    plugin: str | None = None, override: bool = False) -> ModelInfo:
     """Register ``name`` (lowercase, no ``/``) so every ``--model`` accepts it.
 
-    The collision rule of :mod:`kvpress_ext.registration` applies: a name another origin (built-in or plugin)
+    The collision rule of :mod:`kvpress_ext.core.tables` applies: a name another origin (built-in or plugin)
     holds is refused unless ``override=True``. ``plugin`` names the origin (default: the plugin being loaded, else
     the calling package)."""
     if not name or name != name.lower() or "/" in name or os.sep in name or name.startswith((".", "~")):
         raise ModelLoadError(f"Model short name {name!r} is invalid: use lowercase letters, digits, '-', '_' or '.'.")
     if not callable(resolve):
         raise ModelLoadError(f"register_model({name!r}) needs a callable that returns a model directory.")
-    origin = registration.resolve_origin(plugin, registration.caller_module())
+    origin = tables.resolve_origin(plugin, tables.caller_module())
     info = ModelInfo(name, resolve, parameters, context, source, licence, summary, status, origin)
     _MODELS.add(name, info, origin=origin, override=override)
     return info
@@ -76,7 +77,7 @@ def register_model(name: str, resolve: Callable[[], str], *, parameters: str = "
 
 def available_models() -> dict[str, ModelInfo]:
     """Every registered short name (sorted), built-ins and plugins'."""
-    registration.ensure_loaded()
+    tables.ensure_loaded()
     return dict(sorted((entry.key, entry.value) for entry in _MODELS.entries()))
 
 
@@ -87,12 +88,6 @@ def model_status(info: ModelInfo) -> str:
         return info.status()
     except Exception as exc:  # noqa: BLE001 - a listing must not fail on one entry
         return f"unavailable ({type(exc).__name__}: {exc})"
-
-
-def shared_dir() -> Path:
-    """The shared data folder: ``$KVPRESS_EXT_SHARED`` or ``shared/`` beside the checkout."""
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("KVPRESS_EXT_SHARED", default))
 
 
 def looks_like_path(name_or_path: str) -> bool:
@@ -174,7 +169,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"Cannot load model {name_or_path or DEFAULT_MODEL!r}: {_first_line(exc)}") from exc
     if check_supported:
-        from kvpress_ext.adapters import get_adapter
+        from kvpress_ext.core.adapters import get_adapter
 
         try:
             get_adapter(model)

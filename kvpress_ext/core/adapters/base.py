@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress_ext import rope
+from kvpress_ext.core import rope
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ModelAdapter:
         return rope.rotate(x, positions, inv_freq, self.attention_scaling(model))
 
     def rerotate_keys(self, model: nn.Module, keys: torch.Tensor, from_pos: torch.Tensor, to_pos: torch.Tensor):
-        """Move cached keys from positions ``from_pos`` to ``to_pos`` (see :func:`kvpress_ext.rope.rerotate`)."""
+        """Move cached keys from positions ``from_pos`` to ``to_pos`` (see :func:`kvpress_ext.core.rope.rerotate`)."""
         return rope.rerotate(keys, from_pos, to_pos, self.inv_freq(model).to(keys.device))
 
     # --- projections (pre-RoPE, shape (batch, heads, seq, head_dim)) ---------------------------------

@@ -25,7 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from kvpress_ext.models import ModelLoadError, shared_dir
+from kvpress_ext.runtime.models import ModelLoadError
+from kvpress_ext.storage.inputs import shared_dir
 
 try:
     import fcntl

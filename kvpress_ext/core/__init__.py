@@ -1,0 +1,1 @@
+"""The mechanisms every press shares: the press contract, registries, adapters, RoPE, positions, applying a press."""

@@ -1,0 +1,1 @@
+"""Running models under a press: model names and loading, chat prompts, the generation loop, the pipeline."""

@@ -1,0 +1,1 @@
+"""Files we write and read back: safe atomic writes, saved caches, input files."""
