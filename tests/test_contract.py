@@ -1,0 +1,172 @@
+"""The press contract: how each kind of press gets its capabilities, and the helpers that read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import kvpress
+import pytest
+
+from kvpress_ext.core.contract import (
+    KVPRESS_CONTRACTS,
+    PressContract,
+    budget_parameters,
+    contract_of,
+    first_skip_warning,
+    forget_skip_warning,
+    from_compression_ratio,
+    inner_press,
+    pipeline_call,
+    prefill_chunk_size,
+    reset_press,
+    sized_by_budget,
+)
+from kvpress_ext.core.registry import available_presses, get_press
+from kvpress_ext.presses.a3 import A3Press
+from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+from kvpress_ext.presses.rkv import RKVPress
+
+
+def test_a_kvpress_scorer_press_gets_the_defaults():
+    assert contract_of(kvpress.KnormPress(0.5)) == PressContract()
+    assert PressContract() == PressContract(prefill=True, decoding=False, whole_cache=False, runs_model=False,
+                                            positions_follow_cache=False, budget_parameters=(),
+                                            chunked_prefill=False, takes_context_chunks=False, batches=False)
+
+
+def test_no_press_compresses_nothing():
+    contract = contract_of(None)
+    assert not contract.prefill and not contract.decoding and not contract.runs_model
+
+
+@pytest.mark.parametrize(("press", "expected"), [
+    (kvpress.DecodingPress(base_press=kvpress.KnormPress()), PressContract(prefill=False, decoding=True)),
+    (kvpress.PrefillDecodingPress(prefilling_press=kvpress.KnormPress(0.5),
+                                  decoding_press=kvpress.DecodingPress(base_press=kvpress.KnormPress())),
+     PressContract(prefill=True, decoding=True)),
+    (kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), PressContract(positions_follow_cache=True)),
+])
+def test_kvpress_classes_with_special_needs_come_from_the_table(press, expected):
+    assert contract_of(press) == expected
+
+
+def test_the_table_follows_instance_parameters():
+    dms = get_press("dms")
+    assert contract_of(dms).decoding is bool(dms.decoding)
+    dms.decoding = not dms.decoding
+    assert contract_of(dms).decoding is bool(dms.decoding)
+
+
+def test_a_subclass_of_a_table_class_inherits_its_entry():
+    class MyRerotation(kvpress.KeyRerotationPress):
+        pass
+
+    assert contract_of(MyRerotation(press=kvpress.KnormPress(0.5))).positions_follow_cache
+
+
+def test_a_press_that_overrides_call_runs_the_model_itself():
+    for name in ("kvzip", "finch"):
+        assert contract_of(get_press(name)).runs_model, name
+    assert contract_of(get_press("finch")).positions_follow_cache  # rerotate_keys defaults to True
+    assert not contract_of(get_press("knorm")).runs_model
+
+
+def test_a_declared_contract_wins_and_is_trusted():
+    @dataclass
+    class Declared(kvpress.KeyRerotationPress):  # in the table, and overrides __call__, yet declares its own
+        contract: ClassVar[PressContract] = PressContract(decoding=True)
+
+        def __call__(self, model):
+            raise AssertionError("not called")
+
+    press = Declared(press=kvpress.KnormPress(0.5))
+    assert contract_of(press) == PressContract(decoding=True)
+
+
+def test_a_contract_may_depend_on_the_instance():
+    @dataclass
+    class Switchable(kvpress.KnormPress):
+        decode_too: bool = False
+
+        def press_contract(self) -> PressContract:
+            return PressContract(decoding=self.decode_too)
+
+    assert not contract_of(Switchable()).decoding
+    assert contract_of(Switchable(decode_too=True)).decoding
+
+
+def test_our_presses_declare_what_they_do():
+    rkv = contract_of(RKVPress(budget=64))
+    assert (rkv.prefill, rkv.decoding, rkv.whole_cache, rkv.budget_parameters) == (True, True, False, ("budget",))
+    lazy = contract_of(LazyStreamingPress(cap_total=64, slack=8))
+    assert (lazy.whole_cache, lazy.chunked_prefill, lazy.budget_parameters) == (True, True, ("cap_total", "window"))
+    a3 = contract_of(A3Press())
+    assert (a3.prefill, a3.decoding, a3.takes_context_chunks) == (False, False, True)
+    assert not any(c.runs_model for c in (rkv, lazy, a3))  # their __call__ wraps apply_press
+
+
+#: Presses whose constructor needs a size that has no default.
+REQUIRED = {"lazy_streaming": {"cap_total": 256}, "per_layer_compression": {"compression_ratios": [0.5, 0.5]}}
+
+
+def test_every_registered_press_has_a_contract():
+    for name, info in available_presses().items():
+        if info.requires:
+            continue
+        press = get_press(name, **REQUIRED.get(name, {}))
+        assert isinstance(contract_of(press), PressContract), name
+
+
+def test_budget_helpers_read_the_class():
+    assert budget_parameters(RKVPress) == ("budget",) and sized_by_budget(LazyStreamingPress)
+    assert budget_parameters(kvpress.SnapKVPress) == () and not sized_by_budget(kvpress.SnapKVPress)
+    assert from_compression_ratio(RKVPress, 0.75, 1024).budget == 256
+    assert from_compression_ratio(LazyStreamingPress, 0.5, 1024).cap_total == 512
+    with pytest.raises(TypeError, match="compression_ratio"):
+        from_compression_ratio(kvpress.SnapKVPress, 0.5, 1024)
+
+
+def test_chunk_size_and_pipeline_call_only_where_declared():
+    lazy = LazyStreamingPress(cap_total=64, slack=8)
+    assert prefill_chunk_size(lazy) == 8
+    assert prefill_chunk_size(kvpress.KnormPress(0.5)) is None
+    a3 = A3Press()
+    assert pipeline_call(a3) == a3.pipeline_call
+    assert pipeline_call(kvpress.KnormPress(0.5)) is None
+
+
+def test_reset_reaches_the_press_and_its_decoding_press():
+    calls = []
+
+    class Stateful:
+        def reset(self):
+            calls.append("outer")
+
+    class Inner:
+        def reset(self):
+            calls.append("inner")
+
+    outer = Stateful()
+    outer.decoding_press = Inner()
+    reset_press(outer)
+    assert calls == ["outer", "inner"]
+    reset_press(kvpress.KnormPress(0.5))  # no state: nothing to do, no error
+
+
+def test_inner_press_looks_through_wrappers_only():
+    knorm = kvpress.KnormPress(0.5)
+    assert inner_press(kvpress.KeyRerotationPress(press=knorm)) is knorm
+    assert inner_press(knorm) is None
+    assert inner_press(get_press("adakv")) is not None
+
+
+def test_a_skip_warning_is_given_once_until_forgotten():
+    press = kvpress.KnormPress(0.5)
+    assert first_skip_warning(press) and not first_skip_warning(press)
+    forget_skip_warning(press)
+    assert first_skip_warning(press)
+
+
+def test_the_table_holds_classes_not_names():
+    assert all(isinstance(cls, type) and issubclass(cls, kvpress.BasePress) for cls in KVPRESS_CONTRACTS)
