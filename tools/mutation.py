@@ -65,7 +65,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   "tests/test_rkv.py",
                   "tests/test_lazy_streaming.py", "tests/test_plugins.py"]),
     "perplexity": (["kvpress_ext/evaluation/perplexity.py"], ["tests/test_perplexity_units.py", "tests/test_perplexity.py"]),
-    "icl_scoring": (["kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py", "tests/test_icl_scoring_edges.py"]),
+    "icl_scoring": (["kvpress_ext/icl/answers.py", "kvpress_ext/icl/scoring.py"], ["tests/test_icl_scoring.py", "tests/test_icl_scoring_edges.py"]),
     "registry": (["kvpress_ext/core/registry.py"],
                  ["tests/test_registry.py", "tests/test_registry_mutation_gaps.py", "tests/test_plugins.py"]),
     "registration": (["kvpress_ext/core/tables.py"],
