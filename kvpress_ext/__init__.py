@@ -8,6 +8,7 @@ Three lines::
     pipe(context, question=question, press=kvpress_ext.get_press("knorm", compression_ratio=0.5))["answer"]
 """
 
+from kvpress_ext import moved_modules
 from kvpress_ext.core.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
 from kvpress_ext.core.apply import apply_press, compression_phases
 from kvpress_ext.core.errors import (
@@ -26,6 +27,8 @@ from kvpress_ext.runtime.models import ModelLoadError, available_models, load_mo
 from kvpress_ext.runtime.pipeline import KVPressExtPipeline
 
 __version__ = "0.1.0"
+
+moved_modules.install()  # old flat module paths (kvpress_ext.registry, ...) keep importing
 
 __all__ = [
     "CacheFormatError",
