@@ -1,11 +1,14 @@
 """Position tracking (kvpress_ext.core.positions) against plain transformers runs: caches filled elsewhere, inputs
 given as embeddings, caller-supplied cache positions and attention masks, padded batches."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.positions import PositionState, next_position, position_state
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
@@ -143,3 +146,58 @@ def test_positions_are_made_on_the_inputs_device(tiny_models, arch):
         assert a.device.type == "cpu"
         torch.testing.assert_close(a[0], b[0], atol=TOL, rtol=TOL)
         torch.testing.assert_close(a[1, -4:], b[1, -4:], atol=TOL, rtol=TOL)
+
+
+class _ReplayPress:
+    """A press that runs the model itself, as KVzip does: it records the positions each pass of the decoder is given,
+    and after the caller's pass replays its last ``replay`` tokens on the same cache, then cuts them off again
+    unless ``keep`` (RestoreKV keeps the tokens its extra pass adds)."""
+
+    def __init__(self, replay=5, keep=False):
+        self.replay, self.keep, self.given = replay, keep, []
+
+    def press_contract(self):
+        return PressContract(runs_model=True, positions_follow_cache=self.keep)
+
+    def forward_hook(self, module, args, kwargs, output):
+        return output
+
+    def post_init_from_model(self, model):
+        pass
+
+    def __call__(self, model):
+        @contextmanager
+        def running():
+            seen = {}
+
+            def pre_hook(module, args, kwargs):
+                seen.setdefault("ids", kwargs["input_ids"])
+                seen.setdefault("cache", kwargs["past_key_values"])
+                self.given.append(kwargs.get("position_ids"))
+
+            handle = model.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                yield
+                cache = seen["cache"]
+                n = cache.get_seq_length()
+                model.model(input_ids=seen["ids"][:, -self.replay:], past_key_values=cache)
+                if not self.keep:
+                    cache.crop(n)
+            finally:
+                handle.remove()
+
+        return running()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_press_that_runs_the_model_owns_the_positions_of_its_passes(tiny_models, keep):
+    """Inside its context the model takes every position from the cache length (none is given to it), as in kvpress;
+    only the caller's tokens advance the position state, and a press that keeps tokens of its own extra pass (its
+    contract: positions follow the cache) leaves the next position at the cache length."""
+    model, ids = tiny_models["llama"], _ids(12)
+    press, cache = _ReplayPress(keep=keep), DynamicCache()
+    with torch.no_grad(), apply_press(press, model):
+        model.model(input_ids=ids, past_key_values=cache)
+    assert press.given == [None, None]  # the caller's pass and the replay: positions are the model's own
+    assert cache.get_seq_length() == (17 if keep else 12)
+    assert next_position(cache) == (17 if keep else 12) and position_state(cache).seen_tokens == 12

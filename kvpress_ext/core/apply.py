@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 from kvpress_ext.core.contract import contract_of, first_skip_warning, inner_press, reset_press
 from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
-from kvpress_ext.core.positions import set_next_position, track_positions
+from kvpress_ext.core.positions import count_positions, set_next_position, track_positions
 from kvpress_ext.core.registry import available_presses, press_name
 
 
@@ -159,6 +159,21 @@ def _cache_length_hook(module, args, kwargs, output):
 
 
 @contextmanager
+def _owning_its_passes(press, model, decoder, track: bool):
+    """A press that runs the model (KVzip, RestoreKV, KVCompose, Finch) inside its own context manager owns every
+    pass there, as in kvpress: the caller's passes and the press's extra ones (a reconstruction pass, a second pass
+    over the context, restore tokens) take their positions from the cache length, untouched by us. Only the
+    caller's tokens advance the position state; a press that moves positions leaves the next one at the cache
+    length once its context has closed (its extra passes included)."""
+    caches: list = []
+    with press(model), count_positions(decoder, caches) if track else nullcontext():
+        yield
+    if track and positions_follow_cache(press):
+        for cache in caches:
+            set_next_position(cache, cache.get_seq_length())
+
+
+@contextmanager
 def apply_press(press, model, *, track=True):
     """Context manager: ``press`` compresses the KV cache of every forward pass of ``model`` inside it.
 
@@ -169,20 +184,22 @@ def apply_press(press, model, *, track=True):
     decoder = adapter.decoder(model)
     if _QUIET:
         quiet_repeated_kvpress_logs()  # loggers of presses imported since the command started
+    if drives_model(press):
+        if not isinstance(adapter, LlamaFamilyAdapter):
+            raise UnsupportedModelError(
+                f"{type(press).__name__} runs the model itself (not only attention hooks) and supports "
+                f"Llama-family models only, not {adapter.name}. Pick a hook-based press (e.g. knorm, snapkv)."
+            )
+        with _owning_its_passes(press, model, decoder, track):
+            yield
+        return
     with ExitStack() as stack:
         if track:
             stack.enter_context(track_positions(decoder))
         if press is None:
             yield
             return
-        if drives_model(press):
-            if not isinstance(adapter, LlamaFamilyAdapter):
-                raise UnsupportedModelError(
-                    f"{type(press).__name__} runs the model itself (not only attention hooks) and supports "
-                    f"Llama-family models only, not {adapter.name}. Pick a hook-based press (e.g. knorm, snapkv)."
-                )
-            stack.enter_context(press(model))
-        elif manages_whole_cache(press):
+        if manages_whole_cache(press):
             press.post_init_from_model(model)
             handle = decoder.register_forward_hook(_after_forward_hook(press), with_kwargs=True)
             stack.callback(handle.remove)

@@ -94,6 +94,42 @@ def _pre_hook(module, args, kwargs):
     return args, kwargs
 
 
+def _count_hooks(caches: list):
+    """Pre/post hooks that advance a cache's state by the tokens of each outermost forward, positions untouched."""
+    depth = [0]
+
+    def pre_hook(module, args, kwargs):
+        depth[0] += 1
+        cache = kwargs.get("past_key_values")
+        if depth[0] == 1 and cache is not None:
+            state = position_state(cache)
+            n = _num_new_tokens(args, kwargs)[1]
+            state.next_position += n
+            state.seen_tokens += n
+            if all(c is not cache for c in caches):
+                caches.append(cache)
+
+    def post_hook(module, args, kwargs, output):
+        depth[0] -= 1
+
+    return pre_hook, post_hook
+
+
+@contextmanager
+def count_positions(decoder: torch.nn.Module, caches: list | None = None):
+    """Advance each cache's state by the tokens fed through ``decoder``, leaving the pass's positions to the model
+    (which takes them from the cache length): for a press that runs the model and owns the positions of its
+    passes. The caches seen are appended to ``caches``."""
+    pre_hook, post_hook = _count_hooks(caches if caches is not None else [])
+    handles = [decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               decoder.register_forward_hook(post_hook, with_kwargs=True, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def track_positions(decoder: torch.nn.Module):
     """Install the pre-hook that sets ``position_ids``/``cache_position`` from the cache's state."""

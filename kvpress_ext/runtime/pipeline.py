@@ -141,9 +141,10 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
                 ids = greedy_decode(self.model, question_ids.to(input_device(self.model)), cache, max_new_tokens, eos,
                                     stop_at_first=False)
                 answers.append(str(self.tokenizer.decode(ids, skip_special_tokens=True)))
-                if not decoding:  # rewind the answer so the next question sees the context only
-                    self._remove_answer_from_cache(cache, lengths)
-                    position_state(cache).__dict__.update(state.__dict__)
+                # Rewind the answer so the next question sees the context only. A press that compressed while
+                # decoding leaves each layer cut to its length before the answer, as kvpress's pipeline does.
+                self._remove_answer_from_cache(cache, lengths)
+                position_state(cache).__dict__.update(state.__dict__)
         return answers
 
 
