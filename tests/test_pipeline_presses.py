@@ -36,7 +36,7 @@ KVPRESS_LIMITS = {
     "observed_attention": "needs attn_implementation='eager' (attention weights)",
     "pyramidkv": "window/shape mismatch on short prompts",
     "chunkkv": "shape mismatch when the prompt is not a multiple of chunk_length",
-    "kvcompose": "shape mismatch on short prompts",
+    "kvcompose": "keeps a different number of tokens per layer, which kvpress's decoding under sdpa cannot mask",
     "criticalkv": "reads config.head_dim, which Qwen2's config lacks",
     # kvpress's search_hyperplane needs a nonzero query: a tiny random model's <pad> embedding is all zeros
     # (padding_idx), so a generated <pad> gives zero queries at layer 0 and "Could not find fake keys"

@@ -57,7 +57,8 @@ class PressContract:
     #: hook per attention module (cheaper per decoded token; the press works on the real cache tensors).
     whole_cache: bool = False
     #: Its ``__call__(model)`` runs forward passes itself (KVzip's reconstruction pass, Finch's delimiter search).
-    #: It owns those passes: kvpress-ext does not track positions inside them. Only Llama-family models.
+    #: It owns those passes: inside its context every pass takes its positions from the cache length, as in kvpress,
+    #: and only the caller's tokens advance the position state. Only Llama-family models.
     runs_model: bool = False
     #: After each forward the next RoPE position is the cache length (keys re-rotated to 0..n-1).
     positions_follow_cache: bool = False
