@@ -322,9 +322,12 @@ def test_json_outputs_never_replace_other_files(target, tmp_path, capsys):
 
 def test_output_file_rule(tmp_path):
     js = tmp_path / "old.json"
-    js.write_text('{"a": 1}')
-    safe_io.write_output(js, '{"b": 2}')  # a JSON file (an earlier output) is replaced, atomically
-    assert json.loads(js.read_text()) == {"b": 2}
+    safe_io.write_output(js, '{"a": 1}')
+    safe_io.write_output(js, '{"b": 2}')  # an earlier output (it carries our mark) is replaced, atomically
+    assert json.loads(js.read_text()) == {"written_by": "kvpress-ext", "b": 2}
+    (tmp_path / "users.json").write_text('{"a": 1}')
+    with pytest.raises(OutputPathError, match="not a JSON output of kvpress-ext"):  # a user's JSON is not ours
+        safe_io.write_output(tmp_path / "users.json", '{"b": 2}')
     safe_io.write_output(tmp_path / "new" / "deeper" / "out.json", "{}")  # missing directories are created
     empty = tmp_path / "empty.json"
     empty.touch()
@@ -333,11 +336,12 @@ def test_output_file_rule(tmp_path):
     with pytest.raises(OutputPathError, match="symbolic link"):
         safe_io.write_output(tmp_path / "link.json", "{}")
     (tmp_path / "plot.png").write_text("not a png")
-    with pytest.raises(OutputPathError, match="image"):
+    with pytest.raises(OutputPathError, match="not a plot kvpress-ext made"):
         safe_io.check_output_file(tmp_path / "plot.png", kind="image", flag="--plot")
     with pytest.raises(OutputPathError, match="not a directory"):
         safe_io.check_output_file(js / "x.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "link.json", "new", "old.json", "plot.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "link.json", "new", "old.json", "plot.png",
+                                                          "users.json"]
 
 
 def test_results_directories_must_be_ours(tmp_path, capsys):
@@ -451,16 +455,16 @@ def test_replacement_killed_between_renames_is_recovered(killed_at, expect, mode
 def test_only_old_copy_left_is_restored_and_stale_temporaries_removed(model, tmp_path):
     path = tmp_path / "c"
     save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
-    os.rename(path, tmp_path / ".c.old-123-dead")
-    (tmp_path / ".c.tmp-456-dead").mkdir()
-    (tmp_path / ".c.tmp-456-dead" / "tensors.safetensors").write_bytes(b"partial")
+    os.rename(path, tmp_path / ".c.old-123-0000dead")
+    (tmp_path / ".c.tmp-456-0000dead").mkdir()
+    (tmp_path / ".c.tmp-456-0000dead" / "tensors.safetensors").write_bytes(b"partial")
     assert load_cache(path, model=model)[1]["extra"] == {"v": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     # the same in an A3 store: a killed writer's temporary entry is removed when the entry is next opened
     store = ChunkStore(tmp_path / "s", model)
     entry = store.chunk_path(CHUNK)
     entry.parent.mkdir(parents=True)
-    (entry.parent / f".{entry.name}.tmp-1-dead").mkdir()
+    (entry.parent / f".{entry.name}.tmp-1-0000dead").mkdir()
     store.get(CHUNK)
     assert entry.is_dir() and not [p for p in entry.parent.iterdir() if p.name.startswith(".")]
 

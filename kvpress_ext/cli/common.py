@@ -11,6 +11,7 @@ import warnings
 
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError
 from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
+from kvpress_ext.storage.inputs import load_json
 
 
 def parse_value(text: str):
@@ -89,7 +90,7 @@ def parse_device_map(text: str | None):
         raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
     if raw.lstrip().startswith("{"):
         try:
-            value = json.loads(raw)
+            value = load_json(raw, "--device_map")
         except json.JSONDecodeError as exc:
             raise KVPressExtError(f"--device_map is not valid JSON ({exc.msg}): pass auto or a JSON map.") from None
         if not isinstance(value, dict):

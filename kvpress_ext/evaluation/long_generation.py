@@ -298,13 +298,13 @@ def build_parser():
 
 
 def _load_cell(path, settings: dict) -> dict | None:
-    import json
+    from kvpress_ext.storage.inputs import load_json
 
     try:
-        record = json.loads(path.read_text())
+        record = load_json(path.read_bytes(), str(path))
     except (OSError, ValueError):
         return None
-    return record if record.get("settings") == settings else None
+    return record if isinstance(record, dict) and record.get("settings") == settings else None
 
 
 def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say, on_update, deadline: float) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpress_ext.icl.workflow import ICLInputError, load_documents
-from kvpress_ext.storage.inputs import read_text_file
+from kvpress_ext.storage.inputs import load_json, read_text_file
 
 FORMAT_VERSION = 1
 _FIX = "give a local sentence-transformers or Hugging Face model directory with --embedder"
@@ -249,7 +249,7 @@ def load_clusters(path) -> dict:
     if not path.is_file():
         raise ICLInputError(f"Clusters file {path} does not exist; run `kvpress-ext icl cluster build --out {path}`.")
     try:
-        clusters = json.loads(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
+        clusters = load_json(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
     except json.JSONDecodeError as exc:
         raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rebuild it "
                             "with `kvpress-ext icl cluster build`.") from exc

@@ -99,6 +99,9 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
     """What ``from_pretrained`` should load for ``name_or_path`` (default :data:`DEFAULT_MODEL`): a registered short
     name's local directory (converted or located on first use), an existing local directory, or a hub id."""
     name_or_path = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
+    if not name_or_path.strip():  # "" would be the current folder
+        raise ModelLoadError(f"--model is empty: pass a short name ({', '.join(available_models())}), a local model "
+                             "directory or a hub id.")
     if not looks_like_path(name_or_path):
         models = available_models()
         if name_or_path in models:

@@ -34,7 +34,8 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.core.positions import PositionState, position_state
-from kvpress_ext.storage.safe_write import path_lock, recover, replace_directory, try_lock
+from kvpress_ext.storage.inputs import load_json
+from kvpress_ext.storage.safe_write import is_ours, path_lock, recover, replace_directory, try_lock
 
 FORMAT_VERSION = 2
 KNOWN_VERSIONS = (2,)
@@ -148,7 +149,7 @@ def _parse_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
     if n > len(buf) - 8:
         raise ValueError("header length beyond the end of the file")
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
+        header = load_json(bytes(buf[8 : 8 + n]))
     except ValueError:
         raise ValueError("header is not JSON") from None
     if not isinstance(header, dict):
@@ -237,7 +238,7 @@ def check_version(value, known: tuple[int, ...], where: str, fix: str, newer_fix
 def read_json_object(path: Path, where: str, fix: str) -> dict:
     """A JSON object from ``path``; a pickle, binary, a list or invalid JSON is a one-line error."""
     try:
-        data = json.loads(path.read_bytes())
+        data = load_json(path.read_bytes(), f"{where}: {path.name}")
     except FileNotFoundError:
         raise CacheFormatError(f"{where}: {path.name} is missing; {fix}") from None
     except OSError as exc:
@@ -305,19 +306,21 @@ def atomic_directory_write(path: Path, write_fn) -> None:
 
 # --- whose directory is it? ----------------------------------------------------------------------------------------
 def is_our_cache_dir(path) -> bool:
-    """True for a directory our metadata says is a saved cache, or one holding nothing but a cache's files
-    (a damaged cache: ``--recompute`` may replace it)."""
+    """True for a directory whose contents prove it is one of our saved caches (:func:`~kvpress_ext.storage.
+    safe_write.is_ours`: our metadata kind, or a damaged cache's two files with our tensor header) and not
+    another kind of ours (a chunk store, a results directory). A folder merely holding a ``metadata.json`` is not."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
-    names = {p.name for p in path.iterdir()}
-    if names and names <= {METADATA_FILE, TENSORS_FILE}:
-        return True
     try:
-        meta = json.loads((path / METADATA_FILE).read_bytes())
+        meta = load_json((path / METADATA_FILE).read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and (meta.get("kind") == CACHE_KIND or {"format_version", "seq_lengths"} <= set(meta))
+        meta = None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind == CACHE_KIND:
+        return True
+    names = {p.name for p in path.iterdir()}
+    return not kind and bool(names) and names <= {METADATA_FILE, TENSORS_FILE} and is_ours(path)
 
 
 def check_cache_target(path, flag: str = "--out") -> Path:

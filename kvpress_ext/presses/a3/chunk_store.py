@@ -60,6 +60,7 @@ from kvpress_ext.storage.cache_files import (
     read_json_object,
     read_verified_tensors,
 )
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import (
     atomic_write_bytes,
     check_target_dir,
@@ -93,7 +94,7 @@ def is_store_root(root) -> bool:
     if root.is_symlink() or not root.is_dir():
         return False
     try:
-        marker = json.loads((root / STORE_MARKER).read_bytes())
+        marker = load_json((root / STORE_MARKER).read_bytes())
         if isinstance(marker, dict) and marker.get("kind") == STORE_KIND:
             return True
     except (OSError, ValueError):
