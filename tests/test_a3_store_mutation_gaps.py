@@ -337,7 +337,7 @@ def test_killed_replacements_are_restored_and_hits_take_no_lock(model, tmp_path,
     pb = store.chunk_path([8, 9, 10])
 
     def kill_b(tag):
-        pb.rename(pb.parent / f".{pb.name}.old-{tag}-dead")
+        pb.rename(pb.parent / f".{pb.name}.old-{tag}-0000dead")  # the tag temporary_sibling makes
 
     def leftovers():
         return sorted(p.name for p in pb.parent.iterdir() if ".old-" in p.name)
@@ -371,7 +371,7 @@ def test_killed_replacements_are_restored_and_hits_take_no_lock(model, tmp_path,
         kill_b(3)
         with pytest.raises(CacheFormatError, match="is missing or not a directory"):
             ro.get([8, 9, 10])
-        assert not pb.exists() and leftovers() == [f".{pb.name}.old-3-dead"]
+        assert not pb.exists() and leftovers() == [f".{pb.name}.old-3-0000dead"]
 
 
 def test_other_lock_errors_propagate(model, tmp_path, monkeypatch):

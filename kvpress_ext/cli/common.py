@@ -5,7 +5,10 @@ flags, and warnings printed as one line."""
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
+import re
 import sys
 import warnings
 
@@ -128,13 +131,69 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
             "offload_folder": args.offload_folder}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
-    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class. Text that is
+    not valid UTF-8 (Python hands such command-line bytes over as lone surrogates, which tokenizers reject with a
+    ``TypeError``) is refused here, once for every option."""
 
     def error(self, message: str):
         text = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for name, value in vars(namespace).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, str) and _SURROGATE.search(v) for v in values):
+                self.error(f"--{name} holds bytes that are not valid UTF-8 text; pass it as UTF-8")
+        return namespace, extras
+
+
+#: What no command should show as a traceback: the last-resort handler turns each into one line and exit 2.
+LAST_RESORT = (RecursionError, OverflowError, MemoryError, OSError)
+
+
+def last_resort_message(exc: BaseException) -> str:
+    """One line for an error no check caught, naming what to do (nothing already written is lost: every writer
+    replaces files atomically)."""
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to process; pass a flatter file (nothing was changed)."
+    if isinstance(exc, OverflowError):
+        return f"a number is out of range ({str(exc).splitlines()[0] if str(exc) else 'overflow'}); pass a smaller value."
+    if isinstance(exc, MemoryError):
+        return "ran out of memory; pass a smaller input or fewer tokens (files written before are intact)."
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}; free some space, then rerun (files written before are intact)."
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {why}; pass a folder you may write into, then rerun (nothing was lost)."
+    return f"{why}{where}; check the path still exists and is readable/writable, then rerun (nothing was lost)."
+
+
+def command_entry(prog: str):
+    """Decorator of a command's ``main(argv) -> int``: a :class:`KVPressExtError` or a :data:`LAST_RESORT` error
+    that reaches it is printed as ``prog: error: ...`` on one line and exit status 2 (``SystemExit`` passes)."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KVPressExtError as exc:
+                text = str(exc).strip()
+                print(f"{prog}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+            except LAST_RESORT as exc:
+                print(f"{prog}: error: {last_resort_message(exc)}", file=sys.stderr)
+            return 2
+
+        return run
+
+    return wrap
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:

@@ -16,6 +16,7 @@ from kvpress_ext.cli.common import (
     add_placement_args,
     add_sweep_args,
     add_threads_argument,
+    command_entry,
     parse_press_kwargs,
     placement_kwargs,
     quiet_command_line,
@@ -100,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
     return PerplexityConfig(**values)
 
 
+@command_entry("perplexity")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_command_line("perplexity")

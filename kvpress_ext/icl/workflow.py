@@ -28,12 +28,18 @@ from transformers import DynamicCache
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import CacheFormatError, KVPressExtError
-from kvpress_ext.core.registry import get_press
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.runtime.chat import chat_turn_break, has_chat_template, split_chat_prompt
 from kvpress_ext.runtime.generate import sample_token
-from kvpress_ext.storage.cache_files import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
+from kvpress_ext.storage.cache_files import (
+    METADATA_FILE,
+    check_cache_target,
+    load_cache,
+    press_from_description,
+    read_metadata,
+    save_cache,
+)
 from kvpress_ext.storage.inputs import load_json, read_text_file
 from kvpress_ext.storage.safe_write import path_lock, recover, waiting_note
 
@@ -296,7 +302,8 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     base, meta = load_cache(cache_dir, model=model)
     press = None
     if compress and meta.get("press"):
-        press = get_press(meta["press"]["name"], **meta["press"]["params"])
+        press = press_from_description(meta["press"], f"Cache at {cache_dir}",
+                                       f"recompute it (`kvpress-ext icl precompute --out {cache_dir} --recompute`)")
     generator = torch.Generator().manual_seed(seed)
     random.seed(seed)
     records = []

@@ -281,6 +281,24 @@ def press_description(press) -> dict | None:
     return {"name": press_name(press), "class": type(press).__name__, "params": params}
 
 
+def press_from_description(description: dict, where: str, fix: str):
+    """The press :func:`press_description` described, rebuilt through the registry (so its parameters get the
+    same range checks as a command line's: a saved file is untrusted input); inner presses too."""
+    from kvpress_ext.core.errors import KVPressExtError
+    from kvpress_ext.core.registry import get_press
+
+    def build(desc):
+        params = {k: build(v) if isinstance(v, dict) and isinstance(v.get("name"), str) and "params" in v else v
+                  for k, v in (desc.get("params") or {}).items()}
+        return get_press(desc["name"], **params)
+
+    try:
+        return build(description)
+    except KVPressExtError as exc:
+        raise CacheFormatError(f"{where}: its saved press cannot be rebuilt ({str(exc).splitlines()[0]}); {fix}") \
+            from None
+
+
 def _json_safe(value: Any):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -317,8 +335,8 @@ def is_our_cache_dir(path) -> bool:
     except (OSError, ValueError):
         meta = None
     kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind == CACHE_KIND:
-        return True
+    if kind == CACHE_KIND or (isinstance(meta, dict) and {"format_version", "seq_lengths"} <= set(meta) and not kind):
+        return True  # ours, or a cache from before the kind was written (format 1)
     names = {p.name for p in path.iterdir()}
     return not kind and bool(names) and names <= {METADATA_FILE, TENSORS_FILE} and is_ours(path)
 

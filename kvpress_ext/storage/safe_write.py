@@ -21,7 +21,6 @@ killed process, so nothing stale is ever waited on.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from kvpress_ext.storage.inputs import JSONInputError, load_json
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.locks import (  # noqa: F401 - the writing layer's one import for writers
     LockBusy,
     OutputPathError,
