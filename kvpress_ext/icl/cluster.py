@@ -276,6 +276,12 @@ def load_clusters(path) -> dict:
             raise ICLInputError(f"Data file {data} changed since {path} was built (content hash differs); "
                                 f"rebuild with `kvpress-ext icl cluster build`.")
         clusters["records"] = records
+    members, n = clusters["clusters"], len(clusters["records"]) if isinstance(clusters["records"], list) else -1
+    if not (isinstance(members, list) and len(members) == len(centroids) and len({len(r) for r in centroids}) == 1
+            and all(isinstance(m, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
+                                                 for i in m) for m in members)):
+        raise ICLInputError(f"{path} has cluster members that are not indices of its {max(n, 0)} records (or "
+                            "centroids of unequal width); rebuild it with `kvpress-ext icl cluster build`.")
     return clusters
 
 
