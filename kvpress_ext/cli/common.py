@@ -54,6 +54,50 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: a sampling temperature, 0 (greedy) or a finite number in [0.001, 1000]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != 0 and not 1e-3 <= value <= 1e3:  # NaN fails both tests
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or in [0.001, 1000], got {text!r}")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """argparse type: a nucleus sampling mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def token_offset(text: str) -> int:
+    """argparse type: a whole number of positions, at most 2**24 either way."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if abs(value) > 1 << 24:
+        raise argparse.ArgumentTypeError(f"must be within +-{1 << 24} positions, got {text!r}")
+    return value
+
+
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """The flags of :class:`kvpress_ext.evaluation.sweep.SweepOptions` (same names), for commands that run sweeps."""
     from kvpress_ext.evaluation.sweep import EXECUTORS, SweepOptions
@@ -91,7 +135,7 @@ def parse_device_map(text: str | None):
         from kvpress_ext.storage.inputs import read_text_file
 
         raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
-    if raw.lstrip().startswith("{"):
+    if raw.lstrip().startswith("{") or raw is not text:  # a .json file holds JSON, whatever its first character
         try:
             value = load_json(raw, "--device_map")
         except json.JSONDecodeError as exc:

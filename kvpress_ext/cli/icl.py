@@ -17,8 +17,12 @@ from kvpress_ext.cli.common import (
     add_threads_argument,
     placement_kwargs,
     positive_int,
+    probability_mass,
+    seed_int,
     set_threads,
     sweep_options_from_args,
+    temperature,
+    token_offset,
 )
 from kvpress_ext.evaluation.sweep import Cell
 from kvpress_ext.icl import workflow as wf
@@ -49,7 +53,7 @@ def _add_cache_args(p):
     p.add_argument("--num_epochs", type=positive_int, default=1, help="passes over the documents")
     p.add_argument("--data_limit", type=positive_int, default=None, help="use only the first N documents")
     p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
-    p.add_argument("--rotation_offset", type=int, default=0, help="gap between the prefix and the first rotated key")
+    p.add_argument("--rotation_offset", type=token_offset, default=0, help="gap between the prefix and the first rotated key")
     p.add_argument("--max_note_tokens", type=positive_int, default=64, help="most tokens of each written note")
     p.add_argument("--recompute", action="store_true",
                    help="replace an existing cache (only ever one of ours: another file or directory is refused)")
@@ -59,9 +63,9 @@ def _add_cache_args(p):
 def _add_eval_args(p):
     p.add_argument("--repeat", type=positive_int, default=1, help="samples per question")
     p.add_argument("--max_new_tokens", type=positive_int, default=128, help="most tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_p", type=probability_mass, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator")
     p.add_argument("--no_compress", action="store_true", help="do not keep compressing while answering")
 
 
@@ -224,7 +228,10 @@ def _cmd_cluster_query(args) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    return [positive_int(t) for t in text.split(",") if t.strip()]
+    values = [positive_int(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _str_list(choices):
@@ -295,7 +302,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
     c.add_argument("--embedder", required=True, help="local sentence-transformers or Hugging Face model directory")
     c.add_argument("--k", type=positive_int, required=True, help="number of clusters")
-    c.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
+    c.add_argument("--seed", type=seed_int, default=0, help="seed of the k-means initialisation")
     c.add_argument("--batch_size", type=positive_int, default=32, help="questions embedded per forward")
     c.add_argument("--out", required=True, help="clusters JSON file to write")
     add_threads_argument(c)

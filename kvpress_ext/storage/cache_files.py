@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.core.positions import PositionState, position_state
-from kvpress_ext.storage.inputs import load_json
+from kvpress_ext.storage.inputs import JSONInputError, load_json
 from kvpress_ext.storage.safe_write import is_ours, path_lock, recover, replace_directory, try_lock
 
 FORMAT_VERSION = 2
@@ -289,6 +289,8 @@ def read_json_object(path: Path, where: str, fix: str) -> dict:
         raise CacheFormatError(f"{where}: {path.name} is missing; {fix}") from None
     except OSError as exc:
         raise CacheFormatError(f"{where}: cannot read {path.name} ({exc.strerror}); {fix}") from None
+    except JSONInputError as exc:
+        raise CacheFormatError(f"{where}: {path.name} {exc.reason}; {fix}") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError (a pickle, binary junk)
         raise CacheFormatError(f"{where}: {path.name} is not valid JSON ({str(exc)[:80]}); {fix}") from None
     if not isinstance(data, dict):

@@ -108,18 +108,19 @@ def load_json(data: str | bytes, where: str = "", *, max_depth: int = MAX_JSON_D
     A breach raises :class:`JSONInputError` (``"{where} nests ..."``, one line); malformed JSON still raises
     ``json.JSONDecodeError`` so callers keep their own "is not valid JSON" wording.
     """
-    prefix = f"{where} " if where else "the JSON "
+    reason = None
     try:
         value = json.loads(data, parse_int=_bounded_int, parse_float=_bounded_float)
-    except JSONInputError as exc:
-        raise JSONInputError(f"{prefix}{exc}; pass a file that kvpress-ext or your data tool wrote.") from None
-    except RecursionError:
-        raise JSONInputError(f"{prefix}nests lists/objects more than {max_depth} deep; pass a file that "
-                             "kvpress-ext or your data tool wrote.") from None
-    try:
         _check_depth(value, max_depth)
     except JSONInputError as exc:
-        raise JSONInputError(f"{prefix}{exc}; pass a file that kvpress-ext or your data tool wrote.") from None
+        reason = str(exc)
+    except RecursionError:
+        reason = f"nests lists/objects more than {max_depth} deep"
+    if reason is not None:
+        error = JSONInputError(f"{where + ' ' if where else 'the JSON '}{reason}; pass a file that kvpress-ext or "
+                               "your data tool wrote.")
+        error.reason = reason
+        raise error
     return value
 
 
