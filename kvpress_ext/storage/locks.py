@@ -57,7 +57,21 @@ def _open_lock(lock_file: Path) -> int | None:
     try:
         return os.open(lock_file, _FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        pass
+        return _open_lock_existing(lock_file)
+
+
+def check_lock_file(path) -> None:
+    """Raise :class:`OutputPathError` now (before any work) if the lock file of ``path`` exists and is not ours;
+    a missing one is fine. Nothing is created or written."""
+    lock_file = lock_path(path)
+    if not os.path.lexists(lock_file):
+        return
+    fd = _open_lock_existing(lock_file)
+    if fd is not None:
+        os.close(fd)
+
+
+def _open_lock_existing(lock_file: Path) -> int | None:
     try:
         fd = os.open(lock_file, _FLAGS | os.O_NONBLOCK)
     except FileNotFoundError:

@@ -32,6 +32,7 @@ from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.locks import (  # noqa: F401 - the writing layer's one import for writers
     LockBusy,
     OutputPathError,
+    check_lock_file,
     lock_path,
     path_lock,
     try_lock,
@@ -288,6 +289,7 @@ def check_output_file(path, kind: str = "json", flag: str = "--json",
     what = what or KINDS[kind]
     if path.is_symlink():
         raise OutputPathError(f"{flag} {path} is a symbolic link; pass the path of a regular file instead")
+    check_lock_file(path)
     if path.exists():
         if path.is_dir():
             raise OutputPathError(f"{flag} {path} is a directory; pass a file path such as {path / ('out.' + kind)}")
@@ -369,6 +371,7 @@ def check_target_dir(path, *, flag: str, ours: Callable[[Path], bool], what: str
     so a marker file alone decides even where the directory cannot be listed.
     """
     path = Path(path)
+    check_lock_file(path)
     if refuse_symlinks and path.is_symlink():
         raise OutputPathError(f"{flag} {path} is a symbolic link; {symlink_fix}")
     if path.is_symlink() and not path.is_dir():
