@@ -652,7 +652,7 @@ def test_a_planted_lock_file_is_never_written_through(plant, tmp_path):
     assert snapshot(tmp_path) == before
     # a lock file a killed kvpress-ext left (a pid) is reused and removed
     lock.unlink()
-    lock.write_text("%-12d" % 99999999)
+    lock.write_text(f"{99999999:<12d}")
     safe_io.write_output(tmp_path / "out.json", '{"a": 1}')
     assert not os.path.lexists(lock) and victim.read_text().startswith("the first bytes")
 
