@@ -10,11 +10,13 @@ recomputes them after the selection layer. All three run in one process; times a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.presses.a3.attention import blocked_torch_attention, causal_mask, torch_attention
 
 
@@ -27,6 +29,7 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
+@command_entry("a3_attention")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=8192)
@@ -58,4 +61,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

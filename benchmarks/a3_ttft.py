@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +28,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
+from kvpress_ext.storage.safe_write import write_output
 
 
 def sync(device) -> None:
@@ -93,6 +96,7 @@ def run(args):
     return rows
 
 
+@command_entry("a3_ttft")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=16)
@@ -112,9 +116,9 @@ def main():
     load_start = machine_load()
     rows = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
-                                          "load_start": load_start, "load_end": machine_load()}, indent=1))
+    write_output(args.out, json.dumps({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
+                                          "load_start": load_start, "load_end": machine_load()}, indent=1), flag="--out")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

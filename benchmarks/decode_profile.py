@@ -21,6 +21,8 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_speed import build_model  # the same model builders as the speed benchmark
 
+from kvpress_ext.cli.common import command_entry
+
 
 def per_call_ms(fn, repeat: int) -> float:
     fn()
@@ -30,6 +32,7 @@ def per_call_ms(fn, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat * 1000
 
 
+@command_entry("decode_profile")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m",
@@ -67,4 +70,4 @@ def main():
     print(f"  output head alone ({mib:.0f} MiB of weights): {head_ms:.2f}")
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

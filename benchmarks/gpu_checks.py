@@ -34,9 +34,11 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext import apply_press, compression_phases, get_adapter, get_press
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.errors import NoCompressionWarning
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.storage.cache_files import load_cache, save_cache
+from kvpress_ext.storage.safe_write import write_output
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
 
 CONTEXT = 48
@@ -153,6 +155,7 @@ def name_of(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu (dry run)"
 
 
+@command_entry("gpu_checks")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write every check's record here")
@@ -184,8 +187,8 @@ def main() -> int:
           f"{name_of(DEVICE)} in {time.perf_counter() - t0:.1f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"device": name_of(DEVICE), "torch": torch.__version__,
-                                               "results": results, "errors": errors}, indent=1))
+        write_output(args.json, json.dumps({"device": name_of(DEVICE), "torch": torch.__version__,
+                                               "results": results, "errors": errors}, indent=1), flag="--json")
     return 1 if failed else 0
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.testing import tiny_model
 
 LAYERS, HEADS, HEAD_DIM = 8, 8, 128
@@ -131,6 +132,7 @@ def measure_fingerprint(repeats: int) -> list[dict]:
     return rows
 
 
+@command_entry("integrity")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes_mb", type=float, nargs="+", default=[4, 32, 128])

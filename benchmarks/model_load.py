@@ -20,6 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kvpress_ext.cli.common import command_entry
+from kvpress_ext.storage.safe_write import write_output
+
 CHILD = r"""
 import json, sys, time
 import torch
@@ -49,6 +52,7 @@ def _load_once(name: str, cache: str, threads: int) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@command_entry("model_load")
 def main() -> None:
     from kvpress_ext.runtime.models import available_models
 
@@ -79,8 +83,8 @@ def main() -> None:
               f"{row['cached_s']:.2f} s (medians of {args.repeat})", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+        write_output(args.json, json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n", flag="--json")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

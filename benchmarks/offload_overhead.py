@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.runtime.models import load_model
+from kvpress_ext.storage.safe_write import write_output
 from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
 
 
@@ -47,6 +50,7 @@ def measure(model, ids, new_tokens, runs):
     return (statistics.median(r[0] for r in results), statistics.median(r[1] for r in results), results[0][2])
 
 
+@command_entry("offload_overhead")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
@@ -90,8 +94,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_output(args.out, json.dumps(result, indent=2) + "\n", flag="--out")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,10 +9,12 @@ direct port would; both produce the same scores (checked here, and in tests/test
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.presses.rkv import rkv_scores
 
 
@@ -49,6 +51,7 @@ def timeit(fn, repeat):
     return best
 
 
+@command_entry("rkv_scoring")
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", default="128,256,512,1024")
@@ -74,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

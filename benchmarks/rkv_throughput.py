@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.apply import apply_press
+from kvpress_ext.storage.safe_write import write_output
 
 SMOLLM2_135M_SHAPE = {
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -173,6 +175,7 @@ def run_configs(args, configs: list[str]) -> list[dict]:
     return results
 
 
+@command_entry("rkv_throughput")
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-random")
@@ -236,8 +239,8 @@ def main():
         meta = {"command": " ".join(sys.argv), "model": args.model, "device": args.device, "dtype": args.dtype,
                 "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d %H:%M")}
-        Path(args.output).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_output(args.output, json.dumps({"meta": meta, "results": results}, indent=1), flag="--output")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,13 @@ import torch
 from kvpress import BasePress, KeyRerotationPress, StreamingLLMPress
 from transformers import DynamicCache
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.positions import set_next_position
 from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
+from kvpress_ext.storage.safe_write import write_output
 
 
 @dataclass
@@ -132,6 +135,7 @@ def rss_run(model, press, tokens: int, every: int, vocab: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+@command_entry("streaming_speed")
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
@@ -169,7 +173,7 @@ def main():
         print(json.dumps(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_output(args.json, json.dumps(result, indent=1), flag="--json")
         return
 
     configs = {}
@@ -200,10 +204,10 @@ def main():
         print(f"{s:>6} {lz / tps['eager']:11.2f} {lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times,
+        write_output(args.json, json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times,
                                                "threads": torch.get_num_threads(), "load_start": load_start,
-                                               "load_end": machine_load()}, indent=1))
+                                               "load_end": machine_load()}, indent=1), flag="--json")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,13 +16,16 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
 from datetime import date
 from pathlib import Path
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.storage.safe_write import write_output
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", REPO.parent / "shared"))
@@ -68,6 +71,7 @@ def per_worker(cells: list[dict]) -> dict:
     return busy
 
 
+@command_entry("sweep_scaling")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=16384, help="tokens per cell (sets the work per cell)")
@@ -103,10 +107,10 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_output(args.out, json.dumps(result, indent=2) + "\n", flag="--out")
     if differences:
         raise SystemExit("ray and local sweeps gave different records (see 'differences')")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,9 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming_speed import build_model
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.evaluation.results import machine_load
+from kvpress_ext.storage.safe_write import write_output
 
 
 def _busy() -> None:  # pragma: no cover - runs in a child process until terminated
@@ -51,6 +53,7 @@ def measure(model, prefill: int, steps: int) -> dict:
     return {"prefill_s": prefill_s, "decode_tok_per_s": steps / (time.perf_counter() - t1)}
 
 
+@command_entry("threads")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="stories260k,pythia70m-random",
@@ -96,7 +99,7 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "load_start": start_load, "load_end": machine_load(), "rows": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_output(args.json, json.dumps(result, indent=1) + "\n", flag="--json")
     return 0
 
 

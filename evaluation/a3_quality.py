@@ -13,7 +13,13 @@ import argparse
 import json
 import sys
 
-from kvpress_ext.cli.common import add_model_argument, add_threads_argument, quiet_command_line, set_threads
+from kvpress_ext.cli.common import (
+    add_model_argument,
+    add_threads_argument,
+    command_entry,
+    quiet_command_line,
+    set_threads,
+)
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation.a3_quality import evaluate, markdown_table, plot
 from kvpress_ext.evaluation.results import machine_load
@@ -37,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@command_entry("a3_quality")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_output_file(args.out, flag="--out")
@@ -60,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,8 @@ the full cache (token agreement, cache length per step). See :mod:`kvpress_ext.e
 
 import sys
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.evaluation.long_generation import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_entry("long_generation")(main)())

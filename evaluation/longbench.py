@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpress_ext.cli.common import OneLineArgumentParser
+from kvpress_ext.cli.common import OneLineArgumentParser, command_entry
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 
 
+@command_entry("longbench")
 def main(argv=None) -> int:
     ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hotpotqa", help="LongBench subset, e.g. hotpotqa, qasper, trec")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvpress_ext.cli.common import OneLineArgumentParser
+from kvpress_ext.cli.common import OneLineArgumentParser, command_entry
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 from kvpress_ext.storage.inputs import shared_dir
@@ -79,6 +79,7 @@ def needle_grid(args, name: str) -> int:
     return lc.cli_main(go)
 
 
+@command_entry("needle")
 def main(argv=None) -> int:
     ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_needle_arguments(ap, "passkey", (*lg.NEEDLE_TASKS, lg.MULTIDOC))

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from kvpress_ext.cli.common import command_entry
+
 RATIOS = (0.25, 0.5, 0.75)
 
 
@@ -24,6 +26,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+@command_entry("perplexity_report")
 def main(argv=None) -> int:
     args = parse_args(argv)
     from kvpress_ext.core.errors import KVPressExtError

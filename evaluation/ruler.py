@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from kvpress_ext.cli.common import OneLineArgumentParser
+from kvpress_ext.cli.common import OneLineArgumentParser, command_entry
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation import longcontext_grid as lg
 
@@ -25,6 +25,7 @@ def _needle_module():
     return mod
 
 
+@command_entry("ruler")
 def main(argv=None) -> int:
     needle = _needle_module()
     ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kvpress_ext.cli.common import add_threads_argument, quiet_command_line, set_threads
+from kvpress_ext.cli.common import add_threads_argument, command_entry, quiet_command_line, set_threads
 from kvpress_ext.evaluation.results import machine_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command_entry("streaming_quality")
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -277,4 +278,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,7 @@ from transformers import DynamicCache, pipeline
 from transformers.utils import logging as hf_logging
 
 import kvpress_ext
-from kvpress_ext.cli.common import OneLineArgumentParser
+from kvpress_ext.cli.common import OneLineArgumentParser, command_entry
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
@@ -32,6 +32,7 @@ from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads
 SHARED = Path(os.environ.get("KVPRESS_EXT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+@command_entry("quickstart")
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="short name, local path or hub id")

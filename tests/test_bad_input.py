@@ -42,7 +42,7 @@ SENTENCES = "Tom had a red ball. He played in the park with his dog. The sun was
 # Words a line names its fix with (checked on every case, beside the case's own expected words).
 FIX_WORDS = ("pass ", "use ", "run ", "rerun", "choose", "re-save", "add ", "remove", "fix", "rebuild", "did you mean",
              "must", "see `", "download", "give ", "leave ", "its parameters are", "needs", "expects", "supported:",
-             "build one", "choose one of", "create one")
+             "build one", "choose one of", "create one", "recompute it")
 
 # (command, arguments, words the line must contain). Placeholders: {M} model directory, {W} workspace, {G} an
 # unsupported (GPT-2) model directory, {H} a hub id that is not cached, {D} a CUDA device this torch cannot use.
@@ -274,6 +274,79 @@ CASES = [
     ("quickstart", ["--bogus"], "unrecognized arguments"),
 ]
 
+# Hostile inputs (a careful attacker, a clumsy user), by defect class of docs/bad_input.md ("Hostile inputs").
+HOSTILE = [
+    # 1. a folder that merely holds a file named like ours is not ours (with or without --recompute)
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--out", "{W}/user_meta"], "not a kvpress-ext cache"),
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--out", "{W}/user_meta", "--recompute"], "not a kvpress-ext cache"),
+    ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--store", "{W}/user_meta"], "not a kvpress-ext chunk store"),
+    # 2. a JSON file is replaced only when it carries our mark: a saved cache's metadata, a user's JSON
+    ("cli", [*GEN, "--json", "{W}/cache/metadata.json"], "not a JSON output of kvpress-ext"),
+    ("cli", [*GEN, "--json", "{W}/user.json"], "not a JSON output of kvpress-ext"),
+    ("cli", [*A3A, "--json", "{W}/user.json"], "not a JSON output of kvpress-ext"),
+    ("cli", [*EVAL, "--question", "hi", "--out", "{W}/user.json"], "not a JSON output of kvpress-ext"),
+    ("cli", ["icl", "cluster", "build", "--embedder", "{M}", "--k", "2", "--out", "{W}/user.json", "--data",
+             "{W}/docs.json"], "not a JSON output of kvpress-ext"),
+    # 5. a lock file planted as a symbolic link is refused, never followed
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--out", "{W}/lockdir/c"], "symbolic link where kvpress-ext keeps"),
+    ("cli", [*A3P, "--chunks", "{W}/chunks.jsonl", "--store", "{W}/lockdir/s"], "symbolic link where kvpress-ext keeps"),
+    # 6. a results folder whose cells/ is a symbolic link
+    ("perplexity", [*PPL_TEXT, "--output_dir", "{W}/linked_results"], "cells is a symbolic link"),
+    ("cli", [*GRID, "--data", "{W}/docs.json", "--out_dir", "{W}/linked_results"], "cells is a symbolic link"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--lengths", "64", "--depths", "0.5", "--output_dir",
+                "{W}/linked_results"], "cells is a symbolic link"),
+    # 7. size parameters are bounded, also when read back from a saved cache
+    ("cli", [*GEN, "--press", "rkv", "--press_kwargs", "kernel_size=1000000000001"], "out of range"),
+    ("cli", [*EVAL, "--cache", "{W}/cache_bigk", "--question", "hi"], "cannot be rebuilt"),
+    ("perplexity", [*PPL_TEXT, "--press", "rkv", "--press_kwargs", "kernel_size=1000000000001"], "out of range"),
+    ("cli", [*A3A, "--evict", "streaming_llm", "--evict_kwargs", "n_sink=100000000"], "out of range"),
+    # 10 and 16. crafted caches with valid checksums: checked against the model before use
+    ("cli", [*EVAL, "--cache", "{W}/cache_int", "--question", "hi"], "not floating point"),
+    ("cli", [*EVAL, "--cache", "{W}/cache_heads", "--question", "hi"], "key/value heads"),
+    ("cli", [*EVAL, "--cache", "{W}/cache_layers", "--question", "hi"], "the model has"),
+    # 11 and 14. values out of range, numbers that overflow or are not finite
+    ("cli", [*GEN, "--temperature", "nan"], "--temperature must be 0 (greedy)"),
+    ("cli", [*GEN, "--temperature", "1e-300"], "--temperature must be 0 (greedy)"),
+    ("cli", [*GEN, "--seed", "10000000000000000000000"], "a seed must be in"),
+    ("cli", [*EVAL, "--question", "hi", "--temperature", "-1"], "must be 0 (greedy)"),
+    ("cli", [*EVAL, "--question", "hi", "--top_p", "2"], "must be in (0, 1]"),
+    ("cli", [*PRE, "--data", "{W}/docs.json", "--rotation_offset", "100000000000000000000"], "must be within"),
+    ("cli", [*PRE, "--data", "{W}/bigint.json"], "integer of 5000 digits"),
+    ("cli", [*GEN, "--press", "streaming_llm", "--press_kwargs", "n_sink=-5"], "out of range"),
+    ("cli", [*GEN, "--press", "dms", "--press_kwargs", "threshold=nan"], "finite number"),
+    ("perplexity", [*PPL_TEXT, "--max_eval_tokens", "-5"], "positive integer"),
+    ("perplexity", [*PPL_TEXT, "--speed_context", "-4"], "positive integer"),
+    # 12. an existing cache is reused only for the settings that made it
+    ("cli", [*PRE[:6], "--budget", "12", "--window_size", "4", "--mode", "none", "--data", "{W}/docs.json", "--out",
+             "{W}/cache"], "other settings: budget 16 (asked 12)"),
+    # 13. nested JSON in every file a command reads
+    ("cli", [*PRE, "--data", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", [*EVAL, "--data", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", [*GRID, "--data", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", ["icl", "score", "--eval", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", ["icl", "cluster", "query", "--clusters", "{W}/deep.json", "--question", "q", "--out", "{W}/new_q.json"],
+     "more than 100 deep"),
+    ("cli", [*A3P, "--chunks", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", [*GEN, "--device_map", "{W}/deep.json"], "more than 100 deep"),
+    ("cli", [*EVAL, "--cache", "{W}/cache_deep", "--question", "hi"], "more than 100 deep"),
+    ("longbench", [*LC, "--data_file", "{W}/deep.json"], "more than 100 deep"),
+    # 15. press parameters kvpress asserts on or divides by, checked by our registry first
+    ("cli", [*GEN, "--press", "snapkv", "--press_kwargs", "kernel_size=4"], "must be odd"),
+    ("cli", [*GEN, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
+    ("cli", [*GEN, "--press", "block", "--press_kwargs", "block_size=0"], "positive integer"),
+    ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "kernel_size=4"], "must be odd"),
+    ("perplexity", [*PPL_TEXT, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
+    # 18. text that is not UTF-8 (a lone surrogate on the command line)
+    ("cli", [*GEN[:4], "caf\udcff", "--no_progress"], "not valid UTF-8 text"),
+    ("cli", [*A3A[:8], "--question", "what\udcff", "--max_new_tokens", "2"], "not valid UTF-8 text"),
+    ("cli", [*EVAL, "--question", "x\udcff"], "not valid UTF-8 text"),
+    # 19. unclear messages made clear
+    ("cli", [*GEN_FILE, "/dev/zero"], "not a regular file"),
+    ("cli", ["generate", "--model", "", "--prompt", PROMPT], "--model is empty"),
+    ("cli", [*GRID[:4], "--budgets", ",", *GRID[6:], "--data", "{W}/docs.json"], "comma-separated positive integers"),
+]
+CASES += HOSTILE
+
 
 def _case_id(case) -> str:
     command, argv, _ = case
@@ -340,13 +413,68 @@ def workspace(tmp_path_factory):
             (w / folder / name).write_text(text, encoding="utf-8")
     (w / "hay_bad" / "b.txt").write_bytes(BAD_UTF8)
     (w / "outdir").mkdir()
+    _hostile_files(w)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(w / "gpt2")
     model, tok = load_model(model_dir, device="cpu")
     wf.precompute(model, tok, DOCS, w / "cache", budget=16, window_size=4, buffer=8, mode="none")
     assert main(["a3", "precompute", "--model", model_dir, "--chunks", str(w / "chunks.jsonl"),
                  "--store", str(w / "store")]) == 0
+    _crafted_caches(w)
     return w, {"M": model_dir, "W": str(w), "G": str(w / "gpt2"), "H": "some-org/not-a-cached-model",
                "D": NO_GPU_DEVICE}
+
+
+def _hostile_files(w: Path) -> None:
+    """Inputs of the hostile cases: deep JSON, a 5000-digit number, users' files named like ours, planted links."""
+    (w / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    (w / "bigint.json").write_text('[{"question": "q", "solution": "s", "answer": ' + "9" * 5000 + "}]")
+    (w / "user_meta").mkdir()
+    (w / "user_meta" / "metadata.json").write_text('{"my": 1}')
+    (w / "user.json").write_text('{"my": 1}')
+    (w / "victim.txt").write_text("a user's file that must keep its bytes\n")
+    (w / "lockdir").mkdir()
+    for name in (".c.lock", ".s.lock"):
+        (w / "lockdir" / name).symlink_to(w / "victim.txt")
+    (w / "victim_dir").mkdir()
+    (w / "victim_dir" / "keep.txt").write_text("keep\n")
+    (w / "linked_results").mkdir()
+    (w / "linked_results" / ".kvpress-ext-results").write_text("ours\n")
+    (w / "linked_results" / "cells").symlink_to(w / "victim_dir", target_is_directory=True)
+
+
+def _crafted_caches(w: Path) -> None:
+    """Copies of the saved cache, each changed one way with its checksum recomputed (so only the new checks stop
+    them): a press parameter of 10**12, deeply nested metadata, int64 tensors, one head, an extra layer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kvpress_ext.storage.cache_files import file_checksum
+
+    def copy(name, meta_fn=None, tensor_fn=None):
+        d = w / name
+        shutil.copytree(w / "cache", d)
+        meta = json.loads((d / "metadata.json").read_text())
+        if tensor_fn is not None:
+            tensors = tensor_fn(load_file(str(d / "tensors.safetensors")), meta)
+            save_file(tensors, str(d / "tensors.safetensors"), metadata={"format_version": "2"})
+            meta["checksums"]["tensors.safetensors"] = file_checksum(d / "tensors.safetensors")
+        if meta_fn is not None:
+            meta_fn(meta)
+        (d / "metadata.json").write_text(json.dumps(meta))
+
+    copy("cache_bigk", meta_fn=lambda m: m["press"]["params"].update(kernel_size=10**12))
+    copy("cache_int", tensor_fn=lambda t, m: {k: v.to(torch.int64) for k, v in t.items()})
+    copy("cache_heads", tensor_fn=lambda t, m: {k: v[:, :1].contiguous() for k, v in t.items()})
+
+    def extra_layer(t, m):
+        n = m["num_layers"]
+        m.update(num_layers=n + 1, seq_lengths=[*m["seq_lengths"], m["seq_lengths"][0]])
+        return {**t, f"layer{n}.keys": t["layer0.keys"].clone(), f"layer{n}.values": t["layer0.values"].clone()}
+
+    copy("cache_layers", tensor_fn=extra_layer)
+    copy("cache_deep")
+    (w / "cache_deep" / "metadata.json").write_text("[" * 100000 + "]" * 100000)
 
 
 def _snapshot(root: Path) -> dict[str, str]:

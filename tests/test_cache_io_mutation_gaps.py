@@ -183,7 +183,7 @@ def test_load_errors_name_the_cache_and_the_fix(model, saved, tmp_path):
         load_cache(saved)
     shape = tuple(t["layer0.keys"].shape)
     assert str(err.value) == (f"Cache at {saved}: layer 0 holds tensors of shape {shape} / {tuple(t['layer0.values'].shape)}, "
-                              f"metadata says 12 tokens; {fix}")
+                              f"not (batch, heads, tokens, head_dim) each; {fix}")
     t["layer0.keys"], t["layer0.values"] = t["layer0.keys"][0], good_values[0]  # 3-D, of the right length
     _rewrite_tensors(saved, t)
     with pytest.raises(CacheFormatError, match="layer 0 holds tensors of shape"):

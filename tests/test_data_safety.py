@@ -322,9 +322,12 @@ def test_json_outputs_never_replace_other_files(target, tmp_path, capsys):
 
 def test_output_file_rule(tmp_path):
     js = tmp_path / "old.json"
-    js.write_text('{"a": 1}')
-    safe_io.write_output(js, '{"b": 2}')  # a JSON file (an earlier output) is replaced, atomically
-    assert json.loads(js.read_text()) == {"b": 2}
+    safe_io.write_output(js, '{"a": 1}')
+    safe_io.write_output(js, '{"b": 2}')  # an earlier output (it carries our mark) is replaced, atomically
+    assert json.loads(js.read_text()) == {"written_by": "kvpress-ext", "b": 2}
+    (tmp_path / "users.json").write_text('{"a": 1}')
+    with pytest.raises(OutputPathError, match="not a JSON output of kvpress-ext"):  # a user's JSON is not ours
+        safe_io.write_output(tmp_path / "users.json", '{"b": 2}')
     safe_io.write_output(tmp_path / "new" / "deeper" / "out.json", "{}")  # missing directories are created
     empty = tmp_path / "empty.json"
     empty.touch()
@@ -333,11 +336,12 @@ def test_output_file_rule(tmp_path):
     with pytest.raises(OutputPathError, match="symbolic link"):
         safe_io.write_output(tmp_path / "link.json", "{}")
     (tmp_path / "plot.png").write_text("not a png")
-    with pytest.raises(OutputPathError, match="image"):
+    with pytest.raises(OutputPathError, match="not a plot kvpress-ext made"):
         safe_io.check_output_file(tmp_path / "plot.png", kind="image", flag="--plot")
     with pytest.raises(OutputPathError, match="not a directory"):
         safe_io.check_output_file(js / "x.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "link.json", "new", "old.json", "plot.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json", "link.json", "new", "old.json", "plot.png",
+                                                          "users.json"]
 
 
 def test_results_directories_must_be_ours(tmp_path, capsys):
@@ -451,16 +455,16 @@ def test_replacement_killed_between_renames_is_recovered(killed_at, expect, mode
 def test_only_old_copy_left_is_restored_and_stale_temporaries_removed(model, tmp_path):
     path = tmp_path / "c"
     save_cache(_filled_cache(model), path, model=model, extra={"v": "old"})
-    os.rename(path, tmp_path / ".c.old-123-dead")
-    (tmp_path / ".c.tmp-456-dead").mkdir()
-    (tmp_path / ".c.tmp-456-dead" / "tensors.safetensors").write_bytes(b"partial")
+    os.rename(path, tmp_path / ".c.old-123-0000dead")
+    (tmp_path / ".c.tmp-456-0000dead").mkdir()
+    (tmp_path / ".c.tmp-456-0000dead" / "tensors.safetensors").write_bytes(b"partial")
     assert load_cache(path, model=model)[1]["extra"] == {"v": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     # the same in an A3 store: a killed writer's temporary entry is removed when the entry is next opened
     store = ChunkStore(tmp_path / "s", model)
     entry = store.chunk_path(CHUNK)
     entry.parent.mkdir(parents=True)
-    (entry.parent / f".{entry.name}.tmp-1-dead").mkdir()
+    (entry.parent / f".{entry.name}.tmp-1-0000dead").mkdir()
     store.get(CHUNK)
     assert entry.is_dir() and not [p for p in entry.parent.iterdir() if p.name.startswith(".")]
 
@@ -571,3 +575,199 @@ def test_clusters_file_versions_and_centroids(version, message, tmp_path):
         message = "non-finite centroids"
     with pytest.raises(ICLInputError, match=message):
         load_clusters(path)
+
+
+# --- hostile inputs: ownership, links, leftovers, cell keys, last resort (docs/bad_input.md, "Hostile inputs") ---
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_benchmarks_and_scripts_write_only_through_safe_write():
+    import ast
+
+    offenders = []
+    for path in [*REPO.glob("benchmarks/*.py"), *REPO.glob("evaluation/*.py"), *REPO.glob("examples/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("write_text", "write_bytes", "savefig"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.func.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open" and any(
+                    isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
+                    for a in node.args[1:2]):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} open")
+    assert offenders == []
+
+
+def test_json_output_through_a_link_or_over_a_users_json_is_refused(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my notes\n")
+    (tmp_path / "link.json").symlink_to(victim)
+    (tmp_path / "mine.json").write_text('{"my": 1}')
+    before = snapshot(tmp_path)
+    for target in ("link.json", "mine.json"):
+        with pytest.raises(OutputPathError):
+            safe_io.write_output(tmp_path / target, '{"result": 1}', flag="--json")
+    assert snapshot(tmp_path) == before
+
+
+def test_leftover_looking_names_are_not_adopted_unless_tagged_and_ours(model, tmp_path):
+    keep = tmp_path / ".report.json.old-keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine\n")
+    (tmp_path / ".mycache.old-1").mkdir()
+    (tmp_path / ".mycache.old-1" / "metadata.json").write_text('{"kind": "kvpress_ext.kv_cache"}')
+    tagged = tmp_path / ".other.old-123-0000beef"  # our tag, but nothing in it says it is ours
+    tagged.mkdir()
+    (tagged / "thesis.tex").write_text("x\n")
+    before = snapshot(tmp_path)
+    for name in ("report.json", "mycache", "other"):
+        with safe_io.path_lock(tmp_path / name):
+            assert safe_io.recover(tmp_path / name) == []
+    assert safe_io.sweep(tmp_path) == []
+    assert snapshot(tmp_path) == before
+    safe_io.write_output(tmp_path / "report.json", '{"a": 1}')  # a writer beside them leaves them alone
+    assert {p.name for p in tmp_path.iterdir()} >= {".report.json.old-keep", ".mycache.old-1", ".other.old-123-0000beef"}
+    # a tagged leftover that is ours (a saved cache) is still restored
+    save_cache(_filled_cache(model), tmp_path / "c", model=model)
+    os.rename(tmp_path / "c", tmp_path / ".c.old-7-0000beef")
+    assert load_cache(tmp_path / "c", model=model)[1]["num_layers"] == 2
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "foreign_file"])
+def test_a_planted_lock_file_is_never_written_through(plant, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the first bytes of this file must stay\n")
+    lock = safe_io.lock_path(tmp_path / "out.json")
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    elif plant == "hardlink":
+        os.link(victim, lock)
+    else:
+        lock.write_text("not a pid, a user's file\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputPathError, match="lock file"):
+        safe_io.write_output(tmp_path / "out.json", '{"a": 1}')
+    assert snapshot(tmp_path) == before
+    # a lock file a killed kvpress-ext left (a pid) is reused and removed
+    lock.unlink()
+    lock.write_text(f"{99999999:<12d}")
+    safe_io.write_output(tmp_path / "out.json", '{"a": 1}')
+    assert not os.path.lexists(lock) and victim.read_text().startswith("the first bytes")
+
+
+def test_cli_lock_link_and_foreign_json_exit_2_with_the_users_file_intact(stories_dir, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    safe_io.lock_path(tmp_path / "out.json").symlink_to(victim)
+    save_cache(_filled_cache(tiny_model("llama", layers=2)), tmp_path / "cache", model=tiny_model("llama", layers=2))
+    before = snapshot(tmp_path)
+    for target in (tmp_path / "out.json", tmp_path / "cache" / "metadata.json"):
+        rc = main(["generate", "--model", stories_dir, "--prompt", "Once", "--max_new_tokens", "2", "--no_progress",
+                   "--json", str(target)])
+        line = _one_line(capsys.readouterr().err)
+        assert rc == 2 and ("symbolic link" in line or "not a JSON output of kvpress-ext" in line), line
+    assert snapshot(tmp_path) == before
+
+
+def test_cells_folder_that_is_a_link_is_refused(tmp_path):
+    from kvpress_ext.evaluation.sweep import Cell, run_sweep
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / safe_io.RESULTS_MARKER).write_text("ours\n")
+    (out / "cells").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OutputPathError, match="cells is a symbolic link"):
+        run_sweep([Cell("a", {"x": 1})], _double, out)
+    assert list(elsewhere.iterdir()) == []
+
+
+def _double(params: dict) -> dict:
+    return {"y": 2 * params["x"], "n": params.get("n")}
+
+
+def test_cell_key_holds_every_setting_and_two_sweeps_keep_their_cells(tmp_path):
+    from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_digest, load_cells, run_sweep
+
+    quiet = SweepOptions(progress=False)
+    first = run_sweep([Cell("a", {"x": 1, "n": 128})], _double, tmp_path, quiet)
+    second = run_sweep([Cell("a", {"x": 1, "n": 192})], _double, tmp_path, quiet)  # same key, other setting
+    assert first.skipped == [] and second.skipped == [] and second.records["a"]["n"] == 192
+    assert sorted(c["params"]["n"] for c in load_cells(tmp_path)) == [128, 192]  # neither overwrote the other
+    again = run_sweep([Cell("a", {"x": 1, "n": 128, "_progress": "context only"})], _double, tmp_path, quiet)
+    assert again.skipped == ["a"] and again.records["a"]["n"] == 128
+    assert cell_digest({"x": 1, "n": 128}) == cell_digest({"n": 128, "x": 1, "_c": 3}) != cell_digest({"x": 1})
+
+
+def test_perplexity_cells_follow_the_text_contents_and_summaries_refuse_mixed_settings(stories_dir, tmp_path, capsys):
+    from kvpress_ext.cli.perplexity import main as ppl_main
+
+    text = tmp_path / "story.txt"
+    text.write_text("Tom had a red ball. He played in the park with his dog. " * 12)
+    out = tmp_path / "out"
+    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--max_eval_tokens", "48",
+            "--press", "knorm", "--compression_ratio", "0.5", "--no_speed", "--no_progress", "--num_threads", "1",
+            "--output_dir", str(out), "--no_baseline"]
+    assert ppl_main(argv) == 0
+    assert ppl_main(argv) == 0  # unchanged: reused
+    assert len(list((out / "cells").glob("*.json"))) == 1
+    text.write_text("Lily liked to bake cakes with her mom on sunny days. " * 12)  # same path, other contents
+    assert ppl_main(argv) == 0
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    assert len(cells) == 2 and len({c["params"]["inputs"]["text"] for c in cells}) == 2  # computed anew, kept apart
+    capsys.readouterr()
+    assert ppl_main(["--summarize", str(out)]) == 2
+    assert "different settings" in _one_line(capsys.readouterr().err)
+
+
+def test_last_resort_errors_are_one_line_exit_2(stories_dir, tmp_path, capsys, monkeypatch):
+    import errno as errno_mod
+
+    from kvpress_ext.cli.common import command_entry
+
+    for exc, words in [(RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
+                       (OverflowError("int too large to convert"), "out of range"),
+                       (MemoryError(), "ran out of memory"),
+                       (OSError(errno_mod.EROFS, "Read-only file system", "/ro/out.json"), "cannot write (/ro/out.json)")]:
+        def boom(exc=exc):
+            raise exc
+        assert command_entry("x")(boom)() == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith("x: error: ") and words in line, line
+    # a full disk while the result is written: one line, and nothing half-written is left
+    def full(path, data):
+        raise OSError(errno_mod.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(safe_io, "atomic_write_bytes", full)
+    rc = main(["generate", "--model", stories_dir, "--prompt", "Once", "--max_new_tokens", "2", "--no_progress",
+               "--json", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err  # the run's statistics line, then the error
+    assert rc == 2 and "disk is full" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_registry_names_are_ascii_and_plugin_entries_are_checked():
+    from kvpress_ext.core.registry import add_press, get_press
+    from kvpress_ext.core.tables import InvalidName
+    from kvpress_ext.runtime.models import ModelLoadError, register_model
+
+    class Boom:
+        def __init__(self, **kwargs):
+            raise RuntimeError("cannot build")
+
+    for name in ("kn\u043erm", "\uff4b\uff4e\uff4f\uff52\uff4d"):  # Cyrillic o; fullwidth letters
+        with pytest.raises(KVPressExtError):
+            add_press(name, Boom, source="hostile_plugin")
+        with pytest.raises(InvalidName):
+            register_model(name, lambda: "/nowhere", plugin="hostile_plugin")
+    with pytest.raises(ModelLoadError, match="context='huge'"):
+        register_model("hostile-model", lambda: "/nowhere", context="huge", plugin="hostile_plugin")
+    from kvpress_ext.core.tables import remove_origin_everywhere
+
+    try:
+        add_press("boom_press", Boom, source="hostile_plugin")
+        with pytest.raises(KVPressExtError, match="could not be built"):
+            get_press("boom_press")
+    finally:
+        remove_origin_everywhere("hostile_plugin")

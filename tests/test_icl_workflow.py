@@ -51,8 +51,14 @@ def test_precompute_saves_bounded_cache_with_documents_and_notes(cache_dir):
 
 def test_precompute_skips_existing_unless_recompute(cache_dir, data, capsys):
     stamp = (cache_dir / "metadata.json").stat().st_mtime_ns
-    assert main(["icl", "precompute", "--data", str(data), "--model", MODEL, "--out", str(cache_dir), *CACHE_ARGS]) == 0
+    assert main(["icl", "precompute", "--data", str(data), "--model", MODEL, "--mode", "takeaways", "--rotate",
+                 "--out", str(cache_dir), *CACHE_ARGS]) == 0
     assert "skipping" in capsys.readouterr().out
+    assert (cache_dir / "metadata.json").stat().st_mtime_ns == stamp
+    # other settings over the same cache: refused in one line naming --recompute, never "skipping"
+    assert main(["icl", "precompute", "--data", str(data), "--model", MODEL, "--out", str(cache_dir), *CACHE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "other settings: rotate True (asked False)" in err and "--recompute" in err and len(err.splitlines()) == 1
     assert (cache_dir / "metadata.json").stat().st_mtime_ns == stamp
 
 
@@ -139,8 +145,9 @@ def test_grid_is_resumable_and_writes_table_and_plot(data, tmp_path, capsys):
                                                         ("24", "takeaways")]
     assert all(int(r["cache_length"]) <= int(r["budget"]) + 8 for r in rows)
     assert (tmp_path / "grid.png").stat().st_size > 1000
-    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))  # one sweep cell file each (kvpress_ext.evaluation.sweep)
-    assert cells == ["b16_none.json", "b16_takeaways_simple.json", "b24_none.json", "b24_takeaways_simple.json"]
+    # one sweep cell file each (kvpress_ext.evaluation.sweep), named by its key and the digest of its settings
+    cells = sorted(p.name.split(".")[0] for p in (tmp_path / "cells").glob("*.json"))
+    assert cells == ["b16_none", "b16_takeaways_simple", "b24_none", "b24_takeaways_simple"]
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval.json")}
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/eval.json")} == stamps

@@ -13,8 +13,7 @@ import argparse
 import importlib
 import sys
 
-from kvpress_ext.cli.common import OneLineArgumentParser
-from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.cli.common import OneLineArgumentParser, command_entry, quiet_command_line
 
 SUBCOMMAND_MODULES = (
     "kvpress_ext.cli.catalog",
@@ -38,17 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command_entry("kvpress-ext")
 def main(argv: list[str] | None = None) -> int:
-    from kvpress_ext.cli.common import quiet_command_line
-
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_command_line()
-    try:
-        return int(args.func(args) or 0)
-    except KVPressExtError as exc:
-        print(f"kvpress-ext: error: {exc}", file=sys.stderr)
-        return 2
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

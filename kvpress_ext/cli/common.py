@@ -5,12 +5,16 @@ flags, and warnings printed as one line."""
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
+import re
 import sys
 import warnings
 
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError
 from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
+from kvpress_ext.storage.inputs import load_json
 
 
 def parse_value(text: str):
@@ -47,6 +51,50 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: a sampling temperature, 0 (greedy) or a finite number in [0.001, 1000]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != 0 and not 1e-3 <= value <= 1e3:  # NaN fails both tests
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or in [0.001, 1000], got {text!r}")
+    return value
+
+
+def probability_mass(text: str) -> float:
+    """argparse type: a nucleus sampling mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def token_offset(text: str) -> int:
+    """argparse type: a whole number of positions, at most 2**24 either way."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if abs(value) > 1 << 24:
+        raise argparse.ArgumentTypeError(f"must be within +-{1 << 24} positions, got {text!r}")
     return value
 
 
@@ -87,9 +135,9 @@ def parse_device_map(text: str | None):
         from kvpress_ext.storage.inputs import read_text_file
 
         raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
-    if raw.lstrip().startswith("{"):
+    if raw.lstrip().startswith("{") or raw is not text:  # a .json file holds JSON, whatever its first character
         try:
-            value = json.loads(raw)
+            value = load_json(raw, "--device_map")
         except json.JSONDecodeError as exc:
             raise KVPressExtError(f"--device_map is not valid JSON ({exc.msg}): pass auto or a JSON map.") from None
         if not isinstance(value, dict):
@@ -127,13 +175,69 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
             "offload_folder": args.offload_folder}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
-    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class. Text that is
+    not valid UTF-8 (Python hands such command-line bytes over as lone surrogates, which tokenizers reject with a
+    ``TypeError``) is refused here, once for every option."""
 
     def error(self, message: str):
         text = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {text} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for name, value in vars(namespace).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, str) and _SURROGATE.search(v) for v in values):
+                self.error(f"--{name} holds bytes that are not valid UTF-8 text; pass it as UTF-8")
+        return namespace, extras
+
+
+#: What no command should show as a traceback: the last-resort handler turns each into one line and exit 2.
+LAST_RESORT = (RecursionError, OverflowError, MemoryError, OSError)
+
+
+def last_resort_message(exc: BaseException) -> str:
+    """One line for an error no check caught, naming what to do (nothing already written is lost: every writer
+    replaces files atomically)."""
+    if isinstance(exc, RecursionError):
+        return "an input is nested too deeply to process; pass a flatter file (nothing was changed)."
+    if isinstance(exc, OverflowError):
+        return f"a number is out of range ({str(exc).splitlines()[0] if str(exc) else 'overflow'}); pass a smaller value."
+    if isinstance(exc, MemoryError):
+        return "ran out of memory; pass a smaller input or fewer tokens (files written before are intact)."
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}; free some space, then rerun (files written before are intact)."
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {why}; pass a folder you may write into, then rerun (nothing was lost)."
+    return f"{why}{where}; check the path still exists and is readable/writable, then rerun (nothing was lost)."
+
+
+def command_entry(prog: str):
+    """Decorator of a command's ``main(argv) -> int``: a :class:`KVPressExtError` or a :data:`LAST_RESORT` error
+    that reaches it is printed as ``prog: error: ...`` on one line and exit status 2 (``SystemExit`` passes)."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KVPressExtError as exc:
+                text = str(exc).strip()
+                print(f"{prog}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+            except LAST_RESORT as exc:
+                print(f"{prog}: error: {last_resort_message(exc)}", file=sys.stderr)
+            return 2
+
+        return run
+
+    return wrap
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:

@@ -15,6 +15,7 @@ from kvpress_ext.cli.common import (
     add_threads_argument,
     parse_press_kwargs,
     placement_kwargs,
+    seed_int,
     set_threads,
 )
 from kvpress_ext.core.errors import PressParameterError
@@ -43,6 +44,8 @@ def _check_args(args) -> None:
         raise GenerateInputError(f"--max_new_tokens must be a positive integer, got {args.max_new_tokens}.")
     if args.temperature < 0:
         raise GenerateInputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
+    if args.temperature != 0 and not 1e-3 <= args.temperature <= 1e3:  # NaN, inf, 1e-300 (logits / t overflow)
+        raise GenerateInputError(f"--temperature must be 0 (greedy) or in [0.001, 1000], got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         raise GenerateInputError(f"--top_p must be in (0, 1], got {args.top_p}.")
     if args.json:
@@ -155,7 +158,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_new_tokens", type=int, default=100, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", default=None, metavar="OUT", help="write the text and statistics to this JSON file (missing directories are created; an existing "
                         "file is replaced atomically only if it holds JSON)")

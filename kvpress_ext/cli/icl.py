@@ -17,13 +17,19 @@ from kvpress_ext.cli.common import (
     add_threads_argument,
     placement_kwargs,
     positive_int,
+    probability_mass,
+    seed_int,
     set_threads,
     sweep_options_from_args,
+    temperature,
+    token_offset,
 )
 from kvpress_ext.evaluation.sweep import Cell
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
+from kvpress_ext.runtime.models import resolve_model
 from kvpress_ext.storage.cache_files import check_cache_target
+from kvpress_ext.storage.inputs import path_digest
 from kvpress_ext.storage.safe_write import (
     check_output_dir,
     check_output_file,
@@ -47,7 +53,7 @@ def _add_cache_args(p):
     p.add_argument("--num_epochs", type=positive_int, default=1, help="passes over the documents")
     p.add_argument("--data_limit", type=positive_int, default=None, help="use only the first N documents")
     p.add_argument("--rotate", action="store_true", help="re-rotate kept keys to contiguous positions")
-    p.add_argument("--rotation_offset", type=int, default=0, help="gap between the prefix and the first rotated key")
+    p.add_argument("--rotation_offset", type=token_offset, default=0, help="gap between the prefix and the first rotated key")
     p.add_argument("--max_note_tokens", type=positive_int, default=64, help="most tokens of each written note")
     p.add_argument("--recompute", action="store_true",
                    help="replace an existing cache (only ever one of ours: another file or directory is refused)")
@@ -57,9 +63,9 @@ def _add_cache_args(p):
 def _add_eval_args(p):
     p.add_argument("--repeat", type=positive_int, default=1, help="samples per question")
     p.add_argument("--max_new_tokens", type=positive_int, default=128, help="most tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_p", type=probability_mass, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator")
     p.add_argument("--no_compress", action="store_true", help="do not keep compressing while answering")
 
 
@@ -81,12 +87,14 @@ def _cmd_precompute(args) -> int:
     wf.check_budget(args.budget, args.window_size)
     docs = wf.load_documents(args.data, args.data_limit, require_solution=True)
     check_cache_target(args.out)  # a file or a user's directory is refused, with or without --recompute
-    if not args.recompute and wf.existing_cache(args.out) is not None:  # verified (raises if damaged)
-        print(f"{args.out} holds a valid cache; skipping (use --recompute to replace it)")
+    settings = _precompute_kwargs(args, args.mode, args.summary_complexity, args.budget)
+    meta = None if args.recompute else wf.existing_cache(args.out)  # verified (raises if damaged)
+    if meta is not None:
+        wf.check_same_settings(meta, args.out, docs, **settings)
+        print(f"{args.out} holds a valid cache of the same settings; skipping (use --recompute to replace it)")
         return 0
     model, tok = _load_model(args)
-    meta = wf.precompute(model, tok, docs, args.out, **_precompute_kwargs(args, args.mode, args.summary_complexity,
-                                                                         args.budget))
+    meta = wf.precompute(model, tok, docs, args.out, **settings)
     if meta["reused"]:
         print(f"{args.out} was written meanwhile by another run and holds a valid cache; reused it")
         return 0
@@ -133,13 +141,14 @@ def _cmd_grid(args) -> int:
     options = sweep_options_from_args(args)
     placement = placement_kwargs(args)
     if options.executor == "ray":
-        from kvpress_ext.runtime.models import resolve_model
-
         import_ray()
         resolve_model(args.model)  # the workers load it; a missing directory fails here
     else:  # the cells reuse this process's model: a bad --model fails before --out_dir is created
         wf._cached_model(args.model, placement, args.threads)
     claim_output_dir(out_dir, flag="--out_dir")  # the cells write their runs into it
+    # part of each cell's key: an edited data file or another model's weights are computed anew
+    inputs = {"model": path_digest(resolve_model(args.model)), "data": path_digest(args.data),
+              "eval_data": path_digest(args.eval_data) if args.eval_data else None}
     cells = []
     for mode in args.modes:
         for complexity in (args.complexities if mode != "none" else args.complexities[:1]):
@@ -150,10 +159,10 @@ def _cmd_grid(args) -> int:
                           "data_limit": args.data_limit, "eval_limit": args.eval_limit,
                           "dir": str((out_dir / name).resolve()),
                           "precompute": _precompute_kwargs(args, mode, complexity, budget),
-                          "evaluate": _eval_kwargs(args), "_threads": args.threads}
+                          "evaluate": _eval_kwargs(args), "_threads": args.threads, "inputs": inputs}
                 cells.append(Cell(name, params))
                 if args.recompute:
-                    cell_path(out_dir, name).unlink(missing_ok=True)
+                    cell_path(out_dir, name, params).unlink(missing_ok=True)
     result = run_sweep(cells, wf.grid_cell, out_dir, options, desc="icl grid", flag="--out_dir")
     rows = [result.records[c.key] for c in cells if c.key in result.records]
     for key in result.failed:
@@ -212,13 +221,17 @@ def _cmd_cluster_query(args) -> int:
     clusters = cluster.load_clusters(args.clusters)
     check_output_file(args.out, flag="--out")
     cluster_id, records = cluster.nearest_cluster(clusters, args.question, args.embedder)
-    out = write_output(args.out, json.dumps(records, indent=2), flag="--out")
+    out = write_output(args.out, json.dumps({"cluster": cluster_id, "question": args.question, "records": records},
+                                            indent=2), flag="--out")
     print(f"cluster {cluster_id} ({len(records)} records) written to {out}")
     return 0
 
 
 def _int_list(text: str) -> list[int]:
-    return [positive_int(t) for t in text.split(",") if t.strip()]
+    values = [positive_int(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _str_list(choices):
@@ -289,7 +302,7 @@ def add_parser(subparsers) -> None:
     c.add_argument("--data", required=True, help="JSON list of {question, solution, answer}")
     c.add_argument("--embedder", required=True, help="local sentence-transformers or Hugging Face model directory")
     c.add_argument("--k", type=positive_int, required=True, help="number of clusters")
-    c.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
+    c.add_argument("--seed", type=seed_int, default=0, help="seed of the k-means initialisation")
     c.add_argument("--batch_size", type=positive_int, default=32, help="questions embedded per forward")
     c.add_argument("--out", required=True, help="clusters JSON file to write")
     add_threads_argument(c)

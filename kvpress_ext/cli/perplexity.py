@@ -16,9 +16,12 @@ from kvpress_ext.cli.common import (
     add_placement_args,
     add_sweep_args,
     add_threads_argument,
+    command_entry,
     parse_press_kwargs,
     placement_kwargs,
+    positive_int,
     quiet_command_line,
+    seed_int,
 )
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "../shared/data/pride_and_prejudice.txt; the folder is $KVPRESS_EXT_SHARED when set)")
     p.add_argument("--context_limit", type=int, default=d.context_limit,
                    help="window length; each window starts a fresh cache")
-    p.add_argument("--max_eval_tokens", type=int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
+    p.add_argument("--max_eval_tokens", type=positive_int, default=d.max_eval_tokens, help="evaluate only the first N tokens")
     p.add_argument("--press", nargs="+", default=[d.press],
                    help="registered press names (one runs next to the uncompressed baseline), 'all', or 'no_press'; "
                         "several (or all) make a sweep")
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed_only", action="store_true", help="skip perplexity; measure speed and memory")
     p.add_argument("--speed_decode_only", action="store_true", help="skip perplexity; measure decode throughput only")
     p.add_argument("--no_speed", action="store_true", help="skip the speed measurement")
-    p.add_argument("--speed_context", type=int, default=d.speed_context,
+    p.add_argument("--speed_context", type=positive_int, default=d.speed_context,
                    help="prefill length for speed (default: min(context_limit, tokens))")
     p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens decoded by the speed run")
     p.add_argument("--min_new_tokens", type=int, default=d.min_new_tokens, help="decode at least this many tokens")
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     add_placement_args(p)
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
-    p.add_argument("--seed", type=int, default=d.seed, help="torch seed")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="torch seed")
     add_threads_argument(p, "--num_threads")
     p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -100,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
     return PerplexityConfig(**values)
 
 
+@command_entry("perplexity")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_command_line("perplexity")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,22 @@ DEFAULT_COMPRESSION_RATIO = 0.5
 #: heads: their ratio means the same "fraction removed", and 0.0 would compress nothing).
 DEFAULT_RATIO_PARAMETERS = ("compression_ratio", "key_channel_compression_ratio", "head_compression_ratio")
 #: Parameter names whose value must be a positive integer.
-POSITIVE_INT_PARAMETERS = ("budget", "target_size", "window_size", "kernel_size", "compression_interval", "window")
+POSITIVE_INT_PARAMETERS = ("budget", "target_size", "window_size", "kernel_size", "compression_interval", "window",
+                           "chunk_length", "chunk_size", "block_size", "low_entropy_chunk_length", "lag_size",
+                           "local_window_size", "merge_budget", "pool_width", "sketch_dimension", "num_samples",
+                           "sample_seq_len", "hidden_states_buffer_size", "sliding_window_size", "n_last")
+#: Integer parameters that count tokens, layers or positions: never above :data:`MAX_SIZE` (a saved file or a
+#: command line asking for 10**12 would otherwise spin for minutes) and never negative.
+SIZE_PARAMETERS = ("n_sink", "sink", "num_sinks", "n_initial", "n_recent", "n_future_positions", "slack",
+                   "cap_total", "initial_non_compressible_length", "keep_token_lower_bound", "sink_size_start",
+                   "sink_size_end", "beta", "rotation_offset", "selection_layer")
+MAX_SIZE = 1 << 24
+#: Pooling windows centred on a token: an even width would shift the scores by one (kvpress pads width // 2).
+ODD_PARAMETERS = ("kernel_size",)
+#: Fractions other than the compression ratio: in [0, 1].
+FRACTION_PARAMETERS = ("rate", "retain_ratio", "first_stage_ratio", "window_ratio", "merge_fraction",
+                       "target_compression_ratio", "alpha_safeguard", "similarity_threshold")
+_SNAKE = re.compile(r"[a-z][a-z0-9_]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +193,7 @@ def add_press(
 
 
 def _add(name, cls, origin: str, defaults, requires, override: bool) -> PressInfo:
-    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum() or name.lower() != name:
+    if not isinstance(name, str) or not _SNAKE.fullmatch(name):
         raise PressParameterError(f"Press name {name!r} is not snake_case: use lowercase letters, digits and '_'.")
     if not inspect.isclass(cls):
         raise PressParameterError(f"register_press({name!r}) needs a class, got {cls!r}.")
@@ -242,10 +258,30 @@ def validate_parameters(cls: type, params: dict, name: str | None = None) -> Non
                 f"{label}: {key}={value!r} is out of range; it must be a number in [0, 1) "
                 "(the fraction of the cache to remove)."
             )
-        if key in POSITIVE_INT_PARAMETERS and value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value <= 0
-        ):
-            raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be a positive integer.")
+        check_parameter(label, key, value)
+
+
+def check_parameter(label: str, key: str, value) -> None:
+    """One parameter's range (see the tables above); every number must be finite. Also applied to parameters read
+    back from a saved file, which are as untrusted as a command line."""
+    sized = key in POSITIVE_INT_PARAMETERS or key in SIZE_PARAMETERS
+    if value is None or isinstance(value, bool) and not sized:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PressParameterError(f"{label}: {key}={value!r} is invalid; pass a finite number.")
+    if sized and (isinstance(value, bool) or not isinstance(value, int)):
+        raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be a positive integer."
+                                  if key in POSITIVE_INT_PARAMETERS else
+                                  f"{label}: {key}={value!r} is invalid; pass a whole number of tokens.")
+    if key in POSITIVE_INT_PARAMETERS and value <= 0:
+        raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be a positive integer.")
+    if sized and not -MAX_SIZE <= value <= MAX_SIZE or key in SIZE_PARAMETERS and key != "rotation_offset" and value < 0:
+        raise PressParameterError(f"{label}: {key}={value!r} is out of range; pass a whole number in [0, {MAX_SIZE}].")
+    if key in ODD_PARAMETERS and value % 2 == 0:
+        raise PressParameterError(f"{label}: {key}={value!r} is invalid; it must be odd (a window centred on each "
+                                  f"token), e.g. {value + 1}.")
+    if key in FRACTION_PARAMETERS and (not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        raise PressParameterError(f"{label}: {key}={value!r} is out of range; pass a number in [0, 1].")
 
 
 def _resolve_nested(cls: type, params: dict) -> dict:
@@ -303,6 +339,10 @@ def get_press(name: str, **params: Any):
         if isinstance(exc, PressParameterError):
             raise
         raise PressParameterError(f"{name}: invalid parameters {merged!r}: {exc}") from exc
+    except Exception as exc:  # a plugin press whose constructor fails in another way: one line, not a traceback
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise PressParameterError(f"{name} could not be built ({type(exc).__name__}{': ' + first if first else ''}); "
+                                  f"fix its parameters, or choose another press (`kvpress-ext list`).") from exc
     from kvpress_ext.core.temporal_order import keep_token_order
 
     press = keep_token_order(press)  # wrappers that compress a compressed cache again: entries in token order

@@ -19,6 +19,7 @@ it and not on each other; the loader installs itself with :func:`set_loader` and
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -34,6 +35,14 @@ BUILTIN = "kvpress_ext"
 def origin_label(origin: str) -> str:
     """``built-in`` for :data:`BUILTIN`, ``plugin 'name'`` otherwise."""
     return "built-in" if origin == BUILTIN else f"plugin {origin!r}"
+
+
+#: Every registry's keys: ASCII only, so no two names look alike on screen.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+class InvalidName(KVPressExtError):
+    """A registry key that is not an ASCII name."""
 
 
 class RegistrationConflict(KVPressExtError):
@@ -106,7 +115,11 @@ class Table:
         return entry
 
     def check(self, key: str, value: Any, *, origin: str, override: bool = False) -> None:
-        """Raise :class:`RegistrationConflict` if :meth:`add` would refuse; change nothing."""
+        """Raise :class:`RegistrationConflict` if :meth:`add` would refuse; change nothing. A key must be an ASCII
+        name (:data:`NAME`): a look-alike of another name (a Cyrillic ``о``, fullwidth letters) is refused."""
+        if not isinstance(key, str) or not NAME.fullmatch(key):
+            raise InvalidName(f"{self.kind} name {key!r} is invalid: use ASCII letters, digits, '_', '-' or '.', "
+                              "starting with a letter or digit (at most 100 characters).")
         current = self._entries.get(key)
         if current is not None and current.origin != origin and not override:
             raise RegistrationConflict(self.kind, key, origin, current.origin,

@@ -298,13 +298,17 @@ def build_parser():
 
 
 def _load_cell(path, settings: dict) -> dict | None:
-    import json
+    from kvpress_ext.storage.inputs import load_json
+    from kvpress_ext.storage.safe_write import OWNER_KEY
 
     try:
-        record = json.loads(path.read_text())
+        record = load_json(path.read_bytes(), str(path))
     except (OSError, ValueError):
         return None
-    return record if record.get("settings") == settings else None
+    if not isinstance(record, dict) or record.get("settings") != settings:
+        return None
+    record.pop(OWNER_KEY, None)  # the file's ownership mark, not part of the record
+    return record
 
 
 def _run_part(part: str, grid: list[Cell], settings: dict, out, compute, say, on_update, deadline: float) -> int:

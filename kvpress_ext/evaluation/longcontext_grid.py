@@ -750,7 +750,8 @@ def write_outputs(records: list[dict], out_dir, title: str, command: str = "") -
 
     out_dir = claim_output_dir(out_dir)
     summary = summarize(records)
-    write_output(out_dir / "summary.json", json.dumps(summary, indent=1), flag="--output_dir")
+    write_output(out_dir / "summary.json", json.dumps(summary, indent=1), flag="--output_dir",
+                 is_ours=lambda p: True)  # a list (no room for our mark) in the results directory claimed above
     markdown = summary_markdown(records, title, command)
     write_output(out_dir / "summary.md", markdown, kind="markdown", flag="--output_dir")
     pngs = plot_heatmaps(records, out_dir / "heatmap") if any(r.get("depth") is not None for r in records) else []

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import check_output_dir, claim_output_dir, save_figure, write_output
 
 
@@ -322,13 +324,21 @@ def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str,
     return path
 
 
+_PER_CELL = ("press", "compression_ratio", "press_kwargs")  # what differs between the cells of one sweep
+
+
 def records_from_cells(path: str | Path) -> list[dict]:
     """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.evaluation.sweep`); a failed
     cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
     from kvpress_ext.evaluation.sweep import load_cells
 
-    records = []
+    records, settings = [], {}
     for cell in load_cells(path):
+        params = cell.get("params") if isinstance(cell.get("params"), dict) else {}
+        if not isinstance(params.get("config"), dict):
+            continue  # another command's cell (an icl grid sharing the folder): not a perplexity record
+        setting = {k: v for k, v in params["config"].items() if k not in _PER_CELL}
+        settings.setdefault(json.dumps([setting, params.get("inputs")], sort_keys=True, default=str), setting)
         if cell.get("status") == "ok" and cell.get("record"):
             records.append(cell["record"])
             continue
@@ -337,16 +347,37 @@ def records_from_cells(path: str | Path) -> list[dict]:
                                   "compression_ratio": config.get("compression_ratio"), "params": {}},
                         "status": cell.get("status", "failed"), "error": cell.get("error"),
                         "data": {"dataset": config.get("dataset")}, "command": (cell.get("params") or {}).get("_command")})
+    if len(settings) > 1:
+        a, b = list(settings.values())[:2]
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["model or text contents, threads"]
+        raise KVPressExtError(f"{path} holds sweeps with {len(settings)} different settings (they differ in "
+                              f"{', '.join(differ)}); their numbers are not comparable: pass each sweep its own "
+                              "--output_dir, or summarize one of them from its own folder.")
     return records
+
+
+def run_records(path) -> list[dict]:
+    """The per-run JSON files of ``path`` that are perplexity records (summaries, other commands' files and files
+    beyond the JSON reader's bounds are passed over)."""
+    out = []
+    for p in sorted(Path(path).glob("*.json")):
+        try:
+            r = load_json(p.read_bytes(), str(p))
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, dict) and isinstance(r.get("press"), dict) and isinstance(r["press"].get("name"), str):
+            out.append(r)
+    return out
 
 
 def summarize_directory(path: str | Path, title: str = "Perplexity sweep") -> tuple[Path, Path | None]:
     """Rebuild ``summary.md``/``summary.png`` from the cell files of a sweep (finished, interrupted or still
     running), or from the per-run JSON files of a directory written before sweeps had cell files."""
     check_output_dir(path, flag="--summarize")
-    records = records_from_cells(path) or [json.loads(p.read_text()) for p in sorted(Path(path).glob("*.json"))]
+    records = records_from_cells(path) or run_records(path)
     if not records:
-        raise FileNotFoundError(f"No JSON results in {path}")
+        raise KVPressExtError(f"--summarize {path} holds no perplexity results; pass the --output_dir of a "
+                              "perplexity run.")
     records.sort(key=lambda r: (r.get("status") != "ok", r["press"]["name"]))
     return write_summary(records, path, title=title, command=records[0].get("command"))
 
@@ -357,8 +388,7 @@ def ratio_table(directories: dict) -> str:
     by_press: dict = {}
     notes: dict = {}
     for ratio, path in directories.items():
-        for p in sorted(Path(path).glob("*.json")):
-            r = json.loads(p.read_text())
+        for r in run_records(path):
             name = r["press"]["name"]
             if r.get("status") != "ok":
                 notes.setdefault(name, f"{r.get('status')}: {str(r.get('error'))[:140]}")
@@ -392,8 +422,7 @@ def plot_ratio_sweeps(directories: dict, path: str | Path, title: str = "Perplex
 
     runs: dict = {}
     for ratio, d in directories.items():
-        for f in Path(d).glob("*.json"):
-            r = json.loads(f.read_text())
+        for r in run_records(d):
             if r.get("status") == "ok" and (r.get("perplexity") or {}).get("ppl") is not None:
                 own = r["press"].get("compression_ratio")
                 runs.setdefault(r["press"]["name"], {})[float(ratio if own is None else own)] = r["perplexity"]["ppl"]

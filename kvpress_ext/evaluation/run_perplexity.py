@@ -57,8 +57,9 @@ from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.speed import measure_speed
 from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, run_sweep
 from kvpress_ext.runtime import hub
-from kvpress_ext.runtime.models import DEFAULT_MODEL, load_model
+from kvpress_ext.runtime.models import DEFAULT_MODEL, load_model, resolve_model
 from kvpress_ext.runtime.threads import set_threads, threads_text
+from kvpress_ext.storage.inputs import path_digest
 from kvpress_ext.storage.safe_write import check_output_dir
 
 
@@ -425,6 +426,12 @@ def _check_model(args: PerplexityConfig) -> None:
         raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
 
 
+def input_digests(args: PerplexityConfig, threads: int) -> dict:
+    """What decides a cell's numbers beyond its settings: the model's files, the text's bytes, the threads (speed)."""
+    return {"model": path_digest(resolve_model(args.model)),
+            "text": path_digest(args.text_file) if args.text_file else None, "threads": threads}
+
+
 def _cell_params(args: PerplexityConfig, name: str, ratio, skip: str | None, press_kwargs: dict | None = None) -> dict:
     config = {f.name: getattr(args, f.name) for f in dataclasses.fields(PerplexityConfig)
               if f.name not in _SWEEP_FIELDS + _CONTEXT_FIELDS}
@@ -565,12 +572,14 @@ def run(args: PerplexityConfig) -> list[dict]:
     cells, after, sweeping = plan_cells(args)
     _cached_text(args)
     check_output_dir(args.output_dir)
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     _check_model(args)
+    inputs = input_digests(args, threads)
     if "all" in _as_list(args.press):
         _probe_cells(args, cells)
     for cell in cells + after:  # a sweep shows one bar over its cells, not each cell's own bars
         cell.params["_no_progress"] = args.no_progress or sweeping
+        cell.params["inputs"] = inputs  # part of the cell key: an edited text or model is computed anew
     options.progress = options.progress and sweeping
     by_key: dict = {}
 

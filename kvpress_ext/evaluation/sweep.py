@@ -23,9 +23,14 @@ Contract:
   kvpress-ext on every node). Heavy state such as a loaded model belongs in a per-process cache in ``fn``'s module:
   each process (this one locally, each Ray worker) then loads it once for all the cells it runs.
 - ``out_dir`` must be new, empty or already ours (:mod:`kvpress_ext.storage.safe_write`); it is marked ours before any cell.
-- Cell file ``<out_dir>/cells/<key>.json``, written atomically by the driver: ``{"key", "status": "ok" | "failed",
-  "params", "attempts", "errors", "error", "wall_s", "cpu_s", "executor", "host", "pid", "record"}``.
-- Resume: a cell whose file says ``ok`` with the same params (``_`` names aside) is skipped; failed cells run again.
+- Cell file ``<out_dir>/cells/<key>.<digest>.json``, written atomically by the driver: ``{"key", "status": "ok" |
+  "failed", "params", "attempts", "errors", "error", "wall_s", "cpu_s", "executor", "host", "pid", "record"}``.
+  ``digest`` (:func:`cell_digest`) hashes the params (``_`` names aside): the one cell key. So params must hold
+  everything that changes the cell's numbers: settings, lengths, the model's and the data's fingerprints
+  (:func:`kvpress_ext.storage.inputs.path_digest`), the thread count where it records timings. Two sweeps with
+  other settings in one folder then write other files, never each other's.
+- Resume: a cell whose file (same key, same digest) says ``ok`` with the same params is skipped; failed cells run
+  again; a cell whose settings changed is computed anew, never mixed with the old number.
 - Faults: an exception in ``fn``, or (Ray) a worker process that dies, is retried ``max_retries`` times; then the
   cell is recorded ``failed`` with the reason of each attempt and the other cells go on. Ctrl-C stops the sweep;
   the files written so far stay.
@@ -39,6 +44,7 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -154,36 +160,50 @@ def cell_identity(params: dict) -> dict:
     return _plain({k: v for k, v in params.items() if not str(k).startswith("_")})
 
 
+def cell_digest(params: dict) -> str:
+    """12 hex digits of :func:`cell_identity`: two cells share a file only when everything that decides their
+    numbers is equal."""
+    text = json.dumps(cell_identity(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write ``data`` as JSON so that a reader sees the old file or the new one, never half of one
-    (:func:`kvpress_ext.storage.safe_write.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place)."""
-    from kvpress_ext.storage.safe_write import atomic_write_bytes
+    (:func:`kvpress_ext.storage.safe_write.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place).
+    The folder it goes into must be a real folder, not a symbolic link (:func:`~kvpress_ext.storage.safe_write.own_subdir`)."""
+    from kvpress_ext.storage.safe_write import atomic_write_bytes, own_subdir
 
+    own_subdir(path.parent.parent, path.parent.name)
     atomic_write_bytes(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
 
 
-def cell_path(out_dir, key: str) -> Path:
-    return Path(out_dir) / CELLS_DIR / f"{key}.json"
+def cell_path(out_dir, key: str, params: dict) -> Path:
+    """Where the cell of ``key`` with ``params`` is kept: ``<out_dir>/cells/<key>.<cell_digest(params)>.json``."""
+    return Path(out_dir) / CELLS_DIR / f"{key}.{cell_digest(params)}.json"
+
+
+def _read_cell(path: Path) -> dict | None:
+    from kvpress_ext.storage.inputs import load_json
+
+    try:
+        data = load_json(path.read_bytes(), f"cell file {path}")
+    except (OSError, ValueError):  # unreadable, not JSON, beyond the reader's bounds: not a finished cell
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def load_cells(out_dir) -> list[dict]:
     """Every cell file under ``out_dir/cells`` (sorted by key); usable while a sweep is still writing them."""
-    out = []
-    for path in sorted((Path(out_dir) / CELLS_DIR).glob("*.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return out
+    cells = Path(out_dir) / CELLS_DIR
+    if cells.is_symlink():
+        return []
+    return [d for path in sorted(cells.glob("*.json")) if (d := _read_cell(path)) is not None]
 
 
 def _finished(out_dir, cell: Cell) -> dict | None:
-    path = cell_path(out_dir, cell.key)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if data.get("status") == "ok" and cell_identity(data.get("params") or {}) == cell_identity(cell.params):
+    data = _read_cell(cell_path(out_dir, cell.key, cell.params))
+    if data is not None and data.get("status") == "ok" and \
+            cell_identity(data.get("params") or {}) == cell_identity(cell.params):
         return data
     return None
 
@@ -230,11 +250,12 @@ class _Tracker:
         if tb and not ok:
             data["traceback"] = tb[-3000:]
         if not self.claimed:  # checked before the sweep; marked ours only once something is written
-            from kvpress_ext.storage.safe_write import claim_output_dir
+            from kvpress_ext.storage.safe_write import claim_output_dir, own_subdir
 
             claim_output_dir(self.out_dir, self.flag)
+            own_subdir(self.out_dir, CELLS_DIR, self.flag)
             self.claimed = True
-        write_json_atomic(cell_path(self.out_dir, cell.key), data)
+        write_json_atomic(cell_path(self.out_dir, cell.key, cell.params), data)
         self.add(cell, data)
         self.bar.update(1)
         self.bar.set_postfix(failed=len(self.result.failed))
@@ -263,13 +284,14 @@ def run_sweep(cells: list[Cell], fn: Callable[[dict], dict], out_dir, options: S
     after its retries raises its own exception (a Ray task's: the cell's) and writes no cell file: the caller
     runs one cell whose failure is the command's error. Returns a :class:`SweepResult`.
     """
-    from kvpress_ext.storage.safe_write import check_output_dir
+    from kvpress_ext.storage.safe_write import check_output_dir, check_own_subdir
 
     options = options or SweepOptions()
     check_options(options)
     _check_cells(cells)
     ray = import_ray() if options.executor == "ray" else None  # missing extra: fail before any work
     check_output_dir(out_dir, flag)
+    check_own_subdir(out_dir, CELLS_DIR, flag)
     done = {c.key: d for c in cells if (d := _finished(out_dir, c)) is not None}
     todo = [c for c in cells if c.key not in done]
     tracker = _Tracker(out_dir, options, len(cells), len(done), desc, on_result, flag, raise_failures)

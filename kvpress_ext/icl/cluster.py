@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpress_ext.icl.workflow import ICLInputError, load_documents
-from kvpress_ext.storage.inputs import read_text_file
+from kvpress_ext.storage.inputs import load_json, read_text_file
 
 FORMAT_VERSION = 1
 _FIX = "give a local sentence-transformers or Hugging Face model directory with --embedder"
@@ -249,7 +249,7 @@ def load_clusters(path) -> dict:
     if not path.is_file():
         raise ICLInputError(f"Clusters file {path} does not exist; run `kvpress-ext icl cluster build --out {path}`.")
     try:
-        clusters = json.loads(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
+        clusters = load_json(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
     except json.JSONDecodeError as exc:
         raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rebuild it "
                             "with `kvpress-ext icl cluster build`.") from exc
@@ -276,6 +276,12 @@ def load_clusters(path) -> dict:
             raise ICLInputError(f"Data file {data} changed since {path} was built (content hash differs); "
                                 f"rebuild with `kvpress-ext icl cluster build`.")
         clusters["records"] = records
+    members, n = clusters["clusters"], len(clusters["records"]) if isinstance(clusters["records"], list) else -1
+    if not (isinstance(members, list) and len(members) == len(centroids) and len({len(r) for r in centroids}) == 1
+            and all(isinstance(m, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
+                                                 for i in m) for m in members)):
+        raise ICLInputError(f"{path} has cluster members that are not indices of its {max(n, 0)} records (or "
+                            "centroids of unequal width); rebuild it with `kvpress-ext icl cluster build`.")
     return clusters
 
 

@@ -28,13 +28,19 @@ from transformers import DynamicCache
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import CacheFormatError, KVPressExtError
-from kvpress_ext.core.registry import get_press
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.runtime.chat import chat_turn_break, has_chat_template, split_chat_prompt
 from kvpress_ext.runtime.generate import sample_token
-from kvpress_ext.storage.cache_files import METADATA_FILE, check_cache_target, load_cache, read_metadata, save_cache
-from kvpress_ext.storage.inputs import read_text_file
+from kvpress_ext.storage.cache_files import (
+    METADATA_FILE,
+    check_cache_target,
+    load_cache,
+    press_from_description,
+    read_metadata,
+    save_cache,
+)
+from kvpress_ext.storage.inputs import load_json, read_text_file
 from kvpress_ext.storage.safe_write import path_lock, recover, waiting_note
 
 MODES = ("takeaways", "notepad", "none")
@@ -60,15 +66,18 @@ class ICLInputError(KVPressExtError):
 
 
 def load_documents(path, limit: int | None = None, *, require_solution: bool = False, flag: str = "--data") -> list[dict]:
-    """A JSON list of ``{"question", "solution", "answer"}`` objects, not empty. ``solution``/``answer`` may be
-    missing for questions to answer (eval data), not for documents to read (``require_solution``)."""
+    """A JSON list of ``{"question", "solution", "answer"}`` objects, not empty (or an object holding it as
+    ``records``: what ``icl cluster query`` writes). ``solution``/``answer`` may be missing for questions to
+    answer (eval data), not for documents to read (``require_solution``)."""
     path = Path(path)
     text = read_text_file(path, flag, "a JSON list of question/solution/answer objects")
     try:
-        data = json.loads(text)
+        data = load_json(text, f"{flag} {path}")
     except json.JSONDecodeError as exc:
         raise ICLInputError(f"Data file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a JSON list of "
                             "question/solution/answer objects.") from exc
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        data = data["records"]
     if not isinstance(data, list) or not all(isinstance(d, dict) and "question" in d for d in data):
         raise ICLInputError(f"Data file {path} must hold a JSON list of objects with at least a 'question' field.")
     if not data:
@@ -164,6 +173,26 @@ def existing_cache(out, model=None) -> dict | None:
     return load_cache(out, model=model)[1]
 
 
+_PRESS_SETTINGS = {"window_size": "window_size", "rotate": "rotate_keys", "rotation_offset": "rotation_offset",
+                   "buffer": "compression_interval"}
+_EXTRA_SETTINGS = ("budget", "mode", "summary_complexity", "num_epochs", "max_note_tokens")
+
+
+def check_same_settings(meta: dict, out, documents: list[dict], **settings) -> None:
+    """Raise unless the cache at ``out`` (its metadata ``meta``) was made from ``documents`` with ``settings``
+    (precompute's keyword arguments): a cache is reused only for the run that would have made it."""
+    extra, press = meta.get("extra") or {}, (meta.get("press") or {}).get("params") or {}
+    differ = [f"{k} {extra[k]!r} (asked {settings[k]!r})" for k in _EXTRA_SETTINGS
+              if k in settings and k in extra and extra[k] != settings[k]]
+    differ += [f"{k} {press[name]!r} (asked {settings[k]!r})" for k, name in _PRESS_SETTINGS.items()
+               if k in settings and name in press and press[name] != settings[k]]
+    if "documents" in extra and json.loads(json.dumps(documents)) != extra["documents"]:
+        differ.append("the documents (--data changed)")
+    if differ:
+        raise ICLInputError(f"{out} holds a cache made with other settings: {'; '.join(differ)}; pass --recompute to "
+                            "replace it, or another --out.")
+
+
 def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 128, mode: str = "takeaways",
                summary_complexity: str = "simple", num_epochs: int = 1, window_size: int = 8, rotate: bool = False,
                rotation_offset: int = 0, buffer: int = 128, max_note_tokens: int = 64, recompute: bool = False,
@@ -192,6 +221,9 @@ def precompute(model, tokenizer, documents: list[dict], out, *, budget: int = 12
         if not recompute:
             meta = existing_cache(out, model=model)
             if meta is not None:
+                check_same_settings(meta, out, documents, budget=budget, mode=mode, num_epochs=num_epochs,
+                                    summary_complexity=summary_complexity, window_size=window_size, rotate=rotate,
+                                    rotation_offset=rotation_offset, buffer=buffer, max_note_tokens=max_note_tokens)
                 return {**meta, "reused": True}
         meta = _precompute(model, tokenizer, documents, out, budget=budget, mode=mode,
                            summary_complexity=summary_complexity, num_epochs=num_epochs, window_size=window_size,
@@ -237,7 +269,7 @@ def _precompute(model, tokenizer, documents, out, *, budget, mode, summary_compl
     extra = {
         "workflow": "icl", "mode": mode, "summary_complexity": summary_complexity, "num_epochs": num_epochs,
         "budget": budget, "documents": documents, "notes": notes, "tokens_seen": len(token_ids),
-        "chat_template": templated,
+        "chat_template": templated, "max_note_tokens": max_note_tokens,
     }
     save_cache(cache, out, model=model, token_ids=token_ids, press=press, extra=extra)
     return read_metadata(out)
@@ -270,7 +302,8 @@ def evaluate(model, tokenizer, cache_dir, questions: list[dict], *, repeat: int 
     base, meta = load_cache(cache_dir, model=model)
     press = None
     if compress and meta.get("press"):
-        press = get_press(meta["press"]["name"], **meta["press"]["params"])
+        press = press_from_description(meta["press"], f"Cache at {cache_dir}",
+                                       f"recompute it (`kvpress-ext icl precompute --out {cache_dir} --recompute`)")
     generator = torch.Generator().manual_seed(seed)
     random.seed(seed)
     records = []
@@ -302,7 +335,7 @@ def read_eval_records(path) -> list[dict]:
     fix = f"pass the JSON file `kvpress-ext icl eval --out {path}` wrote"
     text = read_text_file(path, "--eval", "the JSON file `kvpress-ext icl eval --out` wrote")
     try:
-        data = json.loads(text)
+        data = load_json(text, f"--eval {path}")
     except json.JSONDecodeError as exc:
         raise ICLInputError(f"--eval {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}.") from None
     records = data.get("records") if isinstance(data, dict) else None
@@ -368,4 +401,4 @@ def grid_cell(params: dict) -> dict:
             "complexity": pre["summary_complexity"] if pre["mode"] != "none" else "",
             "pass@1": scores["pass_at_k"][1]["mean"],
             "correct": scores["total_correct"], "samples": scores["total_samples"],
-            "cache_length": json.loads(eval_file.read_text())["cache_length"]}
+            "cache_length": load_json(eval_file.read_bytes(), str(eval_file))["cache_length"]}

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvpress_ext.runtime.models import ModelLoadError
-from kvpress_ext.storage.inputs import shared_dir
+from kvpress_ext.storage.inputs import load_json, shared_dir
 
 try:
     import fcntl
@@ -62,7 +62,8 @@ def is_converted(path: Path, version: int | None = None) -> bool:
     if version is None:
         return True
     try:
-        return json.loads(marker.read_text()).get("version") == version
+        record = load_json(marker.read_bytes())
+        return isinstance(record, dict) and record.get("version") == version
     except (OSError, ValueError):
         return False
 

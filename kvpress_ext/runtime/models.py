@@ -69,6 +69,13 @@ def register_model(name: str, resolve: Callable[[], str], *, parameters: str = "
         raise ModelLoadError(f"Model short name {name!r} is invalid: use lowercase letters, digits, '-', '_' or '.'.")
     if not callable(resolve):
         raise ModelLoadError(f"register_model({name!r}) needs a callable that returns a model directory.")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or not 0 < context <= 1 << 24):
+        raise ModelLoadError(f"register_model({name!r}): context={context!r} must be a whole number of tokens in "
+                             f"[1, {1 << 24}] or None.")
+    texts = {"parameters": parameters, "source": source, "licence": licence, "summary": summary}
+    bad = [k for k, v in texts.items() if not isinstance(v, str)]
+    if bad:
+        raise ModelLoadError(f"register_model({name!r}): {', '.join(bad)} must be text; pass strings.")
     origin = tables.resolve_origin(plugin, tables.caller_module())
     info = ModelInfo(name, resolve, parameters, context, source, licence, summary, status, origin)
     _MODELS.add(name, info, origin=origin, override=override)
@@ -99,6 +106,9 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
     """What ``from_pretrained`` should load for ``name_or_path`` (default :data:`DEFAULT_MODEL`): a registered short
     name's local directory (converted or located on first use), an existing local directory, or a hub id."""
     name_or_path = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
+    if not name_or_path.strip():  # "" would be the current folder
+        raise ModelLoadError(f"--model is empty: pass a short name ({', '.join(available_models())}), a local model "
+                             "directory or a hub id.")
     if not looks_like_path(name_or_path):
         models = available_models()
         if name_or_path in models:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,8 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.core.positions import PositionState, position_state
-from kvpress_ext.storage.safe_write import path_lock, recover, replace_directory, try_lock
+from kvpress_ext.storage.inputs import JSONInputError, load_json
+from kvpress_ext.storage.safe_write import is_ours, path_lock, recover, replace_directory, try_lock
 
 FORMAT_VERSION = 2
 KNOWN_VERSIONS = (2,)
@@ -148,12 +150,12 @@ def _parse_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
     if n > len(buf) - 8:
         raise ValueError("header length beyond the end of the file")
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
+        header = load_json(bytes(buf[8 : 8 + n]))
     except ValueError:
         raise ValueError("header is not JSON") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")  # noqa: TRY004 - reported as one "malformed file" error
-    base, size, out = 8 + n, len(buf) - 8 - n, {}
+    base, size, out, spans = 8 + n, len(buf) - 8 - n, {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -166,10 +168,15 @@ def _parse_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
         count = math.prod(shape)
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
             raise ValueError(f"tensor {name!r} lies outside the data or disagrees with its shape")
+        spans.append((begin, end, name))
         if count == 0:
             out[name] = torch.empty(shape, dtype=dtype)
         else:
             out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).view(shape)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:  # two names for the same bytes: one write through either would change both
+            raise ValueError(f"tensors {first!r} and {second!r} share bytes")
     return out
 
 
@@ -220,6 +227,46 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None
             raise CacheFormatError(f"{where}: tensor {name} holds NaN or Inf values; {fix}")
 
 
+def kv_geometry(model) -> dict:
+    """What a KV cache of ``model`` must look like: ``layers``, ``heads`` (key/value heads), ``head_dim`` (each
+    None where the config does not say)."""
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim and getattr(config, "hidden_size", None) and getattr(config, "num_attention_heads", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    return {"layers": getattr(config, "num_hidden_layers", None), "heads": heads, "head_dim": head_dim}
+
+
+def check_kv_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int], model, where: str,
+                     fix: str) -> None:
+    """Raise :class:`CacheFormatError` unless the loaded ``(keys, values)`` per layer fit ``model`` and the
+    metadata's ``lengths``: one pair per layer of the model, floating point, 4-D ``(batch, heads, tokens,
+    head_dim)`` with the model's head count and head size, at least one token, as many as the metadata says.
+
+    The one check of loaded tensors against the model (saved caches and A3 chunk entries): a crafted file with a
+    valid checksum must fail here, in one line, not later in a matmul or, worse, answer with wrong numbers."""
+    shape = kv_geometry(model) if model is not None else {"layers": None, "heads": None, "head_dim": None}
+    if shape["layers"] and len(pairs) != shape["layers"]:
+        raise CacheFormatError(f"{where} holds {len(pairs)} layers, the model has {shape['layers']}; {fix}")
+    for i, ((k, v), length) in enumerate(zip(pairs, lengths)):
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise CacheFormatError(f"{where}: layer {i} holds {k.dtype}/{v.dtype} tensors, not floating point; {fix}")
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise CacheFormatError(f"{where}: layer {i} holds tensors of shape {tuple(k.shape)} / {tuple(v.shape)}, "
+                                   f"not (batch, heads, tokens, head_dim) each; {fix}")
+        if k.shape[-2] != length or length < 1:
+            raise CacheFormatError(f"{where}: layer {i} holds {k.shape[-2]} tokens, the metadata says {length} "
+                                   f"(a cache needs at least one); {fix}")
+        if shape["heads"] and k.shape[1] != shape["heads"]:
+            raise CacheFormatError(f"{where}: layer {i} has {k.shape[1]} key/value heads, the model "
+                                   f"{shape['heads']}; {fix}")
+        if shape["head_dim"] and k.shape[-1] != shape["head_dim"]:
+            raise CacheFormatError(f"{where}: layer {i} has head size {k.shape[-1]}, the model "
+                                   f"{shape['head_dim']}; {fix}")
+
+
 def check_version(value, known: tuple[int, ...], where: str, fix: str, newer_fix: str = "upgrade kvpress-ext") -> int:
     """Accept only a known integer format version; anything else is "unknown" (or "newer"/"older")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -237,11 +284,13 @@ def check_version(value, known: tuple[int, ...], where: str, fix: str, newer_fix
 def read_json_object(path: Path, where: str, fix: str) -> dict:
     """A JSON object from ``path``; a pickle, binary, a list or invalid JSON is a one-line error."""
     try:
-        data = json.loads(path.read_bytes())
+        data = load_json(path.read_bytes(), f"{where}: {path.name}")
     except FileNotFoundError:
         raise CacheFormatError(f"{where}: {path.name} is missing; {fix}") from None
     except OSError as exc:
         raise CacheFormatError(f"{where}: cannot read {path.name} ({exc.strerror}); {fix}") from None
+    except JSONInputError as exc:
+        raise CacheFormatError(f"{where}: {path.name} {exc.reason}; {fix}") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError (a pickle, binary junk)
         raise CacheFormatError(f"{where}: {path.name} is not valid JSON ({str(exc)[:80]}); {fix}") from None
     if not isinstance(data, dict):
@@ -250,7 +299,8 @@ def read_json_object(path: Path, where: str, fix: str) -> dict:
 
 
 def is_int(x, minimum: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+    """An int (not a bool) in [minimum, 2**62]: no count, position or token id of ours is larger."""
+    return isinstance(x, int) and not isinstance(x, bool) and minimum <= x <= 1 << 62
 
 
 def check_fields(meta: dict, schema: dict[str, Any], where: str, fix: str) -> None:
@@ -280,6 +330,24 @@ def press_description(press) -> dict | None:
     return {"name": press_name(press), "class": type(press).__name__, "params": params}
 
 
+def press_from_description(description: dict, where: str, fix: str):
+    """The press :func:`press_description` described, rebuilt through the registry (so its parameters get the
+    same range checks as a command line's: a saved file is untrusted input); inner presses too."""
+    from kvpress_ext.core.errors import KVPressExtError
+    from kvpress_ext.core.registry import get_press
+
+    def build(desc):
+        params = {k: build(v) if isinstance(v, dict) and isinstance(v.get("name"), str) and "params" in v else v
+                  for k, v in (desc.get("params") or {}).items()}
+        return get_press(desc["name"], **params)
+
+    try:
+        return build(description)
+    except KVPressExtError as exc:
+        raise CacheFormatError(f"{where}: its saved press cannot be rebuilt ({str(exc).splitlines()[0]}); {fix}") \
+            from None
+
+
 def _json_safe(value: Any):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -305,19 +373,21 @@ def atomic_directory_write(path: Path, write_fn) -> None:
 
 # --- whose directory is it? ----------------------------------------------------------------------------------------
 def is_our_cache_dir(path) -> bool:
-    """True for a directory our metadata says is a saved cache, or one holding nothing but a cache's files
-    (a damaged cache: ``--recompute`` may replace it)."""
+    """True for a directory whose contents prove it is one of our saved caches (:func:`~kvpress_ext.storage.
+    safe_write.is_ours`: our metadata kind, or a damaged cache's two files with our tensor header) and not
+    another kind of ours (a chunk store, a results directory). A folder merely holding a ``metadata.json`` is not."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
-    names = {p.name for p in path.iterdir()}
-    if names and names <= {METADATA_FILE, TENSORS_FILE}:
-        return True
     try:
-        meta = json.loads((path / METADATA_FILE).read_bytes())
+        meta = load_json((path / METADATA_FILE).read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and (meta.get("kind") == CACHE_KIND or {"format_version", "seq_lengths"} <= set(meta))
+        meta = None
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind == CACHE_KIND or (isinstance(meta, dict) and {"format_version", "seq_lengths"} <= set(meta) and not kind):
+        return True  # ours, or a cache from before the kind was written (format 1)
+    names = {p.name for p in path.iterdir()}
+    return not kind and bool(names) and names <= {METADATA_FILE, TENSORS_FILE} and is_ours(path)
 
 
 def check_cache_target(path, flag: str = "--out") -> Path:
@@ -460,6 +530,8 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     if set(tensors) != expected:
         raise CacheFormatError(f"{where}: {TENSORS_FILE} holds other tensors than {METADATA_FILE} lists; {fix}")
     check_finite(tensors, where, fix)
+    check_kv_tensors([(tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]) for i in range(metadata["num_layers"])],
+                     metadata["seq_lengths"], model, where, fix)
     cache = DynamicCache()
     devices = None
     if device is None and model is not None:

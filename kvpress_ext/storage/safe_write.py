@@ -21,139 +21,30 @@ killed process, so nothing stale is ever waited on.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import re
 import shutil
-import sys
-import threading
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
-from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.storage.inputs import load_json
+from kvpress_ext.storage.locks import (  # noqa: F401 - the writing layer's one import for writers
+    LockBusy,
+    OutputPathError,
+    check_lock_file,
+    lock_path,
+    path_lock,
+    try_lock,
+    waiting_note,
+)
 
 RESULTS_MARKER = ".kvpress-ext-results"
 
 
-class OutputPathError(KVPressExtError):
-    """An output path that holds something that is not ours (nothing was written)."""
-
-
-class LockBusy(KVPressExtError):
-    """Another process holds the lock of a path (only with ``blocking=False``)."""
-
-
-# --- locks ------------------------------------------------------------------------------------------------------
-_HELD: dict[str, list] = {}  # lock file -> [owning thread id, depth]: re-entrant within one thread
-_HELD_GUARD = threading.Lock()
-
-
-def lock_path(path) -> Path:
-    path = Path(path)
-    return path.parent / f".{path.name}.lock"
-
-
-def _acquire(lock_file: Path, blocking: bool, on_wait: Callable[[str], None] | None) -> int:
-    waited = False
-    while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                if not blocking:
-                    raise LockBusy(f"another process (pid {holder}) is writing {lock_file.parent / lock_file.name[1:-5]}; "
-                                   "wait for it to finish, then rerun") from None
-                if on_wait is not None and not waited:
-                    on_wait(holder)
-                    waited = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            # the holder before us may have removed the file: then our lock is on an orphan inode; start over
-            st = os.fstat(fd)
-            try:
-                cur = os.stat(lock_file)
-            except FileNotFoundError:
-                cur = None
-            if cur is not None and (cur.st_ino, cur.st_dev) == (st.st_ino, st.st_dev):
-                # fixed width, no truncation: ext4 flushes a truncated file on close (7 ms instead of 0.1 ms)
-                os.pwrite(fd, b"%-12d" % os.getpid(), 0)
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-
-
-@contextmanager
-def path_lock(path, *, blocking: bool = True, on_wait: Callable[[str], None] | None = None):
-    """Hold an exclusive ``flock`` on ``.NAME.lock`` next to ``path`` (re-entrant in one thread).
-
-    Another thread or process asking for the same path waits (``on_wait(pid)`` is called once first), or raises
-    :class:`LockBusy` with ``blocking=False``. The parent directory is created if needed.
-    """
-    lock_file = lock_path(path)
-    key = os.path.abspath(lock_file)
-    me = threading.get_ident()
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[0] == me:
-            held[1] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
-            yield
-        finally:
-            with _HELD_GUARD:
-                _HELD[key][1] -= 1
-        return
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(lock_file, blocking, on_wait)
-    with _HELD_GUARD:
-        _HELD[key] = [me, 1]
-    try:
-        yield
-    finally:
-        with _HELD_GUARD:
-            del _HELD[key]
-        try:
-            os.unlink(lock_file)  # while still locked: a waiter then sees another inode (or none) and retries
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def waiting_note(path) -> Callable[[str], None]:
-    """An ``on_wait`` callback printing one line on stderr."""
-    return lambda pid: print(f"kvpress-ext: waiting for another process (pid {pid}) writing {path}", file=sys.stderr)
-
-
-@contextmanager
-def try_lock(path):
-    """Yield True holding the lock, or False when another process holds it or none can be made (read-only)."""
-    if not Path(path).parent.is_dir():
-        yield False
-        return
-    try:
-        with path_lock(path, blocking=False):
-            yield True
-            return
-    except LockBusy:
-        pass
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
-    yield False
-
-
 # --- recovery and atomic replacement -------------------------------------------------------------------------------
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-[^/]*$")
+# exactly the tags temporary_sibling makes (pid, 8 hex digits): a user's ``.report.json.old-keep`` is no leftover
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|new|old)-(?P<tag>[0-9]+-[0-9a-f]{8})$")
 
 
 def _leftovers(path: Path) -> dict[str, list[Path]]:
@@ -186,14 +77,16 @@ def recover(path) -> list[str]:
 
     Call it holding :func:`path_lock` (``path``): then no other writer is between its renames. When ``path`` is
     missing, a complete ``.NAME.new-*`` is moved in (the swap is finished), else the newest ``.NAME.old-*`` is
-    moved back (restored). Every other ``.NAME.tmp-*`` / ``.new-*`` / ``.old-*`` is removed.
+    moved back (restored). Every other ``.NAME.tmp-*`` / ``.new-*`` / ``.old-*`` is removed. Only names with our
+    exact tag count, and a ``.new-*`` / ``.old-*`` is adopted or removed only when :func:`is_ours` says so
+    (something else that merely looks like a leftover is left alone).
     """
     path = Path(path)
     if not path.parent.is_dir():
         return []
     done = []
     found = _leftovers(path)
-    news, olds = found["new"], found["old"]
+    news, olds = [p for p in found["new"] if is_ours(p)], [p for p in found["old"] if is_ours(p)]
     if not os.path.lexists(path):
         if news:
             os.rename(news.pop(), path)
@@ -292,40 +185,96 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return path
 
 
-# --- the ownership rule: files ------------------------------------------------------------------------------------
-def _is_json(path: Path) -> bool:
+# --- the ownership rule: one test of what is ours --------------------------------------------------------------
+#: Every JSON document write_output writes carries this key and value: the proof that kvpress-ext may replace it.
+OWNER_KEY, OWNER = "written_by", "kvpress-ext"
+MARKDOWN_MARK = "<!-- written by kvpress-ext -->"
+_OUR_KINDS = ("kvpress_ext.",)  # the "kind" of our caches' / chunk entries' metadata.json and of store.json
+
+
+def _json_file(path: Path, limit: int = 64 << 20):
+    """The parsed JSON of a regular file up to ``limit`` bytes, or None (unreadable, too big, not JSON)."""
     try:
-        json.loads(path.read_bytes())
-        return True
-    except (ValueError, OSError):
-        return False
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > limit:
+            return None
+        return load_json(path.read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError, JSONInputError
+        return None
 
 
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg", b"\xff\xd8\xff")
-
-
-def _is_image(path: Path) -> bool:
+def _safetensors_ours(path: Path) -> bool:
+    """A tensor file whose header metadata names our format version (what save_cache writes)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= 64 << 20:
+                return False
+            header = load_json(fh.read(n))
+    except (OSError, ValueError):
         return False
-    return head.startswith(_IMAGE_MAGIC)
+    return isinstance(header, dict) and isinstance(header.get("__metadata__"), dict) and \
+        "format_version" in header["__metadata__"]
 
 
-def _is_markdown(path: Path) -> bool:
+def is_ours(path) -> bool:
+    """The one ownership test: may kvpress-ext replace what is at ``path``?
+
+    Only when its own contents prove it: a directory holding :data:`RESULTS_MARKER`, or a ``metadata.json`` /
+    ``store.json`` whose ``kind`` is one of ours, or nothing but a cache's two files with our tensor header (a
+    cache whose metadata was damaged); a JSON file carrying ``"written_by": "kvpress-ext"``; a Markdown file
+    ending with :data:`MARKDOWN_MARK`; an image matplotlib made. A symbolic link is never ours.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        if (path / RESULTS_MARKER).is_file():
+            return True
+        for name in ("metadata.json", "store.json"):
+            meta = _json_file(path / name)
+            if isinstance(meta, dict) and str(meta.get("kind", "")).startswith(_OUR_KINDS):
+                return True
+        names = {p.name for p in path.iterdir()}
+        return names <= {"metadata.json", "tensors.safetensors"} and _safetensors_ours(path / "tensors.safetensors")
+    if not path.is_file():
+        return False
     try:
-        head = path.read_bytes()[:2]
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+            fh.seek(max(0, path.stat().st_size - (1 << 16)))
+            tail = fh.read()
     except OSError:
         return False
-    return head.startswith(b"# ")
+    if head.startswith(_IMAGE_MAGIC):
+        return b"atplotlib" in head or b"atplotlib" in tail
+    if tail.rstrip().endswith(MARKDOWN_MARK.encode()):
+        return True
+    doc = _json_file(path)
+    return isinstance(doc, dict) and doc.get(OWNER_KEY) == OWNER
 
 
-KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
-    "json": ("a JSON document", _is_json),
-    "image": ("an image (PNG, PDF, SVG)", _is_image),
-    "markdown": ("a Markdown report starting with '# '", _is_markdown),
+_is_ours = is_ours  # for functions whose ``is_ours`` argument overrides the test
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"%PDF", b"<?xml", b"<svg", b"\xff\xd8\xff")
+
+KINDS: dict[str, str] = {
+    "json": f"a JSON output of kvpress-ext (one holds \"{OWNER_KEY}\": \"{OWNER}\")",
+    "image": "a plot kvpress-ext made (PNG, PDF, SVG)",
+    "markdown": "a Markdown report kvpress-ext wrote",
 }
+
+
+def stamp(data: str, kind: str) -> str:
+    """``data`` with our ownership mark: the first key of a JSON object, the last line of Markdown."""
+    if kind == "json":
+        m = re.match(r"\s*\{(\s*)", data)
+        if m is None:
+            raise TypeError("kvpress-ext writes JSON outputs as objects (they carry its ownership mark)")
+        body = data[m.end():]
+        sep = "" if body.startswith("}") else "," + (m.group(1) or " ")
+        return data[:m.start(1)] + m.group(1) + f'"{OWNER_KEY}": "{OWNER}"' + sep + body
+    if kind == "markdown" and MARKDOWN_MARK not in data:
+        return data.rstrip("\n") + "\n\n" + MARKDOWN_MARK + "\n"
+    return data
 
 
 def check_output_file(path, kind: str = "json", flag: str = "--json",
@@ -336,17 +285,18 @@ def check_output_file(path, kind: str = "json", flag: str = "--json",
     test, ``what`` its description). Call it before any work, so bad input costs nothing and writes nothing.
     """
     path = Path(path)
-    test = is_ours or KINDS[kind][1]
-    what = what or KINDS[kind][0]
+    test = is_ours or _is_ours
+    what = what or KINDS[kind]
     if path.is_symlink():
         raise OutputPathError(f"{flag} {path} is a symbolic link; pass the path of a regular file instead")
+    check_lock_file(path)
     if path.exists():
         if path.is_dir():
             raise OutputPathError(f"{flag} {path} is a directory; pass a file path such as {path / ('out.' + kind)}")
         if not path.is_file():
             raise OutputPathError(f"{flag} {path} exists and is not a regular file; pass a new file path")
         if path.stat().st_size and not test(path):  # an empty file holds nothing to lose
-            raise OutputPathError(f"{flag} {path} exists and is not {what} kvpress-ext would replace; "
+            raise OutputPathError(f"{flag} {path} exists and is not {what}, so kvpress-ext will not replace it; "
                                   "pass a new file path or remove it yourself (nothing was written)")
     else:
         parent = first_existing(path.parent)
@@ -369,6 +319,8 @@ def write_output(path, data: str | bytes, kind: str = "json", flag: str = "--jso
     Missing parent directories are created (``--json runs/today/out.json`` works).
     """
     path = check_output_file(path, kind, flag, is_ours, what)
+    if isinstance(data, str) and is_ours is None:
+        data = stamp(data, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path_lock(path):
         recover(path)
@@ -388,12 +340,14 @@ def save_figure(fig, path, flag: str = "--plot", **kwargs) -> Path:
 
 # --- the ownership rule: results directories -------------------------------------------------------------------
 def _legacy_results(directory: Path) -> bool:
-    """A results directory from before the marker: only summary.md/.png and JSON objects, nothing else."""
+    """A results directory from before the marker: a summary.md, and only summary.png and JSON objects beside it."""
     entries = list(directory.iterdir())
+    if not (directory / "summary.md").is_file():
+        return False
     for e in entries:
         if e.name in ("summary.md", "summary.png") and e.is_file() and not e.is_symlink():
             continue
-        if e.suffix == ".json" and e.is_file() and not e.is_symlink() and _is_json(e):
+        if e.suffix == ".json" and isinstance(_json_file(e), dict):
             continue
         if e.name.startswith(".") and e.name.endswith(".lock"):
             continue
@@ -417,6 +371,7 @@ def check_target_dir(path, *, flag: str, ours: Callable[[Path], bool], what: str
     so a marker file alone decides even where the directory cannot be listed.
     """
     path = Path(path)
+    check_lock_file(path)
     if refuse_symlinks and path.is_symlink():
         raise OutputPathError(f"{flag} {path} is a symbolic link; {symlink_fix}")
     if path.is_symlink() and not path.is_dir():
@@ -435,7 +390,8 @@ def check_target_dir(path, *, flag: str, ours: Callable[[Path], bool], what: str
 
 
 def _is_results_dir(path: Path) -> bool:
-    return (path / RESULTS_MARKER).is_file() or _legacy_results(path)
+    marker = path / RESULTS_MARKER
+    return (marker.is_file() and not marker.is_symlink()) or _legacy_results(path)
 
 
 def check_output_dir(path, flag: str = "--output_dir") -> Path:
@@ -454,6 +410,25 @@ def claim_output_dir(path, flag: str = "--output_dir") -> Path:
     path = check_output_dir(path, flag)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / RESULTS_MARKER
-    if not marker.exists():
-        marker.write_text("This directory holds kvpress-ext results; kvpress-ext may overwrite its files.\n")
+    if not os.path.lexists(marker):
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("This directory holds kvpress-ext results; kvpress-ext may overwrite its files.\n")
     return path
+
+
+def own_subdir(parent, name: str, flag: str = "--output_dir") -> Path:
+    """``parent/name``, created if missing, for our files inside a directory of ours: refused (one line) when it
+    is a symbolic link or not a directory, so nothing is ever written through a link planted there."""
+    sub = check_own_subdir(parent, name, flag)
+    sub.mkdir(exist_ok=True)
+    return sub
+
+
+def check_own_subdir(parent, name: str, flag: str = "--output_dir") -> Path:
+    """:func:`own_subdir`'s check alone (nothing is created): call it before any work."""
+    sub = Path(parent) / name
+    if sub.is_symlink() or (os.path.lexists(sub) and not sub.is_dir()):
+        raise OutputPathError(f"{flag} {parent}: {name} is a symbolic link or not a directory; remove it (kvpress-ext "
+                              "writes only into folders it made), then rerun (nothing was written)")
+    return sub

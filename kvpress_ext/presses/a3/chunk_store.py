@@ -52,6 +52,7 @@ from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.storage.cache_files import (
     check_fields,
     check_finite,
+    check_kv_tensors,
     check_version,
     file_checksum,
     is_checksum,
@@ -60,6 +61,7 @@ from kvpress_ext.storage.cache_files import (
     read_json_object,
     read_verified_tensors,
 )
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import (
     atomic_write_bytes,
     check_target_dir,
@@ -93,7 +95,7 @@ def is_store_root(root) -> bool:
     if root.is_symlink() or not root.is_dir():
         return False
     try:
-        marker = json.loads((root / STORE_MARKER).read_bytes())
+        marker = load_json((root / STORE_MARKER).read_bytes())
         if isinstance(marker, dict) and marker.get("kind") == STORE_KIND:
             return True
     except (OSError, ValueError):
@@ -358,6 +360,8 @@ class ChunkStore:
         if not names <= set(tensors) or set(tensors) - names - {"surprisal"}:
             raise CacheFormatError(f"{where}: {TENSORS} holds other tensors than a chunk entry has; {FIX}.")
         check_finite(tensors, where, FIX)
+        check_kv_tensors([(tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]) for i in range(n_layers)],
+                         [len(expected_ids)] * n_layers, self.model, where, FIX + ".")
         keys, values = [], []
         for i in range(n_layers):
             k, v = tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]
@@ -366,7 +370,8 @@ class ChunkStore:
             keys.append(k)
             values.append(v)
         surprisal = tensors.get("surprisal")
-        if surprisal is not None and surprisal.numel() != len(expected_ids):
+        if surprisal is not None and (surprisal.dim() != 1 or not surprisal.is_floating_point()
+                                      or surprisal.numel() != len(expected_ids)):
             raise CacheFormatError(f"{where}: surprisal has {surprisal.numel()} values, "
                                    f"chunk has {len(expected_ids)} tokens; {FIX}.")
         return ChunkKV(expected_ids, keys, values, expected_prefix, surprisal)
