@@ -159,7 +159,10 @@ def _pre_hook(module, args, kwargs):
     bsz, n, device = _num_new_tokens(args, kwargs)
     mask = kwargs.get("attention_mask")
     batch = padded_batch(cache)
-    if batch is None and mask is not None and mask.dim() == 2 and not bool(mask[:, -n:].all()):
+    if batch is None and mask is not None and mask.dim() == 2 and not bool(mask.all()):
+        if not bool(mask[:, :-n].all()):
+            raise BatchInputError("The attention mask marks pads among tokens this cache holds as a batch without "
+                                  "padding: pass the padded mask from the first forward into the cache on.")
         batch = _start_batch(cache, bsz, device)
     if batch is not None:
         _batched_inputs(cache, batch, kwargs, n, device)
