@@ -34,8 +34,13 @@ import torch
 from kvpress import BasePress
 
 from kvpress_ext.core.contract import PressContract, contract_of, reset_press
+from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.temporal_order import in_temporal_order
+
+
+class PrefillChunkError(KVPressExtError):
+    """A ``prefill_chunk_size`` out of range, or given to a press that cannot be fed in chunks."""
 
 
 def has_settable_ratio(press) -> bool:
@@ -114,3 +119,27 @@ class EveryChunkPress(BasePress):
             return self.press.forward_hook(module, input, inner_kwargs, output)
         finally:
             self.press.compression_ratio = self._target_ratio
+
+
+def check_prefill_chunk_size(chunk, context_length: int) -> None:
+    """``prefill_chunk_size`` must be a whole number of tokens from 1 to the (longest) context's length."""
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= context_length:
+        raise PrefillChunkError(f"prefill_chunk_size={chunk!r} is invalid: give an integer from 1 to the context's "
+                                f"length ({context_length} tokens), or leave it out to prefill in one pass.")
+
+
+def press_for_chunks(press, chunk):
+    """The press to feed a context through in chunks of ``chunk`` tokens: a prefill-only hook press is wrapped so it
+    compresses after every chunk (token order kept); a press that already compresses as tokens arrive (R-KV, lazy
+    streaming, decoding presses) runs as it is. A press that runs the model itself cannot be fed in chunks."""
+    if chunk is None or press is None:
+        return press
+    contract = contract_of(press)
+    if contract.runs_model:
+        raise PrefillChunkError(f"{type(press).__name__} runs the model itself on the whole context: leave "
+                                "prefill_chunk_size out for it.")
+    if contract.prefill and not (contract.decoding or contract.whole_cache or contract.chunked_prefill):
+        return EveryChunkPress(press=press)
+    return press
