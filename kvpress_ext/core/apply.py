@@ -116,14 +116,18 @@ def _press_hook(press, adapter, model):
     return hook
 
 
+def check_batches(press, padded: bool) -> None:
+    """Refuse a padded batch for a press whose contract does not claim batches: one line naming the press and why,
+    never a wrong answer."""
+    if padded and press is not None and not contract_of(press).batches:
+        raise BatchInputError(f"{_user_facing_name(press)} cannot compress a padded batch ({batch_refusal(press)}): "
+                              "run it one sequence at a time (batch_size=1) or with sequences of equal length.")
+
+
 def _refuse_padded_batches(press):
-    """A pre-hook that stops a padded batch before the model runs, for a press whose contract does not claim
-    batches: one line naming the press and why, never a wrong answer."""
+    """A pre-hook that stops a padded batch before the model runs (:func:`check_batches`)."""
     def hook(module, args, kwargs):
-        if padded_batch(kwargs.get("past_key_values")) is not None:
-            name = _user_facing_name(press)
-            raise BatchInputError(f"{name} cannot compress a padded batch ({batch_refusal(press)}): run it one "
-                                  "sequence at a time (batch_size=1) or with sequences of equal length.")
+        check_batches(press, padded_batch(kwargs.get("past_key_values")) is not None)
 
     return hook
 

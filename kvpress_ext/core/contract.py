@@ -30,11 +30,15 @@ import kvpress
 from kvpress import (
     AdaKVPress,
     BasePress,
+    CompactorPress,
+    CURPress,
     DecodingPress,
     DMSPress,
     FinchPress,
     KeyRerotationPress,
+    LeverageScorePress,
     PrefillDecodingPress,
+    RandomPress,
     ScorerPress,
 )
 
@@ -106,6 +110,11 @@ KVPRESS_CONTRACTS: dict[type, Callable[[object], PressContract]] = {
     DMSPress: lambda press: PressContract(prefill=True, decoding=bool(press.decoding)),
     KeyRerotationPress: lambda press: PressContract(positions_follow_cache=True, batches=_plain_scorer(press.press)),
     ScorerPress: lambda press: PressContract(batches=_plain_scorer(press)),
+    # scores drawn from torch's global generator depend on what ran before, not on the sequence alone
+    RandomPress: lambda press: PressContract(batches=press.seed is not None),
+    LeverageScorePress: lambda press: PressContract(batches=False),
+    CompactorPress: lambda press: PressContract(batches=False),
+    CURPress: lambda press: PressContract(batches=not press.use_random_leverage),
     FinchPress: lambda press: PressContract(positions_follow_cache=bool(press.rerotate_keys)),
 }
 if _restore_kv() is not None:
@@ -180,7 +189,12 @@ def reset_press(press) -> None:
 
 
 #: Why a kvpress class cannot run a padded batch, by class (most derived match in the MRO wins).
+_RANDOM = "its scores draw from torch's global random generator, so a sequence's kept tokens would depend on the others"
 _BATCH_REFUSALS: dict[type, str] = {
+    RandomPress: _RANDOM + " (give it a seed)",
+    LeverageScorePress: _RANDOM,
+    CompactorPress: _RANDOM,
+    CURPress: _RANDOM,
     DecodingPress: "it counts decoding steps for the whole batch, not per sequence",
     PrefillDecodingPress: "its decoding press counts steps for the whole batch, not per sequence",
     AdaKVPress: "it masks keys inside the attention kernel for the whole batch",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press, check_batches, compression_phases
 from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
 from kvpress_ext.core.contract import contract_of, prefill_chunk_size
 from kvpress_ext.core.devices import input_device
@@ -85,6 +85,8 @@ def generate_batch(model, prompts, press=None, *, questions=None, max_new_tokens
         if len(questions) != len(prompts):
             raise BatchInputError(f"{len(questions)} questions for {len(prompts)} contexts: give one per context.")
         check_sequences(questions, model, None, "question")
+    uneven = len({len(p) for p in prompts}) > 1 or (questions is not None and len({len(q) for q in questions}) > 1)
+    check_batches(press, uneven)
     device = input_device(model)
     ids, mask = left_pad(prompts, pad_token_id, device)
     check_prefill_chunk_size(chunk_size, ids.shape[1])
