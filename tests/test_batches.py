@@ -229,3 +229,41 @@ def test_right_padding_is_refused(tiny_models):
         with pytest.raises(BatchInputError, match=r"Padding must be on the left of each sequence: set "
                                                   r"tokenizer.padding_side = 'left'\."):
             model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache())
+
+
+def test_generate_command_with_several_prompts_matches_each_alone(tmp_path):
+    import json
+
+    from conftest import shared_path
+
+    from kvpress_ext.cli import main
+
+    model_dir = str(shared_path("models", "stories260k"))
+    prompts = ["Once upon a time, there was a little girl named Lily. She", "The dog ran", "Tom had a red ball and"]
+    common = ["generate", "--model", model_dir, "--no_progress", "--press", "snapkv", "--press_kwargs",
+              "compression_ratio=0.5", "window_size=4", "--max_new_tokens", "12", "--no_stop_at_eos"]
+    out = tmp_path / "batch.json"
+    args = [a for p in prompts for a in ("--prompt", p)]
+    assert main([*common, *args, "--batch_size", "3", "--json", str(out)]) == 0
+    batched = json.loads(out.read_text())["generated_ids"]
+    for i, prompt in enumerate(prompts):
+        one = tmp_path / f"one{i}.json"
+        assert main([*common, "--prompt", prompt, "--json", str(one)]) == 0
+        assert batched[i] == json.loads(one.read_text())["generated_ids"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a", "--prompt", "Once upon a time", "--press", "decoding", "--press_kwargs", "base_press=knorm",
+      "--batch_size", "2"], "decoding cannot compress a padded batch"),
+    (["--prompt", "Once upon", "--press", "knorm", "--prefill_chunk_size", "0"], "--prefill_chunk_size must be a "),
+    (["--prompt", "Once", "--press", "knorm", "--prefill_chunk_size", "50"], "prefill_chunk_size=50 is invalid"),
+    (["--prompt", "a", "--prompt", " ", "--batch_size", "2"], "Prompt 2 of 2 is empty"),
+])
+def test_generate_command_bad_batch_input_exits_2_in_one_line(args, message, capsys):
+    from conftest import shared_path
+
+    from kvpress_ext.cli import main
+
+    rc = main(["generate", "--model", str(shared_path("models", "stories260k")), "--no_progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1
