@@ -267,3 +267,27 @@ def test_generate_command_bad_batch_input_exits_2_in_one_line(args, message, cap
     rc = main(["generate", "--model", str(shared_path("models", "stories260k")), "--no_progress", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+SMOLLM2_SETTINGS = {
+    "snapkv": {"compression_ratio": 0.5, "window_size": 16}, "knorm": {"compression_ratio": 0.5},
+    "expected_attention": {"compression_ratio": 0.5}, "rkv": {"budget": 64, "window_size": 8, "compression_interval": 8},
+    "lazy_streaming": {"cap_total": 64, "slack": 8},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMOLLM2_SETTINGS))
+def test_smollm2_padded_batch_answers_as_each_sequence_alone(name, smollm2, two_threads):
+    from conftest import shared_path
+
+    model, tok = smollm2
+    text = " ".join(shared_path("data", "pride_and_prejudice.txt").read_text(encoding="utf-8").split()[2000:2400])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    contexts = [ids[:150], ids[150:250], ids[250:370]]
+    questions = [tok(q, add_special_tokens=False)["input_ids"] for q in ("\nWho is speaking?", "\nWhere?", "\nWhy?")]
+    run = dict(max_new_tokens=5)
+    alone = [generate_batch(model, [c], get_press(name, **SMOLLM2_SETTINGS[name]), questions=[q], **run)[0]
+             for c, q in zip(contexts, questions)]
+    batched = generate_batch(model, contexts, get_press(name, **SMOLLM2_SETTINGS[name]), questions=questions, **run)
+    _assert_same(alone, batched)
