@@ -27,7 +27,7 @@ from kvpress_ext.core.devices import synchronize
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import cache_length
 from kvpress_ext.presses.lazy_streaming import chunked_prefill
-from kvpress_ext.runtime.batched import check_sequences, generate_batch
+from kvpress_ext.runtime.batched import generate_batch
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -95,7 +95,6 @@ def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: 
     feeds the prompt in chunks of that many tokens, compressing after each one.
     """
     device = input_ids.device
-    check_sequences([input_ids[0]], model, press, "prompt")
     check_prefill_chunk_size(prefill_chunk_size, int(input_ids.shape[1]))
     prefill_phase, decoding_phase = compression_phases(press)
     chunk = prefill_chunk_size or (press_chunk_size(press) if prefill_phase else None)

@@ -36,7 +36,7 @@ from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.positions import BatchInputError, position_state
 from kvpress_ext.core.registry import get_press
-from kvpress_ext.runtime.batched import check_sequences, generate_batch
+from kvpress_ext.runtime.batched import generate_batch
 from kvpress_ext.runtime.chat import has_chat_template, split_chat_prompt
 
 #: kvpress's pipeline logger: our records go where kvpress's users (and kvpress's tests) look for them.
@@ -167,7 +167,6 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             )
         cache = DynamicCache() if cache is None else cache
         context_ids = input_tensors["context_ids"].to(input_device(self.model))
-        check_sequences([context_ids[0]], self.model, press)
         check_prefill_chunk_size(chunk_size, context_ids.shape[1])
         decoder = get_adapter(self.model).decoder(self.model)
         # A press with chunked prefill compacts as the context streams in: feed it chunk by chunk.
