@@ -84,7 +84,7 @@ and the reference (the same with `--press no_press`, output `results/perplexity/
   window starts from an empty cache; 8,176 tokens are scored (the first token of each window has no prediction).
 - `--ppl_apply_press`: each window is fed in chunks of 128 tokens inside `apply_press`; every chunk's logits come from
   the cache the press compressed after the previous chunk. Prefill presses are wrapped in `EveryChunkPress`
-  (`kvpress_ext/evaluation/chunked.py`) so they compress after every chunk, keeping `(1 - ratio)` of the tokens seen
+  (`kvpress_ext/core/chunked_prefill.py`) so they compress after every chunk, keeping `(1 - ratio)` of the tokens seen
   so far (256 of 512 at ratio 0.5). Presses that compress while decoding (`decoding`, `compression_ratio_decoding`,
   `dms`, `cam`, `prefill_decoding`, later `lazy_streaming`/`rkv`) get the first chunk as a prefill and the rest in
   forwards of 8 tokens (`--decode_chunk_size 8`).

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.contract import PressContract
-from kvpress_ext.core.positions import PositionState, next_position, position_state
+from kvpress_ext.core.positions import BatchInputError, PositionState, next_position, position_state
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
 TOL = 1e-5
@@ -84,7 +84,8 @@ def test_cache_position_and_mask_from_the_caller_follow_the_compressed_cache(tin
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
 
 
-def test_padded_batch_with_a_compressed_cache_is_refused(tiny_models):
+def test_padding_the_cache_never_saw_is_refused(tiny_models):
+    """A mask that marks pads among tokens already cached as an unpadded batch cannot be honoured: one clear error."""
     model = tiny_models["llama"]
     ids = _ids(30, seed=3, batch=2)
     cache = DynamicCache()
@@ -93,8 +94,8 @@ def test_padded_batch_with_a_compressed_cache_is_refused(tiny_models):
     with torch.no_grad(), apply_press(LazyStreamingPress(n_sink=2, window=8, slack=4), model):
         model(input_ids=ids[:, :20], past_key_values=cache)  # 20 > cap 14: compacted
         assert cache.get_seq_length() < position_state(cache).seen_tokens
-        with pytest.raises(ValueError, match=r"Padded batches cannot be used with a compressed cache: run one "
-                                             r"sequence at a time \(batch size 1\) or without padding\."):
+        with pytest.raises(BatchInputError, match=r"marks pads among tokens this cache holds as a batch without "
+                                                  r"padding: pass the padded mask from the first forward"):
             model(input_ids=ids[:, 20:], past_key_values=cache, attention_mask=mask)
 
 

@@ -29,17 +29,23 @@ from kvpress_ext.storage.inputs import read_text_file
 from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
-def _read_prompt(args) -> str:
-    if args.prompt_file is not None:
-        text = read_text_file(args.prompt_file, "--prompt_file")
-    else:
-        text = args.prompt
-    if not text.strip():
-        raise GenerateInputError("The prompt is empty: pass --prompt TEXT or a non-empty --prompt_file FILE.")
-    return text
+def _read_prompts(args) -> list[str]:
+    texts = [read_text_file(args.prompt_file, "--prompt_file")] if args.prompt_file is not None else args.prompt
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            which = f"Prompt {i} of {len(texts)}" if len(texts) > 1 else "The prompt"
+            raise GenerateInputError(f"{which} is empty: pass --prompt TEXT or a non-empty --prompt_file FILE.")
+    if len(texts) > 1 and (args.temperature > 0 or args.stream):
+        raise GenerateInputError("Several prompts are decoded greedily and printed at the end: leave out "
+                                 "--temperature and --stream, or pass one --prompt.")
+    return texts
 
 
 def _check_args(args) -> None:
+    if args.batch_size < 1:
+        raise GenerateInputError(f"--batch_size must be a positive integer, got {args.batch_size}.")
+    if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
+        raise GenerateInputError(f"--prefill_chunk_size must be a positive integer, got {args.prefill_chunk_size}.")
     if args.max_new_tokens < 1:
         raise GenerateInputError(f"--max_new_tokens must be a positive integer, got {args.max_new_tokens}.")
     if args.temperature < 0:
@@ -80,13 +86,16 @@ def _cmd_generate(args) -> int:
     from kvpress_ext.runtime.models import load_model
 
     _check_args(args)
-    prompt = _read_prompt(args)
+    prompts = _read_prompts(args)
     press = _build_press(args)  # before loading the model: bad names/kwargs fail fast
     threads = set_threads(args.threads)
     load_start = machine_load()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   attn_implementation=args.attn_implementation, **placement_kwargs(args))
     device = input_device(model)
+    if len(prompts) > 1:
+        return _generate_several(args, model, tokenizer, prompts, press)
+    prompt = prompts[0]
     chat = split_chat_prompt(tokenizer, prompt, use_chat_template=args.use_chat_template)
     if chat.templated:  # the template writes its own special tokens
         input_ids = tokenizer(chat.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
@@ -108,7 +117,8 @@ def _cmd_generate(args) -> int:
             result = generate_ids(model, input_ids, press, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, generator=generator,
                                   stop_at_eos=args.stop_at_eos, on_token=on_token if args.stream else None,
-                                  progress=not (args.stream or args.no_progress))
+                                  progress=not (args.stream or args.no_progress),
+                                  prefill_chunk_size=args.prefill_chunk_size)
     except AssertionError as exc:  # kvpress presses assert on the attention implementation
         text = str(exc).lower()
         if "attention" not in text and "eager" not in text:
@@ -141,6 +151,33 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _prompt_ids(tokenizer, prompt: str, use_chat_template) -> list[int]:
+    chat = split_chat_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
+    if chat.templated:  # the template writes its own special tokens
+        return tokenizer(chat.text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def _generate_several(args, model, tokenizer, prompts, press) -> int:
+    """Several ``--prompt``: greedy, ``--batch_size`` at a time in left-padded batches; one text per prompt."""
+    from kvpress_ext.core.registry import press_name
+    from kvpress_ext.runtime.generate import generate_many
+
+    ids = [_prompt_ids(tokenizer, p, args.use_chat_template) for p in prompts]
+    with hub.explain_press_failures(args.press):
+        results = generate_many(model, ids, press, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                stop_at_eos=args.stop_at_eos, prefill_chunk_size=args.prefill_chunk_size)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in results]
+    for i, text in enumerate(texts, 1):
+        print(f"--- prompt {i} ---\n{text}")
+    if args.json:
+        record = {"model": args.model, "press": press_name(press) if press is not None else None,
+                  "prompts": prompts, "texts": texts, "generated_ids": results, "batch_size": args.batch_size,
+                  "prefill_chunk_size": args.prefill_chunk_size, "max_new_tokens": args.max_new_tokens}
+        write_output(args.json, json.dumps(record, indent=2))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text with any registered press (greedy or sampled, optionally streamed)",
@@ -150,12 +187,17 @@ def add_parser(subparsers) -> None:
     )
     add_model_argument(p)
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt", action="append",
+                        help="prompt text; repeat for several prompts (greedy, run --batch_size at a time)")
     prompt.add_argument("--prompt_file", help="UTF-8 file holding the prompt")
     p.add_argument("--press", default=None, help="registered press name (default: no compression)")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="press parameters (int/float/bool/none/str values)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="most tokens to generate")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="prompts per left-padded batch (each compressed as if alone; presses that cannot refuse)")
+    p.add_argument("--prefill_chunk_size", type=int, default=None,
+                   help="feed the prompt in chunks of this many tokens, compressing after each (default: one pass)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the sampling generator")

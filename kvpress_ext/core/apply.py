@@ -22,9 +22,16 @@ from contextlib import ExitStack, contextmanager, nullcontext
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
-from kvpress_ext.core.contract import contract_of, first_skip_warning, inner_press, reset_press
+from kvpress_ext.core.batch import per_row_after_forward, per_row_forward_hook, row_lengths_follow_cache
+from kvpress_ext.core.contract import batch_refusal, contract_of, first_skip_warning, inner_press, reset_press
 from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
-from kvpress_ext.core.positions import count_positions, set_next_position, track_positions
+from kvpress_ext.core.positions import (
+    BatchInputError,
+    count_positions,
+    padded_batch,
+    set_next_position,
+    track_positions,
+)
 from kvpress_ext.core.registry import available_presses, press_name
 
 
@@ -90,16 +97,37 @@ def _input_refused(press, exc: AssertionError, hidden_states) -> None:
 
 
 def _press_hook(press, adapter, model):
-    def hook(module, args, kwargs, output):
-        view = adapter.press_view(model, module)
-        hook_kwargs = adapter.hook_kwargs(module, args, kwargs)
+    def run(view, args, hook_kwargs, output):
         try:
-            return press.forward_hook(view, list(args), hook_kwargs, output)
+            return press.forward_hook(view, args, hook_kwargs, output)
         except AssertionError as exc:  # kvpress checks its inputs with asserts: say which press and what to do
             if isinstance(exc, PressInputError):
                 raise
             _input_refused(press, exc, hook_kwargs.get("hidden_states"))
             return output
+
+    def hook(module, args, kwargs, output):
+        view = adapter.press_view(model, module)
+        hook_kwargs = adapter.hook_kwargs(module, args, kwargs)
+        if padded_batch(hook_kwargs.get("past_key_values")) is not None:
+            return per_row_forward_hook(run, view, list(args), hook_kwargs, output)  # each sequence as if alone
+        return run(view, list(args), hook_kwargs, output)
+
+    return hook
+
+
+def check_batches(press, padded: bool) -> None:
+    """Refuse a padded batch for a press whose contract does not claim batches: one line naming the press and why,
+    never a wrong answer."""
+    if padded and press is not None and not contract_of(press).batches:
+        raise BatchInputError(f"{_user_facing_name(press)} cannot compress a padded batch ({batch_refusal(press)}): "
+                              "run it one sequence at a time (batch_size=1) or with sequences of equal length.")
+
+
+def _refuse_padded_batches(press):
+    """A pre-hook that stops a padded batch before the model runs (:func:`check_batches`)."""
+    def hook(module, args, kwargs):
+        check_batches(press, padded_batch(kwargs.get("past_key_values")) is not None)
 
     return hook
 
@@ -145,7 +173,9 @@ def _after_forward_hook(press):
         cache = kwargs.get("past_key_values")
         if cache is None:  # the model made its own cache
             cache = getattr(output, "past_key_values", None)
-        if cache is not None:
+        if cache is not None and padded_batch(cache) is not None:
+            per_row_after_forward(press, cache)
+        elif cache is not None:
             press.after_forward(cache)
         return output
 
@@ -154,7 +184,9 @@ def _after_forward_hook(press):
 
 def _cache_length_hook(module, args, kwargs, output):
     cache = kwargs.get("past_key_values")
-    if cache is not None:
+    if cache is not None and padded_batch(cache) is not None:
+        row_lengths_follow_cache(cache)
+    elif cache is not None:
         set_next_position(cache, cache.get_seq_length())
 
 
@@ -199,6 +231,9 @@ def apply_press(press, model, *, track=True):
         if press is None:
             yield
             return
+        if not contract_of(press).batches:
+            handle = decoder.register_forward_pre_hook(_refuse_padded_batches(press), with_kwargs=True)
+            stack.callback(handle.remove)
         if manages_whole_cache(press):
             press.post_init_from_model(model)
             handle = decoder.register_forward_hook(_after_forward_hook(press), with_kwargs=True)

@@ -27,11 +27,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import kvpress
-from kvpress import BasePress, DecodingPress, DMSPress, FinchPress, KeyRerotationPress, PrefillDecodingPress
+from kvpress import (
+    AdaKVPress,
+    BasePress,
+    CompactorPress,
+    CURPress,
+    DecodingPress,
+    DMSPress,
+    FinchPress,
+    KeyRerotationPress,
+    LeverageScorePress,
+    PrefillDecodingPress,
+    RandomPress,
+    ScorerPress,
+)
 
 __all__ = [
     "KVPRESS_CONTRACTS",
     "PressContract",
+    "batch_refusal",
     "budget_parameters",
     "contract_of",
     "first_skip_warning",
@@ -69,13 +83,20 @@ class PressContract:
     chunked_prefill: bool = False
     #: Has ``pipeline_call(pipe, context_chunks, ...)``: the pipeline hands it pre-chunked contexts (A³).
     takes_context_chunks: bool = False
-    #: Compresses each sequence of a left-padded batch as if it were alone (pads never kept over real tokens).
+    #: Compresses each sequence of a left-padded batch as if it were alone (pads never kept over real tokens) when
+    #: run on each sequence's own tokens (:mod:`kvpress_ext.core.batch`): its decisions read only the forward's
+    #: inputs, the layer's cache and state kept on that cache, and it keeps the same count in every layer.
     batches: bool = False
 
 
 def _hooks_only(cls: type) -> bool:
     """Whether ``cls.__call__`` is one of kvpress's hook-installing ones (not a press that runs the model)."""
     return cls.__call__ in (BasePress.__call__, DecodingPress.__call__, PrefillDecodingPress.__call__)
+
+
+def _plain_scorer(press) -> bool:
+    """A scorer whose compression is kvpress's top-k of its scores (its scores read only the forward's inputs)."""
+    return type(press).compress is ScorerPress.compress
 
 
 def _restore_kv() -> type | None:
@@ -87,7 +108,13 @@ KVPRESS_CONTRACTS: dict[type, Callable[[object], PressContract]] = {
     DecodingPress: lambda press: PressContract(prefill=False, decoding=True),
     PrefillDecodingPress: lambda press: PressContract(prefill=True, decoding=True),
     DMSPress: lambda press: PressContract(prefill=True, decoding=bool(press.decoding)),
-    KeyRerotationPress: lambda press: PressContract(positions_follow_cache=True),
+    KeyRerotationPress: lambda press: PressContract(positions_follow_cache=True, batches=_plain_scorer(press.press)),
+    ScorerPress: lambda press: PressContract(batches=_plain_scorer(press)),
+    # scores drawn from torch's global generator depend on what ran before, not on the sequence alone
+    RandomPress: lambda press: PressContract(batches=press.seed is not None),
+    LeverageScorePress: lambda press: PressContract(batches=False),
+    CompactorPress: lambda press: PressContract(batches=False),
+    CURPress: lambda press: PressContract(batches=not press.use_random_leverage),
     FinchPress: lambda press: PressContract(positions_follow_cache=bool(press.rerotate_keys)),
 }
 if _restore_kv() is not None:
@@ -159,6 +186,32 @@ def reset_press(press) -> None:
         reset = getattr(part, "reset", None)
         if callable(reset):
             reset()
+
+
+#: Why a kvpress class cannot run a padded batch, by class (most derived match in the MRO wins).
+_RANDOM = "its scores draw from torch's global random generator, so a sequence's kept tokens would depend on the others"
+_BATCH_REFUSALS: dict[type, str] = {
+    RandomPress: _RANDOM + " (give it a seed)",
+    LeverageScorePress: _RANDOM,
+    CompactorPress: _RANDOM,
+    CURPress: _RANDOM,
+    DecodingPress: "it counts decoding steps for the whole batch, not per sequence",
+    PrefillDecodingPress: "its decoding press counts steps for the whole batch, not per sequence",
+    AdaKVPress: "it masks keys inside the attention kernel for the whole batch",
+    DMSPress: "it masks keys inside the attention kernel for the whole batch",
+}
+
+
+def batch_refusal(press) -> str:
+    """Why ``press`` does not run padded batches (for the error that refuses one)."""
+    if contract_of(press).runs_model:
+        return "it runs the model itself, one sequence at a time"
+    for cls in type(press).__mro__:
+        if cls in _BATCH_REFUSALS:
+            return _BATCH_REFUSALS[cls]
+    if isinstance(press, ScorerPress):
+        return "its compression is not kvpress's per-sequence top-k: it may keep different counts per layer or head"
+    return "it does not declare that it compresses each sequence as if alone (PressContract.batches)"
 
 
 def inner_press(press):

@@ -22,6 +22,8 @@ import torch
 from kvpress import ScorerPress
 from kvpress.utils import compute_n_kept
 
+from kvpress_ext.core.contract import PressContract, contract_of
+
 
 @dataclass
 class TemporalOrderPress(ScorerPress):
@@ -46,6 +48,10 @@ class TemporalOrderPress(ScorerPress):
 
     def post_init_from_model(self, model):
         self.press.post_init_from_model(model)
+
+    def press_contract(self) -> PressContract:
+        """The inner scorer's contract: the same entries are kept, only their order differs."""
+        return contract_of(self.press)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         saved = self.press.compression_ratio

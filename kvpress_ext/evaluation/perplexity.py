@@ -6,7 +6,7 @@ Two measures, both per token (so curves and windows come for free):
   window is scored in one forward pass with the full (uncompressed) context.
 * :func:`compressed_nll`: the text is fed incrementally inside ``apply_press(press, model)``, chunk by chunk, and
   every chunk's logits come from a forward over a cache the press compressed after the previous chunk. Prefill-only
-  presses are wrapped in :class:`~kvpress_ext.evaluation.chunked.EveryChunkPress` so they compress after every
+  presses are wrapped in :class:`~kvpress_ext.core.chunked_prefill.EveryChunkPress` so they compress after every
   chunk; presses that compress while decoding (``compression_phases(press)[1]``) see the first chunk as prefill
   and the rest of the text token by token (``decode_chunk_size``), as during generation.
 
@@ -35,7 +35,7 @@ from kvpress_ext.core.apply import (
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.core.positions import cache_length
-from kvpress_ext.evaluation.chunked import EveryChunkPress
+from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.runtime import hub
 from kvpress_ext.storage.inputs import read_text_file, shared_dir
 

@@ -73,7 +73,8 @@ class LazyStreamingPress(BasePress):
     #: Compacts the whole cache once per forward, at prefill (chunk by chunk) and while decoding; ``cap_total`` or
     #: ``window`` given explicitly wins over a compression ratio.
     contract: ClassVar[PressContract] = PressContract(
-        prefill=True, decoding=True, whole_cache=True, chunked_prefill=True, budget_parameters=("cap_total", "window"))
+        prefill=True, decoding=True, whole_cache=True, chunked_prefill=True, budget_parameters=("cap_total", "window"),
+        batches=True)
 
     def __post_init__(self):
         for name in ("n_sink", "slack"):

@@ -236,7 +236,8 @@ class RKVPress(BasePress):
     rotate_keys: bool = False
     rotation_offset: int = 0
     #: Compresses at prefill and while decoding; ``budget`` given explicitly wins over a compression ratio.
-    contract: ClassVar[PressContract] = PressContract(prefill=True, decoding=True, budget_parameters=("budget",))
+    contract: ClassVar[PressContract] = PressContract(prefill=True, decoding=True, budget_parameters=("budget",),
+                                                      batches=True)
 
     @classmethod
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):

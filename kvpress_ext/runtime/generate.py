@@ -21,11 +21,13 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.contract import prefill_chunk_size
+from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
+from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import synchronize
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import cache_length
 from kvpress_ext.presses.lazy_streaming import chunked_prefill
+from kvpress_ext.runtime.batched import generate_batch
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -85,15 +87,17 @@ def _record_cache_length(model, cache, result: Generation):
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: int = 100, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None, stop_at_eos: bool = True,
-                 on_token=None, progress: bool = False) -> Generation:
+                 on_token=None, progress: bool = False, prefill_chunk_size: int | None = None) -> Generation:
     """Prefill ``input_ids`` (1 x n) through ``press`` and decode up to ``max_new_tokens`` tokens.
 
     ``on_token(id)`` is called for every new token as it is produced (for streaming). With ``stop_at_eos``
-    generation ends after an EOS token (included in the ids, as ``model.generate`` does).
+    generation ends after an EOS token (included in the ids, as ``model.generate`` does). ``prefill_chunk_size``
+    feeds the prompt in chunks of that many tokens, compressing after each one.
     """
     device = input_ids.device
+    check_prefill_chunk_size(prefill_chunk_size, int(input_ids.shape[1]))
     prefill_phase, decoding_phase = compression_phases(press)
-    chunk = prefill_chunk_size(press) if prefill_phase else None
+    chunk = prefill_chunk_size or (press_chunk_size(press) if prefill_phase else None)
     eos = eos_token_ids(model) if stop_at_eos else set()
     cache = DynamicCache()
     result = Generation(prompt_tokens=int(input_ids.shape[1]))
@@ -109,7 +113,8 @@ def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: 
     bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
     synchronize(device)
     t0 = time.perf_counter()
-    with apply_press(press if prefill_phase else None, model), _record_cache_length(model, cache, result):
+    hooked = press_for_chunks(press, prefill_chunk_size) if prefill_phase else None
+    with apply_press(hooked, model), _record_cache_length(model, cache, result):
         out = chunked_prefill(model, input_ids, cache, chunk or input_ids.shape[1])
         token = take(out.logits)
     synchronize(device)
@@ -126,3 +131,20 @@ def generate_ids(model, input_ids: torch.Tensor, press=None, *, max_new_tokens: 
     result.stopped_at_eos = token in eos
     result.cache_len_final = cache_length(cache)
     return result
+
+
+def generate_many(model, prompts, press=None, *, batch_size: int = 1, max_new_tokens: int = 100,
+                  stop_at_eos: bool = True, prefill_chunk_size: int | None = None) -> list[list[int]]:
+    """Greedy generation for several prompts (token id lists), ``batch_size`` at a time in left-padded batches
+    (each compressed as if alone, :mod:`kvpress_ext.runtime.batched`); one list of ids per prompt."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise GenerateInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    eos = eos_token_ids(model) if stop_at_eos else set()
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start : start + batch_size]
+        out += [r.generated_ids for r in generate_batch(
+            model, group, press, max_new_tokens=max_new_tokens, eos_token_ids=eos, chunk_size=prefill_chunk_size,
+            pad_token_id=pad if isinstance(pad, int) else 0)]
+    return out

@@ -4,7 +4,11 @@ It keeps kvpress's pipeline (preprocessing, several questions per context) and c
 hard-wires: presses run through :func:`kvpress_ext.core.apply.apply_press` (so GPT-NeoX and plugin presses
 work), presses that compress while decoding stay active during the answer, and every position comes
 from the cache's :class:`~kvpress_ext.core.positions.PositionState` instead of ``context_length + i``.
-``press`` may also be a registry name (``press="knorm"``). With a chat template the prompt comes from
+``press`` may also be a registry name (``press="knorm"``). A list of contexts returns one answer per context, like a
+Hugging Face pipeline given a list: ``question=`` is asked of every context, ``questions=[...]`` gives one per
+context, and ``batch_size=N`` runs N contexts at once as a left-padded batch
+(:func:`kvpress_ext.runtime.batched.generate_batch`; each compressed as if alone). ``prefill_chunk_size=N`` feeds
+the context in chunks of N tokens and compresses after each. With a chat template the prompt comes from
 :func:`kvpress_ext.runtime.chat.split_chat_prompt` (user turn = context, blank line, question), like every other
 entry point; ``use_chat_template=False`` turns it off (raw text, as kvpress does without a template).
 
@@ -26,10 +30,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.contract import pipeline_call, prefill_chunk_size
+from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
+from kvpress_ext.core.contract import pipeline_call
+from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import input_device
-from kvpress_ext.core.positions import position_state
+from kvpress_ext.core.positions import BatchInputError, position_state
 from kvpress_ext.core.registry import get_press
+from kvpress_ext.runtime.batched import generate_batch
 from kvpress_ext.runtime.chat import has_chat_template, split_chat_prompt
 
 #: kvpress's pipeline logger: our records go where kvpress's users (and kvpress's tests) look for them.
@@ -57,16 +64,19 @@ def greedy_decode(model, first_ids: torch.Tensor, cache, max_new_tokens: int, eo
 class KVPressExtPipeline(KVPressTextGenerationPipeline):
     """kvpress's text-generation pipeline, driven through kvpress_ext's adapters and position state."""
 
-    def _sanitize_parameters(self, press=None, max_context_length=None, use_chat_template=None, **kwargs):
+    def _sanitize_parameters(self, press=None, max_context_length=None, use_chat_template=None,
+                             prefill_chunk_size=None, **kwargs):
         if isinstance(press, str):
             press = get_press(press)
-        if max_context_length is None and press is not None and prefill_chunk_size(press):
+        if max_context_length is None and press is not None and press_chunk_size(press):
             # The press streams any input through a bounded cache (lazy_streaming): no truncation to the
             # tokenizer's model_max_length, which is exactly the limit such a press exists to lift.
             max_context_length = int(1e10)
         pre, fwd, post = super()._sanitize_parameters(press=press, max_context_length=max_context_length, **kwargs)
         if use_chat_template is not None:
             pre["use_chat_template"] = bool(use_chat_template)
+        if prefill_chunk_size is not None:
+            fwd["prefill_chunk_size"] = prefill_chunk_size
         return pre, fwd, post
 
     def preprocess(self, context: str, questions: list[str], answer_prefix: str, max_context_length: int,
@@ -95,7 +105,12 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
 
     def __call__(self, *args, context_chunks=None, **kwargs):
         """``context_chunks=[...]`` hands separately cached chunks to a press that fuses them itself
-        (it defines ``pipeline_call``, e.g. A3Press); without it this is kvpress's pipeline unchanged."""
+        (it defines ``pipeline_call``, e.g. A3Press); a list of contexts is answered one answer per context (see
+        the module docstring); otherwise this is kvpress's pipeline unchanged."""
+        contexts = args[0] if args else kwargs.get("context")
+        if context_chunks is None and isinstance(contexts, (list, tuple)):
+            kwargs.pop("context", None)
+            return self._answer_list(list(contexts), *args[1:], **kwargs)
         if context_chunks is None:
             return super().__call__(*args, **kwargs)
         press = kwargs.pop("press", None)
@@ -108,7 +123,37 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             )
         return fuse(self, list(context_chunks), **kwargs)
 
-    def _forward(self, input_tensors, max_new_tokens: int = 50, press=None, cache=None):
+    def _answer_list(self, contexts, question=None, questions=None, batch_size=1, answer_prefix=None,
+                     max_new_tokens=50, **kwargs):
+        """One ``{"answer": ...}`` per context, ``batch_size`` contexts at a time in a left-padded batch."""
+        if questions is None:
+            questions = [question or ""] * len(contexts)
+        elif question is not None or len(questions) != len(contexts):
+            raise BatchInputError(f"Give question= (asked of every context) or questions= with one question per "
+                                  f"context ({len(contexts)}), not {len(questions)} and question={question!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BatchInputError(f"batch_size={batch_size!r} must be a positive integer.")
+        if any(not isinstance(c, str) or not c.strip() for c in contexts):
+            raise BatchInputError("A context of the batch is empty: give every context some text.")
+        pre, fwd, _ = self._sanitize_parameters(answer_prefix=answer_prefix, max_new_tokens=max_new_tokens, **kwargs)
+        pre.pop("questions", None)
+        inputs = [self.preprocess(c, [q], **pre) for c, q in zip(contexts, questions)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        answers = []
+        for start in range(0, len(inputs), batch_size):
+            group = inputs[start : start + batch_size]
+            results = generate_batch(
+                self.model, [x["context_ids"][0] for x in group], fwd.get("press"),
+                questions=[x["questions_ids"][0][0] for x in group], max_new_tokens=fwd.get("max_new_tokens", 50),
+                eos_token_ids=eos, chunk_size=fwd.get("prefill_chunk_size"), pad_token_id=pad, stop_at_first=False)
+            answers += [{"answer": str(self.tokenizer.decode(r.generated_ids, skip_special_tokens=True))}
+                        for r in results]
+        return answers
+
+    def _forward(self, input_tensors, max_new_tokens: int = 50, press=None, cache=None, prefill_chunk_size=None):
+        chunk_size = prefill_chunk_size
         prefill, decoding = compression_phases(press)
         questions = input_tensors["questions_ids"]
         if decoding and len(questions) > 1:
@@ -122,10 +167,11 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             )
         cache = DynamicCache() if cache is None else cache
         context_ids = input_tensors["context_ids"].to(input_device(self.model))
+        check_prefill_chunk_size(chunk_size, context_ids.shape[1])
         decoder = get_adapter(self.model).decoder(self.model)
         # A press with chunked prefill compacts as the context streams in: feed it chunk by chunk.
-        step = max(1, (prefill_chunk_size(press) if prefill else None) or context_ids.shape[1])
-        with apply_press(press if prefill else None, self.model):
+        step = max(1, chunk_size or (press_chunk_size(press) if prefill else None) or context_ids.shape[1])
+        with apply_press(press_for_chunks(press, chunk_size) if prefill else None, self.model):
             for start in range(0, context_ids.shape[1], step):
                 decoder(input_ids=context_ids[:, start : start + step], past_key_values=cache)
             kvpress_logger.debug(f"Context Length: {context_ids.shape[1]}")
