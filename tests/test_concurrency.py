@@ -1,4 +1,4 @@
-"""Concurrent writers (issue 13, section 3): two ``a3 precompute`` into one store and two ``icl precompute`` to one
+"""Concurrent writers: two ``a3 precompute`` into one store and two ``icl precompute`` to one
 ``--out``, each at least 20 times. File locks per chunk entry and per cache mean: no chunk is computed twice (the
 second writer waits and reuses it), both writers succeed, the results equal a single writer's, no temporaries
 are left, never a traceback.

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 13, sections 1-2).
+"""Nothing lost, nothing silently wrong.
 
 * Tamper tests for each saved format (a saved KV cache, an A3 chunk entry): truncation, flipped bytes, NaN/Inf,
   another model's weights, bad metadata (pickle, list, missing/extra/ill-typed keys), unknown versions and a

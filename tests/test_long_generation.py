@@ -1,4 +1,4 @@
-"""Long generation under decode-time presses (issue 11, part 2e): the NLL and generation cells against the full
+"""Long generation under decode-time presses: the NLL and generation cells against the full
 cache, the cache bound each press promises, and the command line (quick mode, resumed cells, bad input)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""evaluation/streaming_quality.py (issue 11, part 2d): the four methods and the report on a text file or folder,
+"""evaluation/streaming_quality.py: the four methods and the report on a text file or folder,
 per-segment perplexity, and bad input as one line with exit status 2."""
 
 from __future__ import annotations
