@@ -1,12 +1,12 @@
-"""apply_press (core/apply.py) and the press contract it reads (core/contract.py): every field of a contract as
-kvpress-ext reads it, the kvpress table matched by class through the MRO, what apply_press installs for each kind
-of press, and what happens when a press refuses its input."""
+"""apply_press (core/apply.py): what it reads from the press contract (tests/test_contract.py has the contract
+itself), what it installs for each kind of press, what happens when a press refuses its input, and kvpress's log
+lines shown once per message."""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import kvpress
@@ -16,93 +16,16 @@ from transformers import DynamicCache
 
 from kvpress_ext.core import apply as A
 from kvpress_ext.core import contract as C
-from kvpress_ext.core.contract import PressContract, contract_of
+from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
 from kvpress_ext.core.positions import next_position
-from kvpress_ext.presses.a3 import A3Press
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.testing import tiny_model
 
-DEFAULTS = {"prefill": True, "decoding": False, "whole_cache": False, "runs_model": False,
-            "positions_follow_cache": False, "budget_parameters": (), "chunked_prefill": False,
-            "takes_context_chunks": False, "batches": False}
-
-
-def _as_dict(contract):
-    return {f.name: getattr(contract, f.name) for f in fields(contract)}
-
-
-def test_defaults_describe_a_plain_scorer_press():
-    assert _as_dict(PressContract()) == DEFAULTS
-    assert contract_of(kvpress.KnormPress(compression_ratio=0.5)) == PressContract()
-    assert contract_of(None) == PressContract(prefill=False)
-
 
 def _knorm():
     return kvpress.KnormPress(compression_ratio=0.5)
-
-
-@pytest.mark.parametrize(("press", "differs"), [
-    (lambda: kvpress.DecodingPress(base_press=_knorm()), {"prefill": False, "decoding": True}),
-    (lambda: kvpress.PrefillDecodingPress(prefilling_press=_knorm(), decoding_press=None), {"decoding": True}),
-    (lambda: kvpress.KeyRerotationPress(press=_knorm()), {"positions_follow_cache": True}),
-    (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=True),
-     {"positions_follow_cache": True, "runs_model": True}),
-    (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=False), {"runs_model": True}),
-    (lambda: kvpress.KVzipPress(compression_ratio=0.5), {"runs_model": True}),
-])
-def test_kvpress_classes_with_special_needs_get_them_from_the_table(press, differs):
-    assert _as_dict(contract_of(press())) == {**DEFAULTS, **differs}
-
-
-def test_dms_press_decodes_only_when_asked():
-    for decoding in (True, False):
-        press = kvpress.DMSPress.__new__(kvpress.DMSPress)  # the table reads only ``decoding``
-        press.decoding = decoding
-        assert _as_dict(contract_of(press)) == {**DEFAULTS, "decoding": decoding}
-
-
-@pytest.mark.skipif(not hasattr(kvpress, "RestoreKVPress"), reason="RestoreKVPress is in newer kvpress releases only")
-def test_restore_kv_press_positions_follow_the_cache():
-    assert C.KVPRESS_CONTRACTS[kvpress.RestoreKVPress](None) == PressContract(positions_follow_cache=True)
-
-
-def test_the_most_derived_table_entry_wins():
-    @dataclass
-    class Rerotating(kvpress.KeyRerotationPress):
-        pass
-
-    assert contract_of(Rerotating(press=_knorm())).positions_follow_cache
-    # a class listed under its own entry, deriving from another listed one: its own entry first
-    table = {kvpress.BasePress: lambda p: PressContract(batches=True), kvpress.KnormPress: lambda p: PressContract()}
-    original = dict(C.KVPRESS_CONTRACTS)
-    C.KVPRESS_CONTRACTS.clear()
-    C.KVPRESS_CONTRACTS.update(table)
-    try:
-        assert contract_of(_knorm()) == PressContract()
-        assert contract_of(kvpress.SnapKVPress()) == PressContract(batches=True)
-    finally:
-        C.KVPRESS_CONTRACTS.clear()
-        C.KVPRESS_CONTRACTS.update(original)
-
-
-@dataclass
-class _Declared(kvpress.KnormPress):
-    contract: ClassVar[PressContract] = PressContract(prefill=False, decoding=True, batches=True)
-
-
-@dataclass
-class _ByInstance(kvpress.KnormPress):
-    streams: bool = False
-
-    def press_contract(self) -> PressContract:
-        return PressContract(chunked_prefill=self.streams)
-
-
-@dataclass
-class _NotAContract(kvpress.DecodingPress):
-    contract: ClassVar[str] = "decoding only"  # not a PressContract: ignored
 
 
 class _RunsModel(kvpress.KnormPress):
@@ -114,93 +37,6 @@ class _RunsModelDeclared(_RunsModel):
     contract: ClassVar[PressContract] = PressContract(decoding=True)
 
 
-def test_a_declaration_wins_over_the_table_and_may_depend_on_the_instance():
-    assert contract_of(_Declared()) == PressContract(prefill=False, decoding=True, batches=True)
-    assert contract_of(_ByInstance(streams=True)) == PressContract(chunked_prefill=True)
-    assert contract_of(_ByInstance()) == PressContract()
-    assert contract_of(_NotAContract(base_press=_knorm())) == PressContract(prefill=False, decoding=True)
-    assert contract_of(RKVPress()) == PressContract(decoding=True, budget_parameters=("budget",))
-
-
-def test_an_undeclared_press_with_its_own_call_runs_the_model_and_a_declared_one_says_itself():
-    assert contract_of(_RunsModel()) == PressContract(runs_model=True)
-    assert contract_of(_RunsModelDeclared()) == PressContract(decoding=True)
-    assert A.drives_model(_RunsModel()) and not A.drives_model(_RunsModelDeclared())
-
-
-def test_budget_parameters_are_read_from_the_class_declaration():
-    assert C.budget_parameters(RKVPress) == ("budget",)
-    assert C.budget_parameters(LazyStreamingPress) == ("cap_total", "window")
-    assert C.budget_parameters(kvpress.KnormPress) == ()
-    assert C.budget_parameters(_ByInstance) == ()  # an instance-dependent contract has no class-level budget
-    assert C.sized_by_budget(RKVPress) and not C.sized_by_budget(kvpress.KnormPress)
-
-
-def test_from_compression_ratio_builds_budget_presses_and_refuses_ratio_presses():
-    press = C.from_compression_ratio(RKVPress, 0.75, 100, window_size=4)
-    assert isinstance(press, RKVPress) and press.budget == 25 and press.window_size == 4
-    with pytest.raises(TypeError, match=r"^KnormPress is sized by compression_ratio, not a token budget$"):
-        C.from_compression_ratio(kvpress.KnormPress, 0.5, 100)
-
-
-def test_chunk_size_and_pipeline_call_only_when_the_contract_says_so():
-    streaming = LazyStreamingPress(window=8, slack=16)
-    assert C.prefill_chunk_size(streaming) == 16
-    undeclared = _knorm()
-    undeclared.prefill_chunk_size = 64  # an attribute alone is not a declaration
-    assert C.prefill_chunk_size(undeclared) is None
-    a3 = A3Press.__new__(A3Press)
-    assert C.pipeline_call(a3) == a3.pipeline_call
-    undeclared.pipeline_call = lambda *a: None
-    assert C.pipeline_call(undeclared) is None
-
-
-class _Counting:
-    def __init__(self, inner=None):
-        self.resets, self.decoding_press = 0, inner
-
-    def reset(self):
-        self.resets += 1
-
-
-def test_reset_reaches_the_press_and_the_decoding_press_it_wraps():
-    inner = _Counting()
-    outer = _Counting(inner)
-    C.reset_press(outer)
-    assert (outer.resets, inner.resets) == (1, 1)
-    odd = _Counting()
-    odd.reset = 3  # not callable: left alone
-    C.reset_press(odd)
-    C.reset_press(_knorm())  # no reset at all
-
-
-def test_inner_press_looks_through_wrappers_only():
-    knorm = _knorm()
-    assert C.inner_press(kvpress.KeyRerotationPress(press=knorm)) is knorm
-    assert C.inner_press(knorm) is None
-    for not_a_press in ("knorm", kvpress.KnormPress, None):
-        holder = type("Holder", (), {"press": not_a_press})()
-        assert C.inner_press(holder) is None
-
-
-def test_skip_warning_once_per_press_until_forgotten():
-    press = _knorm()
-    assert C.first_skip_warning(press) is True
-    assert C.first_skip_warning(press) is False
-    assert C.first_skip_warning(_knorm()) is True  # per press
-    C.forget_skip_warning(press)
-    assert C.first_skip_warning(press) is True
-    C.forget_skip_warning(None)
-
-    class Slotted:
-        __slots__ = ()
-
-    slotted = Slotted()
-    assert C.first_skip_warning(slotted) is True and C.first_skip_warning(slotted) is True  # warns every time
-    C.forget_skip_warning(slotted)
-
-
-# --- what apply_press reads ----------------------------------------------------------------------------------------
 def test_phase_and_mode_helpers_follow_the_contract():
     assert A.compression_phases(None) == (False, False)
     assert A.compression_phases(_knorm()) == (True, False)
@@ -209,6 +45,7 @@ def test_phase_and_mode_helpers_follow_the_contract():
     for helper in (A.drives_model, A.positions_follow_cache, A.manages_whole_cache):
         assert helper(None) is False and helper(_knorm()) is False
     assert A.drives_model(kvpress.KVzipPress(compression_ratio=0.5))
+    assert A.drives_model(_RunsModel()) and not A.drives_model(_RunsModelDeclared())  # a declaration is trusted
     assert A.positions_follow_cache(kvpress.KeyRerotationPress(press=_knorm()))
     assert A.manages_whole_cache(LazyStreamingPress(window=8))
 
