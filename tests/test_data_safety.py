@@ -217,6 +217,7 @@ TAMPERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", list(TAMPERS))
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_tampered_file_is_refused_in_one_line_and_repaired(fmt, tamper, model, tmp_path):
@@ -384,6 +385,7 @@ def test_library_save_refuses_foreign_targets(model, tmp_path):
     assert load_cache(tmp_path / "empty", model=model)[1]["num_layers"] == 2
 
 
+@pytest.mark.slow
 def test_perplexity_report_parses_arguments_and_writes_only_where_told(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("ppl_report", REPO / "evaluation" / "perplexity_report.py")
     report = importlib.util.module_from_spec(spec)
@@ -501,6 +503,7 @@ def stories_dir():
     return str(shared_path("models", "stories260k"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", ["flip_data_byte", "nan_with_forged_checksum", "metadata_pickle", "version_0",
                                     "version_missing", "metadata_extra_key"])
 def test_cli_a3_tampered_entry_exits_2_then_recompute_bad_repairs(tamper, stories_dir, tmp_path, capsys):
@@ -521,6 +524,7 @@ def test_cli_a3_tampered_entry_exits_2_then_recompute_bad_repairs(tamper, storie
     assert (summary["computed"], summary["reused"]) == (1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", ["truncate", "inf_with_forged_checksum", "metadata_list", "fingerprint_missing",
                                     "version_string"])
 def test_cli_icl_tampered_cache_exits_2_then_recompute_repairs(tamper, stories_dir, tmp_path, capsys):

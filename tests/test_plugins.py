@@ -308,6 +308,7 @@ def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions
         assert private not in used, private
 
 
+@pytest.mark.slow
 def test_installed_entry_points_end_to_end(tmp_path):
     """Real entry points in a real process: a plugin calling sys.exit(3) and one registering "snapkv" do not end
     `kvpress-ext list`, which prints each failure once (stdout) and no warning besides (stderr)."""

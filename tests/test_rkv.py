@@ -129,6 +129,7 @@ DECODE = [13] + [1] * 40  # prefill 13 tokens, then decode one token per forward
 MIXED = [20, 5] + [1] * 30 + [3, 1, 1, 1, 1, 1]  # prefill over budget, a multi-token question, a chunk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("schedule", "chunks", "starts"), [
     # tokens fed before each compressing forward, worked out by hand for budget 16, interval 8:
     ("interval", DECODE, [23, 31, 39, 47]),  # the cache reaches 16 + 8 = 24 at the forward after 23 tokens

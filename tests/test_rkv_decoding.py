@@ -103,6 +103,7 @@ def _replay(model, press, inputs, n_forwards):
     return per_layer, next_pos_after[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interval", [1, 3])  # a query outlives 3 compressions (1) or one (3)
 @pytest.mark.parametrize("rotate", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
@@ -155,6 +156,7 @@ class _DefaultDeviceElsewhere(RKVPress):
             return super().forward_hook(*args, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cls", "params", "prompt_len"), [
     # a 1-token prompt: the buffer fills one token at a time before it holds a window
     (RKVPress, {"window_size": 4, "budget": 12, "compression_interval": 2}, 1),

@@ -105,6 +105,7 @@ def clustered():
     return clustered_qk(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["last", "first"])
 @pytest.mark.parametrize("budget", [64, 128])
 def test_kept_sets_equal_loop_reference_on_clustered_keys(clustered, direction, budget):
