@@ -45,10 +45,10 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "positions": (["kvpress_ext/core/positions.py"],
                   ["tests/test_positions.py", "tests/test_lazy_streaming.py", "tests/test_rkv.py",
                    "tests/test_cache_io.py", "tests/test_pipeline_presses.py"]),
+    # every test that runs a press reaches apply_press: only the fast ones that check these two modules
     "contract": (["kvpress_ext/core/contract.py", "kvpress_ext/core/apply.py"],
-                 ["tests/test_contract.py", "tests/test_apply_press.py", "tests/test_pipeline_presses.py",
-                  "tests/test_temporal_order.py",
-                  "tests/test_registry.py", "tests/test_lazy_streaming.py", "tests/test_perplexity_units.py"]),
+                 ["tests/test_contract.py", "tests/test_apply_press.py", "tests/test_temporal_order.py",
+                  "tests/test_registry.py", "tests/test_perplexity_units.py"]),
     "a3_selection": (["kvpress_ext/presses/a3/selection.py"], ["tests/test_a3.py"]),
     "lazy_streaming": (["kvpress_ext/presses/lazy_streaming.py"],
                        ["tests/test_lazy_streaming.py", "tests/test_pipeline_presses.py"]),
