@@ -21,15 +21,15 @@ NVIDIA H200 lent for 15 minutes (the GPU section, and the H200 part of the long-
 `python docs/build_results.py` from `docs/results/*.md`: edit those.
 """
 PARTS = [
-    ("perplexity", "Perplexity under compression, every press (issue 3)"),
-    ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory (issue 4)"),
-    ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput (issues 5, 12)"),
-    ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
-    ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M (issues 6, 11)"),
+    ("perplexity", "Perplexity under compression, every press"),
+    ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory"),
+    ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput"),
+    ("a3", "A³ KV fusion: quality and time to first token"),
+    ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M"),
     ("gpu", "GPU runs (NVIDIA H200): correctness on CUDA, A³ time to first token"),
-    ("models", "Models by short name: smollm2-135m (default), stories260k (issue 10)"),
-    ("scaling", "Sweeps on Ray and models split with accelerate: overheads (issue 15)"),
-    ("threads", "CPU threads: the default of every command (issue 14)"),
+    ("models", "Models by short name: smollm2-135m (default), stories260k"),
+    ("scaling", "Sweeps on Ray and models split with accelerate: overheads"),
+    ("threads", "CPU threads: the default of every command"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""R-KV, lazy streaming and kvpress's DecodingPress on long generation (issue 11, part 2e): teacher-forced NLL of a
+"""R-KV, lazy streaming and kvpress's DecodingPress on long generation: teacher-forced NLL of a
 2,048-token continuation with the press compressing while decoding, and greedy generation of 1,000 tokens against
 the full cache (token agreement, cache length per step). See :mod:`kvpress_ext.evaluation.long_generation`.
 

@@ -97,6 +97,7 @@ def test_txt_chunks_tokenize_back_to_the_text(tmp_path, capsys, model_dir, story
     assert rc == 0 and (summary["chunks"], summary["tokens"]) == (len(chunks), len(expected))
 
 
+@pytest.mark.slow
 def test_ask_at_rate_1_answers_like_a_full_prefill(tmp_path, capsys, model_dir, story_text, stories260k):
     model, tok = stories260k
     path, store, out_json = tmp_path / "story.txt", tmp_path / "store", tmp_path / "ask.json"

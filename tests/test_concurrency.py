@@ -1,4 +1,4 @@
-"""Concurrent writers (issue 13, section 3): two ``a3 precompute`` into one store and two ``icl precompute`` to one
+"""Concurrent writers: two ``a3 precompute`` into one store and two ``icl precompute`` to one
 ``--out``, each at least 20 times. File locks per chunk entry and per cache mean: no chunk is computed twice (the
 second writer waits and reuses it), both writers succeed, the results equal a single writer's, no temporaries
 are left, never a traceback.
@@ -65,6 +65,7 @@ def models():
     return [model, copy.deepcopy(model)]
 
 
+@pytest.mark.slow
 def test_two_a3_writers_never_compute_a_chunk_twice(models, tmp_path):
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randint(4, 128, (n,), generator=g).tolist() for n in (12, 7, 15, 9, 11)]
@@ -86,6 +87,7 @@ def test_two_a3_writers_never_compute_a_chunk_twice(models, tmp_path):
     assert waited > 0  # the race was real: some round had both writers reuse each other's entries
 
 
+@pytest.mark.slow
 def test_two_icl_writers_to_one_out_compute_once(tmp_path):
     docs = [{"question": "2 + 3?", "solution": "2 + 3 = 5.", "answer": "5"},
             {"question": "4 - 1?", "solution": "4 - 1 = 3.", "answer": "3"}]
@@ -126,6 +128,7 @@ def _child(argv_lists, log_prefix):
             os._exit(code)
 
 
+@pytest.mark.slow
 def test_two_processes(tmp_path):
     """Two real processes (forked, so no second interpreter start-up), each running ``a3 precompute`` then
     ``icl precompute`` on the same paths."""

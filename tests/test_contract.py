@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import kvpress
 import pytest
 
+from kvpress_ext.core import contract as contract_module
 from kvpress_ext.core.contract import (
     KVPRESS_CONTRACTS,
     PressContract,
@@ -170,3 +171,89 @@ def test_a_skip_warning_is_given_once_until_forgotten():
 
 def test_the_table_holds_classes_not_names():
     assert all(isinstance(cls, type) and issubclass(cls, kvpress.BasePress) for cls in KVPRESS_CONTRACTS)
+
+
+# --- edges: each table entry changes only its own fields, what is not a declaration, odd wrappers and presses -------
+DEFAULTS = {"prefill": True, "decoding": False, "whole_cache": False, "runs_model": False,
+            "positions_follow_cache": False, "budget_parameters": (), "chunked_prefill": False,
+            "takes_context_chunks": False, "batches": False}
+
+
+def _fields(contract):
+    return {f.name: getattr(contract, f.name) for f in fields(contract)}
+
+
+@pytest.mark.parametrize(("press", "differs"), [
+    (lambda: kvpress.DecodingPress(base_press=kvpress.KnormPress(0.5)), {"prefill": False, "decoding": True}),
+    (lambda: kvpress.PrefillDecodingPress(prefilling_press=kvpress.KnormPress(0.5)), {"decoding": True}),
+    (lambda: kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), {"positions_follow_cache": True}),
+    (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=True),
+     {"positions_follow_cache": True, "runs_model": True}),
+    (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=False), {"runs_model": True}),
+    (lambda: kvpress.KVzipPress(compression_ratio=0.5), {"runs_model": True}),
+])
+def test_each_table_entry_changes_only_its_own_fields(press, differs):
+    assert _fields(PressContract()) == DEFAULTS
+    assert _fields(contract_of(press())) == {**DEFAULTS, **differs}
+
+
+def test_restore_kv_press_positions_follow_the_cache():
+    assert KVPRESS_CONTRACTS[kvpress.RestoreKVPress](None) == PressContract(positions_follow_cache=True)
+
+
+def test_the_most_derived_table_entry_wins(monkeypatch):
+    table = {kvpress.BasePress: lambda p: PressContract(batches=True), kvpress.KnormPress: lambda p: PressContract()}
+    monkeypatch.setattr(contract_module, "KVPRESS_CONTRACTS", table)
+    assert contract_of(kvpress.KnormPress(0.5)) == PressContract()
+    assert contract_of(kvpress.SnapKVPress()) == PressContract(batches=True)
+
+
+@dataclass
+class _NotAContract(kvpress.DecodingPress):
+    contract: ClassVar[str] = "decoding only"  # not a PressContract: ignored
+
+
+@dataclass
+class _ByInstance(kvpress.KnormPress):
+    def press_contract(self) -> PressContract:
+        return PressContract(budget_parameters=("budget",))
+
+
+def test_what_is_not_a_declaration_is_ignored():
+    assert contract_of(_NotAContract(base_press=kvpress.KnormPress(0.5))) == PressContract(prefill=False, decoding=True)
+    assert budget_parameters(_ByInstance) == ()  # an instance-dependent contract declares nothing for the class
+    undeclared = kvpress.KnormPress(0.5)
+    undeclared.prefill_chunk_size = 64  # an attribute alone is not a declaration
+    undeclared.pipeline_call = lambda *a: None
+    assert prefill_chunk_size(undeclared) is None and pipeline_call(undeclared) is None
+
+
+def test_a_ratio_press_refused_by_from_compression_ratio_is_named():
+    with pytest.raises(TypeError, match=r"^SnapKVPress is sized by compression_ratio, not a token budget$"):
+        from_compression_ratio(kvpress.SnapKVPress, 0.5, 1024)
+
+
+def test_reset_skips_an_attribute_that_is_not_callable():
+    class Odd:
+        reset = 3
+        decoding_press = None
+
+    reset_press(Odd())
+
+
+def test_inner_press_is_none_for_a_name_or_a_class():
+    for not_a_press in ("knorm", kvpress.KnormPress, None):
+        assert inner_press(type("Holder", (), {"press": not_a_press})()) is None
+
+
+def test_skip_warnings_are_per_press_and_a_slotted_press_warns_every_time():
+    first, second = kvpress.KnormPress(0.5), kvpress.KnormPress(0.5)
+    assert first_skip_warning(first) and first_skip_warning(second)
+    forget_skip_warning(None)
+
+    class Slotted:
+        __slots__ = ()
+
+    slotted = Slotted()
+    assert first_skip_warning(slotted) and first_skip_warning(slotted)
+    forget_skip_warning(slotted)

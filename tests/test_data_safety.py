@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 13, sections 1-2).
+"""Nothing lost, nothing silently wrong.
 
 * Tamper tests for each saved format (a saved KV cache, an A3 chunk entry): truncation, flipped bytes, NaN/Inf,
   another model's weights, bad metadata (pickle, list, missing/extra/ill-typed keys), unknown versions and a
@@ -217,6 +217,7 @@ TAMPERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", list(TAMPERS))
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_tampered_file_is_refused_in_one_line_and_repaired(fmt, tamper, model, tmp_path):
@@ -388,6 +389,7 @@ def test_library_save_refuses_foreign_targets(model, tmp_path):
     assert load_cache(tmp_path / "empty", model=model)[1]["num_layers"] == 2
 
 
+@pytest.mark.slow
 def test_perplexity_report_parses_arguments_and_writes_only_where_told(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("ppl_report", REPO / "evaluation" / "perplexity_report.py")
     report = importlib.util.module_from_spec(spec)
@@ -505,6 +507,7 @@ def stories_dir():
     return str(shared_path("models", "stories260k"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", ["flip_data_byte", "nan_with_forged_checksum", "metadata_pickle", "version_0",
                                     "version_missing", "metadata_extra_key"])
 def test_cli_a3_tampered_entry_exits_2_then_recompute_bad_repairs(tamper, stories_dir, tmp_path, capsys):
@@ -525,6 +528,7 @@ def test_cli_a3_tampered_entry_exits_2_then_recompute_bad_repairs(tamper, storie
     assert (summary["computed"], summary["reused"]) == (1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tamper", ["truncate", "inf_with_forged_checksum", "metadata_list", "fingerprint_missing",
                                     "version_string"])
 def test_cli_icl_tampered_cache_exits_2_then_recompute_repairs(tamper, stories_dir, tmp_path, capsys):

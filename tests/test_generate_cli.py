@@ -56,6 +56,7 @@ def reference_loop(model, input_ids, press, max_new_tokens, chunk=None):
     return ids, lengths
 
 
+@pytest.mark.slow
 def test_greedy_without_press_equals_model_generate(stories260k, model_dir, tmp_path):
     model, tok = stories260k
     record = run_cli(model_dir, tmp_path, "--max_new_tokens", "120")
@@ -67,6 +68,7 @@ def test_greedy_without_press_equals_model_generate(stories260k, model_dir, tmp_
     assert record["stopped_at_eos"] == (ref[-1] == model.generation_config.eos_token_id)
 
 
+@pytest.mark.slow
 def test_no_stop_at_eos_equals_direct_loop(stories260k, model_dir, tmp_path):
     model, tok = stories260k
     record = run_cli(model_dir, tmp_path, "--max_new_tokens", "300", "--no_stop_at_eos")
@@ -76,6 +78,7 @@ def test_no_stop_at_eos_equals_direct_loop(stories260k, model_dir, tmp_path):
     assert record["cache_len_final"] == record["cache_len_peak"] == lengths[-1] == input_ids.shape[1] + 299
 
 
+@pytest.mark.slow
 def test_stop_at_eos(stories260k, tmp_path):
     """stories260k's greedy stories never emit EOS, so a copy of it names a token it does emit as EOS:
     generation stops after its first occurrence (included), as model.generate does, unless --no_stop_at_eos."""
@@ -96,6 +99,7 @@ def test_stop_at_eos(stories260k, tmp_path):
     assert full["generated_ids"] == plain and not full["stopped_at_eos"]
 
 
+@pytest.mark.slow
 def test_knorm_ratio_zero_equals_no_press(model_dir, tmp_path):
     plain = run_cli(model_dir, tmp_path, "--max_new_tokens", "80", name="plain.json")
     knorm = run_cli(model_dir, tmp_path, "--max_new_tokens", "80", "--press", "knorm",
@@ -104,6 +108,7 @@ def test_knorm_ratio_zero_equals_no_press(model_dir, tmp_path):
     assert knorm["press"] == "knorm" and knorm["press_params"] == {"compression_ratio": 0.0}
 
 
+@pytest.mark.slow
 def test_prefill_only_press_compresses_the_prompt_only(stories260k, model_dir, tmp_path, long_prompt):
     """knorm compresses at prefill (the prompt is the context) and lets the decoded tokens accumulate."""
     _, tok = stories260k
@@ -114,6 +119,7 @@ def test_prefill_only_press_compresses_the_prompt_only(stories260k, model_dir, t
     assert record["cache_len_final"] == int(n * 0.5) + 39
 
 
+@pytest.mark.slow
 def test_lazy_streaming_bounded_and_equal_to_direct_loop(stories260k, model_dir, tmp_path):
     model, tok = stories260k
     record = run_cli(model_dir, tmp_path, "--max_new_tokens", "200", "--no_stop_at_eos", "--press",
@@ -129,6 +135,7 @@ def test_lazy_streaming_bounded_and_equal_to_direct_loop(stories260k, model_dir,
     assert record["generated_tokens"] == 200
 
 
+@pytest.mark.slow
 def test_lazy_streaming_prompt_longer_than_cap(stories260k, model_dir, tmp_path, long_prompt):
     model, tok = stories260k
     record = run_cli(model_dir, tmp_path, "--max_new_tokens", "100", "--no_stop_at_eos", "--press",
@@ -140,6 +147,7 @@ def test_lazy_streaming_prompt_longer_than_cap(stories260k, model_dir, tmp_path,
     assert record["cache_len_peak"] == max(lengths) <= 64
 
 
+@pytest.mark.slow
 def test_sampling_reproducible_and_seeded(model_dir, tmp_path):
     args = ("--max_new_tokens", "60", "--no_stop_at_eos", "--temperature", "1.0", "--top_p", "0.95")
     a = run_cli(model_dir, tmp_path, *args, "--seed", "1", name="a.json")
@@ -154,6 +162,7 @@ def test_sampling_reproducible_and_seeded(model_dir, tmp_path):
     assert tiny["generated_ids"] == greedy["generated_ids"]
 
 
+@pytest.mark.slow
 def test_stream_prints_the_final_text(model_dir, tmp_path, capsys):
     record = run_cli(model_dir, tmp_path, "--max_new_tokens", "250", "--no_stop_at_eos", "--stream")
     out, err = capsys.readouterr()
@@ -215,6 +224,7 @@ def test_missing_model_and_empty_prompt_exit_2(model_dir, tmp_path, capsys):
     assert "--prompt_file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_ratio_warnings_and_threads_on_the_command_line(model_dir, tmp_path, capsys):
     """`--press snapkv` alone removes half the cache (the one default ratio); a short prompt it cannot compress, or
     a ratio of 0, gives one warning line each (not a traceback, not one per layer); the statistics line names

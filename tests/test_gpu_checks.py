@@ -22,6 +22,7 @@ def gpu_checks(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_every_check_passes_on_correct_code(gpu_checks, arch):
     results = []
@@ -57,6 +58,7 @@ def test_a_press_that_changes_logits_at_ratio_zero_fails_the_check(gpu_checks, m
     assert [(r["check"], r["press"]) for r in bad] == [("ratio_zero", "knorm")]
 
 
+@pytest.mark.slow
 def test_without_cuda_one_line_and_exit_2():
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on one
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_checks.py")], check=False, capture_output=True,

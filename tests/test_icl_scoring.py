@@ -226,6 +226,7 @@ def brute_force_pass_at_k(n: int, c: int, k: int) -> Fraction:
     return Fraction(hits, len(subsets))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n, c, k",
     [(n, c, k) for n in range(1, 9) for c in range(n + 1) for k in range(1, n + 1)],

@@ -135,6 +135,7 @@ def test_sentinel_stops_on_generated_text_only_even_when_split():
     assert text == "abcd" and len(gen) == 4
 
 
+@pytest.mark.slow
 def test_grid_is_resumable_and_writes_table_and_plot(data, tmp_path, capsys):
     args = ["icl", "grid", "--data", str(data), "--model", MODEL, "--budgets", "16,24", "--modes", "none,takeaways",
             "--out_dir", str(tmp_path), "--eval_limit", "1", "--repeat", "1", "--max_new_tokens", "4", "--temperature", "0",

@@ -39,6 +39,7 @@ def _chunks(seed=0, prompt=30, prefill_chunk=4, decode=40, vocab=128):
     return chunks + [[t] for t in ids[prompt:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_neox"])
 def test_logits_equal_from_scratch_on_kept_tokens(arch):
     """One layer: a cached key is a function of its token and position only, so after every compaction the
@@ -65,6 +66,7 @@ def test_logits_equal_from_scratch_on_kept_tokens(arch):
     assert not torch.allclose(logits, dense[-1], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cache_equals_prerope_keys_rotated_to_cache_indices(arch):
     """Two layers, every adapter: after compactions each layer holds the kept tokens' values and their
@@ -92,6 +94,7 @@ def test_cache_equals_prerope_keys_rotated_to_cache_indices(arch):
         torch.testing.assert_close(layer.values, values, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_model_generate_matches_greedy_loop(arch):
     model = tiny_model(arch, layers=2)
@@ -107,6 +110,7 @@ def test_model_generate_matches_greedy_loop(arch):
     assert gen_cache.get_seq_length() == cache.get_seq_length() <= 20
 
 
+@pytest.mark.slow
 def test_cache_never_exceeds_cap_total_over_long_generation():
     model = tiny_model("llama", layers=1)
     press = LazyStreamingPress(n_sink=4, cap_total=24, slack=5)
@@ -158,6 +162,7 @@ def test_sizes_from_cap_total_and_window():
     assert (q.recent, q.cap, q.max_cache) == (100, 102, 112)
 
 
+@pytest.mark.slow
 def test_stories260k_lazy_tracks_the_recompute_reference_past_the_trained_length(stories260k):
     """Quality guard on a real model (the full 20k-token study is evaluation/streaming_quality.py): over
     tokens 512..1279 of TinyStories, lazy streaming with cap_total=512 stays within 5 % of the sliding window
@@ -183,6 +188,7 @@ def test_stories260k_lazy_tracks_the_recompute_reference_past_the_trained_length
     assert torch.allclose(lazy[:512], ref[:512], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pipeline_streams_a_context_longer_than_the_model_limit(stories260k):
     """The pipeline neither truncates the context to the tokenizer's 512 tokens nor prefills it in one piece:
     it feeds it in chunks through the press, as a direct chunked_prefill + greedy loop does."""
@@ -212,6 +218,7 @@ def shared_path_text() -> str:
     return shared_path("data", "tinystories_val.txt").read_text()
 
 
+@pytest.mark.slow
 def test_generate_past_the_trained_length_without_the_max_length_reminder(caplog):
     """Positions under lazy_streaming are cache indices (below cap_total), so transformers' reminder that a
     generation "has exceeded the model's predefined maximum length" is wrong there and is not shown; the same
@@ -230,6 +237,7 @@ def test_generate_past_the_trained_length_without_the_max_length_reminder(caplog
 
     reminders = []
     for limit, press in ((29, LazyStreamingPress(cap_total=16, slack=4)), (31, None)):  # distinct: warning_once
+        logging.Logger.warning_once.cache_clear()  # once per process: an earlier run in this process saw it already
         model = tiny_model("llama")
         model.config.max_position_embeddings = limit
         caplog.clear()

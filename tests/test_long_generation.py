@@ -1,4 +1,4 @@
-"""Long generation under decode-time presses (issue 11, part 2e): the NLL and generation cells against the full
+"""Long generation under decode-time presses: the NLL and generation cells against the full
 cache, the cache bound each press promises, and the command line (quick mode, resumed cells, bad input)."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def full_gen(model, ids):
     return lg.generation_cell(model, ids[:, :CONTEXT], None, 40)
 
 
+@pytest.mark.slow
 def test_full_against_itself_is_exact(model, ids, full_nll, full_gen):
     again = lg.nll_cell(model, ids, CONTEXT, None)
     assert again["mean_nll"] == full_nll["mean_nll"]
@@ -59,6 +60,7 @@ def test_nll_matches_a_direct_forward(model, ids, full_nll):
     assert full_nll["mean_nll"] == pytest.approx(direct, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", COMPRESSING)
 def test_budget_above_the_sequence_changes_nothing(method, model, ids, full_nll, full_gen):
     press = lg.build_press(method, 4 * TOTAL, INTERVAL)
@@ -70,6 +72,7 @@ def test_budget_above_the_sequence_changes_nothing(method, model, ids, full_nll,
     assert gen["cache_len_trace"] == full_gen["cache_len_trace"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", COMPRESSING)
 def test_small_budget_caps_the_cache(method, model, ids, full_nll):
     budget = 40
@@ -110,6 +113,7 @@ def _run(*args):
                           cwd=REPO, check=False)
 
 
+@pytest.mark.slow
 def test_command_line_quick_writes_results_and_resumes(tmp_path, capsys):
     if not (SHARED / "models" / "stories260k").is_dir():
         pytest.skip("stories260k not found (set KVPRESS_EXT_SHARED)")

@@ -89,6 +89,7 @@ def assert_fusion_matches_prefill(records, n):
             assert all(r["recomputed"] == r["context_tokens"] - r["prefix_tokens"] for r in recs)
 
 
+@pytest.mark.slow
 def test_longbench_end_to_end(inputs):
     out = inputs / "out_lb"
     code = script("longbench").main(["--task", "hotpotqa", "--data_file", str(inputs / "lb.jsonl"),
@@ -109,6 +110,7 @@ def test_longbench_end_to_end(inputs):
     assert {s["method"] for s in json.loads((out / "summary.json").read_text())} == set(runs)
 
 
+@pytest.mark.slow
 def test_needle_end_to_end(inputs):
     out = inputs / "out_needle"
     code = script("needle").main(["--haystack_dir", str(inputs / "hay"), "--lengths", "48", "96", "--depths", "0",
@@ -128,6 +130,7 @@ def test_needle_end_to_end(inputs):
     assert "## Accuracy" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_ruler_end_to_end(inputs):
     out = inputs / "out_ruler"
     code = script("ruler").main(["--data_file", str(inputs / "ruler.jsonl"), "--strategies", "blend",
@@ -160,6 +163,7 @@ def test_ruler_generator_and_haystack(inputs):
     assert all(1 <= len(c) <= 16 for c in chunks) and len(chunks) > 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,args,message", [
     ("longbench", ["--data_file", "/nonexistent/x.jsonl"], "not found"),
     ("longbench", ["--data_file", "LB", "--strategies", "nope"], "unknown strategy"),
@@ -185,11 +189,13 @@ def test_bad_input_exits_2(inputs, capsys, name, args, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_bad_input_subprocess_exit_code(inputs):
     p = run_script("ruler", "--data_file", inputs / "missing.jsonl", "--model", MODEL)
     assert p.returncode == 2 and "not found" in p.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_length_preflight_agrees_with_the_cells(inputs, capsys):
     """The length named as the longest that fits runs; one token more is refused before any cell starts (the
     preflight measures the real prompt: chat template, needle, question, answer prefix, max_new_tokens)."""

@@ -51,6 +51,7 @@ def test_no_press_cell_equals_direct_greedy_generation(hay):
     assert record["cache_tokens"] == ids.shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("press", ["snapkv", "knorm", "streaming_llm", "expected_attention", "tova"])
 def test_ratio_zero_equals_no_press(hay, press):
     base = lg.run_cell(cell(hay))
@@ -119,6 +120,7 @@ def needle_script():
     return mod
 
 
+@pytest.mark.slow
 def test_cli_quick_grid_both_modes_failed_cell_and_resume(hay, tmp_path, capsys):
     out = tmp_path / "grid"
     args = ["--model", MODEL, "--haystack_file", hay, "--quick", "--press", "streaming_llm", "kvzip", "rkv",

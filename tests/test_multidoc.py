@@ -114,6 +114,7 @@ def needle_script():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_grid_with_a_press_and_an_a3_strategy(folder, tmp_path, capsys):
     out = tmp_path / "grid"
     args = ["--task", "multidoc", "--model", MODEL, "--haystack_dir", str(folder), "--quick", "--press",
@@ -169,6 +170,7 @@ def test_bad_folders_one_line_exit_2(tmp_path, capsys, make, flags, fix):
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_too_few_files_exits_2_from_the_command_line(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text("Some words here. " * 200)

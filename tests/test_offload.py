@@ -62,6 +62,7 @@ def _generate(model, press, ids, steps=12):
     return torch.stack(logits), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESSES))
 def test_presses_and_positions_equal_the_whole_model(models, name):
     whole, split, _ = models
@@ -76,6 +77,7 @@ def test_presses_and_positions_equal_the_whole_model(models, name):
         torch.testing.assert_close(a.values, b.values, **TOL)
 
 
+@pytest.mark.slow
 def test_a3_fusion_and_eviction_equal_the_whole_model(models):
     whole, split, tmp = models
     chunks, question = [list(range(5, 19)), list(range(30, 47))], [60, 61, 62, 63]
@@ -91,6 +93,7 @@ def test_a3_fusion_and_eviction_equal_the_whole_model(models):
         torch.testing.assert_close(a.keys, b.keys, **TOL)
 
 
+@pytest.mark.slow
 def test_cache_saved_and_loaded_with_an_offloaded_model_continues_the_same(models):
     whole, split, tmp = models
     ids = torch.randint(4, 120, (1, 30), generator=torch.Generator().manual_seed(1))
@@ -106,6 +109,7 @@ def test_cache_saved_and_loaded_with_an_offloaded_model_continues_the_same(model
     torch.testing.assert_close(first, out, **TOL)
 
 
+@pytest.mark.slow
 def test_max_memory_offloads_the_rest_to_disk_and_perplexity_is_unchanged(tmp_path, capsys):
     from kvpress_ext.cli.perplexity import main
     common = ["--model", str(MODEL), "--dataset", "text", "--text_file", str(TEXT), "--max_eval_tokens", "200",

@@ -123,6 +123,7 @@ def _run(*args, out=None):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_command_line_json_and_errors(tmp_path):
     gpt2_dir = tmp_path / "gpt2"
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -191,6 +192,7 @@ def test_command_line_json_and_errors(tmp_path):
     assert record["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_budget_presses_follow_the_compression_ratio_in_sweeps(stories):
     """lazy_streaming and rkv have a token budget, not a ratio: a sweep sizes them to keep 1 - ratio of a
     context window, so they are compared with ratio-based presses at one memory budget; an explicit budget wins."""
@@ -209,6 +211,7 @@ def test_budget_presses_follow_the_compression_ratio_in_sweeps(stories):
     assert nll.numel() == 511 and stats["cache_len_end"] <= 256
 
 
+@pytest.mark.slow
 def test_sweep_summary_table_and_plots(tmp_path):
     """summary.md lists every run (failures with their reason); one run per press gives the ranked plot; the
     cross-ratio table and plot read the sweep directories back."""
@@ -241,6 +244,7 @@ def test_sweep_summary_table_and_plots(tmp_path):
     assert out.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(stories, tmp_path):
     """In --ppl_apply_press mode, a prefill-only press (leverage_score: asserts on a second chunk) and a press that
     runs the model itself (kvcompose) are found unsupported by a short probe, with their own reason; presses that
@@ -261,6 +265,7 @@ def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(storie
     assert probe_support(model, ids, get_press("leverage_score"), plain) is None
 
 
+@pytest.mark.slow
 def test_sweep_summary_explains_columns_and_marks_presses_that_did_not_compress(tmp_path):
     from kvpress_ext.evaluation import results
 

@@ -60,6 +60,7 @@ PRESSES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("press", sorted(PRESSES))
 @pytest.mark.parametrize("questions", [{}, {"question": " why?"}, {"questions": [" why?", " who?"]}])
 @pytest.mark.parametrize("max_context_length", [None, 40])  # 40: kvpress warns about the truncation

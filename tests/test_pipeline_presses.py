@@ -107,6 +107,7 @@ def question_logits(model, press, ids, question):
     return logits, length
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_press_runs_compresses_as_promised_and_noop_reproduces_logits(name, arch_model, tokenizer):
     try:
@@ -142,6 +143,7 @@ def _check_press(name, arch_model, tokenizer):
     torch.testing.assert_close(noop_logits, reference, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["decoding", "compression_ratio_decoding"])
 def test_decoding_presses_compress_while_the_pipeline_generates(name, tiny_models, tokenizer):
     model = tiny_models["gpt_neox"]
@@ -174,6 +176,7 @@ def test_presses_that_need_hub_files_say_so_and_fail_here(name, tiny_models):
 KVPRESS_PARITY = [n for n in RUNNABLE if n != "no_press" and PRESSES[n].cls.__module__.startswith("kvpress.")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "gpt_neox"])
 def test_same_answers_as_kvpress_pipeline(arch, tiny_models, tokenizer):
     """Where kvpress supports the model, our pipeline answers exactly as kvpress's own pipeline."""

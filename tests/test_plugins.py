@@ -1,4 +1,5 @@
-"""Plugins: discovery through the entry-point group, isolation of broken plugins."""
+"""Plugins: discovery through the entry-point group, isolation of broken plugins, the collision rule, what a
+plugin registers belongs to it, and the reasons given for a plugin that failed."""
 
 import importlib.metadata
 from pathlib import Path
@@ -8,7 +9,11 @@ import torch
 from transformers import pipeline
 
 import kvpress_ext
+from kvpress_ext.core.adapters import adapter_registrations
+from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core.tables import RegistrationConflict
 from kvpress_ext.plugins import loader as plugins
+from kvpress_ext.runtime.models import available_models
 
 
 def test_example_plugin_is_discovered_through_its_entry_point(tiny_models, tokenizer):
@@ -103,7 +108,7 @@ def test_hook_specifications_are_pluggy_hooks():
         pm.register(bad, name="bad_plugin")
 
 
-# --- collisions, isolation, misspelt hooks (issue 13, section 4) ----------------------------------------------
+# --- collisions, isolation, misspelt hooks -----------------------------------------------------------------
 class _EntryPoint:
     """A stand-in for an installed entry point whose ``load()`` runs ``loader`` (an import that may misbehave)."""
 
@@ -116,16 +121,21 @@ class _EntryPoint:
 
 @pytest.fixture
 def with_plugins(monkeypatch):
-    """Install fake entry points (before the real ones) and reload; afterwards the real set is reloaded."""
+    """Install fake entry points (before the real ones) and reload; afterwards (or at ``.restore()``) the real set
+    is reloaded."""
     real = plugins._entry_points()
 
     def install(*eps):
         monkeypatch.setattr(plugins, "_entry_points", lambda: [*eps, *real])
         plugins.load_plugins(force=True)
 
+    def restore():
+        monkeypatch.undo()
+        plugins.load_plugins(force=True)
+
+    install.restore = restore  # for a test that checks what the reload takes away
     yield install
-    monkeypatch.undo()
-    plugins.load_plugins(force=True)
+    restore()
     assert plugins.failed_plugins() == []
 
 
@@ -153,8 +163,6 @@ class ImpostorPress(__import__("kvpress").KnormPress):
 
 
 def _llama_impostor():
-    from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
-
     return LlamaFamilyAdapter("impostor", ("llama", "brand_new_type"))
 
 
@@ -261,15 +269,11 @@ def test_misspelt_and_unmarked_hooks_are_reported(with_plugins):
 
 
 def test_direct_registration_follows_the_same_rule():
-    from kvpress_ext.core.tables import RegistrationConflict
-
     with pytest.raises(RegistrationConflict, match="already registered by built-in"):
         kvpress_ext.add_press("knorm", ImpostorPress)
     with pytest.raises(RegistrationConflict, match="model_type 'llama'"):
         kvpress_ext.add_adapter(_llama_impostor())
     with pytest.raises(TypeError, match="instance"):
-        from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
-
         kvpress_ext.add_adapter(LlamaFamilyAdapter)
     assert kvpress_ext.press_info("knorm").cls.__name__ == "KnormPress"
 
@@ -290,7 +294,7 @@ def _imports(module_path):
 
 def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions():
     pkg = Path(kvpress_ext.__file__).parent
-    for registry_file in ("core/registry.py", "core/adapters/__init__.py", "core/tables.py"):
+    for registry_file in ("core/registry.py", "core/adapters/__init__.py", "core/tables.py", "runtime/models.py"):
         assert not any("plugins" in m for m in _imports(pkg / registry_file)), registry_file
     assert "registry" not in str(_imports(pkg / "core/tables.py"))
     import ast
@@ -304,6 +308,7 @@ def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions
         assert private not in used, private
 
 
+@pytest.mark.slow
 def test_installed_entry_points_end_to_end(tmp_path):
     """Real entry points in a real process: a plugin calling sys.exit(3) and one registering "snapkv" do not end
     `kvpress-ext list`, which prints each failure once (stdout) and no warning besides (stderr)."""
@@ -427,3 +432,110 @@ def test_failed_plugin_reason_and_log_line(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         plugins.load_plugins(force=True)
+
+
+# --- what a plugin registers belongs to it, however it registers; whole failure reasons --------------------
+class _KeeperEntryPoint:
+    """Registers a press while its module is imported, and keeps the ``register`` callables of its hooks."""
+
+    name = "keeper"
+    value = "tests.keeper"
+
+    def __init__(self):
+        self.kept = {}
+
+    def load(self):
+        kvpress_ext.add_press("keeper_import_press", type("ImportPress", (), {}))
+        kept = self.kept
+
+        class Plugin:
+            @staticmethod
+            @kvpress_ext.hookimpl
+            def kvpress_ext_register_presses(register):
+                kept["press"] = register
+
+            @staticmethod
+            @kvpress_ext.hookimpl
+            def kvpress_ext_register_adapters(register):
+                kept["adapter"] = register
+
+            @staticmethod
+            @kvpress_ext.hookimpl
+            def kvpress_ext_register_models(register):
+                kept["model"] = register
+
+        return Plugin
+
+
+def test_everything_a_plugin_registers_belongs_to_it(with_plugins):
+    ep = _KeeperEntryPoint()
+    with_plugins(ep)
+    try:
+        assert plugins.failed_plugins() == []
+        assert kvpress_ext.press_info("keeper_import_press").source == "keeper"
+        # called after loading, outside any plugin's import: still the plugin's
+        ep.kept["press"]("keeper_late_press", type("LatePress", (), {}), defaults={"a": 1})
+        assert kvpress_ext.press_info("keeper_late_press").source == "keeper"
+        ep.kept["adapter"](LlamaFamilyAdapter("keeper_adapter", ("keeper_model_type",)))
+        (entry,) = [e for e in adapter_registrations() if e.key == "keeper_model_type"]
+        assert entry.origin == "keeper"
+        ep.kept["model"]("keeper-model", lambda: "/nowhere", summary="a kept model")
+        info = available_models()["keeper-model"]
+        assert (info.plugin, info.summary) == ("keeper", "a kept model")
+        with pytest.raises(RegistrationConflict, match="model 'stories260k' from plugin 'keeper'"):
+            ep.kept["model"]("stories260k", lambda: "/nowhere")
+        ep.kept["model"]("stories260k", lambda: "/elsewhere", override=True)
+        assert available_models()["stories260k"].plugin == "keeper"
+    finally:
+        with_plugins.restore()
+    assert "keeper_late_press" not in kvpress_ext.available_presses()
+    assert available_models()["stories260k"].plugin == "kvpress_ext"  # the override went with the plugin
+
+
+def _raise_bare_runtime_error():
+    raise RuntimeError()
+
+
+class _PropertyPlugin:
+    """A plugin instance with an attribute that cannot be read: pluggy skips it, and so must the loader."""
+
+    @property
+    def broken(self):
+        raise AttributeError("not available")
+
+    @kvpress_ext.hookimpl
+    def kvpress_ext_register_presses(self, register):
+        register("property_plugin_press", type("PropertyPress", (), {}))
+
+
+class _MessyPlugin:
+    @staticmethod
+    def kvpress_ext_register_presses(register):  # not marked
+        pass
+
+    @staticmethod
+    def kvpress_ext_register_adapters(register):  # not marked
+        pass
+
+
+class _MisspeltPlugin:
+    @staticmethod
+    @kvpress_ext.hookimpl
+    def kvpress_ext_register_pressez(register):
+        pass
+
+
+def test_failure_reasons_are_whole_and_unreadable_attributes_are_skipped(with_plugins):
+    with_plugins(_EntryPoint("silent", _raise_bare_runtime_error), _EntryPoint("property_plugin", _PropertyPlugin),
+                 _EntryPoint("messy", lambda: _MessyPlugin), _EntryPoint("misspelt_hook", lambda: _MisspeltPlugin))
+    try:
+        reasons = {f.name: f.reason for f in plugins.failed_plugins()}
+        assert reasons["silent"] == "RuntimeError"  # no message: the exception's name alone
+        assert "property_plugin" not in reasons
+        assert kvpress_ext.press_info("property_plugin_press").source == "property_plugin"
+        assert reasons["messy"] == ("PluginValidationError: kvpress_ext_register_adapters, kvpress_ext_register_presses "
+                                    "not marked with @kvpress_ext.hookimpl, so it would never be called")
+        assert reasons["misspelt_hook"].endswith(
+            "; the hooks are: kvpress_ext_register_adapters, kvpress_ext_register_models, kvpress_ext_register_presses")
+    finally:
+        with_plugins.restore()

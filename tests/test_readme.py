@@ -117,6 +117,7 @@ def _run(copy: Path, lang: str, code: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, lang, code", jobs(), ids=[j[0] for j in jobs()])
 def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
     assert shutil.which("kvpress-ext", path=str(Path(sys.executable).parent)), "install the package: pip install -e ."

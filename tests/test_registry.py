@@ -1,5 +1,6 @@
-"""The press registry: names, parameters, documented errors."""
+"""The press registry: names, parameters, documented errors, one-line summaries, warnings."""
 
+import warnings
 from dataclasses import dataclass
 
 import kvpress
@@ -7,7 +8,11 @@ import pytest
 
 import kvpress_ext
 from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press
+from kvpress_ext.core import tables as registration
+from kvpress_ext.core.errors import NoCompressionWarning
 from kvpress_ext.core.kvpress_table import kvpress_press_classes
+from kvpress_ext.core.registry import compresses_nothing, first_sentence
+from kvpress_ext.core.tables import RegistrationConflict
 from kvpress_ext.core.temporal_order import TemporalOrderPress
 
 
@@ -104,8 +109,6 @@ def test_one_default_ratio_when_built_by_name():
                                           ("key_rerotation", {"compression_ratio": 0}),
                                           ("composed", {"compression_ratio": 0.0})])
 def test_a_press_configured_to_compress_nothing_warns_once(name, params):
-    from kvpress_ext.core.errors import NoCompressionWarning
-
     with pytest.warns(NoCompressionWarning) as caught:
         get_press(name, **params)
     relevant = [w for w in caught if issubclass(w.category, NoCompressionWarning)]
@@ -123,8 +126,6 @@ def test_a_press_configured_to_compress_nothing_warns_once(name, params):
     ("Lists follow:\n\n- a", "Lists follow."),
 ])
 def test_first_sentence(doc, first):
-    from kvpress_ext.core.registry import first_sentence
-
     assert first_sentence(doc) == first
 
 
@@ -150,6 +151,8 @@ def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(cap
     for param in ("compression_ratio", "window_size", "kernel_size"):
         assert len(re.findall(rf"^\s*{param}\b", out, re.MULTILINE)) == 1, (param, out)
     assert "compression_ratio=0.5 (class default 0.0)" in out
+
+
 # --- exact behaviour of registration, lookup and validation (the messages are the user interface) -------------
 @pytest.fixture
 def registry_sandbox():
@@ -316,3 +319,94 @@ def test_wrapper_parameters_given_by_name_or_as_presses():
     assert isinstance(composed.presses[0].press, kvpress.SnapKVPress) and composed.presses[1].press is knorm
     decoding = get_press("decoding", base_press="snapkv")
     assert isinstance(decoding.base_press.press, kvpress.SnapKVPress)
+
+
+# --- summaries at abbreviations, names that are not strings, who a warning points at, the decorator --------
+@pytest.mark.parametrize("abbreviation", ["e.g.", "i.e.", "et al.", "vs.", "etc.", "Fig.", "cf.", "approx."])
+def test_no_sentence_ends_at_an_abbreviation(abbreviation):
+    assert first_sentence(f"Keys {abbreviation} values here. Next one.") == f"Keys {abbreviation} values here."
+    # at the very end of the paragraph an abbreviation ends it
+    assert first_sentence(f"Keys and values {abbreviation}") == f"Keys and values {abbreviation}"
+
+
+@pytest.mark.parametrize(("doc", "first"), [
+    ("", ""),
+    ("   \n  ", ""),
+    ("Scores the keys by X:\n\n- a list", "Scores the keys by X."),  # only the colon goes
+    ("Ends with e.g. fig. X: then more", "Ends with e.g. fig."),  # "fig." (lower case) is not an abbreviation
+])
+def test_first_sentence_of_empty_docs_and_colons(doc, first):
+    assert first_sentence(doc) == first
+
+
+@pytest.mark.parametrize("name", [3, None, ["knorm"]])
+def test_press_names_that_are_not_strings_are_refused(registry_sandbox, name):
+    with pytest.raises(PressParameterError, match="is not snake_case"):
+        registry_sandbox.add_press(name, type("P", (), {}))
+    with pytest.raises(UnknownPressError, match="Unknown press"):
+        kvpress_ext.press_info(name)
+
+
+def test_no_compression_warning_points_at_the_caller():
+    with pytest.warns(NoCompressionWarning) as caught:
+        get_press("knorm", compression_ratio=0.0)
+    (where,) = [w.filename for w in caught if issubclass(w.category, NoCompressionWarning)]
+    # the caller's line, not the registry's; under mutation testing mutmut's wrapper stands between the two
+    assert where == __file__ or where.endswith("trampoline.py"), where
+
+
+def test_composition_reports_its_first_idle_press():
+    press = kvpress.ComposedPress(presses=[kvpress.KnormPress(compression_ratio=0.0),
+                                           kvpress.ThinKPress(key_channel_compression_ratio=0.0)])
+    assert compresses_nothing(press) == "compression_ratio=0.0"
+    one = kvpress.ComposedPress(presses=[kvpress.KnormPress(compression_ratio=0.0)])
+    assert compresses_nothing(one) == "compression_ratio=0.0"
+
+
+def test_decorator_refuses_a_taken_name_unless_override(registry_sandbox):
+    with pytest.raises(RegistrationConflict, match="already registered by built-in"):
+        @register_press("knorm")
+        class Impostor:
+            """Not knorm."""
+
+    @register_press("knorm", override=True)
+    class Replacement:
+        """Knorm, replaced on purpose."""
+
+    info = kvpress_ext.press_info("knorm")
+    assert info.cls is Replacement and info.override_note == "overrides built-in"
+
+
+def test_a_kvpress_ext_class_registering_while_a_plugin_loads_is_built_in(registry_sandbox):
+    builtin_cls = type("Late", (), {"__module__": "kvpress_ext.presses.late", "__doc__": "A late built-in."})
+    user_cls = type("Theirs", (), {"__module__": "theirpkg.presses", "__doc__": "The plugin's."})
+    with registration.registering_as("someplugin"):
+        register_press("late_builtin")(builtin_cls)
+        register_press("their_press")(user_cls)
+    assert kvpress_ext.press_info("late_builtin").source == registration.BUILTIN
+    assert kvpress_ext.press_info("their_press").source == "someplugin"
+
+
+@dataclass
+class _Noisy:
+    """A press whose construction warns."""
+
+    compression_ratio: float = 0.5
+
+    def __post_init__(self):
+        warnings.warn("noisy inner press", UserWarning, stacklevel=2)
+
+
+@dataclass
+class _Wrapper:
+    """Wraps one press."""
+
+    press: object = None
+
+
+def test_inner_press_warnings_other_than_no_compression_reach_the_caller(registry_sandbox):
+    registry_sandbox.add_press("noisy_inner", _Noisy)
+    registry_sandbox.add_press("wrapping_press", _Wrapper)
+    with pytest.warns(UserWarning, match="noisy inner press"):
+        press = get_press("wrapping_press", press="noisy_inner")
+    assert isinstance(press.press, _Noisy)

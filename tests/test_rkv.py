@@ -1,8 +1,7 @@
-"""R-KV press: selection against an independent loop reference, compression cadence, cache bound,
-survivors, no-op budget, key rotation."""
+"""The R-KV press on models: cache bound, survivors (prefix and window), no-op budget, key rotation, the
+compression cadence and its edges, every parameter reaching the selection, a cache loaded from disk, batches."""
 
-import math
-import operator
+from __future__ import annotations
 
 import pytest
 import torch
@@ -11,156 +10,12 @@ from transformers import DynamicCache, pipeline
 import kvpress_ext.runtime.pipeline  # noqa: F401  (registers the pipeline)
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press
-from kvpress_ext.core.errors import PressParameterError
-from kvpress_ext.core.positions import position_state
-from kvpress_ext.core.registry import get_press
-from kvpress_ext.presses.rkv import RKVPress, rkv_redundancy, rkv_scores, rkv_select, rkv_slot_positions
+from kvpress_ext.core.positions import next_position, position_state
+from kvpress_ext.presses.rkv import RKVPress, rkv_select, rkv_slot_positions
+from kvpress_ext.storage.cache_files import load_cache, save_cache
 from kvpress_ext.testing import attention_inputs, tiny_model, tiny_tokenizer
 
 
-# --- independent reference: R-KV's published algorithm as per-element loops ----------------------------
-# Written from the algorithm's description, not from rkv.py: for each KV head, cosine similarity S of the
-# keys with S[i][i] = 0; every row i retains one index r_i (the last / first column j with S[i][j] > 0.5,
-# 0 when there is none; "*_percent": the k-th entry of the sorted row of "j if similar else 0"), sets
-# S[i][r_i] = 0; redundancy of key j = softmax over j of (1/L) sum_i S[i][j]. Importance: attention of the
-# window queries (max over the query group, softmax over the keys before the window, mean over queries),
-# max-pooled over kernel_size neighbours. Score = lam * importance - (1 - lam) * redundancy.
-def _dot(a, b):
-    return sum(map(operator.mul, a, b))
-
-
-def _softmax(xs):
-    m = max(xs)
-    ex = [math.exp(x - m) for x in xs]
-    s = sum(ex)
-    return [e / s for e in ex]
-
-
-def reference_similarity(k):
-    """Cosine similarity (list of lists) of the rows of ``k`` (list of vectors), diagonal 0."""
-    norms = [math.sqrt(_dot(v, v)) + 1e-8 for v in k]
-    n = len(k)
-    return [[0.0 if i == j else _dot(k[i], k[j]) / (norms[i] * norms[j]) for j in range(n)] for i in range(n)]
-
-
-def reference_redundancy(sim, direction, ratio=0.1, threshold=0.5):
-    n = len(sim)
-    sim = [row[:] for row in sim]
-    for i in range(n):
-        similar = [j for j in range(n) if sim[i][j] > threshold]
-        if direction == "last":
-            r = similar[-1] if similar else 0
-        elif direction == "first":
-            r = similar[0] if similar else 0
-        else:
-            encoded = sorted(j if sim[i][j] > threshold else 0 for j in range(n))
-            k = max(1, int(n * ratio))
-            r = encoded[-k:][-1] if direction == "last_percent" else encoded[:k][-1]
-        sim[i][r] = 0.0
-    column_means = [sum(sim[i][j] for i in range(n)) / n for j in range(n)]
-    return _softmax(column_means)
-
-
-def reference_importance(queries, k, window, kernel):
-    """queries: the query group's window queries, list (group) of lists (window) of vectors."""
-    d = len(k[0])
-    cand = len(k) - window
-    attn = [0.0] * cand
-    for t in range(len(queries[0])):
-        logits = [max(_dot(group[t], k[j]) for group in queries) / math.sqrt(d) for j in range(cand)]
-        for j, p in enumerate(_softmax(logits)):
-            attn[j] += p / len(queries[0])
-    return [max(attn[max(0, j - kernel // 2): j + kernel // 2 + 1]) for j in range(cand)]
-
-
-def reference_kept(queries, keys, budget, window, kernel, lam, direction, prefix=0, ratio=0.1):
-    """Per (batch, KV head): the kept cache indices (sorted) and the scores before the window."""
-    b, hq, _, _ = queries.shape
-    h, n = keys.shape[1], keys.shape[2]
-    g = hq // h
-    kept, scores = [], []
-    for bi in range(b):
-        for hi in range(h):
-            k = keys[bi, hi].double().tolist()
-            q = [queries[bi, hi * g + gg].double().tolist() for gg in range(g)]
-            imp = reference_importance(q, k, window, kernel)
-            red = reference_redundancy(reference_similarity(k), direction, ratio)
-            score = [lam * imp[j] - (1 - lam) * red[j] for j in range(n - window)]
-            order = sorted(range(prefix, n - window), key=lambda j: -score[j])[: budget - window - prefix]
-            kept.append(sorted(order + list(range(prefix)) + list(range(n - window, n))))
-            scores.append(score)
-    return kept, scores
-
-
-def clustered_qk(seed, n=300, clusters=20, kv_heads=4, q_heads=8, d=64, window=8, singles=0.15, noise=0.5):
-    """Keys made of near-duplicates of ``clusters`` directions (plus a share ``singles`` of lone keys that
-    are similar to nothing), GQA queries."""
-    gen = torch.Generator().manual_seed(seed)
-    centers = torch.randn(kv_heads, clusters, d, generator=gen)
-    member = torch.randint(0, clusters, (kv_heads, n), generator=gen)
-    keys = centers.gather(1, member.unsqueeze(-1).expand(-1, -1, d)) + noise * torch.randn(kv_heads, n, d, generator=gen)
-    lone = torch.rand(kv_heads, n, generator=gen) < singles
-    keys = torch.where(lone.unsqueeze(-1), 2 * torch.randn(kv_heads, n, d, generator=gen), keys)
-    queries = torch.randn(1, q_heads, window, d, generator=gen)
-    return queries, keys.unsqueeze(0)
-
-
-@pytest.fixture(scope="module")
-def clustered():
-    return clustered_qk(0)
-
-
-@pytest.mark.parametrize("direction", ["last", "first"])
-@pytest.mark.parametrize("budget", [64, 128])
-def test_kept_sets_equal_loop_reference_on_clustered_keys(clustered, direction, budget):
-    queries, keys = clustered
-    window, kernel, lam = 8, 7, 0.07
-    # the reference must see both kinds of rows: with similar keys and without any
-    sim0 = reference_similarity(keys[0, 0].double().tolist())
-    has_similar = [any(x > 0.5 for x in row) for row in sim0]
-    assert 0 < sum(has_similar) < len(has_similar)
-    kept, ref_scores = reference_kept(queries, keys, budget, window, kernel, lam, direction)
-    ours = rkv_scores(queries, keys, window, kernel_size=kernel, mix_lambda=lam, retain_direction=direction)
-    torch.testing.assert_close(ours[0].double(), torch.tensor(ref_scores, dtype=torch.float64), atol=1e-7, rtol=1e-5)
-    keep = rkv_select(queries, keys, budget, window, kernel_size=kernel, mix_lambda=lam, retain_direction=direction)
-    assert keep[0].tolist() == kept
-
-
-@pytest.mark.parametrize("direction", ["last", "first", "last_percent", "first_percent"])
-@pytest.mark.parametrize("ratio", [0.1, 0.9])
-def test_redundancy_equals_loop_reference_all_directions(direction, ratio):
-    # tight clusters on few keys: some rows have more similar keys than zeros, so "first_percent" varies
-    _, keys = clustered_qk(1, n=60, clusters=3, kv_heads=2, d=16, noise=0.2, singles=0.1)
-    ours = rkv_redundancy(keys, direction, ratio)
-    for hi in range(keys.shape[1]):
-        ref = reference_redundancy(reference_similarity(keys[0, hi].double().tolist()), direction, ratio)
-        torch.testing.assert_close(ours[0, hi].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-7, rtol=1e-5)
-
-
-def test_published_last_percent_equals_last():
-    _, keys = clustered_qk(2, n=80, clusters=4, kv_heads=2, d=16)
-    assert torch.equal(rkv_redundancy(keys, "last_percent", 0.3), rkv_redundancy(keys, "last"))
-
-
-@pytest.mark.parametrize("direction", ["last", "first"])
-def test_selection_with_prefix_and_batch_matches_loop_reference(direction):
-    queries, keys = clustered_qk(3, n=60, clusters=6, kv_heads=2, q_heads=4, d=16, window=4)
-    queries, keys = torch.cat([queries, queries.flip(2)]), torch.cat([keys, keys.flip(2)])  # batch of 2
-    kept, _ = reference_kept(queries, keys, 24, 4, 5, 0.3, direction, prefix=2)
-    keep = rkv_select(queries, keys, 24, 4, 2, kernel_size=5, mix_lambda=0.3, retain_direction=direction)
-    assert keep.reshape(-1, 24).tolist() == kept
-
-
-def test_invalid_parameters_are_rejected():
-    with pytest.raises(PressParameterError, match="budget"):
-        get_press("rkv", budget=8, window_size=8)
-    with pytest.raises(PressParameterError, match="retain_direction"):
-        RKVPress(retain_direction="middle")
-    with pytest.raises(PressParameterError, match="schedule"):
-        RKVPress(schedule="sometimes")
-
-
-# --- on models ---------------------------------------------------------------------------------------
 def _decode(model, press, ids, steps, on_step=None):
     cache = DynamicCache()
     logits = []
@@ -274,6 +129,7 @@ DECODE = [13] + [1] * 40  # prefill 13 tokens, then decode one token per forward
 MIXED = [20, 5] + [1] * 30 + [3, 1, 1, 1, 1, 1]  # prefill over budget, a multi-token question, a chunk
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("schedule", "chunks", "starts"), [
     # tokens fed before each compressing forward, worked out by hand for budget 16, interval 8:
     ("interval", DECODE, [23, 31, 39, 47]),  # the cache reaches 16 + 8 = 24 at the forward after 23 tokens
@@ -303,22 +159,18 @@ def test_exact_compression_cadence(schedule, chunks, starts, arch):
         assert compressed_at == starts
 
 
-@pytest.mark.parametrize(("arch", "rotate"), [("llama", False), ("llama", True), ("qwen3", True)])
-def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rotate):
-    """In a model, every compression of layer 0 keeps the tokens rkv_select picks from the cache's keys and
-    the last window's queries, computed here from that layer's inputs with RoPE at their keys' positions."""
-    model = tiny_model(arch)
+# --- what the press hands rkv_select: every press parameter reaches the selection ---------------------------------
+def _compressions(model, press, prompt_len=8, steps=24, seed=5):
+    """For every compression of layer 0 while decoding: the cache's keys, the window's scoring queries (rebuilt from
+    that layer's inputs with RoPE at their keys' positions) and the tokens the press kept."""
     adapter = get_adapter(model)
     attn0 = adapter.attention_modules(model)[0]
-    budget, window, interval = 12, 4, 3  # interval < window: queries from before a compression are reused
-    press = RKVPress(budget=budget, window_size=window, compression_interval=interval, kernel_size=3,
-                     mix_lambda=0.5, rotate_keys=rotate)
+    w, budget = press.window_size, press.budget
     before, after = [], []
 
-    def pre_press(module, args, kwargs, output):  # registered first: runs before the press's hook
+    def pre_press(module, args, kwargs, output):  # registered before the press's hook: sees the cache before it
         cache = kwargs["past_key_values"]
-        n = cache.layers[0].keys.shape[-2]
-        if n >= budget + interval:
+        if cache.layers[0].keys.shape[-2] >= budget + press.compression_interval:
             orig, pos = rkv_slot_positions(cache, 0)
             state = position_state(cache)
             orig = torch.cat([orig, torch.full_like(orig[..., :1], state.seen_tokens - 1)], dim=-1)
@@ -330,21 +182,143 @@ def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rot
             after.append(rkv_slot_positions(kwargs["past_key_values"], 0)[0].clone())
 
     handles = [attn0.register_forward_hook(pre_press, with_kwargs=True)]
+    ids = torch.randint(4, 120, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     cache = DynamicCache()
-    ids = torch.randint(4, 120, (1, 8), generator=torch.Generator().manual_seed(5))
-    with apply_press(press, model), torch.no_grad(), attention_inputs(model, layers=[0]) as captured:
-        handles.append(attn0.register_forward_hook(post_press, with_kwargs=True))
-        out = model(input_ids=ids, past_key_values=cache)
-        for _ in range(24):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
-    for h in handles:
-        h.remove()
+    try:
+        with apply_press(press, model), torch.no_grad(), attention_inputs(model, layers=[0]) as captured:
+            handles.append(attn0.register_forward_hook(post_press, with_kwargs=True))
+            out = model(input_ids=ids, past_key_values=cache)
+            for _ in range(steps):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    finally:
+        for h in handles:
+            h.remove()
     hidden = torch.cat(captured[0], dim=1)
-    assert len(before) == len(after) >= 3
+    assert len(before) == len(after)
+    result = []
     for (keys, orig, pos), kept in zip(before, after):
-        last = orig[0, 0, -window:]
         with torch.no_grad():
-            q = adapter.prerope_queries(attn0, hidden[:, last])
-        q = adapter.apply_rope(model, q, pos[0, 0, -window:])
-        keep = rkv_select(q, keys, budget, window, kernel_size=3, mix_lambda=0.5)
+            q = adapter.prerope_queries(attn0, hidden[:, orig[0, 0, -w:]])
+        result.append((keys, adapter.apply_rope(model, q, pos[0, 0, -w:]), orig, kept))
+    return result
+
+
+@pytest.mark.parametrize(("arch", "rotate"), [("llama", False), ("llama", True), ("qwen3", True)])
+def test_press_keeps_what_rkv_select_keeps_for_the_real_window_queries(arch, rotate):
+    """In a model, every compression of layer 0 keeps the tokens rkv_select picks from the cache's keys and
+    the last window's queries, computed here from that layer's inputs with RoPE at their keys' positions."""
+    # interval 3 < window 4: queries from before a compression are reused
+    press = RKVPress(budget=12, window_size=4, compression_interval=3, kernel_size=3, mix_lambda=0.5,
+                     rotate_keys=rotate)
+    records = _compressions(tiny_model(arch), press)
+    assert len(records) >= 3
+    for keys, q, orig, kept in records:
+        keep = rkv_select(q, keys, 12, 4, kernel_size=3, mix_lambda=0.5)
         assert torch.equal(orig.gather(2, keep), kept)
+
+
+@pytest.mark.parametrize("params", [
+    {"retain_direction": "first_percent", "retain_ratio": 0.9},
+    {"retain_direction": "first", "retain_ratio": 0.9},
+])
+def test_press_passes_direction_and_ratio_to_the_selection(params):
+    """mix_lambda=0 (redundancy only): each compression keeps what rkv_select keeps with the press's direction and
+    ratio; the check is able to fail because another direction or ratio keeps other tokens on these keys."""
+    model = tiny_model("llama")
+    common = {"kernel_size": 3, "mix_lambda": 0.0}
+    press = RKVPress(budget=12, window_size=4, compression_interval=3, **common, **params)
+    records = _compressions(model, press)
+    assert len(records) >= 5
+    others = [{**params, "retain_ratio": 0.1}, {**params, "retain_direction": "last"}]
+    differs = [0, 0]
+    for keys, q, orig, kept in records:
+        def kept_by(p, keys=keys, q=q, orig=orig):
+            return orig.gather(2, rkv_select(q, keys, 12, 4, 0, **common, **p))
+
+        assert torch.equal(kept_by(params), kept)
+        differs = [d + (not torch.equal(kept_by(o), kept)) for d, o in zip(differs, others)]
+    assert differs[1] > 0 and (differs[0] > 0 or params["retain_direction"] == "first")  # "first" ignores the ratio
+
+
+def test_calling_the_press_applies_it():
+    model = tiny_model("llama")
+    ids = torch.randint(4, 120, (1, 30), generator=torch.Generator().manual_seed(9))
+    runs = []
+    for use_call in (True, False):
+        press = RKVPress(budget=12, window_size=4, compression_interval=2)
+        cache = DynamicCache()
+        with (press(model) if use_call else apply_press(press, model)), torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache)
+        runs.append((cache.get_seq_length(), out.logits))
+    assert runs[0][0] == runs[1][0] == 12
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+# --- when to compress: the edges of the "interval" schedule --------------------------------------------------------
+def test_exactly_budget_tokens_are_not_compressed_and_two_tokens_over_it_are():
+    """A forward that leaves exactly ``budget`` tokens keeps them where they are (with rotation and an offset a
+    compression would have moved them); a forward of two tokens that leaves budget + 1 compresses at once."""
+    model = tiny_model("llama")
+    budget = 12
+    press = RKVPress(budget=budget, window_size=4, compression_interval=8, rotate_keys=True, rotation_offset=5)
+    ids = torch.randint(4, 120, (1, budget + 2), generator=torch.Generator().manual_seed(10))
+    cache = DynamicCache()
+    with apply_press(press, model), torch.no_grad():
+        model(input_ids=ids[:, :budget], past_key_values=cache)
+        assert cache.get_seq_length() == budget and next_position(cache) == budget
+        assert rkv_slot_positions(cache, 0)[1][0, 0].tolist() == list(range(budget))
+        model(input_ids=ids[:, budget:], past_key_values=cache)
+    assert cache.get_seq_length() == budget
+    assert next_position(cache) == 5 + budget
+
+
+# --- a cache filled elsewhere ------------------------------------------------------------------------------------
+def test_cache_loaded_from_disk_is_taken_as_contiguous_slots(tmp_path):
+    """A compressed (and rotated) cache saved and loaded again has no record of its slots: the press takes them as
+    the last tokens seen, at the positions just below the next one, and goes on from there."""
+    model = tiny_model("llama")
+    press = RKVPress(budget=12, window_size=4, compression_interval=4, rotate_keys=True, rotation_offset=3)
+    cache = DynamicCache()
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(11))
+    with apply_press(press, model), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids[:, :1], past_key_values=cache)
+    save_cache(cache, tmp_path / "c", model=model)
+    loaded, _ = load_cache(tmp_path / "c", model=model)
+    seen, nxt, length = position_state(loaded).seen_tokens, next_position(loaded), loaded.get_seq_length()
+    assert (seen, nxt, length) == (21, 3 + 12 + 1, 13)  # compressed and rotated: all three differ
+    with apply_press(press, model), torch.no_grad():
+        model(input_ids=ids[:, 1:2], past_key_values=loaded)
+    for layer in range(len(loaded)):
+        orig, pos = rkv_slot_positions(loaded, layer)
+        assert orig[0, 0].tolist() == list(range(seen - length, seen + 1))
+        assert pos[0, 0].tolist() == list(range(nxt - length, nxt + 1))
+
+
+def test_each_batch_row_keeps_what_it_keeps_alone():
+    """Scores are per batch element: a batch of two prompts keeps, row by row, the tokens and positions each
+    prompt keeps when decoded alone, with the same logits (float32 tolerance)."""
+    model = tiny_model("llama")
+    press = RKVPress(budget=12, window_size=4, compression_interval=2, initial_non_compressible_length=1,
+                     rotate_keys=True, rotation_offset=2)
+    ids = torch.randint(4, 120, (2, 20), generator=torch.Generator().manual_seed(13))
+    steps = torch.randint(4, 120, (2, 8), generator=torch.Generator().manual_seed(14))  # fed, not generated
+
+    def run(rows):
+        cache, logits = DynamicCache(), []
+        with apply_press(press, model), torch.no_grad():
+            logits.append(model(input_ids=ids[rows], past_key_values=cache).logits[:, -1])
+            for t in range(steps.shape[1]):
+                logits.append(model(input_ids=steps[rows, t:t + 1], past_key_values=cache).logits[:, -1])
+        return cache, torch.stack(logits, dim=1)
+
+    both, both_logits = run([0, 1])
+    assert both.get_seq_length() < 28  # compressed
+    for row in (0, 1):
+        alone, alone_logits = run([row])
+        for layer in range(len(both)):
+            orig_b, pos_b = rkv_slot_positions(both, layer)
+            orig_a, pos_a = rkv_slot_positions(alone, layer)
+            assert torch.equal(orig_b[row], orig_a[0]) and torch.equal(pos_b[row], pos_a[0])
+            torch.testing.assert_close(both.layers[layer].keys[row], alone.layers[layer].keys[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both_logits[row], alone_logits[0], atol=1e-4, rtol=1e-4)

@@ -3,7 +3,8 @@
 Each case states what is expected: missing or empty is accepted, ours (here: holds ``.ours``) is accepted, a
 foreign directory, a file and a broken link are refused with one line naming the flag, the path and the fix, and
 the check never writes anything. The three real callers (results directories, caches, chunk stores) keep their
-own wording; their exact messages are pinned in test_data_safety.py and the *_mutation_gaps.py tests.
+own wording; their exact messages are pinned in test_data_safety.py, test_cache_files_checks.py and
+test_a3_chunk_store.py.
 """
 
 from __future__ import annotations

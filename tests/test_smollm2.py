@@ -42,6 +42,7 @@ def _words(novel, n):
     return " ".join(novel.split()[:n])
 
 
+@pytest.mark.slow
 def test_the_converted_directory_is_reused_quickly(smollm2):
     t0 = time.perf_counter()
     path = Path(resolve_model("smollm2-135m"))
@@ -55,6 +56,7 @@ def test_the_converted_directory_is_reused_quickly(smollm2):
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id in (model.generation_config.eos_token_id,)
 
 
+@pytest.mark.slow
 def test_pass_key_is_retrieved_from_600_tokens_without_compression(smollm2, novel):
     model, tok = smollm2
     body = _words(novel, 430)
@@ -85,6 +87,7 @@ def short_prompt(smollm2, novel):
     return prefix + context, suffix, logits, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["knorm", "snapkv", "lazy_streaming", "rkv"])
 def test_ratio_zero_reproduces_the_logits(smollm2, short_prompt, name):
     model, _ = smollm2
@@ -95,6 +98,7 @@ def test_ratio_zero_reproduces_the_logits(smollm2, short_prompt, name):
     assert (logits - reference).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_lazy_streaming_before_its_cap_equals_dense_decoding(smollm2, novel):
     model, tok = smollm2
@@ -118,6 +122,7 @@ def test_lazy_streaming_before_its_cap_equals_dense_decoding(smollm2, novel):
     assert (logits - reference).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_a3_at_rate_one_equals_a_full_prefill(smollm2, novel, tmp_path):
     model, tok = smollm2
@@ -133,6 +138,7 @@ def test_a3_at_rate_one_equals_a_full_prefill(smollm2, novel, tmp_path):
         assert (fused - full).abs().max().item() < 1e-4, strategy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("press, kwargs, bound", [
     ("rkv", ["budget=48", "window_size=8", "compression_interval=16"], 48 + 16),
     ("lazy_streaming", ["cap_total=64", "slack=16"], 64),

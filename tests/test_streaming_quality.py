@@ -1,4 +1,4 @@
-"""evaluation/streaming_quality.py (issue 11, part 2d): the four methods and the report on a text file or folder,
+"""evaluation/streaming_quality.py: the four methods and the report on a text file or folder,
 per-segment perplexity, and bad input as one line with exit status 2."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def script():
     return module
 
 
+@pytest.mark.slow
 def test_methods_and_report_on_the_default_text(script, tmp_path, capsys):
     common = ["--model", str(MODEL), "--device", "cpu", "--threads", "1", "--tokens", "400", "--cap_total", "96",
               "--slack", "16", "--out_dir", str(tmp_path / "runs")]
@@ -59,6 +60,7 @@ def test_text_file_folder_is_joined(script, tmp_path):
     assert script.text_label(files) == "a.txt + 1 more (texts)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--method", "lazy", "--text_file", "/nonexistent/text.txt"], "does not exist"),
     (["--method", "lazy", "--tokens", "100000000"], "fewer than --tokens"),
@@ -71,6 +73,7 @@ def test_bad_input_is_one_line_and_exit_2(script, args, words, tmp_path, capsys)
     assert exit_info.value.code == 2 and len(err) == 1 and words in err[0], err
 
 
+@pytest.mark.slow
 def test_max_seconds_saves_a_prefix_that_the_report_compares(script, tmp_path, capsys):
     """A run stopped by --max_seconds keeps the predictions made so far (a prefix equal to the full run's), says
     so, and the report compares methods on the tokens they share."""

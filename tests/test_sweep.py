@@ -145,6 +145,7 @@ def _strip_timings(x):
     return x
 
 
+@pytest.mark.slow
 def test_ray_perplexity_sweep_equals_local_and_resumes(ray_session, tmp_path, capsys):
     local = run(_config(tmp_path / "local", "local"))
     remote = run(_config(tmp_path / "ray", "ray"))
@@ -163,6 +164,7 @@ def test_ray_perplexity_sweep_equals_local_and_resumes(ray_session, tmp_path, ca
     assert [_strip_timings(r) for r in again] == [_strip_timings(r) for r in remote]
 
 
+@pytest.mark.slow
 def test_ray_killed_worker_is_retried_and_the_sweep_completes(ray_session, tmp_path):
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
@@ -185,6 +187,7 @@ def test_ray_killed_worker_is_retried_and_the_sweep_completes(ray_session, tmp_p
     json.dumps(files)  # the cell files are plain JSON
 
 
+@pytest.mark.slow
 def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
     """kvcompose runs the model itself on a whole context, so under --ppl_apply_press its cell fails (kept with
     the reason) while knorm's and the baseline's run; the summary rebuilt from the cell files lists them. One failing
@@ -209,6 +212,7 @@ def test_failed_press_cell_is_recorded_and_summarised_from_cell_files(tmp_path):
     assert not (tmp_path / "single").exists()
 
 
+@pytest.mark.slow
 def test_press_all_probes_before_the_sweep_and_its_cells_record_why(tmp_path, capsys):
     """--press all: every registered press becomes a cell; the probe (_check_sweep) prints which cannot run in the
     mode before any cell line, and those cells record the probe's reason instead of running; no_press comes first."""

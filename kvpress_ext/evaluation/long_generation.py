@@ -1,4 +1,4 @@
-"""R-KV and other decode-time presses on long generation (issue 11, part 2e).
+"""R-KV and other decode-time presses on long generation.
 
 Two measures, each against the full (uncompressed) cache, for every method at every token budget:
 
@@ -184,7 +184,7 @@ def relative_diff(value: float, reference: float) -> float:
 
 
 def nll_table(records: list[dict], target_budget: int = 512, target_pct: float = 2.0) -> tuple[str, dict | None]:
-    """A text table of part (i) and the issue's target check (rkv at ``target_budget`` within ``target_pct`` % of
+    """A text table of the NLL cells and the target check (rkv at ``target_budget`` within ``target_pct`` % of
     full's NLL), or None when either cell is missing."""
     full = next((r for r in records if r["method"] == "full"), None)
     lines = [f"{'method':<24} {'budget':>6} {'mean NLL':>9} {'vs full':>8} {'cache end':>9} {'peak':>6} {'s':>7}"]
@@ -285,7 +285,7 @@ def build_parser():
     p.add_argument("--segment", type=positive_int, default=256, help="tokens per point of the NLL plot")
     p.add_argument("--gen_tokens", type=positive_int, default=1000, help="tokens generated (part gen)")
     p.add_argument("--prompt", default=DEFAULT_GEN_PROMPT, help="user message of the generation prompt")
-    p.add_argument("--target_budget", type=positive_int, default=512, help="budget of the issue's rkv target")
+    p.add_argument("--target_budget", type=positive_int, default=512, help="budget of the rkv target check")
     p.add_argument("--output_dir", default="results/long_generation")
     p.add_argument("--quick", action="store_true",
                    help=f"tiny setting for tests (options given explicitly win): "

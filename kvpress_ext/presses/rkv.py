@@ -3,7 +3,7 @@
 Paper: Cai et al., "R-KV: Redundancy-aware KV Cache Compression for Reasoning Models" (arXiv 2505.24133);
 reference code: Zefan-Cai/R-KV (``rkv/utils.py``: ``cal_similarity``; ``rkv/compression/r1_kv.py``:
 ``R1KV.update_kv``; ``rkv/modeling.py``: when to compress). This is our own implementation of the same
-scoring; tests/test_rkv.py checks it against per-element loops written from the algorithm's description.
+scoring; tests/test_rkv_scoring.py checks it against per-element loops written from the algorithm's description.
 """
 
 from __future__ import annotations

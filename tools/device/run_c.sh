@@ -1,5 +1,5 @@
 #!/bin/bash
-# Call 2 on the same warm GPU machine: SmolLM2 from the two GGUF parts, then issue 11's long-context runs as
+# Call 2 on the same warm GPU machine: SmolLM2 from the two GGUF parts, then the long-context runs as
 # parallel processes (one per length x mode, each resumable), bounded by BUDGET seconds; the cells go to $OUT.
 # bash tools/device/run_c.sh   (carry: .gguf2 .shared)
 set -u

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The last call of the second lent-GPU session (on the same warm machine, after a call carrying .whl + .gguf1 that
 # sources setup.sh, and one carrying .gguf2; the working tree grew, so the GGUF now needs three calls): what run_c.sh left
-# of issue 11. The grids resume from the cells already committed under docs/results/data/longcontext_gpu/, so
+# of the long-context runs. The grids resume from the cells already committed under docs/results/data/longcontext_gpu/, so
 # finished cells are skipped and every process adds samples; the 8k pass key (7,900 tokens) comes first.
 # bash tools/device/run_d.sh   (carry: .gguf3 .shared)   BUDGET seconds for the jobs; the new cells go to $OUT
 set -u

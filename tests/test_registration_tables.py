@@ -1,4 +1,4 @@
-"""The registration rule of :mod:`kvpress_ext.core.tables` on a table of its own (issue #16, mutation gaps).
+"""The registration rule of :mod:`kvpress_ext.core.tables` on a table of its own.
 
 Each test states the rule from the module's docstring and checks a table against it: a free key is
 registered; the same origin replaces its own entry and keeps what that entry overrode; another origin is

@@ -1,6 +1,6 @@
-"""A³'s masked attention (presses/a3/attention.py) against an explicit per-query loop: the gaps the
-mutation run of issue #16 found (scales other than 1/sqrt(head_dim), 2 KV-head groups, unsorted or repeated
-key positions, queries that see no key, the full-recompute fast path, the backend rules, the dtype)."""
+"""A³'s masked attention (presses/a3/attention.py) against an explicit per-query loop: scales other
+than 1/sqrt(head_dim), 2 KV-head groups, unsorted or repeated key positions, queries that see no key, the
+full-recompute fast path, the backend rules, the dtype."""
 
 from __future__ import annotations
 

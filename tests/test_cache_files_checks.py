@@ -1,4 +1,4 @@
-"""Saved-cache behaviours that mutation testing found unchecked (issue #16): the whole one-line messages (where,
+"""What save_cache writes and what load_cache checks (storage/cache_files.py): the whole one-line messages (where,
 what, fix), the metadata written, the safetensors parser's edges, which directories count as ours, short reads,
 ``device``/``dtype`` on load, and the JSON-safe description of presses and extra fields."""
 

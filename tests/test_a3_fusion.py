@@ -1,4 +1,5 @@
-"""A3 fusion behaviours that the mutation run of ``a3_fusion`` found unchecked (issue #16).
+"""A³ fusion (presses/a3/fusion.py, press.py, evict.py): the selection strategies' scores, prefixes and question
+forms, realignment of stored keys, the press's parameters, eviction after fusion, and the pipeline's answers.
 
 Each test compares against a reference computed here without the fusion code: a full prefill of the
 concatenated sequence (with eager attention to read its attention weights), per-chunk caches, greedy
