@@ -32,10 +32,10 @@ from kvpress_ext.core.apply import (
     drives_model,
     positions_follow_cache,
 )
+from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.core.positions import cache_length
-from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.runtime import hub
 from kvpress_ext.storage.inputs import read_text_file, shared_dir
 
