@@ -29,8 +29,8 @@ from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
 
 
-def test_a_kvpress_scorer_press_gets_the_defaults():
-    assert contract_of(kvpress.KnormPress(0.5)) == PressContract()
+def test_a_kvpress_scorer_press_gets_the_defaults_and_batches():
+    assert contract_of(kvpress.KnormPress(0.5)) == PressContract(batches=True)  # top-k of per-sequence scores
     assert PressContract() == PressContract(prefill=True, decoding=False, whole_cache=False, runs_model=False,
                                             positions_follow_cache=False, budget_parameters=(),
                                             chunked_prefill=False, takes_context_chunks=False, batches=False)
@@ -46,7 +46,8 @@ def test_no_press_compresses_nothing():
     (kvpress.PrefillDecodingPress(prefilling_press=kvpress.KnormPress(0.5),
                                   decoding_press=kvpress.DecodingPress(base_press=kvpress.KnormPress())),
      PressContract(prefill=True, decoding=True)),
-    (kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), PressContract(positions_follow_cache=True)),
+    (kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), PressContract(positions_follow_cache=True,
+                                                                             batches=True)),
 ])
 def test_kvpress_classes_with_special_needs_come_from_the_table(press, expected):
     assert contract_of(press) == expected
@@ -186,7 +187,7 @@ def _fields(contract):
 @pytest.mark.parametrize(("press", "differs"), [
     (lambda: kvpress.DecodingPress(base_press=kvpress.KnormPress(0.5)), {"prefill": False, "decoding": True}),
     (lambda: kvpress.PrefillDecodingPress(prefilling_press=kvpress.KnormPress(0.5)), {"decoding": True}),
-    (lambda: kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), {"positions_follow_cache": True}),
+    (lambda: kvpress.KeyRerotationPress(press=kvpress.KnormPress(0.5)), {"positions_follow_cache": True, "batches": True}),
     (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=True),
      {"positions_follow_cache": True, "runs_model": True}),
     (lambda: kvpress.FinchPress(compression_ratio=0.5, rerotate_keys=False), {"runs_model": True}),
