@@ -82,7 +82,7 @@ def _summary(result: Generation, memory: dict, threads: int, device) -> str:
 def _cmd_generate(args) -> int:
     from kvpress_ext.core.devices import input_device
     from kvpress_ext.core.registry import press_name
-    from kvpress_ext.evaluation.run_perplexity import press_params
+    from kvpress_ext.evaluation.press_setup import press_params
     from kvpress_ext.runtime.models import load_model
 
     _check_args(args)

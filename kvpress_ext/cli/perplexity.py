@@ -1,7 +1,7 @@
 """``python evaluation/perplexity.py``: perplexity, speed and memory with and without KV-cache compression.
 
-The options are the fields of :class:`~kvpress_ext.evaluation.run_perplexity.PerplexityConfig` (defaults read from
-it); the work is :func:`~kvpress_ext.evaluation.run_perplexity.run`.
+The options are the fields of :class:`~kvpress_ext.evaluation.runners.perplexity.PerplexityConfig` (defaults read from
+it); the work is :func:`~kvpress_ext.evaluation.runners.perplexity.run`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kvpress_ext.cli.common import (
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
-from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig, run
 from kvpress_ext.runtime.models import DTYPES
 
 _DEFAULTS = PerplexityConfig(command="")

@@ -83,6 +83,27 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
                              f"{', '.join(fields)}")
 
 
+# --- method names -----------------------------------------------------------------------------------------
+def is_a3(method: str) -> bool:
+    return method == PREFILL or method.startswith(A3_PREFIX)
+
+
+def a3_parts(method: str) -> tuple[str | None, str | None]:
+    """(strategy, evict press) of a fusion method name; (None, None) for ``prefill``."""
+    if method == PREFILL:
+        return None, None
+    strategy, _, evict = method[len(A3_PREFIX):].partition("+")
+    return strategy, evict or None
+
+
+def mode_error(method: str, query_aware: bool) -> str | None:
+    """Why ``method`` cannot run in this mode, or None."""
+    if query_aware and is_a3(method):
+        return (f"{method} fuses chunk caches stored before any question exists, so it has no question-aware mode: "
+                "run it without --query_aware")
+    return None
+
+
 # --- chunking ---------------------------------------------------------------------------------------------
 def chunk_context(tokenizer, context: str, chunk_tokens: int) -> list[list[int]]:
     """Token-id chunks of ``context``: paragraphs (blank-line separated) packed greedily up to

@@ -1,4 +1,4 @@
-"""The perplexity/speed/memory evaluation behind ``evaluation/perplexity.py``: one run or a sweep over presses.
+"""The perplexity runner behind ``evaluation/perplexity.py``: one press next to the baseline, or a sweep over presses.
 
 :class:`PerplexityConfig` holds every setting as plain values (the command line in
 :mod:`kvpress_ext.cli.perplexity` builds one from its arguments); :func:`run` evaluates it. Bad input (unknown
@@ -7,58 +7,49 @@ press, missing file, ratio out of range, a parameter the press lacks, an unsuppo
 
 Every run is a set of cells, one per (press, ratio the press actually uses), run by :func:`run_cell` through
 :mod:`kvpress_ext.evaluation.sweep` (``executor`` local or ray), each cell's JSON under ``output_dir/cells/``, resumable. A
-cell loads the model through a per-process cache, so a local run loads it once and each Ray worker once.
+cell loads the model through :mod:`kvpress_ext.evaluation.model_cache`, so a local run loads it once and each Ray worker once.
 
 - One press: its cell, then the uncompressed baseline's (``no_press``, unless ``no_baseline``), printed as a table
-  (:func:`format_table`): perplexity and its change, what the press kept (its setting, the cache entries and bytes
+  (:func:`kvpress_ext.evaluation.reports.perplexity_table.format_table`): perplexity and its change, what the press kept (its setting, the cache entries and bytes
   left against the same tokens uncompressed), decode speed and time to first token, with the thread count and how
   busy the machine was. A press that fails raises its error and writes nothing (the baseline runs after it).
 - Several presses and/or ratios (a cross product) or ``all``: a sweep, the baseline first, one line per cell and
   ``summary.md``; a failing cell is recorded with its reason and the others go on. ``all`` first tries every press
-  on a short piece of the text in the sweep's mode (:func:`_check_sweep`, in this process, on its model) and lists
+  on a short piece of the text in the sweep's mode (:func:`kvpress_ext.evaluation.runners.perplexity_checks.check_sweep`, in this process, on its model) and lists
   those that cannot run there, with the reason, before the sweep starts; their cells record why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
-import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext.core.contract import (
-    budget_parameters,
-    forget_skip_warning,
-    from_compression_ratio,
-    reset_press,
-    sized_by_budget,
-)
 from kvpress_ext.core.devices import input_device
-from kvpress_ext.core.errors import KVPressExtError, NoCompressionWarning, PressParameterError, PressSkippedWarning
-from kvpress_ext.core.registry import (
-    DEFAULT_COMPRESSION_RATIO,
-    available_presses,
-    get_press,
-    press_info,
-    press_name,
-    validate_parameters,
-)
+from kvpress_ext.core.errors import KVPressExtError, NoCompressionWarning, PressParameterError
+from kvpress_ext.core.registry import DEFAULT_COMPRESSION_RATIO
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
+from kvpress_ext.evaluation.model_cache import get_model, model_extra
+from kvpress_ext.evaluation.press_setup import build_press, check_ratio, press_params, press_setting, sweep_jobs
+from kvpress_ext.evaluation.reports.perplexity_table import baseline_of, format_line, format_table
+from kvpress_ext.evaluation.runners.perplexity_checks import (
+    check_model,
+    check_sweep,
+    needs_other_attention,
+)
 from kvpress_ext.evaluation.speed import measure_speed
-from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, run_sweep
+from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, check_options, import_ray, run_sweep
 from kvpress_ext.runtime import hub
-from kvpress_ext.runtime.models import DEFAULT_MODEL, load_model, resolve_model
-from kvpress_ext.runtime.threads import set_threads, threads_text
+from kvpress_ext.runtime.models import DEFAULT_MODEL, resolve_model
+from kvpress_ext.runtime.threads import set_threads
 from kvpress_ext.storage.inputs import path_digest
 from kvpress_ext.storage.safe_write import check_output_dir
 
@@ -122,59 +113,6 @@ class PerplexityConfig:
         return self.threads
 
 
-def check_ratio(ratio: float) -> None:
-    if not 0 <= ratio < 1:
-        raise PressParameterError(
-            f"--compression_ratio {ratio} is out of range; it must be in [0, 1) (the fraction of the cache to remove)."
-        )
-
-
-def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, context_length: int | None = None):
-    """(press, ratio used or None): ``compression_ratio`` goes to presses that have it; a press with a token
-    budget instead that defines ``from_compression_ratio(ratio, context_length, **kwargs)`` (lazy_streaming,
-    rkv) gets the budget that keeps ``1 - ratio`` of a ``context_length``-token window; others keep theirs."""
-    info = press_info(name)  # unknown names: error with close names
-    if info.cls is type(None) or name == "no_press":
-        if press_kwargs:
-            raise PressParameterError(f"Press 'no_press' takes no parameters (got {', '.join(press_kwargs)}); leave them out "
-                                      "or choose a press that compresses.")
-        return None, None
-    budget_given = any(k in press_kwargs for k in budget_parameters(info.cls))
-    if compression_ratio is not None and context_length and sized_by_budget(info.cls) and not budget_given:
-        validate_parameters(info.cls, {**info.defaults, **press_kwargs}, name)
-        press = from_compression_ratio(info.cls, compression_ratio, context_length, **{**info.defaults, **press_kwargs})
-        return press, compression_ratio
-    # Only to presses that have a ratio (their own or forwarded, as AdaKV's): a decoding press's scorer ratio is
-    # overridden by its target size, so passing it there would only report a ratio that was not used.
-    has_ratio = any(p.name == "compression_ratio" for p in info.parameters) or hasattr(info.cls, "compression_ratio")
-    if compression_ratio is not None and "compression_ratio" not in press_kwargs and has_ratio:
-        try:
-            return get_press(name, compression_ratio=compression_ratio, **press_kwargs), compression_ratio
-        except PressParameterError as exc:
-            if "'compression_ratio'" not in str(exc):
-                raise
-    return get_press(name, **press_kwargs), press_kwargs.get("compression_ratio")
-
-
-def press_params(press) -> dict:
-    """A press's dataclass fields, inner presses as {name, params}, for the JSON record."""
-    if press is None or not dataclasses.is_dataclass(press):
-        return {}
-    out = {}
-    for f in dataclasses.fields(press):
-        if not f.init or f.name.startswith("_"):
-            continue
-        v = getattr(press, f.name, None)
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            v = {"name": press_name(v), "params": press_params(v)}
-        elif isinstance(v, (list, tuple)) and any(dataclasses.is_dataclass(x) for x in v):
-            v = [{"name": press_name(x), "params": press_params(x)} for x in v]
-        elif isinstance(v, torch.Tensor) or callable(v):
-            v = repr(v)[:80]
-        out[f.name] = v
-    return out
-
-
 def evaluate_press(model, input_ids: torch.Tensor, press, args: PerplexityConfig) -> dict:
     """Perplexity (with or without the press), speed and memory of one press on one text."""
     progress = not args.no_progress
@@ -207,11 +145,6 @@ def evaluate_press(model, input_ids: torch.Tensor, press, args: PerplexityConfig
     return record
 
 
-def _needs_other_attention(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, AssertionError) and ("attention" in text or "eager" in text)
-
-
 def evaluate_with_fallback(model, input_ids, press, args) -> dict:
     """:func:`evaluate_press`; a press that asserts on the attention implementation (some need eager attention
     weights, others refuse them) is retried once with the other one (eager <-> sdpa), and the record says so."""
@@ -219,7 +152,7 @@ def evaluate_with_fallback(model, input_ids, press, args) -> dict:
     try:
         return evaluate_press(model, input_ids, press, args)
     except AssertionError as exc:
-        if not _needs_other_attention(exc) or current not in ("eager", "sdpa"):
+        if not needs_other_attention(exc) or current not in ("eager", "sdpa"):
             raise
         other = "sdpa" if current == "eager" else "eager"
         model.set_attn_implementation(other)
@@ -276,104 +209,8 @@ def kept_summary(record: dict, bytes_per_token: int) -> dict | None:
             "compressed": fraction is not None and fraction < 0.999, "measured_by": cache.get("measured_by")}
 
 
-def press_setting(name: str, press, ratio) -> str:
-    """How the press was asked to compress, in words for the table (never ``ratio=None``)."""
-    if press is None:
-        return "uncompressed" if name == "no_press" else "-"
-    budget = [k for k in budget_parameters(type(press)) if getattr(press, k, None) is not None]
-    if budget:
-        extra = [k for k in ("slack",) if getattr(press, k, None) is not None]
-        text = ", ".join(f"{k}={getattr(press, k)}" for k in budget + extra)
-        return f"{text} (from compression_ratio={ratio})" if ratio is not None else text
-    if ratio is not None:
-        return f"compression_ratio={ratio}"
-    inner = getattr(press, "presses", None)
-    if isinstance(inner, (list, tuple)) and inner:  # a composition: each press's own setting, in order
-        return " then ".join(f"{press_name(p)} ({press_setting(press_name(p), p, None)})" for p in inner)
-    params = press_params(press)
-    sized = {k: v for k, v in params.items() if any(w in k for w in ("ratio", "budget", "target_size", "window", "cap"))
-             and not isinstance(v, (dict, list))}
-    return ", ".join(f"{k}={v}" for k, v in sized.items()) or "its own rule (no ratio or budget)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
-
-
-def probe_support(model, input_ids, press, args: PerplexityConfig) -> str | None:
-    """Why ``press`` cannot run in the mode ``args`` describe, found by running it on a short piece of the text
-    (two chunks of the perplexity run, a prefill and two decoded tokens of the speed run), or None if it can.
-
-    A press that raises, or that leaves an input uncompressed because it cannot handle it (a prefill-only press
-    shown a second chunk), is unsupported in that mode; the reason is its own message, first line. When it fails
-    on chunks but works on one whole prefill, the reason says so and names the mode it can run in."""
-    from kvpress_ext.evaluation.speed import _one_run
-
-    n = min(args.context_limit, input_ids.shape[1])
-    device = input_device(model)
-    chunked = args.ppl_apply_press and not (args.speed_only or args.speed_decode_only)
-
-    def perplexity_part():
-        probe = input_ids[:, : min(n, 2 * args.chunk_size)]
-        ppl.compressed_nll(model, probe, press, probe.shape[1], args.chunk_size, args.decode_chunk_size)
-
-    def speed_part():
-        _one_run(model, input_ids[:, : min(args.speed_context or n, input_ids.shape[1])].to(device), press, 3, 0)
-
-    parts = ([perplexity_part] if chunked else []) + ([] if args.no_speed else [speed_part])
-    reason = _try(model, press, parts)
-    if reason and chunked and _try(model, press, [speed_part]) is None:
-        return (f"works on one whole prefill but not on a text fed in chunks into a compressed cache ({reason}); "
-                "evaluate it without --ppl_apply_press")
-    return reason
-
-
-def _try(model, press, steps) -> str | None:
-    """Run ``steps`` under ``press`` (retrying once with the other attention kernel, as the sweep does); the first
-    line of what went wrong, or None. A :class:`PressSkippedWarning` (input left uncompressed) counts as wrong."""
-    current = model.config._attn_implementation
-
-    def attempt() -> str | None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PressSkippedWarning)
-            for step in steps:
-                step()
-        for w in caught:
-            if issubclass(w.category, PressSkippedWarning):
-                return str(w.message).split(" (", 1)[-1].split("); ")[0]
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return None
-
-    try:
-        try:
-            return attempt()
-        except AssertionError as exc:
-            if not _needs_other_attention(exc) or current not in ("eager", "sdpa"):
-                raise
-            model.set_attn_implementation("sdpa" if current == "eager" else "eager")
-            try:
-                return attempt()
-            finally:
-                model.set_attn_implementation(current)
-    except Exception as exc:  # noqa: BLE001 - any failure makes the press unsupported here; its message says why
-        return _first_line(exc)
-    finally:
-        reset_press(press)
-        forget_skip_warning(press)
-
-
-def mode_text(args: PerplexityConfig) -> str:
-    if args.speed_only or args.speed_decode_only:
-        return "speed only"
-    mode = (f"--ppl_apply_press (chunks of {args.chunk_size} tokens into a compressed cache)" if args.ppl_apply_press
-            else "perplexity without the press, speed with it")
-    return mode + ("" if args.no_speed else " + speed")
-
-
 _SWEEP_FIELDS = ("executor", "max_retries", "cell_gpus", "cell_cpus", "ray_address", "ray_num_cpus")
 _CONTEXT_FIELDS = ("command", "output_dir", "no_progress", "no_baseline", "threads")  # do not change a cell's result
-_MODELS: dict = {}
 _TEXTS: dict = {}
 
 
@@ -381,17 +218,15 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _load_options(args: PerplexityConfig) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation,
+            "device_map": args.device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+
+
 def _cached_model(args: PerplexityConfig):
-    """(model, tokenizer, KV bytes per token), loaded once per process for a given model/device/dtype/placement
-    (the last one only is kept)."""
-    placement = {"device_map": args.device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
-    key = json.dumps([args.model, args.device, args.dtype, args.attn_implementation, placement], default=str)
-    if key not in _MODELS:
-        _MODELS.clear()
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                      attn_implementation=args.attn_implementation, **placement)
-        _MODELS[key] = (model, tokenizer, kv_bytes_per_token(model))
-    return _MODELS[key]
+    """(model, tokenizer, KV bytes per token) from :mod:`kvpress_ext.evaluation.model_cache`."""
+    model, tokenizer = get_model(args.model, **_load_options(args))
+    return model, tokenizer, model_extra(args.model, "kv_bytes_per_token", kv_bytes_per_token, **_load_options(args))
 
 
 def _cached_text(args: PerplexityConfig) -> str:
@@ -399,31 +234,6 @@ def _cached_text(args: PerplexityConfig) -> str:
     if key not in _TEXTS:
         _TEXTS[key] = ppl.load_text(*key)
     return _TEXTS[key]
-
-
-def _check_model(args: PerplexityConfig) -> None:
-    """Fail before any cell on a model that cannot load: locally by loading it (the cells reuse it), for Ray
-    from its config only (the driver may have no GPU)."""
-    if args.executor == "local":
-        _cached_model(args)
-        return
-    from transformers import AutoConfig
-
-    from kvpress_ext.core.adapters import get_adapter
-    from kvpress_ext.core.errors import UnsupportedModelError
-    from kvpress_ext.runtime.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model
-
-    source = resolve_model(args.model)
-    hub.check_model_source(source, args.model, MODEL_ALTERNATIVES)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"Cannot load model {args.model!r}: {str(exc).strip().splitlines()[0][:300]}") from exc
-    stand_in = type((config.architectures or ["Model"])[0], (), {"config": config})()
-    try:
-        get_adapter(stand_in)
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
 
 
 def input_digests(args: PerplexityConfig, threads: int) -> dict:
@@ -546,7 +356,7 @@ def _probe_cells(args: PerplexityConfig, cells: list[Cell]) -> None:
                 press, ratio = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
                                            args.context_limit)
         jobs.append((cell.key if several else config["press"], press, ratio, cell.params["skip"]))
-    for cell, (_, _, _, skip) in zip(cells, _check_sweep(model, input_ids, jobs, args)):
+    for cell, (_, _, _, skip) in zip(cells, check_sweep(model, input_ids, jobs, args)):
         cell.params["skip"] = skip
 
 
@@ -562,8 +372,6 @@ def run(args: PerplexityConfig) -> list[dict]:
             raise KVPressExtError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
     if args.threads is not None and args.threads < 1:
         raise KVPressExtError(f"--threads must be a positive integer, got {args.threads}.")
-    from kvpress_ext.evaluation.sweep import check_options, import_ray
-
     options = sweep_options(args)
     check_options(options)
     if args.executor == "ray":
@@ -573,7 +381,10 @@ def run(args: PerplexityConfig) -> list[dict]:
     _cached_text(args)
     check_output_dir(args.output_dir)
     threads = set_threads(args.threads)
-    _check_model(args)
+    if args.executor == "local":  # loading it is the check, and the cells reuse it
+        _cached_model(args)
+    else:
+        check_model(args.model)
     inputs = input_digests(args, threads)
     if "all" in _as_list(args.press):
         _probe_cells(args, cells)
@@ -588,7 +399,7 @@ def run(args: PerplexityConfig) -> list[dict]:
         record["json_path"] = str(results.write_json(record, args.output_dir))
         by_key[cell.key] = record
         if sweeping:
-            baseline = _baseline(list(by_key.values()))
+            baseline = baseline_of(list(by_key.values()))
             tqdm.write(format_line(record, baseline) + (" (done before)" if skipped else ""))  # above the bar
 
     for group in (cells, after):  # one press: its failure is the command's error, and nothing is written
@@ -604,151 +415,3 @@ def run(args: PerplexityConfig) -> list[dict]:
     return records
 
 
-def _baseline(records: list[dict]) -> dict | None:
-    return next((r for r in records if r["press"]["name"] == "no_press" and r["status"] == "ok"), None)
-
-
-def _check_sweep(model, input_ids, jobs: list[tuple], args: PerplexityConfig) -> list[tuple]:
-    """Try every press of a sweep in the sweep's mode before it starts; print those that cannot run, with why."""
-    checked, unsupported, skipped = [], [], []
-    for name, press, ratio, skip in jobs:
-        if skip:
-            skipped.append((name, skip))
-            checked.append((name, press, ratio, f"skipped: {skip}"))
-            continue
-        reason = probe_support(model, input_ids, press, args) if press is not None else None
-        if reason:
-            unsupported.append((name, reason))
-            checked.append((name, press, ratio, f"unsupported: {reason}"))
-        else:
-            checked.append((name, press, ratio, None))
-    print(f"{len(checked) - len(unsupported) - len(skipped)} of {len(checked)} presses run in this mode "
-          f"({mode_text(args)}).")
-    if unsupported:
-        print(f"Unsupported in this mode ({len(unsupported)}):")
-        for name, reason in unsupported:
-            print(f"  {name}: {reason}")
-    if skipped:
-        print(f"Skipped ({len(skipped)}; they need something not available here):")
-        for name, reason in skipped:
-            print(f"  {name}: {reason}")
-    sys.stdout.flush()
-    return checked
-
-
-def sweep_jobs(compression_ratio: float, context_length: int | None = None) -> list[tuple]:
-    """Every registered press built with its registry defaults (+ the ratio where it applies); a press that needs
-    something unavailable, or fails to build, is kept with the reason instead of a press."""
-    jobs = []
-    for name, info in available_presses().items():
-        if info.requires:
-            jobs.append((name, None, None, f"requires {info.requires}"))
-            continue
-        try:
-            with warnings.catch_warnings():  # a sweep at ratio 0 is a choice, not a mistake
-                warnings.simplefilter("ignore", NoCompressionWarning)
-                press, ratio = build_press(name, compression_ratio, {}, context_length)
-        except Exception as exc:  # noqa: BLE001
-            jobs.append((name, None, None, f"cannot be built from its name alone: {_first_line(exc)}"))
-            continue
-        jobs.append((name, press, ratio, None))
-    return sorted(jobs, key=lambda job: job[0] != "no_press")  # the baseline first: every later line compares to it
-
-
-def _mib(n_bytes) -> str:
-    return "-" if n_bytes is None else f"{n_bytes / 2**20:.2f} MiB"
-
-
-def _kept_text(record: dict) -> str:
-    """``248/512 (ratio 0.52)``: cache entries per layer left of the tokens seen, and the effective ratio."""
-    kept = record.get("kept")
-    if not kept:
-        return "-"
-    text = f"{kept['cache_len']}/{kept['tokens']}" if kept.get("cache_len") is not None else f"?/{kept['tokens']}"
-    text += f" (ratio {kept['effective_ratio']:.2f})"
-    if not kept["compressed"] and record["press"]["name"] != "no_press":
-        text += " did not compress"
-    return text
-
-
-def _kv_text(record: dict) -> str:
-    """``0.30 MiB (48 %)``: key/value bytes held, and their share of the same tokens uncompressed."""
-    kept = record.get("kept")
-    if not kept:
-        return "-"
-    return f"{_mib(kept['kv_bytes'])} ({kept['kv_fraction'] * 100:.0f} %)"
-
-
-def _ppl_text(record: dict, baseline: dict | None) -> str:
-    p = record.get("perplexity")
-    if not p:
-        return "-"
-    text = f"{p['ppl']:.4f}"
-    ref = (baseline or {}).get("perplexity")
-    if ref and record is not baseline:
-        text += f" ({(p['ppl'] / ref['ppl'] - 1) * 100:+.2f} %)"
-    return text
-
-
-def format_line(record: dict, baseline: dict | None = None) -> str:
-    """One line per record with units: press, its setting, perplexity (and change against ``baseline``), the KV
-    cache kept (MiB, % of the same tokens uncompressed), decode speed, time to first token."""
-    name, setting = record["press"]["name"], record["press"].get("setting") or "-"
-    if record["status"] != "ok":
-        return f"{name:26s} {record['status']}: {record.get('error')}"
-    s = record.get("speed") or {}
-    parts = [f"{name:26s}", setting, f"ppl {_ppl_text(record, baseline)}", f"kept {_kept_text(record)}",
-             f"KV {_kv_text(record)} of uncompressed"]
-    if s:
-        parts.append(f"decode {s['decode_tok_per_s']:.1f} tok/s")
-        if "ttft_s" in s:
-            parts.append(f"TTFT {s['ttft_s'] * 1000:.1f} ms")
-    return " | ".join(parts)
-
-
-def format_table(records: list[dict]) -> str:
-    """The runs of one evaluation as a table (the baseline first), what every column means, the thread count and
-    machine load, and where the JSON files are."""
-    baseline = _baseline(records)
-    records = sorted(records, key=lambda r: r is not baseline)  # the baseline's row first
-    header = ("press", "setting", "perplexity", "kept", "KV cache", "decode", "TTFT")
-    rows = []
-    for r in records:
-        label = r["press"]["name"] + (" (baseline)" if r is baseline and len(records) > 1 else "")
-        if r["status"] != "ok":
-            rows.append((label, r["press"].get("setting") or "-", f"{r['status']}: {r.get('error')}", "", "", "", ""))
-            continue
-        s = r.get("speed") or {}
-        rows.append((label, r["press"].get("setting") or "-", _ppl_text(r, baseline), _kept_text(r), _kv_text(r),
-                     f"{s['decode_tok_per_s']:.1f} tok/s" if s else "-",
-                     f"{s['ttft_s'] * 1000:.1f} ms" if s.get("ttft_s") is not None else "-"))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    first = records[0]
-    p = next((r.get("perplexity") for r in records if r.get("perplexity")), None)
-    s = next((r.get("speed") for r in records if r.get("speed")), None)
-    kept = next((r.get("kept") for r in records if r.get("kept")), None)
-    notes = []
-    if p:
-        how = ("every token scored from the compressed cache, text fed in chunks" if first["settings"]["ppl_apply_press"]
-               else "full context, the press not applied")
-        notes.append(f"perplexity: over {p['n_scored_tokens']} predicted tokens in windows of "
-                     f"{first['data']['context_limit']} ({how}); in brackets the change against the baseline.")
-    if kept:
-        notes.append(f"kept: cache entries per layer / tokens seen at the end of the {kept['measured_by']}, and the "
-                     "effective compression ratio (1 - KV bytes / uncompressed bytes); KV cache: key/value bytes held "
-                     "then, in MiB and as % of the same tokens uncompressed.")
-    if s:
-        notes.append(f"decode: greedy tokens/s after a {s['context_tokens']}-token prefill, median of {s['num_runs']} "
-                     "runs; TTFT: time to first token (prefill + first token).")
-    env = first.get("environment") or {}
-    if env.get("threads"):
-        device = env.get("device", "cpu")
-        where = threads_text(env["threads"]) if str(device).startswith("cpu") else device
-        notes.append(f"Timed on {where}; {results.load_text(env.get('load_start') or {}, env.get('load_end') or {})}.")
-    folders = sorted({str(Path(r["json_path"]).parent) for r in records})
-    notes.append(f"JSON in {', '.join(folders)}: " + ", ".join(Path(r["json_path"]).name for r in records))
-    wrapped = [textwrap.fill(note, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
-               for note in notes]
-    return "\n".join(lines + [""] + wrapped)

@@ -1,0 +1,114 @@
+"""The perplexity evaluation's table and sweep lines: perplexity and its change against the baseline, what the
+press kept, decode speed and time to first token, with what every column means, the threads and the machine load.
+The sweep's ``summary.md`` / ``summary.png`` are :mod:`kvpress_ext.evaluation.results`."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from kvpress_ext.evaluation import results
+from kvpress_ext.runtime.threads import threads_text
+
+
+def baseline_of(records: list[dict]) -> dict | None:
+    return next((r for r in records if r["press"]["name"] == "no_press" and r["status"] == "ok"), None)
+
+
+def _mib(n_bytes) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / 2**20:.2f} MiB"
+
+
+def _kept_text(record: dict) -> str:
+    """``248/512 (ratio 0.52)``: cache entries per layer left of the tokens seen, and the effective ratio."""
+    kept = record.get("kept")
+    if not kept:
+        return "-"
+    text = f"{kept['cache_len']}/{kept['tokens']}" if kept.get("cache_len") is not None else f"?/{kept['tokens']}"
+    text += f" (ratio {kept['effective_ratio']:.2f})"
+    if not kept["compressed"] and record["press"]["name"] != "no_press":
+        text += " did not compress"
+    return text
+
+
+def _kv_text(record: dict) -> str:
+    """``0.30 MiB (48 %)``: key/value bytes held, and their share of the same tokens uncompressed."""
+    kept = record.get("kept")
+    if not kept:
+        return "-"
+    return f"{_mib(kept['kv_bytes'])} ({kept['kv_fraction'] * 100:.0f} %)"
+
+
+def _ppl_text(record: dict, baseline: dict | None) -> str:
+    p = record.get("perplexity")
+    if not p:
+        return "-"
+    text = f"{p['ppl']:.4f}"
+    ref = (baseline or {}).get("perplexity")
+    if ref and record is not baseline:
+        text += f" ({(p['ppl'] / ref['ppl'] - 1) * 100:+.2f} %)"
+    return text
+
+
+def format_line(record: dict, baseline: dict | None = None) -> str:
+    """One line per record with units: press, its setting, perplexity (and change against ``baseline``), the KV
+    cache kept (MiB, % of the same tokens uncompressed), decode speed, time to first token."""
+    name, setting = record["press"]["name"], record["press"].get("setting") or "-"
+    if record["status"] != "ok":
+        return f"{name:26s} {record['status']}: {record.get('error')}"
+    s = record.get("speed") or {}
+    parts = [f"{name:26s}", setting, f"ppl {_ppl_text(record, baseline)}", f"kept {_kept_text(record)}",
+             f"KV {_kv_text(record)} of uncompressed"]
+    if s:
+        parts.append(f"decode {s['decode_tok_per_s']:.1f} tok/s")
+        if "ttft_s" in s:
+            parts.append(f"TTFT {s['ttft_s'] * 1000:.1f} ms")
+    return " | ".join(parts)
+
+
+def format_table(records: list[dict]) -> str:
+    """The runs of one evaluation as a table (the baseline first), what every column means, the thread count and
+    machine load, and where the JSON files are."""
+    baseline = baseline_of(records)
+    records = sorted(records, key=lambda r: r is not baseline)  # the baseline's row first
+    header = ("press", "setting", "perplexity", "kept", "KV cache", "decode", "TTFT")
+    rows = []
+    for r in records:
+        label = r["press"]["name"] + (" (baseline)" if r is baseline and len(records) > 1 else "")
+        if r["status"] != "ok":
+            rows.append((label, r["press"].get("setting") or "-", f"{r['status']}: {r.get('error')}", "", "", "", ""))
+            continue
+        s = r.get("speed") or {}
+        rows.append((label, r["press"].get("setting") or "-", _ppl_text(r, baseline), _kept_text(r), _kv_text(r),
+                     f"{s['decode_tok_per_s']:.1f} tok/s" if s else "-",
+                     f"{s['ttft_s'] * 1000:.1f} ms" if s.get("ttft_s") is not None else "-"))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    first = records[0]
+    p = next((r.get("perplexity") for r in records if r.get("perplexity")), None)
+    s = next((r.get("speed") for r in records if r.get("speed")), None)
+    kept = next((r.get("kept") for r in records if r.get("kept")), None)
+    notes = []
+    if p:
+        how = ("every token scored from the compressed cache, text fed in chunks" if first["settings"]["ppl_apply_press"]
+               else "full context, the press not applied")
+        notes.append(f"perplexity: over {p['n_scored_tokens']} predicted tokens in windows of "
+                     f"{first['data']['context_limit']} ({how}); in brackets the change against the baseline.")
+    if kept:
+        notes.append(f"kept: cache entries per layer / tokens seen at the end of the {kept['measured_by']}, and the "
+                     "effective compression ratio (1 - KV bytes / uncompressed bytes); KV cache: key/value bytes held "
+                     "then, in MiB and as % of the same tokens uncompressed.")
+    if s:
+        notes.append(f"decode: greedy tokens/s after a {s['context_tokens']}-token prefill, median of {s['num_runs']} "
+                     "runs; TTFT: time to first token (prefill + first token).")
+    env = first.get("environment") or {}
+    if env.get("threads"):
+        device = env.get("device", "cpu")
+        where = threads_text(env["threads"]) if str(device).startswith("cpu") else device
+        notes.append(f"Timed on {where}; {results.load_text(env.get('load_start') or {}, env.get('load_end') or {})}.")
+    folders = sorted({str(Path(r["json_path"]).parent) for r in records})
+    notes.append(f"JSON in {', '.join(folders)}: " + ", ".join(Path(r["json_path"]).name for r in records))
+    wrapped = [textwrap.fill(note, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+               for note in notes]
+    return "\n".join(lines + [""] + wrapped)
