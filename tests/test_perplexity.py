@@ -258,11 +258,11 @@ def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(storie
     assert probe_support(model, ids, get_press("knorm"), args) is None
     assert probe_support(model, ids, get_press("lazy_streaming", cap_total=64, slack=8), args) is None
     reason = probe_support(model, ids, get_press("leverage_score"), args)
-    assert reason and "only supports prefill" in reason and "without --ppl_apply_press" in reason, reason
+    assert reason and "only supports prefill" in reason and "with --no_ppl_press" in reason, reason
     reason = probe_support(model, ids, get_press("kvcompose"), args)
     assert reason and "runs the model itself" in reason, reason
     # The same presses run when perplexity is taken without the press (only the speed run uses it).
-    plain = PerplexityConfig(command="", context_limit=256, max_new_tokens=4, num_runs=1)
+    plain = PerplexityConfig(command="", context_limit=256, max_new_tokens=4, num_runs=1, ppl_apply_press=False)
     assert probe_support(model, ids, get_press("leverage_score"), plain) is None
 
 

@@ -39,10 +39,13 @@ def build_parser():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(p)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="model weights' dtype (default: %(default)s)")
     p.add_argument("--part", choices=["nll", "gen", "both"], default="both",
                    help="nll: teacher-forced NLL of a continuation; gen: greedy generation (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="full (no press), rkv, lazy_streaming, DecodingPress around snapkv / streaming_llm "
+                        "(default: all)")
     p.add_argument("--budgets", nargs="+", type=int, default=[256, 512, 1024], help="tokens kept (default: %(default)s)")
     p.add_argument("--compression_interval", type=positive_int, default=128,
                    help="rkv and DecodingPress: decoding steps between compressions (default: %(default)s)")

@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,14 +40,15 @@ from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.model_cache import get_model, model_extra
 from kvpress_ext.evaluation.press_setup import build_press, check_ratio, press_params, press_setting, sweep_jobs
-from kvpress_ext.evaluation.reports.perplexity_table import baseline_of, format_line, format_table
+from kvpress_ext.evaluation.reports.perplexity_table import baseline_of, format_line, format_table, header_line
 from kvpress_ext.evaluation.runners.perplexity_checks import (
     check_model,
     check_sweep,
     needs_other_attention,
+    probe_support,
 )
 from kvpress_ext.evaluation.speed import measure_speed
-from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, check_options, import_ray, run_sweep
+from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, cell_path, check_options, import_ray, run_sweep
 from kvpress_ext.runtime import hub
 from kvpress_ext.runtime.models import DEFAULT_MODEL, resolve_model
 from kvpress_ext.runtime.threads import set_threads
@@ -63,6 +65,10 @@ class PerplexityConfig:
     Prejudice) in two 512-token windows, speed from one timed run (after a warm-up) of a 512-token prefill and 32
     decoded tokens; the hub data sets are used only when asked for (``--dataset wikitext`` / ``pg19``). A press
     sized by a token budget gets ``(1 - compression_ratio) * context_limit`` (256 tokens at the default 0.5).
+    The perplexity run feeds the text in chunks under the press (``ppl_apply_press``), except for a press that can
+    only compress one whole prefill (it gets the full-context perplexity, and the record says why);
+    ``ppl_apply_press=False`` measures perplexity without the press (the press then acts in the speed and memory
+    run only). Results go to ``results/perplexity/<model>`` unless ``output_dir`` is given.
     """
 
     model: str = DEFAULT_MODEL
@@ -76,7 +82,7 @@ class PerplexityConfig:
     press: str | list[str] = "no_press"  # several names (or "all") make a sweep
     compression_ratio: float | list[float] = DEFAULT_COMPRESSION_RATIO  # several: a sweep (cross product with press)
     press_kwargs: dict = field(default_factory=dict)
-    ppl_apply_press: bool = False
+    ppl_apply_press: bool = True
     chunk_size: int = 128
     decode_chunk_size: int = 1
     segment: int = 512
@@ -95,7 +101,7 @@ class PerplexityConfig:
     dtype: str = "auto"
     seed: int = 0
     threads: int | None = None
-    output_dir: str = "results/perplexity"
+    output_dir: str | None = None  # default: results/perplexity/<model name>
     no_progress: bool = False
     no_baseline: bool = False
     # how the cells run (kvpress_ext.evaluation.sweep.SweepOptions)
@@ -173,7 +179,7 @@ def _base_record(args, model, input_ids, device) -> dict:
                   "device_map": getattr(model, "hf_device_map", None)},
         "data": {"dataset": args.dataset, "subset": args.subset if args.dataset == "wikitext" else None,
                  "split": args.split if args.dataset != "text" else None,
-                 "sample_idx": args.sample_idx if args.dataset == "pg19" else None, "text_file": args.text_file,
+                 "sample_idx": args.sample_idx if args.dataset == "pg19" else None, "text_file": _text_file(args),
                  "n_tokens": int(input_ids.shape[1]), "context_limit": args.context_limit,
                  "max_eval_tokens": args.max_eval_tokens},
         "settings": {"ppl_apply_press": args.ppl_apply_press, "chunk_size": args.chunk_size,
@@ -239,7 +245,40 @@ def _cached_text(args: PerplexityConfig) -> str:
 def input_digests(args: PerplexityConfig, threads: int) -> dict:
     """What decides a cell's numbers beyond its settings: the model's files, the text's bytes, the threads (speed)."""
     return {"model": path_digest(resolve_model(args.model)),
-            "text": path_digest(args.text_file) if args.text_file else None, "threads": threads}
+            "text": path_digest(_text_file(args)) if _text_file(args) else None, "threads": threads}
+
+
+def default_output_dir(model: str) -> str:
+    """``results/perplexity/<model name>``: one folder per model, so runs on two models do not overwrite each other."""
+    return str(Path("results") / "perplexity" / (Path(str(model)).name or "model"))
+
+
+def _text_file(args: PerplexityConfig) -> str | None:
+    """The text file read (the default one included), for the record and the table's header."""
+    if args.dataset != "text":
+        return None
+    return str(args.text_file or ppl.default_text_file())
+
+
+def _whole_prefill_only(args: PerplexityConfig, cells: list[Cell]) -> None:
+    """One press under ``ppl_apply_press``: if it can compress one whole prefill but not a text fed in chunks, its
+    perplexity is measured without it (the speed run still applies it) and its record says why."""
+    if not args.ppl_apply_press or args.speed_only or args.speed_decode_only:
+        return
+    model, tokenizer, _ = _cached_model(args)
+    input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens).to(input_device(model))
+    for cell in cells:
+        config = cell.params["config"]
+        if config["press"] == "no_press":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoCompressionWarning)
+            press, _ = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
+                                   args.context_limit)
+        reason = probe_support(model, input_ids, press, args) if press is not None else None
+        if reason and reason.startswith("works on one whole prefill"):
+            config["ppl_apply_press"] = False
+            cell.params["ppl_note"] = "perplexity without the press: it " + reason.split(" (", 1)[0]
 
 
 def _cell_params(args: PerplexityConfig, name: str, ratio, skip: str | None, press_kwargs: dict | None = None) -> dict:
@@ -322,6 +361,8 @@ def run_cell(params: dict) -> dict:
     with hub.explain_press_failures(name):  # needs hub files offline: one line naming the fix
         record.update(evaluate_with_fallback(model, input_ids, press, args))
     record["kept"] = kept_summary(record, per_token)
+    if params.get("ppl_note"):
+        record["perplexity"]["note"] = params["ppl_note"]
     record["environment"]["load_end"] = results.machine_load()
     return record
 
@@ -364,6 +405,8 @@ def run(args: PerplexityConfig) -> list[dict]:
     """Run the evaluation described by ``args``; returns the records written (also printed: a table for one
     press, one line per cell and ``summary.md`` for a sweep)."""
     results.git_commit()  # the commit of the code this process imported, recorded in every cell it writes
+    if args.output_dir is None:
+        args = dataclasses.replace(args, output_dir=default_output_dir(args.model))
     ratios = _as_list(args.compression_ratio)
     for ratio in ratios:
         check_ratio(ratio)
@@ -388,19 +431,31 @@ def run(args: PerplexityConfig) -> list[dict]:
     inputs = input_digests(args, threads)
     if "all" in _as_list(args.press):
         _probe_cells(args, cells)
+    elif not sweeping and args.executor == "local":
+        _whole_prefill_only(args, cells)
     for cell in cells + after:  # a sweep shows one bar over its cells, not each cell's own bars
         cell.params["_no_progress"] = args.no_progress or sweeping
         cell.params["inputs"] = inputs  # part of the cell key: an edited text or model is computed anew
     options.progress = options.progress and sweeping
     by_key: dict = {}
+    reused: dict = {}  # json path -> date measured, of the cells an earlier run computed
+    waiting: list = []  # sweep lines that finished before the baseline (Ray): printed with it, with their change
+    if sweeping:
+        print(header_line(args, _text_file(args)))
 
     def on_result(cell, cell_file, skipped):
         record = dict(cell_file["record"]) if cell_file["status"] == "ok" else _failed_record(args, cell_file)
         record["json_path"] = str(results.write_json(record, args.output_dir))
+        if skipped:
+            reused[record["json_path"]] = results.measured_date(cell_path(args.output_dir, cell.key))
         by_key[cell.key] = record
         if sweeping:
             baseline = baseline_of(list(by_key.values()))
-            tqdm.write(format_line(record, baseline) + (" (done before)" if skipped else ""))  # above the bar
+            waiting.append(record)
+            if baseline is not None or not any(c.params["config"]["press"] == "no_press" for c in cells):
+                for done in waiting:  # above the bar
+                    tqdm.write(format_line(done, baseline, reused.get(done["json_path"])))
+                waiting.clear()
 
     for group in (cells, after):  # one press: its failure is the command's error, and nothing is written
         if group:
@@ -409,9 +464,9 @@ def run(args: PerplexityConfig) -> list[dict]:
     records = [by_key[c.key] for c in cells + after]
     if sweeping:
         md, png = results.write_summary(records, args.output_dir, command=args.command)
-        print(f"wrote {md}" + (f" and {png}" if png else ""))
+        print(f"wrote {md}" + (f" and {png}" if png else "") + f", one JSON per cell in {args.output_dir}")
     else:
-        print(format_table(records))
+        print(format_table(records, header_line(args, _text_file(args)), reused))
     return records
 
 

@@ -51,7 +51,7 @@ def probe_support(model, input_ids, press, args: PerplexityConfig) -> str | None
     reason = _try(model, press, parts)
     if reason and chunked and _try(model, press, [speed_part]) is None:
         return (f"works on one whole prefill but not on a text fed in chunks into a compressed cache ({reason}); "
-                "evaluate it without --ppl_apply_press")
+                "evaluate it with --no_ppl_press")
     return reason
 
 
