@@ -103,7 +103,8 @@ def run(args):
     meta["stopped_early"] = len(nlls) < len(ids) - 1  # --max_seconds ran out: a prefix of the stream
     save_run(out / f"{args.method}.pt", {"nlls": nlls, "seconds": seconds, "args": meta})
     early = f" (stopped by --max_seconds, {len(ids) - 1} asked)" if meta["stopped_early"] else ""
-    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s on {meta['device']}{early}")
+    print(f"{args.method}: {len(nlls)} predictions in {seconds:.1f}s on {meta['device']}{early}; "
+          f"saved to {out / (args.method + '.pt')}")
 
 
 def save_run(path: Path, run: dict) -> None:
