@@ -99,6 +99,38 @@ def _measured(records: list[dict], reused) -> str:
     return ("reused " if len(dates) == len(records) or len(records) == 1 else "partly reused ") + ", ".join(dates)
 
 
+def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
+    """The needle-kept and misses-explained tables of the presses that compress (none without one)."""
+    lines: list[str] = []
+    lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
+                   "mean over layers and samples / lowest layer)"), "",
+              "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+        row = []
+        for n, qa in cols:
+            recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
+                    and r.get("length") == n and r["query_aware"] == qa and r.get("needle_kept")]
+            if not recs:
+                row.append("-")
+                continue
+            per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
+            row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
+        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
+                   "tokens kept on average over layers, or kept and still missed)"), "",
+              "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+        row = []
+        for n, qa in cols:
+            missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
+                      and r.get("length") == n and r["query_aware"] == qa and r["status"] == "ok"
+                      and r["score"] < 1 and r.get("needle_kept_mean") is not None]
+            evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
+            row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
+        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    return lines
+
+
 def summary_markdown(records: list[dict], title: str, command: str = "", reused=()) -> str:
     ok = sum(r["status"] == "ok" for r in records)
     n_reused = sum(r.get("key") in reused for r in records)
@@ -139,32 +171,8 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
             mine = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio]
             lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(
                 f"{_f(a)} ({k})" if a is not None else "-" for a, k in accs) + f" | {_measured(mine, reused)} |")
-        lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
-                       "mean over layers and samples / lowest layer)"), "",
-                  "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
-        for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
-            row = []
-            for n, qa in cols:
-                recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
-                        and r.get("length") == n and r["query_aware"] == qa and r.get("needle_kept")]
-                if not recs:
-                    row.append("-")
-                    continue
-                per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
-                row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
-            lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
-        lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
-                       "tokens kept on average over layers, or kept and still missed)"), "",
-                  "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
-        for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
-            row = []
-            for n, qa in cols:
-                missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
-                          and r.get("length") == n and r["query_aware"] == qa and r["status"] == "ok"
-                          and r["score"] < 1 and r.get("needle_kept_mean") is not None]
-                evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
-                row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
-            lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+        if any(r["method"] != "no_press" for r in presses):
+            lines += _needle_sections(presses, cols, header)
         lines.append("")
     fused = [r for r in records if is_a3(r["method"]) and r["status"] == "ok"]
     if fused:
