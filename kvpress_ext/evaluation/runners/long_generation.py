@@ -42,7 +42,15 @@ from kvpress_ext.evaluation.reports.long_generation import (
     plot_nll,
 )
 from kvpress_ext.evaluation.results import machine_load, measured_date
-from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_identity, cell_path, load_cells, run_sweep
+from kvpress_ext.evaluation.sweep import (
+    Cell,
+    SweepOptions,
+    cell_digest,
+    cell_identity,
+    cell_path,
+    load_cells,
+    run_sweep,
+)
 from kvpress_ext.runtime.threads import set_threads
 from kvpress_ext.storage.inputs import read_text_file, shared_dir
 from kvpress_ext.storage.safe_write import claim_output_dir, write_output
@@ -115,10 +123,10 @@ def _run_part(part: str, settings: dict, config: LongGenerationConfig, out: Path
     grid = cells(config.methods, config.budgets, config.target_budget)
     folder = out / part
     sweep = [Cell(c.name, {"part": part, "method": c.method, "budget": c.budget, **settings}) for c in grid]
-    on_disk = {d.get("key"): d for d in load_cells(folder)} if folder.is_dir() else {}
+    on_disk = {(d.get("key"), cell_digest(d.get("params") or {})): d for d in load_cells(folder)} if folder.is_dir() else {}
     records, reused = [], {}
     for i, cell in enumerate(sweep):
-        d = on_disk.get(cell.key)
+        d = on_disk.get((cell.key, cell_digest(cell.params)))
         finished = (d is not None and d.get("status") == "ok"
                     and cell_identity(d.get("params") or {}) == cell_identity(cell.params))
         if not finished and time.monotonic() > deadline:
@@ -128,8 +136,9 @@ def _run_part(part: str, settings: dict, config: LongGenerationConfig, out: Path
         result = run_sweep([cell], run_cell, folder, SweepOptions(max_retries=0, progress=False),
                            raise_failures=True)
         if cell.key in result.skipped:
-            reused[cell.key] = measured_date(cell_path(folder, cell.key))
-            say(f"{part} {cell.key}: reused {cell_path(folder, cell.key)} (measured {reused[cell.key]})")
+            path = cell_path(folder, cell.key, cell.params)
+            reused[cell.key] = measured_date(path)
+            say(f"{part} {cell.key}: reused {path} (measured {reused[cell.key]})")
         else:
             say(f"{part} {cell.key}: done in {result.records[cell.key]['seconds']:.1f}s")
         records.append(result.records[cell.key])

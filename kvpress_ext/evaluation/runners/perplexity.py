@@ -447,7 +447,7 @@ def run(args: PerplexityConfig) -> list[dict]:
         record = dict(cell_file["record"]) if cell_file["status"] == "ok" else _failed_record(args, cell_file)
         record["json_path"] = str(results.write_json(record, args.output_dir))
         if skipped:
-            reused[record["json_path"]] = results.measured_date(cell_path(args.output_dir, cell.key))
+            reused[record["json_path"]] = results.measured_date(cell_path(args.output_dir, cell.key, cell.params))
         by_key[cell.key] = record
         if sweeping:
             baseline = baseline_of(list(by_key.values()))
