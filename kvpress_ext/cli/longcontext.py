@@ -106,7 +106,7 @@ def add_grid_arguments(ap, name: str) -> None:
                     help="rerun the cells recorded as failed (default: they are kept; finished cells are skipped)")
     ap.add_argument("--summary_only", action="store_true", help="rebuild the summaries from the cells on disk")
     ap.add_argument("--quick", action="store_true", help="a tiny grid for tests (under a minute)")
-    ap.add_argument("--output_dir", default=None, help=f"default results/{name}")
+    ap.add_argument("--output_dir", default=None, help=f"default results/{name}/<model name> (one folder per model)")
     add_threads_argument(ap)
     ap.add_argument("--no_progress", action="store_true", help="hide the progress bar and per-cell lines")
     add_sweep_args(ap)
@@ -161,7 +161,7 @@ def settings_from_args(args, max_new_tokens: int) -> dict:
 def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: list[bool], max_new_tokens: int):
     """The runner's grid for the parsed options; prints where it wrote. Returns (records, outputs)."""
     set_threads(args.threads)
-    out_dir = Path(args.output_dir or Path("results") / name)
+    out_dir = Path(args.output_dir or Path("results") / name / (Path(str(args.model)).name or "model"))
     records, outputs = runner.run_grid(
         name, samples, methods, modes, settings_from_args(args, max_new_tokens), args.compression_ratio, args.rate,
         out_dir, sweep_options_from_args(args), retry_failed=args.retry_failed, compute=not args.summary_only,
