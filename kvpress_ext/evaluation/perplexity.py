@@ -150,6 +150,15 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token adds to an uncompressed cache of ``model`` (keys and values over all layers), measured."""
+    device = input_device(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1]], device=device), past_key_values=cache)
+    return cache_bytes(cache)
+
+
 @dataclass
 class CompressionPlan:
     """How a press is driven over a growing text (see the module docstring)."""

@@ -11,6 +11,20 @@ from kvpress_ext.evaluation import results
 from kvpress_ext.runtime.threads import threads_text
 
 
+def kept_summary(record: dict, bytes_per_token: int) -> dict | None:
+    """What a press kept: cache entries and bytes left against the same tokens uncompressed, and the effective
+    compression ratio (by bytes, so channel presses such as ThinK count too)."""
+    cache = record.get("cache") or {}
+    if cache.get("cache_bytes_end") is None or not cache.get("tokens_end"):
+        return None
+    uncompressed = cache["tokens_end"] * bytes_per_token
+    fraction = cache["cache_bytes_end"] / uncompressed if uncompressed else None
+    return {"cache_len": cache.get("cache_len_end"), "tokens": cache["tokens_end"], "kv_bytes": cache["cache_bytes_end"],
+            "kv_bytes_uncompressed": uncompressed, "kv_fraction": fraction,
+            "effective_ratio": None if fraction is None else max(0.0, 1 - fraction),
+            "compressed": fraction is not None and fraction < 0.999, "measured_by": cache.get("measured_by")}
+
+
 def baseline_of(records: list[dict]) -> dict | None:
     return next((r for r in records if r["press"]["name"] == "no_press" and r["status"] == "ok"), None)
 

@@ -15,8 +15,10 @@ cell loads the model through :mod:`kvpress_ext.evaluation.model_cache`, so a loc
   busy the machine was. A press that fails raises its error and writes nothing (the baseline runs after it).
 - Several presses and/or ratios (a cross product) or ``all``: a sweep, the baseline first, one line per cell and
   ``summary.md``; a failing cell is recorded with its reason and the others go on. ``all`` first tries every press
-  on a short piece of the text in the sweep's mode (:func:`kvpress_ext.evaluation.runners.perplexity_checks.check_sweep`, in this process, on its model) and lists
-  those that cannot run there, with the reason, before the sweep starts; their cells record why.
+  on a short piece of the text in the sweep's mode (in this process, on its model:
+  :func:`kvpress_ext.evaluation.runners.perplexity_checks.mark_unsupported`) and lists those that cannot run there,
+  with the reason, before the sweep starts; their cells record why. One press that compresses only one whole
+  prefill gets the full-context perplexity (``whole_prefill_only``), and its record says why.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import KVPressExtError, NoCompressionWarning, PressParameterError
@@ -40,12 +41,18 @@ from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
 from kvpress_ext.evaluation.model_cache import get_model, model_extra
 from kvpress_ext.evaluation.press_setup import build_press, check_ratio, press_params, press_setting, sweep_jobs
-from kvpress_ext.evaluation.reports.perplexity_table import baseline_of, format_line, format_table, header_line
+from kvpress_ext.evaluation.reports.perplexity_table import (
+    baseline_of,
+    format_line,
+    format_table,
+    header_line,
+    kept_summary,
+)
 from kvpress_ext.evaluation.runners.perplexity_checks import (
     check_model,
-    check_sweep,
+    mark_unsupported,
     needs_other_attention,
-    probe_support,
+    whole_prefill_only,
 )
 from kvpress_ext.evaluation.speed import measure_speed
 from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, cell_path, check_options, import_ray, run_sweep
@@ -192,29 +199,6 @@ def _base_record(args, model, input_ids, device) -> dict:
     }
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes one token adds to an uncompressed cache of ``model`` (keys and values over all layers), measured."""
-    device = input_device(model)
-    cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1]], device=device), past_key_values=cache)
-    return ppl.cache_bytes(cache)
-
-
-def kept_summary(record: dict, bytes_per_token: int) -> dict | None:
-    """What a press kept: cache entries and bytes left against the same tokens uncompressed, and the effective
-    compression ratio (by bytes, so channel presses such as ThinK count too)."""
-    cache = record.get("cache") or {}
-    if cache.get("cache_bytes_end") is None or not cache.get("tokens_end"):
-        return None
-    uncompressed = cache["tokens_end"] * bytes_per_token
-    fraction = cache["cache_bytes_end"] / uncompressed if uncompressed else None
-    return {"cache_len": cache.get("cache_len_end"), "tokens": cache["tokens_end"], "kv_bytes": cache["cache_bytes_end"],
-            "kv_bytes_uncompressed": uncompressed, "kv_fraction": fraction,
-            "effective_ratio": None if fraction is None else max(0.0, 1 - fraction),
-            "compressed": fraction is not None and fraction < 0.999, "measured_by": cache.get("measured_by")}
-
-
 _SWEEP_FIELDS = ("executor", "max_retries", "cell_gpus", "cell_cpus", "ray_address", "ray_num_cpus")
 _CONTEXT_FIELDS = ("command", "output_dir", "no_progress", "no_baseline", "threads")  # do not change a cell's result
 _TEXTS: dict = {}
@@ -232,7 +216,7 @@ def _load_options(args: PerplexityConfig) -> dict:
 def _cached_model(args: PerplexityConfig):
     """(model, tokenizer, KV bytes per token) from :mod:`kvpress_ext.evaluation.model_cache`."""
     model, tokenizer = get_model(args.model, **_load_options(args))
-    return model, tokenizer, model_extra(args.model, "kv_bytes_per_token", kv_bytes_per_token, **_load_options(args))
+    return model, tokenizer, model_extra(args.model, "kv_bytes_per_token", ppl.kv_bytes_per_token, **_load_options(args))
 
 
 def _cached_text(args: PerplexityConfig) -> str:
@@ -258,27 +242,6 @@ def _text_file(args: PerplexityConfig) -> str | None:
     if args.dataset != "text":
         return None
     return str(args.text_file or ppl.default_text_file())
-
-
-def _whole_prefill_only(args: PerplexityConfig, cells: list[Cell]) -> None:
-    """One press under ``ppl_apply_press``: if it can compress one whole prefill but not a text fed in chunks, its
-    perplexity is measured without it (the speed run still applies it) and its record says why."""
-    if not args.ppl_apply_press or args.speed_only or args.speed_decode_only:
-        return
-    model, tokenizer, _ = _cached_model(args)
-    input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens).to(input_device(model))
-    for cell in cells:
-        config = cell.params["config"]
-        if config["press"] == "no_press":
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NoCompressionWarning)
-            press, _ = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
-                                   args.context_limit)
-        reason = probe_support(model, input_ids, press, args) if press is not None else None
-        if reason and reason.startswith("works on one whole prefill"):
-            config["ppl_apply_press"] = False
-            cell.params["ppl_note"] = "perplexity without the press: it " + reason.split(" (", 1)[0]
 
 
 def _cell_params(args: PerplexityConfig, name: str, ratio, skip: str | None, press_kwargs: dict | None = None) -> dict:
@@ -381,26 +344,6 @@ def sweep_options(args: PerplexityConfig) -> SweepOptions:
                         progress=not args.no_progress)
 
 
-def _probe_cells(args: PerplexityConfig, cells: list[Cell]) -> None:
-    """``--press all``: try every press of the sweep in its mode before it starts (:func:`_check_sweep`, on this
-    process's model) and record in each cell that cannot run there why, so the cell writes that instead."""
-    model, tokenizer, _ = _cached_model(args)
-    input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens).to(input_device(model))
-    several = len({c.params["config"]["compression_ratio"] for c in cells}) > 1
-    jobs = []
-    for cell in cells:
-        config = cell.params["config"]
-        press = ratio = None
-        if not cell.params["skip"] and config["press"] != "no_press":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NoCompressionWarning)
-                press, ratio = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
-                                           args.context_limit)
-        jobs.append((cell.key if several else config["press"], press, ratio, cell.params["skip"]))
-    for cell, (_, _, _, skip) in zip(cells, check_sweep(model, input_ids, jobs, args)):
-        cell.params["skip"] = skip
-
-
 def run(args: PerplexityConfig) -> list[dict]:
     """Run the evaluation described by ``args``; returns the records written (also printed: a table for one
     press, one line per cell and ``summary.md`` for a sweep)."""
@@ -429,10 +372,11 @@ def run(args: PerplexityConfig) -> list[dict]:
     else:
         check_model(args.model)
     inputs = input_digests(args, threads)
-    if "all" in _as_list(args.press):
-        _probe_cells(args, cells)
-    elif not sweeping and args.executor == "local":
-        _whole_prefill_only(args, cells)
+    every = "all" in _as_list(args.press)
+    if every or (not sweeping and args.executor == "local" and args.ppl_apply_press):
+        model, tokenizer, _ = _cached_model(args)
+        input_ids = ppl.tokenize(tokenizer, _cached_text(args), args.max_eval_tokens).to(input_device(model))
+        (mark_unsupported if every else whole_prefill_only)(args, cells, model, input_ids)
     for cell in cells + after:  # a sweep shows one bar over its cells, not each cell's own bars
         cell.params["_no_progress"] = args.no_progress or sweeping
         cell.params["inputs"] = inputs  # part of the cell key: an edited text or model is computed anew

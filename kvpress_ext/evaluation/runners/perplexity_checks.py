@@ -13,9 +13,9 @@ from transformers import AutoConfig
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.contract import forget_skip_warning, reset_press
 from kvpress_ext.core.devices import input_device
-from kvpress_ext.core.errors import PressSkippedWarning, UnsupportedModelError
+from kvpress_ext.core.errors import NoCompressionWarning, PressSkippedWarning, UnsupportedModelError
 from kvpress_ext.evaluation import perplexity as ppl
-from kvpress_ext.evaluation.press_setup import first_line
+from kvpress_ext.evaluation.press_setup import build_press, first_line
 from kvpress_ext.evaluation.speed import _one_run
 from kvpress_ext.runtime import hub
 from kvpress_ext.runtime.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model
@@ -141,3 +141,40 @@ def check_model(name: str) -> None:
         get_adapter(stand_in)
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
+
+
+def whole_prefill_only(args: PerplexityConfig, cells: list, model, input_ids) -> None:
+    """One press under ``ppl_apply_press``: if it can compress one whole prefill but not a text fed in chunks, its
+    perplexity is measured without it (the speed run still applies it) and its record says why."""
+    if not args.ppl_apply_press or args.speed_only or args.speed_decode_only:
+        return
+    for cell in cells:
+        config = cell.params["config"]
+        if config["press"] == "no_press":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoCompressionWarning)
+            press, _ = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
+                                   args.context_limit)
+        reason = probe_support(model, input_ids, press, args) if press is not None else None
+        if reason and reason.startswith("works on one whole prefill"):
+            config["ppl_apply_press"] = False
+            cell.params["ppl_note"] = "perplexity without the press: it " + reason.split(" (", 1)[0]
+
+
+def mark_unsupported(args: PerplexityConfig, cells: list, model, input_ids) -> None:
+    """``--press all``: try every press of the sweep in its mode before it starts (:func:`check_sweep`, on this
+    process's model) and record in each cell that cannot run there why, so the cell writes that instead."""
+    several = len({c.params["config"]["compression_ratio"] for c in cells}) > 1
+    jobs = []
+    for cell in cells:
+        config = cell.params["config"]
+        press = ratio = None
+        if not cell.params["skip"] and config["press"] != "no_press":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NoCompressionWarning)
+                press, ratio = build_press(config["press"], config["compression_ratio"], dict(config["press_kwargs"]),
+                                           args.context_limit)
+        jobs.append((cell.key if several else config["press"], press, ratio, cell.params["skip"]))
+    for cell, (_, _, _, skip) in zip(cells, check_sweep(model, input_ids, jobs, args)):
+        cell.params["skip"] = skip
