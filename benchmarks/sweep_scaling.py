@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 from kvpress_ext.cli.common import command_entry
-from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig, run
 from kvpress_ext.storage.safe_write import write_output
 
 REPO = Path(__file__).resolve().parents[1]

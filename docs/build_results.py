@@ -30,6 +30,7 @@ PARTS = [
     ("models", "Models by short name: smollm2-135m (default), stories260k"),
     ("scaling", "Sweeps on Ray and models split with accelerate: overheads"),
     ("threads", "CPU threads: the default of every command"),
+    ("evaluation", "Default evaluation commands: what they show, how long they take"),
 ]
 
 

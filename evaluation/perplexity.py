@@ -6,7 +6,7 @@ Example (offline, on the shared tiny model):
         --text_file ../shared/data/tinystories_val.txt --max_eval_tokens 2048 --context_limit 512 \
         --press knorm --compression_ratio 0.5 --ppl_apply_press
 
-The work is done in :mod:`kvpress_ext.cli.perplexity` over :mod:`kvpress_ext.evaluation.run_perplexity`; see ``--help`` for every option.
+The work is done in :mod:`kvpress_ext.cli.perplexity` over :mod:`kvpress_ext.evaluation.runners.perplexity`; see ``--help`` for every option.
 """
 
 import sys

@@ -7,31 +7,22 @@ Every input is checked before anything is written; the outputs are written atomi
 the same kind (a Markdown report, an image). ``--help`` writes nothing.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from kvpress_ext.cli.common import command_entry
+from kvpress_ext.cli.perplexity_report import parse_args
+from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
+from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 RATIOS = (0.25, 0.5, 0.75)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results_dir", default="results/perplexity",
-                    help="holds sweep_r0.25, sweep_r0.5, sweep_r0.75 and no_press (JSON per run)")
-    ap.add_argument("--markdown", default="docs/results/perplexity.md", help="report to write")
-    ap.add_argument("--plot", default="docs/results/perplexity_ratios.png", help="ratio plot to write")
-    return ap.parse_args(argv)
-
-
 @command_entry("perplexity_report")
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from kvpress_ext.core.errors import KVPressExtError
-    from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
-    from kvpress_ext.storage.safe_write import check_output_file, write_output
+    args = parse_args(argv, __doc__)
 
     root = Path(args.results_dir)
     dirs = {x: root / f"sweep_r{x}" for x in RATIOS}

@@ -40,6 +40,10 @@ MOVED = {
     "kvpress_ext.generate": "kvpress_ext.runtime.generate",
     "kvpress_ext.pipeline": "kvpress_ext.runtime.pipeline",
     "kvpress_ext.sweep": "kvpress_ext.evaluation.sweep",
+    # evaluation as tasks, runners and reports: each old module is now its runner, which imports most of the
+    # names the old module defined (the rest: evaluation.tasks, evaluation.reports, evaluation.press_setup)
+    "kvpress_ext.evaluation.run_perplexity": "kvpress_ext.evaluation.runners.perplexity",
+    "kvpress_ext.evaluation.longcontext_grid": "kvpress_ext.evaluation.runners.longcontext",
     "kvpress_ext.hookspecs": "kvpress_ext.plugins.hookspecs",
     "kvpress_ext.builtin_plugin": "kvpress_ext.plugins.builtin",
 }

@@ -200,13 +200,14 @@ def test_longcontext_asks_with_the_template(chat_model, tmp_path):
     import json
 
     from kvpress_ext.evaluation import longcontext as lc
-    from kvpress_ext.evaluation import longcontext_grid as lg
+    from kvpress_ext.evaluation.model_cache import preload_model
+    from kvpress_ext.evaluation.runners.longcontext import run_cell
 
     model, tok = chat_model
     context = "Tom had a ball.\n\nLily had a cat."
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"context": context, "question": QUESTION, "outputs": ["ball"]}) + "\n")
-    lg.preload_model("chat-test", model, tok)
+    preload_model("chat-test", model, tok)
     params = {"source": "file", "format": "ruler", "data_file": str(data), "index": 0, "model": "chat-test",
               "max_new_tokens": 4, "chunk_tokens": 16, "max_context_tokens": None, "attn_implementation": None,
               "chat_template": True, "diagnostic": False, "compression_ratio": None, "rate": 1.0, "query_aware": False}
@@ -219,6 +220,6 @@ def test_longcontext_asks_with_the_template(chat_model, tmp_path):
     reference = reference[: reference.index(eos) + 1] if eos in reference else reference
     # no press on the whole prompt; prefill and A3 (rate 1.0: the fusion recomputes everything) on its chunks
     for method in ("no_press", "prefill", "a3-debug"):
-        record = lg.run_cell({**params, "method": method, "compression_ratio": 0.0 if method == "no_press" else None})
+        record = run_cell({**params, "method": method, "compression_ratio": 0.0 if method == "no_press" else None})
         assert record["chat_template"] and record["rest_tokens"] == len(suffix), method
         assert record["prediction"] == tok.decode(reference, skip_special_tokens=True), method

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvpress_ext.cli.long_generation import main
 from kvpress_ext.evaluation import long_generation as lg
+from kvpress_ext.evaluation.reports.long_generation import nll_table, relative_diff
 from kvpress_ext.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def test_full_against_itself_is_exact(model, ids, full_nll, full_gen):
     again = lg.nll_cell(model, ids, CONTEXT, None)
     assert again["mean_nll"] == full_nll["mean_nll"]
     assert full_nll["n_scored_tokens"] == TOTAL - CONTEXT
-    assert lg.relative_diff(again["mean_nll"], full_nll["mean_nll"]) == 0
+    assert relative_diff(again["mean_nll"], full_nll["mean_nll"]) == 0
     gen = lg.generation_cell(model, ids[:, :CONTEXT], None, 40)
     assert lg.agreement(gen["generated_ids"], full_gen["generated_ids"]) == {"agreement": 1.0, "first_divergence": None}
     # the full cache grows by one entry per generated token, from the prompt
@@ -99,11 +101,11 @@ def test_table_reports_the_rkv_target_as_met_or_missed():
         return {"method": method, "budget": budget, "mean_nll": nll, "cache_len_end": 1, "cache_len_peak": 1,
                 "seconds": 0.0}
 
-    _, met = lg.nll_table([rec("full", None, 2.0), rec("rkv", 512, 2.03)])
-    _, missed = lg.nll_table([rec("full", None, 2.0), rec("rkv", 512, 2.05)])
+    _, met = nll_table([rec("full", None, 2.0), rec("rkv", 512, 2.03)])
+    _, missed = nll_table([rec("full", None, 2.0), rec("rkv", 512, 2.05)])
     assert met["met"] and met["relative_diff_pct"] == pytest.approx(1.5)
     assert not missed["met"] and missed["relative_diff_pct"] == pytest.approx(2.5)
-    assert lg.nll_table([rec("rkv", 512, 2.0)])[1] is None
+    assert nll_table([rec("rkv", 512, 2.0)])[1] is None
 
 
 def _run(*args):
@@ -128,7 +130,7 @@ def test_command_line_quick_writes_results_and_resumes(tmp_path, capsys):
     assert gen["records"][0]["agreement"] == 1.0 and len(gen["records"][1]["cache_len_trace"]) == 48
     assert (out / "nll.png").stat().st_size > 0 and (out / "gen_cache.png").stat().st_size > 0
     # the same command again reuses every cell (in-process: the script only calls ``main``)
-    assert lg.main(["--model", str(SHARED / "models" / "stories260k"), "--device", "cpu", *args]) == 0
+    assert main(["--model", str(SHARED / "models" / "stories260k"), "--device", "cpu", *args]) == 0
     assert capsys.readouterr().out.count("reused") == 4
     assert json.loads((out / "nll_summary.json").read_text())["records"] == nll["records"]
 
@@ -142,7 +144,7 @@ def test_command_line_quick_writes_results_and_resumes(tmp_path, capsys):
 def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
     """In-process (the script only calls ``main``): rejected before any model is loaded."""
     try:
-        code = lg.main(["--quick", "--model", "/nonexistent/model", *args, "--output_dir", str(tmp_path / "out")])
+        code = main(["--quick", "--model", "/nonexistent/model", *args, "--output_dir", str(tmp_path / "out")])
     except SystemExit as exc:  # argparse's errors
         code = exc.code
     err = capsys.readouterr().err
@@ -155,7 +157,7 @@ def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
 def test_max_seconds_starts_no_cell_after_the_limit(tmp_path, capsys):
     if not (SHARED / "models" / "stories260k").is_dir():
         pytest.skip("stories260k not found (set KVPRESS_EXT_SHARED)")
-    code = lg.main(["--model", str(SHARED / "models" / "stories260k"), "--device", "cpu", "--quick", "--part", "nll",
+    code = main(["--model", str(SHARED / "models" / "stories260k"), "--device", "cpu", "--quick", "--part", "nll",
                     "--max_seconds", "0", "--output_dir", str(tmp_path / "out")])
     assert code == 0
     assert "9 cell(s) not run" in capsys.readouterr().out

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from kvpress_ext.evaluation import longcontext as lc
-from kvpress_ext.evaluation import longcontext_grid as lg
 from kvpress_ext.evaluation.metrics import score_longbench, substring_match
+from kvpress_ext.evaluation.model_cache import get_model
+from kvpress_ext.evaluation.tasks.needle import needle_sample
+from kvpress_ext.evaluation.tasks.prompts import cell_prompt, context_limit
 from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,15 +148,13 @@ def test_ruler_end_to_end(inputs):
 def test_ruler_generator_and_haystack(inputs):
     from transformers import AutoTokenizer
 
-    from kvpress_ext.evaluation import longcontext_grid as lg
-
     tok = AutoTokenizer.from_pretrained(MODEL)
     hay = str(inputs / "hay")
     for task, n_answers in (("niah_single", 1), ("multikey", 1), ("multivalue", 3)):
         params = {"task": task, "haystack": hay, "length": 96, "depth": 0.5, "key_index": 0, "seed": 1,
                   "n_needles": 3}
-        s = lg.needle_sample(tok, params)
-        assert s.id == lg.needle_sample(tok, params).id and s.context == lg.needle_sample(tok, params).context
+        s = needle_sample(tok, params)
+        assert s.id == needle_sample(tok, params).id and s.context == needle_sample(tok, params).context
         assert len(s.answers) == n_answers and all(a in s.context and a not in s.question for a in s.answers)
         assert s.context.count("special magic numbers for") == (1 if task == "niah_single" else 3)
     context, where = lc.build_haystack(tok, lc.load_haystack(inputs / "hay"), 80, 1.0, "NEEDLE.")
@@ -205,7 +205,7 @@ def test_length_preflight_agrees_with_the_cells(inputs, capsys):
     err = capsys.readouterr().err.strip()
     longest = int(err.rsplit(" ", 1)[-1])
     assert 300 < longest < 512, err
-    model, tok = lg.get_model(str(MODEL))
+    model, tok = get_model(str(MODEL))
     settings = {"model": str(MODEL), "max_new_tokens": 4, "chunk_tokens": 128, "max_context_tokens": None,
                 "attn_implementation": None, "chat_template": True, "diagnostic": True}
     for n, fits in ((longest, True), (longest + 1, False)):
@@ -214,9 +214,9 @@ def test_length_preflight_agrees_with_the_cells(inputs, capsys):
             for aware in (False, True):
                 sample = {"source": "needle", "task": "passkey", "haystack": str(inputs / "hay"), "length": n,
                           "depth": depth, "key_index": 0, "seed": 0, "n_needles": 4, "query_aware": aware}
-                _, _, ids, rest = lg.cell_prompt(tok, {**settings, **sample})
+                _, _, ids, rest = cell_prompt(tok, {**settings, **sample})
                 totals.append(len(ids) + len(rest) + 4)
-        assert (max(totals) <= lg.context_limit(model)) == fits, (n, totals)
+        assert (max(totals) <= context_limit(model)) == fits, (n, totals)
     out = inputs / "pre1"
     assert script("needle").main(args + ["--lengths", str(longest), "--output_dir", str(out)]) == 0
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]

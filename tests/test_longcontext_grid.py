@@ -1,4 +1,4 @@
-"""The press grid of the long-context evaluations (kvpress_ext/evaluation/longcontext_grid.py on kvpress_ext.evaluation.sweep) on
+"""The press grid of the long-context evaluations (kvpress_ext/evaluation/runners/longcontext.py on kvpress_ext.evaluation.sweep) on
 stories260k: each cell against an independent reference (a direct greedy generation, no press, a hand-computed
 StreamingLLM kept set), the two modes, resumability and failed cells."""
 
@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from kvpress_ext.evaluation import longcontext as lc
-from kvpress_ext.evaluation import longcontext_grid as lg
+from kvpress_ext.evaluation.model_cache import get_model
+from kvpress_ext.evaluation.reports.longcontext import safe_ratios, summary_markdown
+from kvpress_ext.evaluation.runners.longcontext import run_cell, run_cells
+from kvpress_ext.evaluation.runners.needle_kept import token_positions
+from kvpress_ext.evaluation.sweep import Cell
+from kvpress_ext.evaluation.tasks.needle import needle_sample
+from kvpress_ext.evaluation.tasks.prompts import split_prompt
 from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +43,10 @@ def cell(hay, **kw):
 
 
 def test_no_press_cell_equals_direct_greedy_generation(hay):
-    record = lg.run_cell(cell(hay))
-    model, tok = lg.get_model(MODEL)
-    sample = lg.needle_sample(tok, cell(hay))
-    parts = lg.split_prompt(tok, sample.context, sample.question, sample.meta["answer_prefix"])
+    record = run_cell(cell(hay))
+    model, tok = get_model(MODEL)
+    sample = needle_sample(tok, cell(hay))
+    parts = split_prompt(tok, sample.context, sample.question, sample.meta["answer_prefix"])
     # the same token ids (each part tokenized on its own, as kvpress's pipeline does), one generate() call
     ids = torch.tensor([tok(parts.compressed, add_special_tokens=False)["input_ids"]
                         + tok(parts.rest, add_special_tokens=False)["input_ids"]])
@@ -54,19 +60,19 @@ def test_no_press_cell_equals_direct_greedy_generation(hay):
 @pytest.mark.slow
 @pytest.mark.parametrize("press", ["snapkv", "knorm", "streaming_llm", "expected_attention", "tova"])
 def test_ratio_zero_equals_no_press(hay, press):
-    base = lg.run_cell(cell(hay))
-    r = lg.run_cell(cell(hay, method=press, compression_ratio=0.0))
+    base = run_cell(cell(hay))
+    r = run_cell(cell(hay, method=press, compression_ratio=0.0))
     assert r["prediction"] == base["prediction"] and r["cache_tokens"] == base["cache_tokens"]
     assert r["needle_kept"] == [1.0] * len(r["needle_kept"])  # nothing evicted: the whole needle is there
 
 
 def test_query_aware_compresses_the_question(hay):
-    agnostic = lg.run_cell(cell(hay, method="knorm", compression_ratio=0.5))
-    aware = lg.run_cell(cell(hay, method="knorm", compression_ratio=0.5, query_aware=True))
-    _, tok = lg.get_model(MODEL)
-    sample = lg.needle_sample(tok, cell(hay))
-    assert sample.question in lg.split_prompt(tok, sample.context, sample.question, query_aware=True).compressed
-    assert sample.question not in lg.split_prompt(tok, sample.context, sample.question).compressed
+    agnostic = run_cell(cell(hay, method="knorm", compression_ratio=0.5))
+    aware = run_cell(cell(hay, method="knorm", compression_ratio=0.5, query_aware=True))
+    _, tok = get_model(MODEL)
+    sample = needle_sample(tok, cell(hay))
+    assert sample.question in split_prompt(tok, sample.context, sample.question, query_aware=True).compressed
+    assert sample.question not in split_prompt(tok, sample.context, sample.question).compressed
     q = len(tok(sample.question, add_special_tokens=False)["input_ids"])
     assert aware["compressed_tokens"] >= agnostic["compressed_tokens"] + q - 2
     assert aware["rest_tokens"] <= agnostic["rest_tokens"] - q + 2
@@ -77,12 +83,12 @@ def test_query_aware_compresses_the_question(hay):
 
 def test_needle_kept_matches_streaming_llm_by_hand(hay):
     ratio = 0.5
-    r = lg.run_cell(cell(hay, method="streaming_llm", compression_ratio=ratio))
-    _, tok = lg.get_model(MODEL)
-    sample = lg.needle_sample(tok, cell(hay))
-    text = lg.split_prompt(tok, sample.context, sample.question).compressed
+    r = run_cell(cell(hay, method="streaming_llm", compression_ratio=ratio))
+    _, tok = get_model(MODEL)
+    sample = needle_sample(tok, cell(hay))
+    text = split_prompt(tok, sample.context, sample.question).compressed
     needle = sample.meta["needle_texts"][0]
-    positions = lg.token_positions(tok, text, [(text.index(needle), text.index(needle) + len(needle))])
+    positions = token_positions(tok, text, [(text.index(needle), text.index(needle) + len(needle))])
     n = r["compressed_tokens"]
     n_kept = int(n * (1 - ratio))
     kept = set(range(4)) | set(range(n - (n_kept - 4), n))  # 4 sink tokens + the most recent window
@@ -101,14 +107,14 @@ def test_grid_resumes_and_records_failed_cells(tmp_path):
             raise lc.InputError("cell 1 cannot run: use another one")
         return {"score": params["i"] / 10}
 
-    cells = [lg.Cell(f"c{i}", {"i": i}) for i in range(3)]
-    first = lg.run_cells(cells, run, tmp_path, progress=False)
+    cells = [Cell(f"c{i}", {"i": i}) for i in range(3)]
+    first = run_cells(cells, run, tmp_path, progress=False)
     # kvpress_ext.evaluation.sweep retries a raising cell once (--max_retries 1) before recording it as failed
     assert [r["status"] for r in first] == ["ok", "failed", "ok"] and calls == [0, 1, 1, 2]
     assert "use another one" in first[1]["error"] and first[2]["score"] == 0.2
-    second = lg.run_cells(cells, run, tmp_path, progress=False)
+    second = run_cells(cells, run, tmp_path, progress=False)
     assert calls == [0, 1, 1, 2] and second == first  # nothing recomputed, the failed cell kept
-    lg.run_cells(cells, run, tmp_path, progress=False, retry_failed=True)
+    run_cells(cells, run, tmp_path, progress=False, retry_failed=True)
     assert calls == [0, 1, 1, 2, 1, 1]
     assert json.loads(next((tmp_path / "cells").glob("c1.*.json")).read_text())["attempts"] == 2
 
@@ -156,7 +162,7 @@ def test_safe_ratio():
     records = [rec("no_press", 0.0, 1.0), rec("no_press", 0.0, 1.0), rec("snapkv", 0.25, 1.0), rec("snapkv", 0.25, 1.0),
                rec("snapkv", 0.5, 1.0), rec("snapkv", 0.5, 0.0), rec("snapkv", 0.75, 1.0), rec("snapkv", 0.75, 1.0),
                rec("knorm", 0.5, 0.0), rec("no_press", 0.0, 0.5, True), rec("knorm", 0.5, 0.5, True)]
-    safe = {(s["method"], s["query_aware"]): s for s in lg.safe_ratios(records)}
+    safe = {(s["method"], s["query_aware"]): s for s in safe_ratios(records)}
     assert safe[("snapkv", False)]["safe_ratio"] == 0.75  # the largest ratio that is >= 90 %, not the first gap
     assert safe[("knorm", False)]["safe_ratio"] is None
     assert safe[("knorm", True)]["safe_ratio"] == 0.5  # against no press in its own mode
@@ -173,8 +179,8 @@ def test_safe_ratio_is_paired_with_no_press_on_the_same_samples():
     records = [rec("no_press", 0.0, d, s) for d, s in ((0.0, 0.0), (0.25, 0.0), (0.5, 1.0), (1.0, 1.0))]
     records += [rec("snapkv", 0.5, 0.0, 0.0), rec("snapkv", 0.5, 0.25, 0.0)]  # the hard samples only
     records += [rec("knorm", 0.5, 0.5, 0.5), rec("knorm", 0.5, 1.0, 0.5)]  # the easy ones: 0.5 < 0.9 x 1.0
-    safe = {s["method"]: s for s in lg.safe_ratios(records)}
+    safe = {s["method"]: s for s in safe_ratios(records)}
     assert safe["snapkv"]["safe_ratio"] == 0.5 and safe["snapkv"]["no_press"] == 0.5
     assert safe["knorm"]["safe_ratio"] is None  # unpaired, 0.5 >= 0.9 x 0.5 would have called it safe
-    md = lg.summary_markdown(records, "t")
+    md = summary_markdown(records, "t")
     assert "| (no press accuracy) | 0.50 (4) |" in md

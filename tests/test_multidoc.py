@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from kvpress_ext.evaluation import longcontext as lc
-from kvpress_ext.evaluation import longcontext_grid as lg
+from kvpress_ext.evaluation.model_cache import get_model
+from kvpress_ext.evaluation.runners.longcontext import run_cell
+from kvpress_ext.evaluation.tasks.needle import needle_sample
 from kvpress_ext.storage.inputs import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    return lg.get_model(MODEL)[1]
+    return get_model(MODEL)[1]
 
 
 def params(folder, **kw):
@@ -47,7 +49,7 @@ def ids(tok, text):
 
 @pytest.mark.parametrize("length,chunk", [(512, 128), (384, 96), (520, 128), (768, 128)])
 def test_context_is_n_documents_of_distinct_files(folder, tok, length, chunk):
-    sample = lg.needle_sample(tok, params(folder, length=length, chunk_tokens=chunk))
+    sample = needle_sample(tok, params(folder, length=length, chunk_tokens=chunk))
     docs = sample.meta["documents"]
     n = length // chunk
     assert len(docs) == n and sample.context == "\n\n".join(docs)
@@ -66,7 +68,7 @@ def test_context_is_n_documents_of_distinct_files(folder, tok, length, chunk):
 @pytest.mark.parametrize("length,depth,expected", [(640, 0.0, 0), (640, 0.25, 1), (640, 0.5, 2), (640, 0.7, 3),
                                                    (640, 1.0, 4), (256, 0.5, 1), (384, 0.25, 1)])
 def test_needle_in_exactly_the_document_the_depth_picks(folder, tok, length, depth, expected):
-    sample = lg.needle_sample(tok, params(folder, length=length, depth=depth))  # 128-token documents
+    sample = needle_sample(tok, params(folder, length=length, depth=depth))  # 128-token documents
     needle = sample.meta["needle_texts"][0]
     assert sample.meta["needle_document"] == expected  # depth x (N - 1), rounded half up
     holding = [i for i, d in enumerate(sample.meta["documents"]) if needle in d]
@@ -74,7 +76,7 @@ def test_needle_in_exactly_the_document_the_depth_picks(folder, tok, length, dep
     key = sample.answers[0]
     assert 5 <= len(key) <= 7 and key.isdigit() and needle.count(key) == 2
     # the depths of one key move only the needle: same files, same key
-    other = lg.needle_sample(tok, params(folder, length=length, depth=1.0 - depth))
+    other = needle_sample(tok, params(folder, length=length, depth=1.0 - depth))
     assert other.meta["titles"] == sample.meta["titles"] and other.answers == sample.answers
 
 
@@ -91,8 +93,8 @@ def test_a3_chunk_boundaries_are_document_boundaries(folder, tok, monkeypatch):
     p = {**params(folder, length=384), "model": MODEL, "max_new_tokens": 2, "max_context_tokens": None,
          "attn_implementation": None, "chat_template": True, "diagnostic": False, "method": "a3-debug",
          "compression_ratio": None, "rate": 0.15, "query_aware": False}
-    record = lg.run_cell(p)
-    sample = lg.needle_sample(tok, p)
+    record = run_cell(p)
+    sample = needle_sample(tok, p)
     docs = sample.meta["documents"]
     assert record["n_chunks"] == len(docs) == record["n_documents"] == 3
     chunks = seen["chunks"]
@@ -185,4 +187,4 @@ def test_too_few_files_exits_2_from_the_command_line(tmp_path):
 
 def test_chunk_too_small_for_title_and_needle_fails_the_cell(folder, tok):
     with pytest.raises(lc.InputError, match="larger --chunk_tokens"):
-        lg.needle_sample(tok, params(folder, length=64, chunk_tokens=16))
+        needle_sample(tok, params(folder, length=64, chunk_tokens=16))

@@ -196,7 +196,7 @@ def test_command_line_json_and_errors(tmp_path):
 def test_budget_presses_follow_the_compression_ratio_in_sweeps(stories):
     """lazy_streaming and rkv have a token budget, not a ratio: a sweep sizes them to keep 1 - ratio of a
     context window, so they are compared with ratio-based presses at one memory budget; an explicit budget wins."""
-    from kvpress_ext.evaluation.run_perplexity import build_press, sweep_jobs
+    from kvpress_ext.evaluation.press_setup import build_press, sweep_jobs
 
     lazy, ratio = build_press("lazy_streaming", 0.5, {}, 512)
     assert ratio == 0.5 and lazy.max_cache == 256 and lazy.slack == 32
@@ -249,7 +249,8 @@ def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(storie
     """In --ppl_apply_press mode, a prefill-only press (leverage_score: asserts on a second chunk) and a press that
     runs the model itself (kvcompose) are found unsupported by a short probe, with their own reason; presses that
     work there are not; the probe leaves the press as it was."""
-    from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, probe_support
+    from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig
+    from kvpress_ext.evaluation.runners.perplexity_checks import probe_support
 
     model, ids = stories
     args = PerplexityConfig(command="", context_limit=256, chunk_size=64, ppl_apply_press=True, max_new_tokens=4,
@@ -257,11 +258,11 @@ def test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts(storie
     assert probe_support(model, ids, get_press("knorm"), args) is None
     assert probe_support(model, ids, get_press("lazy_streaming", cap_total=64, slack=8), args) is None
     reason = probe_support(model, ids, get_press("leverage_score"), args)
-    assert reason and "only supports prefill" in reason and "without --ppl_apply_press" in reason, reason
+    assert reason and "only supports prefill" in reason and "with --no_ppl_press" in reason, reason
     reason = probe_support(model, ids, get_press("kvcompose"), args)
     assert reason and "runs the model itself" in reason, reason
     # The same presses run when perplexity is taken without the press (only the speed run uses it).
-    plain = PerplexityConfig(command="", context_limit=256, max_new_tokens=4, num_runs=1)
+    plain = PerplexityConfig(command="", context_limit=256, max_new_tokens=4, num_runs=1, ppl_apply_press=False)
     assert probe_support(model, ids, get_press("leverage_score"), plain) is None
 
 

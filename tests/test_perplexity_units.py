@@ -173,7 +173,7 @@ def test_plans_for_each_kind_of_press():
 
     assert _message(PressParameterError, ppl.plan_for, SelfDriving()) == (
         "SelfDriving runs the model itself on a whole context, so it cannot compress a text that grows chunk by "
-        "chunk; evaluate it without --ppl_apply_press.")
+        "chunk; evaluate it with --no_ppl_press.")
 
 
 def test_summary_curve_and_default_segment():

@@ -91,7 +91,7 @@ def test_one_default_ratio_when_built_by_name():
     import warnings
 
     from kvpress_ext.core.registry import DEFAULT_COMPRESSION_RATIO, press_info
-    from kvpress_ext.evaluation.run_perplexity import PerplexityConfig
+    from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig
 
     assert DEFAULT_COMPRESSION_RATIO == 0.5 == PerplexityConfig(command="").compression_ratio
     with warnings.catch_warnings():

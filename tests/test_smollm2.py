@@ -15,7 +15,7 @@ from transformers import DynamicCache, pipeline
 
 from kvpress_ext.cli import main
 from kvpress_ext.core.apply import apply_press
-from kvpress_ext.evaluation.run_perplexity import build_press
+from kvpress_ext.evaluation.press_setup import build_press
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.runtime.builtin_models import MARKER, SMOLLM2_SHA256

@@ -55,9 +55,11 @@ def test_text_file_folder_is_joined(script, tmp_path):
     folder.mkdir()
     (folder / "b.txt").write_text("second file " * 50)
     (folder / "a.txt").write_text("first file " * 50)
-    files = script.text_files(str(folder))
+    from kvpress_ext.evaluation.runners.streaming import text_files, text_label
+
+    files = text_files(str(folder))
     assert [f.name for f in files] == ["a.txt", "b.txt"]
-    assert script.text_label(files) == "a.txt + 1 more (texts)"
+    assert text_label(files) == "a.txt + 1 more (texts)"
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig, run
 from kvpress_ext.evaluation.sweep import Cell, SweepError, SweepOptions, cell_key, load_cells, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -178,6 +178,14 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says what the default is (no "(default:
+    cuda if available) (default: None)")."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
     (argparse's default prints the whole usage block first). Subcommand parsers inherit the class. Text that is

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -10,6 +9,7 @@ import torch
 from transformers import TextStreamer
 
 from kvpress_ext.cli.common import (
+    DefaultsHelpFormatter,
     add_model_argument,
     add_placement_args,
     add_threads_argument,
@@ -82,7 +82,7 @@ def _summary(result: Generation, memory: dict, threads: int, device) -> str:
 def _cmd_generate(args) -> int:
     from kvpress_ext.core.devices import input_device
     from kvpress_ext.core.registry import press_name
-    from kvpress_ext.evaluation.run_perplexity import press_params
+    from kvpress_ext.evaluation.press_setup import press_params
     from kvpress_ext.runtime.models import load_model
 
     _check_args(args)
@@ -183,7 +183,7 @@ def add_parser(subparsers) -> None:
         "generate", help="generate text with any registered press (greedy or sampled, optionally streamed)",
         description="Prefill a prompt through a press and decode token by token; prints the text, then one line "
                     "of statistics on stderr. A model with a chat template gets the prompt as the user's turn.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_argument(p)
     prompt = p.add_mutually_exclusive_group(required=True)

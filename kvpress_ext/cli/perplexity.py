@@ -1,7 +1,7 @@
 """``python evaluation/perplexity.py``: perplexity, speed and memory with and without KV-cache compression.
 
-The options are the fields of :class:`~kvpress_ext.evaluation.run_perplexity.PerplexityConfig` (defaults read from
-it); the work is :func:`~kvpress_ext.evaluation.run_perplexity.run`.
+The options are the fields of :class:`~kvpress_ext.evaluation.runners.perplexity.PerplexityConfig` (defaults read from
+it); the work is :func:`~kvpress_ext.evaluation.runners.perplexity.run`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from kvpress_ext.cli.common import (
     MODEL_HELP,
+    DefaultsHelpFormatter,
     OneLineArgumentParser,
     add_placement_args,
     add_sweep_args,
@@ -26,7 +28,7 @@ from kvpress_ext.cli.common import (
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation import results
-from kvpress_ext.evaluation.run_perplexity import PerplexityConfig, run
+from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig, run
 from kvpress_ext.runtime.models import DTYPES
 
 _DEFAULTS = PerplexityConfig(command="")
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{d.num_runs} timed run(s) after a warm-up of a "
                     f"{d.context_limit}-token prefill + {d.max_new_tokens} decoded tokens; offline, within 3 minutes "
                     "on 2 CPU cores (including the model's one-time conversion). Hub data sets only when asked for.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", default=d.model, help=MODEL_HELP)
     p.add_argument("--dataset", default=d.dataset, choices=ppl.DATASETS,
@@ -64,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "several make a sweep (cross product with --press)")
     p.add_argument("--press_kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra press parameters (int/float/bool/none/str values)")
-    p.add_argument("--ppl_apply_press", action="store_true",
-                   help="score every token from the compressed cache (text fed chunk by chunk under the press)")
+    p.add_argument("--ppl_apply_press", action="store_true", default=d.ppl_apply_press,
+                   help="score every token from the compressed cache (text fed chunk by chunk under the press); "
+                        "the default: a press that compresses only one whole prefill gets the full-context "
+                        "perplexity, and the table says so")
+    p.add_argument("--no_ppl_press", dest="ppl_apply_press", action="store_false",
+                   help="perplexity without the press, the press only in the speed and memory run (the former "
+                        "default 'speed and memory only' behaviour)")
     p.add_argument("--chunk_size", type=int, default=d.chunk_size,
                    help="tokens per forward with --ppl_apply_press (window presses such as snapkv need more than their window)")
     p.add_argument("--decode_chunk_size", type=int, default=d.decode_chunk_size,
@@ -86,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model weights' dtype")
     p.add_argument("--seed", type=seed_int, default=d.seed, help="torch seed")
     add_threads_argument(p, "--num_threads")
-    p.add_argument("--output_dir", default=d.output_dir, help="where the JSON per run and the summary go")
+    p.add_argument("--output_dir", default=d.output_dir,
+                   help="where the JSON per run and the summary go (default: results/perplexity/<model name>)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--summarize", metavar="DIR", default=None,
                    help="only rebuild summary.md/summary.png from the cell files in DIR (also while a sweep runs)")
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.summarize:
             md, png = results.summarize_directory(args.summarize)
+            print(Path(md).read_text())
             print(f"wrote {md}" + (f" and {png}" if png else ""))
             return 0
         run(config_from_args(args))

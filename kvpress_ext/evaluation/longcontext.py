@@ -1,5 +1,5 @@
 """Building blocks of the long-context evaluations (LongBench, Needle-in-a-haystack, RULER); the grid over
-presses, ratios and modes that uses them is :mod:`kvpress_ext.evaluation.longcontext_grid`.
+presses, ratios and modes that uses them is :mod:`kvpress_ext.evaluation.runners.longcontext`.
 
 For A3, a sample's context is cut into chunks (paragraphs packed up to ``chunk_tokens`` tokens; longer
 paragraphs are split), then answered by one of these *methods* (:func:`answer`):
@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kvpress_ext.core.errors import KVPressExtError
+
 PREFILL = "prefill"
+A3_PREFIX = "a3-"
 
 
-class InputError(Exception):
-    """Bad command-line input: the CLIs print it on one line and exit with status 2."""
+class InputError(KVPressExtError):
+    """Bad input to a long-context evaluation: the commands print it on one line and exit with status 2."""
 
 
 @dataclass
@@ -82,15 +83,25 @@ def require_fields(records: list[dict], fields: tuple[str, ...], path) -> None:
                              f"{', '.join(fields)}")
 
 
-def load_model(name_or_path: str):
-    """Model and tokenizer (eval mode) through :func:`kvpress_ext.runtime.models.load_model`; errors as :class:`InputError`."""
-    from kvpress_ext.core.errors import KVPressExtError
-    from kvpress_ext.runtime.models import load_model as load
+# --- method names -----------------------------------------------------------------------------------------
+def is_a3(method: str) -> bool:
+    return method == PREFILL or method.startswith(A3_PREFIX)
 
-    try:
-        return load(name_or_path)
-    except KVPressExtError as e:
-        raise InputError(str(e).splitlines()[0]) from None
+
+def a3_parts(method: str) -> tuple[str | None, str | None]:
+    """(strategy, evict press) of a fusion method name; (None, None) for ``prefill``."""
+    if method == PREFILL:
+        return None, None
+    strategy, _, evict = method[len(A3_PREFIX):].partition("+")
+    return strategy, evict or None
+
+
+def mode_error(method: str, query_aware: bool) -> str | None:
+    """Why ``method`` cannot run in this mode, or None."""
+    if query_aware and is_a3(method):
+        return (f"{method} fuses chunk caches stored before any question exists, so it has no question-aware mode: "
+                "run it without --query_aware")
+    return None
 
 
 # --- chunking ---------------------------------------------------------------------------------------------
@@ -186,18 +197,6 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     if keep_logits:  # copied after the clock stops
         extra["question_logits"] = all_logits.float().cpu()
     return {"ids": out, "ttft_s": t1 - t0, "tpot_s": (t2 - t1) / steps if steps else None, **extra}
-
-
-def cli_main(fn: Callable[[], object]) -> int:
-    """Run ``fn``; an :class:`InputError` (or a press-parameter error) becomes one line on stderr and exit 2."""
-    from kvpress_ext.core.errors import KVPressExtError
-
-    try:
-        fn()
-    except (InputError, KVPressExtError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
 
 
 # --- haystacks (Needle, RULER niah) ---------------------------------------------------------------------------

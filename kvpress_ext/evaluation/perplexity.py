@@ -130,7 +130,7 @@ def teacher_forced_nll(model, input_ids: torch.Tensor, context_limit: int = 4096
     """NLL of every predicted token (1-D tensor), each window of ``context_limit`` tokens in one forward pass."""
     device = input_device(model)
     out = []
-    for s, e in tqdm(windows(input_ids.shape[1], context_limit), desc="ppl (no press)", disable=not progress):
+    for s, e in tqdm(windows(input_ids.shape[1], context_limit), desc="perplexity (press not applied)", disable=not progress):
         ids = input_ids[:, s:e].to(device)
         logits = model(input_ids=ids).logits
         out.append(_token_nll(logits[:, :-1], ids[:, 1:]).cpu())
@@ -148,6 +148,15 @@ def cache_bytes(cache) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token adds to an uncompressed cache of ``model`` (keys and values over all layers), measured."""
+    device = input_device(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1]], device=device), past_key_values=cache)
+    return cache_bytes(cache)
 
 
 @dataclass
@@ -169,7 +178,7 @@ def plan_for(press) -> CompressionPlan:
     if drives_model(press):
         raise PressParameterError(
             f"{type(press).__name__} runs the model itself on a whole context, so it cannot compress a text that "
-            "grows chunk by chunk; evaluate it without --ppl_apply_press."
+            "grows chunk by chunk; evaluate it with --no_ppl_press."
         )
     prefill, decoding = compression_phases(press)
     hooks = [_cache_length_hook] if positions_follow_cache(press) else []
@@ -195,7 +204,7 @@ def compressed_nll(model, input_ids: torch.Tensor, press, context_limit: int = 4
     spans = windows(input_ids.shape[1], context_limit)
     out, peak_bytes, peak_len = [], 0, 0
     cache = None
-    bar = tqdm(total=sum(e - s for s, e in spans), desc="ppl (press)", disable=not progress)
+    bar = tqdm(total=sum(e - s for s, e in spans), desc="perplexity (press applied)", disable=not progress)
     for s, e in spans:
         cache = DynamicCache()
         ids = input_ids[:, s:e].to(device)

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,15 @@ def device_info(device) -> dict:
     else:
         info["device_name"] = platform.processor() or platform.machine()
     return info
+
+
+def measured_date(path) -> str | None:
+    """The UTC date (``2026-12-01``) a result file was written, or None if it is missing: what a report prints
+    beside a result reused from an earlier run."""
+    try:
+        return time.strftime("%Y-%m-%d", time.gmtime(Path(path).stat().st_mtime))
+    except OSError:
+        return None
 
 
 def machine_load() -> dict:

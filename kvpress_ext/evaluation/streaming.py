@@ -18,6 +18,11 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.devices import input_device
+from kvpress_ext.core.errors import KVPressExtError
+
+
+class StreamingInputError(KVPressExtError):
+    """Bad input to the streaming evaluation (no text, a text too short, no saved run to report)."""
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ class LazyStreamingPress(BasePress):
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
         """The press that keeps about ``(1 - compression_ratio) * context_length`` tokens: ``cap_total`` at
         that budget, ``slack`` an eighth of it unless given. Lets sweeps compare it with ratio-based presses
-        at one memory budget (see :func:`kvpress_ext.evaluation.run_perplexity.build_press`)."""
+        at one memory budget (see :func:`kvpress_ext.evaluation.press_setup.build_press`)."""
         cap = max(params.get("n_sink", 4) + 2, round((1 - compression_ratio) * context_length))
         params.setdefault("slack", max(1, cap // 8))
         return cls(cap_total=cap, **params)

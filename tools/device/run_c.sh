@@ -33,7 +33,7 @@ done
 P="$PY evaluation/perplexity.py --context_limit 4096 --max_eval_tokens 8192 --press all --compression_ratio 0.25 0.5 0.75 \
    --decode_chunk_size 8 --no_speed --threads 1 --no_progress --dataset text"
 for T in pride_and_prejudice.txt wikitext2_test.raw; do  # 2c perplexity at a 4k context, plain and incremental
-  ( timeout $(left) $P --text_file .shared/data/$T --output_dir $RES/ppl4k_${T%%.*}_plain > $RES/ppl4k_${T%%.*}_plain.log 2>&1 ) &
+  ( timeout $(left) $P --text_file .shared/data/$T --no_ppl_press --output_dir $RES/ppl4k_${T%%.*}_plain > $RES/ppl4k_${T%%.*}_plain.log 2>&1 ) &
   ( timeout $(left) $P --text_file .shared/data/$T --ppl_apply_press --output_dir $RES/ppl4k_${T%%.*}_incremental \
       > $RES/ppl4k_${T%%.*}_incremental.log 2>&1 ) &
 done

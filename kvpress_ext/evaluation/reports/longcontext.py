@@ -1,0 +1,258 @@
+"""Reports of the long-context grids: ``summary.json`` (one record per method x ratio x rate x mode x length x
+depth), ``summary.md`` (safe ratio, accuracy, needle kept, misses explained, A3 time to first token) and the
+depth x length heat maps."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from kvpress_ext.evaluation.longcontext import PREFILL, is_a3
+from kvpress_ext.storage.safe_write import claim_output_dir, save_figure, write_output
+
+GROUP = ("method", "compression_ratio", "rate", "query_aware", "length", "depth")
+
+
+def fmt_ratio(r) -> str:
+    return "-" if r is None else f"{r:g}"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One record per method x ratio x rate x mode x length x depth: mean score over the samples, n, failures."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[tuple(r.get(k) for k in GROUP)].append(r)
+    out = []
+    for key, recs in groups.items():
+        ok = [r for r in recs if r["status"] == "ok"]
+        kept = [r["needle_kept"] for r in ok if r.get("needle_kept")]
+        out.append({**dict(zip(GROUP, key)), "score": _mean([r["score"] for r in ok]), "n": len(ok),
+                    "n_failed": len(recs) - len(ok), "ttft_s": _mean([r["ttft_s"] for r in ok]),
+                    "tpot_s": _mean([r.get("tpot_s") for r in ok]), "cache_tokens": _mean([r.get("cache_tokens")
+                                                                                           for r in ok]),
+                    "context_tokens": _mean([r.get("context_tokens") for r in ok]),
+                    "needle_kept_mean": _mean([r.get("needle_kept_mean") for r in ok]),
+                    "needle_kept_per_layer": [sum(col) / len(col) for col in zip(*kept)] if kept else None,
+                    "errors": sorted({r["error"] for r in recs if r["status"] != "ok"})})
+    return out
+
+
+def _accuracy(records, **where) -> tuple[float | None, int]:
+    xs = [r["score"] for r in records if r["status"] == "ok" and all(r.get(k) == v for k, v in where.items())]
+    return (sum(xs) / len(xs) if xs else None), len(xs)
+
+
+def _sample(r: dict) -> tuple:
+    """What identifies a record's sample (its haystack, needle and key), whatever the method."""
+    return tuple(r.get(k) for k in ("length", "depth", "key_index", "index", "sample_id"))
+
+
+def safe_ratios(records: list[dict], fraction: float = 0.9) -> list[dict]:
+    """Per press, length and mode: the largest ratio whose accuracy (over depths and keys) is at least
+    ``fraction`` x no press's in the same mode and length (None if no ratio is), with the accuracies.
+    Paired: each ratio is judged against no press on the samples that ratio ran, so a grid cut short (one press
+    with fewer samples than no press) compares like with like."""
+    out = []
+    presses = sorted({r["method"] for r in records if not is_a3(r["method"]) and r["method"] != "no_press"})
+    for length in sorted({r.get("length") for r in records}, key=lambda x: (x is None, x)):
+        for qa in sorted({r["query_aware"] for r in records}):
+            base_records = [r for r in records if r["method"] == "no_press" and r.get("length") == length
+                            and r["query_aware"] == qa and r["status"] == "ok"]
+            base, _ = _accuracy(base_records)
+            for m in presses:
+                ratios = sorted({r["compression_ratio"] for r in records if r["method"] == m
+                                 and r.get("length") == length and r["query_aware"] == qa
+                                 and r["compression_ratio"] is not None})
+                accs, safe = {}, []
+                for x in ratios:
+                    mine = [r for r in records if r["method"] == m and r.get("length") == length
+                            and r["query_aware"] == qa and r["compression_ratio"] == x and r["status"] == "ok"]
+                    accs[x] = _accuracy(mine)[0]
+                    samples = {_sample(r) for r in mine}
+                    paired = _accuracy([r for r in base_records if _sample(r) in samples])[0]
+                    if accs[x] is not None and paired is not None and accs[x] >= fraction * paired:
+                        safe.append(x)
+                out.append({"method": m, "length": length, "query_aware": qa, "no_press": base,
+                            "safe_ratio": max(safe) if safe else None, "accuracy": accs})
+    return out
+
+
+def _f(x, digits=2, scale=1.0):
+    return "-" if x is None else f"{x * scale:.{digits}f}"
+
+
+def _mode(qa):
+    return "aware" if qa else "agnostic"
+
+
+def _measured(records: list[dict], reused) -> str:
+    """``this run``, or the dates the reused cells among ``records`` were measured (``reused 2026-12-01``)."""
+    dates = sorted({r.get("measured") or "?" for r in records if r["key"] in reused}) if reused else []
+    if not dates:
+        return "this run"
+    return ("reused " if len(dates) == len(records) or len(records) == 1 else "partly reused ") + ", ".join(dates)
+
+
+def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
+    """The needle-kept and misses-explained tables of the presses that compress (none without one)."""
+    lines: list[str] = []
+    lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
+                   "mean over layers and samples / lowest layer)"), "",
+              "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+        row = []
+        for n, qa in cols:
+            recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
+                    and r.get("length") == n and r["query_aware"] == qa and r.get("needle_kept")]
+            if not recs:
+                row.append("-")
+                continue
+            per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
+            row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
+        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
+                   "tokens kept on average over layers, or kept and still missed)"), "",
+              "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+        row = []
+        for n, qa in cols:
+            missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
+                      and r.get("length") == n and r["query_aware"] == qa and r["status"] == "ok"
+                      and r["score"] < 1 and r.get("needle_kept_mean") is not None]
+            evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
+            row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
+        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def summary_markdown(records: list[dict], title: str, command: str = "", reused=()) -> str:
+    ok = sum(r["status"] == "ok" for r in records)
+    n_reused = sum(r.get("key") in reused for r in records)
+    lines = [f"# {title}", "", f"`{command}`" if command else "", "",
+             f"{len(records)} cells: {ok} ok, {len(records) - ok} failed"
+             + (f", {n_reused} reused from an earlier run (column measured)" if n_reused else "")
+             + ". Scores are means over depths and keys.", ""]
+    lengths = sorted({r.get("length") for r in records}, key=lambda x: (x is None, x))
+    modes = sorted({r["query_aware"] for r in records})
+    cols = [(n, qa) for n in lengths for qa in modes]
+    header = "| " + " | ".join(f"{n} {_mode(qa)}" for n, qa in cols) + " |"
+    presses = [r for r in records if not is_a3(r["method"])]
+    if presses:
+        safe = {(s["method"], s["length"], s["query_aware"]): s for s in safe_ratios(presses)}
+        names = sorted({m for m, _, _ in safe})
+        if names:
+            lines += ["## Safe ratio (largest ratio with accuracy >= 90 % of no press, same length and mode)", "",
+                      "| press " + header, "|---" * (1 + len(cols)) + "|"]
+            base = {(n, qa): _accuracy(presses, method="no_press", length=n, query_aware=qa) for n, qa in cols}
+            lines.append("| (no press accuracy) | " + " | ".join(
+                f"{_f(a)} ({k})" if a is not None else "-" for a, k in (base[c] for c in cols)) + " |")
+            for m in names:
+                cells = []
+                for n, qa in cols:
+                    s = safe.get((m, n, qa))
+                    if s is None:
+                        cells.append("-")
+                    elif not s["no_press"]:
+                        cells.append("n/a (no press 0)")
+                    else:
+                        cells.append(_f(s["safe_ratio"]) if s["safe_ratio"] is not None else "none")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += ["## Accuracy", "", "| press | ratio " + header[:-1] + "| measured |", "|---" * (3 + len(cols)) + "|"]
+        for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses},
+                               key=lambda t: (t[0] != "no_press", t[0], t[1] or 0)):
+            accs = [_accuracy(presses, method=m, compression_ratio=ratio, length=n, query_aware=qa) for n, qa in cols]
+            mine = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio]
+            lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(
+                f"{_f(a)} ({k})" if a is not None else "-" for a, k in accs) + f" | {_measured(mine, reused)} |")
+        if any(r["method"] != "no_press" for r in presses):
+            lines += _needle_sections(presses, cols, header)
+        lines.append("")
+    fused = [r for r in records if is_a3(r["method"]) and r["status"] == "ok"]
+    if fused:
+        lines += ["## A3 fusion against a full prefill of the same chunks (question-agnostic)", "",
+                  "| method | rate | ratio | length | n | accuracy | TTFT (ms) | TTFT / prefill | measured |",
+                  "|---" * 9 + "|"]
+        for m, rate, ratio, n in sorted({(r["method"], r["rate"], r["compression_ratio"], r.get("length"))
+                                         for r in fused}, key=lambda t: (t[0] != PREFILL, t[0], t[1] or 0,
+                                                                         t[2] or 0, t[3] or 0)):
+            recs = [r for r in fused if (r["method"], r["rate"], r["compression_ratio"], r.get("length"))
+                    == (m, rate, ratio, n)]
+            base = _mean([r["ttft_s"] for r in fused if r["method"] == PREFILL and r.get("length") == n])
+            ttft = _mean([r["ttft_s"] for r in recs])
+            lines.append(f"| {m} | {fmt_ratio(rate)} | {fmt_ratio(ratio)} | {n} | {len(recs)} | "
+                         f"{_f(_mean([r['score'] for r in recs]))} | {_f(ttft, 1, 1e3)} | "
+                         f"{_f(ttft / base if base and ttft else None)} | {_measured(recs, reused)} |")
+        lines.append("")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        lines += ["## Failed cells", ""]
+        reasons = defaultdict(list)
+        for r in failed:
+            reasons[(r["method"], r["error"])].append(r["key"])
+        for (m, err), keys in sorted(reasons.items()):
+            lines.append(f"- {m} ({len(keys)} cells): {err}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
+    """Per mode, one PNG: a depth x length accuracy map per method and ratio, all on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    ok = [r for r in records if r["status"] == "ok" and r.get("depth") is not None]
+    for qa in sorted({r["query_aware"] for r in ok}):
+        recs = [r for r in ok if r["query_aware"] == qa]
+        panels = sorted({(r["method"], r["compression_ratio"], r["rate"]) for r in recs},
+                        key=lambda t: (t[0] != "no_press", t[0] != PREFILL, t[0], t[1] or 0, t[2] or 0))
+        depths = sorted({r["depth"] for r in recs})
+        lengths = sorted({r["length"] for r in recs})
+        ncol = min(6, len(panels))
+        nrow = -(-len(panels) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 + (0.6 + 0.5 * len(lengths)) * ncol,
+                                                      (0.9 + 0.3 * len(depths)) * nrow), squeeze=False)
+        im = None
+        for ax, (m, ratio, rate) in zip(axes.flat, panels):
+            grid = [[_accuracy(recs, method=m, compression_ratio=ratio, rate=rate, depth=d, length=n)[0]
+                     for n in lengths] for d in depths]
+            im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
+                           cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            label = m + (f" r={ratio:g}" if ratio else "") + (f" rate={rate:g}" if rate is not None else "")
+            ax.set_title(label, fontsize=8)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        if im is not None:
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (x: tokens, y: depth)")
+        path = Path(f"{path_prefix}_{_mode(qa)}.png")
+        save_figure(fig, path, flag="--output_dir", dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(records: list[dict], out_dir, title: str, command: str = "", reused=()) -> dict:
+    """``summary.json`` (aggregated records), ``summary.md`` and ``heatmap_<mode>.png`` in ``out_dir``; the cells
+    whose keys are in ``reused`` came from an earlier run and are marked with the date they were measured."""
+    out_dir = claim_output_dir(out_dir)
+    summary = summarize(records)
+    write_output(out_dir / "summary.json", json.dumps(summary, indent=1), flag="--output_dir",
+                 is_ours=lambda p: True)  # a list (no room for our mark) in the results directory claimed above
+    markdown = summary_markdown(records, title, command, reused)
+    write_output(out_dir / "summary.md", markdown, kind="markdown", flag="--output_dir")
+    pngs = plot_heatmaps(records, out_dir / "heatmap") if any(r.get("depth") is not None for r in records) else []
+    return {"summary": summary, "markdown": markdown, "heatmaps": [str(p) for p in pngs],
+            "files": [str(out_dir / "summary.json"), str(out_dir / "summary.md"), *map(str, pngs)],
+            "cells_dir": str(out_dir / "cells")}
+
