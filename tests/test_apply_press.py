@@ -5,6 +5,7 @@ lines shown once per message."""
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -141,11 +142,11 @@ def test_kvpress_logs_once_per_message_while_quiet():
     logger = logging.getLogger("kvpress.apply_press_test")
     other = logging.getLogger("kvpressed")  # not a kvpress logger
 
-    run = object()  # the filter remembers messages for the whole process: new ones for each run of this test
+    run = uuid.uuid4().hex  # the filter remembers messages for the whole process: new ones for each run of this test
 
     def shown(name, message="same line", level=logging.WARNING):
         log = logging.getLogger(name)
-        return bool(log.filter(log.makeRecord(name, level, __file__, 1, f"{message} {id(run)}", (), None)))
+        return bool(log.filter(log.makeRecord(name, level, __file__, 1, f"{message} {run}", (), None)))
 
     try:
         A.quiet_repeated_kvpress_logs()
