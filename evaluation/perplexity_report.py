@@ -7,7 +7,6 @@ Every input is checked before anything is written; the outputs are written atomi
 the same kind (a Markdown report, an image). ``--help`` writes nothing.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from kvpress_ext.cli.common import command_entry
 from kvpress_ext.cli.perplexity_report import parse_args
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation.results import plot_ratio_sweeps, ratio_table
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
                                   "docs/results/perplexity.md first, or pass --results_dir")
         check_output_file(args.markdown, kind="markdown", flag="--markdown")
         check_output_file(args.plot, kind="image", flag="--plot")
-        base = json.loads(next((root / "no_press").glob("*.json")).read_text())
+        base = load_json(next((root / "no_press").glob("*.json")).read_bytes(), "the no_press run")
         table = ratio_table(dirs)
         done = {x: len(list(Path(d).glob("*.json"))) for x, d in dirs.items()}
         doc = render(base, table, done)

@@ -342,6 +342,7 @@ HOSTILE = [
     ("cli", [*EVAL, "--question", "x\udcff"], "not valid UTF-8 text"),
     # 19. unclear messages made clear
     ("cli", [*GEN_FILE, "/dev/zero"], "not a regular file"),
+    ("cli", [*GEN, "--press", "a3"], "kvpress-ext a3 ask"),
     ("cli", ["generate", "--model", "", "--prompt", PROMPT], "--model is empty"),
     ("cli", [*GRID[:4], "--budgets", ",", *GRID[6:], "--data", "{W}/docs.json"], "comma-separated positive integers"),
 ]

@@ -66,6 +66,9 @@ def _build_press(args):
         if kwargs:
             raise PressParameterError("--press_kwargs needs --press NAME (run `kvpress-ext list` for the names).")
         return None
+    if args.press == "a3":  # it fuses stored chunk caches: over one prompt it would compress nothing
+        raise PressParameterError("--press a3 fuses stored chunks with a question: run `kvpress-ext a3 ask --chunks "
+                                  "FILE --question TEXT`, or choose a press that compresses one prompt.")
     return get_press(args.press, **kwargs)
 
 

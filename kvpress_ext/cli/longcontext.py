@@ -29,8 +29,9 @@ from kvpress_ext.evaluation.tasks import needle as needle_task
 from kvpress_ext.evaluation.tasks.prompts import check_lengths, context_limit
 from kvpress_ext.evaluation.tasks.records import keep_records
 from kvpress_ext.presses.a3.press import STRATEGIES
+from kvpress_ext.runtime.models import resolve_model
 from kvpress_ext.runtime.threads import set_threads
-from kvpress_ext.storage.inputs import shared_dir
+from kvpress_ext.storage.inputs import path_digest, shared_dir
 from kvpress_ext.storage.safe_write import check_output_dir
 
 NEEDLE_DOC = """Needle in a haystack for every press (and A3 fusion): a pass key (5-7 random digits from --seed), or RULER's
@@ -152,7 +153,9 @@ def check_args(args) -> tuple[list[str], list[bool]]:
 
 
 def settings_from_args(args, max_new_tokens: int) -> dict:
-    return {"model": args.model, "max_new_tokens": max_new_tokens, "chunk_tokens": args.chunk_tokens or 128,
+    """Everything of the command line that changes a cell's numbers, the model's files included (part of every
+    cell's key: another checkpoint under the same name is computed anew)."""
+    return {"model": args.model, "model_files": path_digest(resolve_model(args.model)), "max_new_tokens": max_new_tokens, "chunk_tokens": args.chunk_tokens or 128,
             "max_context_tokens": args.max_context_tokens, "attn_implementation": args.attn_implementation,
             "chat_template": args.use_chat_template, "diagnostic": not args.no_diagnostic}
 
