@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.core.registry import get_press
 from kvpress_ext.evaluation import perplexity as ppl
-from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

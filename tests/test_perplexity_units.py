@@ -16,11 +16,11 @@ from transformers import DynamicCache
 
 import kvpress_ext
 from kvpress_ext.core.apply import _cache_length_hook
+from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.core.positions import cache_length
 from kvpress_ext.evaluation import perplexity as ppl
-from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.storage.inputs import shared_dir

@@ -14,8 +14,8 @@ from kvpress import DecodingPress, KnormPress, ScorerPress, SnapKVPress, Streami
 from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press
-from kvpress_ext.core.temporal_order import TemporalOrderPress, in_temporal_order
 from kvpress_ext.core.chunked_prefill import EveryChunkPress
+from kvpress_ext.core.temporal_order import TemporalOrderPress, in_temporal_order
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.testing import tiny_model
 
