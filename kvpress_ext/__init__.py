@@ -1,8 +1,10 @@
 """kvpress-ext: plugin-based KV-cache compression and reuse for Hugging Face transformers.
 
-Three lines::
+Three lines (after one thread for torch: its default of a thread per core is several times slower on a busy
+machine, docs/results/threads.md)::
 
     import kvpress_ext
+    kvpress_ext.set_threads(1)
     model, tokenizer = kvpress_ext.load_model("smollm2-135m")  # a short name, a local directory or a hub id
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     pipe(context, question=question, press=kvpress_ext.get_press("knorm", compression_ratio=0.5))["answer"]
@@ -25,6 +27,7 @@ from kvpress_ext.plugins.hookspecs import hookimpl
 from kvpress_ext.plugins.loader import failed_plugins, load_plugins  # importing it installs the lazy plugin loader
 from kvpress_ext.runtime.models import ModelLoadError, available_models, load_model, register_model, resolve_model
 from kvpress_ext.runtime.pipeline import KVPressExtPipeline
+from kvpress_ext.runtime.threads import set_threads
 
 __version__ = "0.1.0"
 
@@ -61,4 +64,5 @@ __all__ = [
     "register_press",
     "resolve_model",
     "set_next_position",
+    "set_threads",
 ]

@@ -108,3 +108,24 @@ def test_threads_are_applied_and_default_to_one():
         assert set_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_help_states_each_default_once(monkeypatch):
+    """No "(default: X) (default: None)": a default is stated once, never as None; every option of our commands
+    that takes a value and has a default says what it is (the icl subcommands included)."""
+    twice, unstated = [], []
+    for name, parser in all_parsers(monkeypatch):
+        formatter = parser._get_formatter()
+        ours = name.startswith(("kvpress-ext", "evaluation/perplexity.py"))
+        for action in _options(parser):
+            if action.help == argparse.SUPPRESS:
+                continue
+            shown = " ".join(formatter._expand_help(action).split())
+            if shown.count("(default") > 1 or "default: None" in shown or "default: []" in shown:
+                twice.append(f"{name} {action.option_strings[0]}: {shown}")
+            if (ours and action.nargs != 0 and action.default not in (None, "", []) and "default" not in shown.lower()):
+                unstated.append(f"{name} {action.option_strings[0]}")
+    assert not twice, twice
+    assert not unstated, f"options whose --help does not give the default: {unstated}"
+    icl = next(parser for name, parser in all_parsers(monkeypatch) if name == "kvpress-ext icl precompute")
+    assert "(default: " in icl.format_help()

@@ -1,12 +1,15 @@
-"""README.md is true: every command and Python block runs as written from a fresh copy of the repository with
-``../shared`` beside it (with smaller sizes), prints what the README says, without noise; its excerpts of program
-output and example files are what the code gives now (docs/build_readme_excerpts.py)."""
+"""README.md is true: its set-up block installs, in a fresh virtual environment, what the tests need at the pinned
+versions; every command and Python block runs as written from a fresh copy of the repository with ``../shared``
+beside it (with smaller sizes), prints what the README says, without noise, and leaves ``git status`` clean; its
+excerpts of program output and example files are what the code gives now (docs/build_readme_excerpts.py)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 #: Blocks that are run; ``text`` blocks show output, ``toml`` blocks are excerpts of files (checked below).
 RUN, SHOWN = ("bash", "python"), ("text", "toml")
-SKIP = "readme-test: skip"
+#: Marker comments of the blocks ``.ci/run`` runs: the set-up (run here in a fresh virtual environment by
+#: :func:`test_readme_setup_installs_the_pins_and_the_tests_collect`) and the test command.
+SETUP, TESTS = "ci: setup", "ci: tests"
 #: Smaller sizes for the test, each of which must match the README (so a README change cannot make the test slow).
 SMALLER = [
     ("--max_eval_tokens 2048", "--max_eval_tokens 600"),
@@ -53,7 +58,7 @@ def jobs() -> list[tuple[str, str, str]]:
     blocks continue the earlier ones); the small sizes of :data:`SMALLER` substituted."""
     out, python = [], {}
     for i, block in enumerate(readme_blocks()):
-        if block["lang"] not in RUN or block["marker"].startswith(SKIP) or "excerpt:" in block["marker"]:
+        if block["lang"] not in RUN or block["marker"].startswith(SETUP) or "excerpt:" in block["marker"]:
             continue
         if block["lang"] == "python":
             python.setdefault(block["section"], []).append(block["body"])
@@ -76,18 +81,23 @@ def test_readme_blocks_are_runnable_output_or_excerpts():
         assert block["lang"] in RUN + SHOWN, f"block without a known language ({block['lang']!r}): {block['body'][:80]}"
         if block["lang"] == "toml":
             assert "excerpt:" in block["marker"], "toml blocks are excerpts of files"
-    skipped = [b for b in blocks if b["marker"].startswith(SKIP)]
-    assert len(skipped) == 1 and "python3 -m venv" in skipped[0]["body"], "only the venv set-up line may be skipped"
+    setup = [b for b in blocks if b["marker"].startswith(SETUP)]
+    tests = [b for b in blocks if b["marker"].startswith(TESTS)]
+    assert len(setup) == 1 and len(tests) == 1, "one set-up block and one test block, each marked for .ci/run"
+    commands = [line for line in setup[0]["body"].splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[0].startswith("python3 -m venv"), "set-up: two commands, a venv first"
+    assert commands[1].count("-c constraints.txt") == commands[1].count("pip install"), "every install is pinned"
+    assert ".[dev,distributed]" in commands[1], "the extras the tests need"
+    assert tests[0]["body"].strip() == "python -m pytest -q"
     text = README.read_text()
     for big, _small in SMALLER:
         assert big in text, f"README.md no longer has {big!r}: update SMALLER in tests/test_readme.py"
 
 
-@pytest.fixture(scope="module")
-def fresh_copy(tmp_path_factory):
-    """The repository's files (tracked and new, not ignored) copied to <tmp>/kvpress-ext, <tmp>/shared beside it."""
+def _copy_repository(root: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) copied to <root>/kvpress-ext and committed there as a
+    new git repository (so ``git status`` shows what a command left behind), <root>/shared beside it."""
     shared = shared_path()
-    root = tmp_path_factory.mktemp("clone")
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             capture_output=True, text=True, check=False)
     files = [f for f in listed.stdout.split("\0") if f] if listed.returncode == 0 else None
@@ -100,7 +110,26 @@ def fresh_copy(tmp_path_factory):
                 (copy / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / name, copy / name)
     (root / "shared").symlink_to(shared.resolve(), target_is_directory=True)
+    git = ["git", "-c", "user.name=readme-test", "-c", "user.email=readme-test@localhost", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A", "-f"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(git + args, cwd=copy, check=True, capture_output=True)
     return copy
+
+
+#: Names of the jobs run in the module's fresh copy.
+_RAN: set[str] = set()
+
+
+def _untracked_or_changed(copy: Path) -> list[str]:
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=copy, check=True,
+                            capture_output=True, text=True).stdout
+    return status.splitlines()
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory):
+    _RAN.clear()
+    return _copy_repository(tmp_path_factory.mktemp("clone"))
 
 
 def _run(copy: Path, lang: str, code: str) -> subprocess.CompletedProcess:
@@ -111,7 +140,7 @@ def _run(copy: Path, lang: str, code: str) -> subprocess.CompletedProcess:
     if lang == "bash":
         cmd = ["bash", "-euo", "pipefail", "-c", code]
     else:
-        script = copy / "readme_block.py"
+        script = copy.parent / "readme_block.py"  # outside the copy: it is not an output of the README
         script.write_text(code)
         cmd = [sys.executable, str(script)]
     return subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -122,6 +151,7 @@ def _run(copy: Path, lang: str, code: str) -> subprocess.CompletedProcess:
 def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
     assert shutil.which("kvpress-ext", path=str(Path(sys.executable).parent)), "install the package: pip install -e ."
     run = _run(fresh_copy, lang, code)
+    _RAN.add(name)
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"{name} failed:\n{code}\n--- output ---\n{output[-4000:]}"
     for noise in NOISE + (COMMAND_NOISE if lang == "bash" else ()):
@@ -143,9 +173,65 @@ def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
         held = int(re.search(r": (\d+) cache entries \(cap_total 128\)", run.stdout).group(1))
         assert held <= 128, run.stdout
     if "a3 ask" in code:
-        assert re.search(r"recomputed \d+/\d+ document tokens", run.stdout) and (fresh_copy / "ask.json").is_file()
+        assert re.search(r"recomputed \d+/\d+ document tokens", run.stdout) and (fresh_copy / "results/a3/ask.json").is_file()
     if "icl precompute" in code:
-        assert (fresh_copy / "cache" / "metadata.json").is_file(), output
+        assert (fresh_copy / "results/icl/cache/metadata.json").is_file(), output
+
+
+def test_readme_blocks_leave_git_status_clean(fresh_copy):
+    """Every output of the README's commands lands under results/ (or a temporary folder) and is ignored by git."""
+    for name, lang, code in jobs():
+        if name not in _RAN:  # run on its own, this test runs the blocks itself
+            run = _run(fresh_copy, lang, code)
+            assert run.returncode == 0, f"{name} failed:\n{(run.stdout + run.stderr)[-3000:]}"
+    assert _untracked_or_changed(fresh_copy) == [], "README commands left files that git sees (write under results/)"
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+@pytest.mark.slow
+def test_readme_setup_installs_the_pins_and_the_tests_collect(tmp_path):
+    """The README's two set-up commands, run as written in a fresh copy, give a virtual environment with every pin
+    of constraints.txt, the package from that copy, the example plugin and the default model's package; the README
+    test command then collects every test module (nothing missing, e.g. ray for the sweep tests) and git status
+    stays clean. Offline and in minutes: the new environment sees this one's installed packages through a path
+    file (what ``--system-site-packages`` does for a system Python), and pip may not reach any index, so a pin this
+    environment does not satisfy fails the install."""
+    copy = _copy_repository(tmp_path)
+    setup = next(b["body"] for b in readme_blocks() if b["marker"].startswith(SETUP))
+    tests = next(b["body"] for b in readme_blocks() if b["marker"].startswith(TESTS))
+    subprocess.run([sys.executable, "-m", "venv", str(copy / ".venv")], check=True, capture_output=True)
+    here = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
+    (next((copy / ".venv" / "lib").glob("python3*")) / "site-packages" / "outer.pth").write_text(f"{here}\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_FIND_LINKS": "",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    outside = [p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix)]  # not this venv
+    env["PATH"] = os.pathsep.join([str(Path(sys._base_executable).parent), *outside])  # python3: the same Python
+    pins = _constraints()
+    check = ("import importlib.metadata as m, json, kvpress_ext, kvpress_ext_example; "
+             f"print(json.dumps({{'file': kvpress_ext.__file__, 'versions': {{n: m.version(n) for n in {sorted(pins)!r}}}}}))")
+    script = f"set -euo pipefail\n{setup}\npython -c {shlex.quote(check)}\n{_smaller(tests)}\n"
+    run = subprocess.run(["bash", "-c", script], cwd=copy, env=env, capture_output=True, text=True, timeout=1500,
+                         check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, f"README set-up or test command failed:\n{output[-4000:]}"
+    found = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
+    assert Path(found["file"]).resolve().is_relative_to(copy.resolve()), found["file"]
+    for name, version in pins.items():
+        assert found["versions"][name].split("+")[0] == version, (name, found["versions"][name], version)
+    assert re.search(r"^\d+ tests collected", run.stdout, re.MULTILINE) and " error" not in run.stdout, output[-3000:]
+    assert _untracked_or_changed(copy) == [], "the set-up left files that git sees"
 
 
 def _excerpts_module():

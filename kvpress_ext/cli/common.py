@@ -178,19 +178,27 @@ def placement_kwargs(args: argparse.Namespace) -> dict:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default after its help, unless the help already says what the default is (no "(default:
-    cuda if available) (default: None)")."""
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` states each option's default once: appended where the help text does not already say it, and not
+    for flags (no value) or options whose default is None or empty (their help says what happens without them)."""
 
     def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS, "", [], ())
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse under the bad-input contract: a parse error is one line on stderr naming the fix, exit status 2
-    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class. Text that is
-    not valid UTF-8 (Python hands such command-line bytes over as lone surrogates, which tokenizers reject with a
-    ``TypeError``) is refused here, once for every option."""
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class, and with it
+    :class:`DefaultsHelpFormatter`. Text that is not valid UTF-8 (Python hands such command-line bytes over as lone
+    surrogates, which tokenizers reject with a ``TypeError``) is refused here, once for every option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         text = " ".join(str(message).split())
