@@ -565,6 +565,26 @@ def test_every_torch_load_in_the_repository_is_weights_only():
     assert offenders == []
 
 
+
+def test_every_error_class_derives_from_kvpress_ext_error():
+    """One error hierarchy: every exception class kvpress_ext defines is a KVPressExtError, so one ``except`` in
+    each entry point turns any of them into the one-line exit 2 (warnings are not errors)."""
+    import inspect
+    import pkgutil
+
+    import kvpress_ext
+    from kvpress_ext.core.errors import KVPressExtError
+
+    defined = {}
+    for info in pkgutil.walk_packages(kvpress_ext.__path__, "kvpress_ext."):
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, Exception) and not issubclass(cls, Warning):
+                defined[f"{info.name}.{name}"] = cls
+    assert len(defined) >= 15 and "kvpress_ext.evaluation.longcontext.InputError" in defined, sorted(defined)
+    outside = sorted(name for name, cls in defined.items() if not issubclass(cls, KVPressExtError))
+    assert outside == [], f"error classes outside the KVPressExtError hierarchy: {outside}"
+
 if __name__ == "__main__":
     for name, count in totals().items():
         print(f"{name:36s} {count}")

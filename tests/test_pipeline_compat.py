@@ -94,3 +94,17 @@ def test_first_token_eos_does_not_stop_either_pipeline(pipes):
     finally:
         model.generation_config.eos_token_id = None
     assert got == want and want["answer"]  # kvpress goes on after it
+
+
+def test_pipeline_from_a_path_loads_without_the_per_tensor_bar(capfd):
+    """``pipeline(model=PATH)`` loads the model with transformers' "Loading weights" bar hidden (a line per tensor
+    of noise), and leaves the user's progress-bar setting as it was."""
+    from conftest import shared_path
+    from transformers.utils import logging as hf_logging
+
+    path = str(shared_path("models", "stories260k"))
+    hf_logging.enable_progress_bar()
+    pipe = pipeline("kv-press-text-generation", model=path)
+    assert type(pipe) is KVPressExtPipeline and pipe.model.config.model_type == "llama"
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -35,9 +35,9 @@ SMALLER = [
     # The test suite itself: collected (every test module imports), not run again from inside a test.
     ("python -m pytest -q", "python -m pytest -q --collect-only"),
 ]
-NOISE = ("Traceback", "predefined maximum length", "no compression applied")
-#: Our commands hide transformers' per-tensor "Loading weights" bars; a user's own ``pipeline(...)`` call shows them.
-COMMAND_NOISE = ("Loading weights",)
+#: Never printed: tracebacks, transformers' reminder about max_length, and its per-tensor "Loading weights" bar (our
+#: commands, ``load_model`` and ``pipeline(..., model=PATH)`` all hide it).
+NOISE = ("Traceback", "predefined maximum length", "no compression applied", "Loading weights")
 
 _BLOCK = re.compile(r"^(?:<!-- (?P<marker>[^>]*) -->\n)?```(?P<lang>\w*)\n(?P<body>(?:(?!```).*\n)*)```", re.MULTILINE)
 
@@ -154,7 +154,7 @@ def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
     _RAN.add(name)
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"{name} failed:\n{code}\n--- output ---\n{output[-4000:]}"
-    for noise in NOISE + (COMMAND_NOISE if lang == "bash" else ()):
+    for noise in NOISE:
         assert noise not in output, f"{name} printed {noise!r}:\n{output[-3000:]}"
     if "evaluation/perplexity.py" in code and "--executor ray" in code:  # a sweep: a line per cell, the summary
         assert re.search(r"^no_press +\| uncompressed", run.stdout, re.MULTILINE), run.stdout

@@ -153,6 +153,42 @@ def test_list_shows_whole_first_sentences_and_describe_lists_parameters_once(cap
     assert "compression_ratio=0.5 (class default 0.0)" in out
 
 
+def test_describe_says_how_a_compression_ratio_sizes_a_budget_press(capsys):
+    """`describe lazy_streaming` gives the ratio -> cap_total rule, and its worked example is what the code builds."""
+    import re
+
+    from kvpress_ext.cli import main
+    from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+
+    assert main(["describe", "lazy_streaming"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Built from a compression ratio" in out and "cap_total = round((1 - compression_ratio) *" in out, out
+    ratio, length, cap, slack, window = re.search(
+        r"ratio ([\d.]+) over ([\d,]+)-token windows: cap_total (\d+), slack (\d+), window (\d+)", out).groups()
+    press = LazyStreamingPress.from_compression_ratio(float(ratio), int(length.replace(",", "")))
+    assert (press.cap_total, press.slack, press.recent) == (int(cap), int(slack), int(window))
+    assert main(["describe", "snapkv"]) == 0
+    assert "Built from a compression ratio" not in capsys.readouterr().out  # a ratio press needs no rule
+
+
+@pytest.mark.slow
+def test_list_into_a_closed_pipe_stops_quietly():
+    """`kvpress-ext list | head`: the reader leaves early; no traceback, the exit status a pipe-killed tool has."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # every write fails at once, as after `head` has exited
+    try:
+        run = subprocess.run([sys.executable, "-c", "import sys; from kvpress_ext.cli import main; sys.exit(main(['list']))"],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    finally:
+        os.close(write)
+    assert run.stderr == "" and run.returncode == 128 + signal.SIGPIPE, (run.returncode, run.stderr[-2000:])
+
+
 # --- exact behaviour of registration, lookup and validation (the messages are the user interface) -------------
 @pytest.fixture
 def registry_sandbox():

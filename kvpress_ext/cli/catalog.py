@@ -3,10 +3,12 @@ registered it, and which plugins failed (each failure printed once, here, instea
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import textwrap
 
+from kvpress_ext.core.contract import sized_by_budget
 from kvpress_ext.core.tables import BUILTIN
 
 
@@ -110,6 +112,10 @@ def _cmd_describe(args) -> int:
         items = ", ".join(f"{k}={v!r}" + ("" if class_defaults.get(k) is None else f" (class default {class_defaults[k]!r})")
                           for k, v in changed.items())
         print(f"\nBuilt by name (`kvpress-ext`, get_press) without them, it gets: {items}")
+    if sized_by_budget(info.cls):  # evaluations and sweeps size every press by --compression_ratio
+        how = " ".join(inspect.getdoc(info.cls.from_compression_ratio).split())
+        print("\nBuilt from a compression ratio (`--compression_ratio` in evaluations and sweeps):")
+        print(_wrapped("  ", how))
     if info.requires:
         print(f"\nNeeds: {info.requires}")
     return 0

@@ -8,7 +8,9 @@ import argparse
 import errno
 import functools
 import json
+import os
 import re
+import signal
 import sys
 import warnings
 
@@ -237,13 +239,19 @@ def last_resort_message(exc: BaseException) -> str:
 
 def command_entry(prog: str):
     """Decorator of a command's ``main(argv) -> int``: a :class:`KVPressExtError` or a :data:`LAST_RESORT` error
-    that reaches it is printed as ``prog: error: ...`` on one line and exit status 2 (``SystemExit`` passes)."""
+    that reaches it is printed as ``prog: error: ...`` on one line and exit status 2 (``SystemExit`` passes); a
+    reader that closed the pipe early ends the command quietly with the status of a pipe-killed tool."""
 
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
             try:
-                return main(*args, **kwargs)
+                status = main(*args, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+                return status
+            except BrokenPipeError:  # the reader stopped early (`kvpress-ext list | head`): quietly, as `yes | head`
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush cannot fail
+                return 128 + signal.SIGPIPE
             except KVPressExtError as exc:
                 text = str(exc).strip()
                 print(f"{prog}: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)

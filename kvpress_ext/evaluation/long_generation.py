@@ -32,6 +32,7 @@ import torch
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import cache_length
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.evaluation.perplexity import compressed_nll
 
 METHODS = ("full", "rkv", "lazy_streaming", "decoding_snapkv", "decoding_streaming_llm")
@@ -133,7 +134,7 @@ def nll_cell(model, input_ids: torch.Tensor, context: int, press, decode_chunk_s
 def generation_cell(model, prompt_ids: torch.Tensor, press, gen_tokens: int) -> dict:
     """Greedy generation of exactly ``gen_tokens`` tokens (EOS does not stop it; its first index is recorded)
     and the cache length after every generated token (after the press compressed, if it did)."""
-    from kvpress_ext.runtime.generate import eos_token_ids, generate_ids
+    from kvpress_ext.runtime.generate import generate_ids
 
     seen = {}
     trace: list[int] = []

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.core.tokens import eos_token_ids
 
 PREFILL = "prefill"
 A3_PREFIX = "a3-"
@@ -140,11 +141,6 @@ def truncate_middle(chunks: list[list[int]], max_tokens: int | None) -> list[lis
 
 
 # --- one answer -------------------------------------------------------------------------------------------
-def _eos(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 def _sync(model):
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -187,10 +183,10 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     _sync(model)
     t1 = time.perf_counter()
     out = [first]
-    if max_new_tokens > 1 and first not in _eos(model):
+    if max_new_tokens > 1 and first not in eos_token_ids(model):
         with apply_press(None, model):
             out += greedy_decode(model, torch.tensor([[first]], device=model.device), cache, max_new_tokens - 1,
-                                 _eos(model))
+                                 eos_token_ids(model))
     _sync(model)
     t2 = time.perf_counter()
     steps = len(out) - 1

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from kvpress_ext.core.apply import apply_press, compression_phases
 from kvpress_ext.core.devices import synchronize
 from kvpress_ext.core.positions import cache_length
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.evaluation.perplexity import cache_bytes
 
 
@@ -36,16 +37,11 @@ def peak_memory_bytes(device) -> dict:
     return {"peak_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024), "peak_memory_kind": "cpu_peak_rss"}
 
 
-def _eos_ids(model) -> set:
-    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 @torch.no_grad()
 def _one_run(model, context: torch.Tensor, press, max_new_tokens: int, min_new_tokens: int) -> dict:
     device = context.device
     prefill_phase, decoding_phase = compression_phases(press)
-    eos = _eos_ids(model)
+    eos = eos_token_ids(model)
     cache = DynamicCache()
     synchronize(device)
     t0 = time.perf_counter()

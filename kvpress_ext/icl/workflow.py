@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import CacheFormatError, KVPressExtError
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.icl.scoring import format_scores_table, score_generations, write_scores_csv
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.runtime.chat import chat_turn_break, has_chat_template, split_chat_prompt
@@ -139,8 +140,7 @@ def generate(model, tokenizer, cache, prompt_ids: list[int], max_new_tokens: int
     to the stop string and the generated ids (all fed to the cache but the last).
     """
     device = input_device(model)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    eos = eos_token_ids(model)
     out = model(input_ids=torch.tensor([prompt_ids], device=device), past_key_values=cache, logits_to_keep=1)
     generated: list[int] = []
     text = ""

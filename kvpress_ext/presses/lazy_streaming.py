@@ -102,9 +102,10 @@ class LazyStreamingPress(BasePress):
 
     @classmethod
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
-        """The press that keeps about ``(1 - compression_ratio) * context_length`` tokens: ``cap_total`` at
-        that budget, ``slack`` an eighth of it unless given. Lets sweeps compare it with ratio-based presses
-        at one memory budget (see :func:`kvpress_ext.evaluation.press_setup.build_press`)."""
+        """The press at the KV budget of a ratio press: ``cap_total = round((1 - compression_ratio) *
+        context_length)`` (at least ``n_sink + 2``), ``slack = cap_total // 8`` unless given (at least 1), so
+        ``window = cap_total - n_sink - slack``. E.g. ratio 0.5 over 4,096-token windows: cap_total 2048, slack
+        256, window 1788. Lets sweeps compare it with ratio-based presses at one memory budget."""
         cap = max(params.get("n_sink", 4) + 2, round((1 - compression_ratio) * context_length))
         params.setdefault("slack", max(1, cap // 8))
         return cls(cap_total=cap, **params)

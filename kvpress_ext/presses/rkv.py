@@ -241,8 +241,9 @@ class RKVPress(BasePress):
 
     @classmethod
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
-        """The press whose ``budget`` is ``(1 - compression_ratio) * context_length`` tokens (sweeps compare
-        it with ratio-based presses at one memory budget)."""
+        """The press at the KV budget of a ratio press: ``budget = round((1 - compression_ratio) *
+        context_length)`` tokens (at least ``window_size + initial_non_compressible_length + 1``); sweeps compare
+        it with ratio-based presses at one memory budget."""
         window = params.get("window_size", 8) + params.get("initial_non_compressible_length", 0)
         return cls(budget=max(window + 1, round((1 - compression_ratio) * context_length)), **params)
 

@@ -26,6 +26,7 @@ from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import synchronize
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import cache_length
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.presses.lazy_streaming import chunked_prefill
 from kvpress_ext.runtime.batched import generate_batch
 
@@ -63,11 +64,6 @@ class Generation:
     def decode_tok_per_s(self) -> float:
         steps = len(self.generated_ids) - 1  # the first token comes from the prefill
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
-
-
-def eos_token_ids(model) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @contextmanager

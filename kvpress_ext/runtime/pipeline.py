@@ -27,6 +27,7 @@ import torch
 from kvpress import DecodingPress, KVPressTextGenerationPipeline, PrefillDecodingPress
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging as hf_logging
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press, compression_phases
@@ -36,6 +37,7 @@ from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.positions import BatchInputError, position_state
 from kvpress_ext.core.registry import get_press
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.runtime.batched import generate_batch
 from kvpress_ext.runtime.chat import has_chat_template, split_chat_prompt
 
@@ -139,8 +141,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         pre.pop("questions", None)
         inputs = [self.preprocess(c, [q], **pre) for c, q in zip(contexts, questions)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos_token_ids(self.model)
         answers = []
         for start in range(0, len(inputs), batch_size):
             group = inputs[start : start + batch_size]
@@ -177,8 +178,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             kvpress_logger.debug(f"Context Length: {context_ids.shape[1]}")
             kvpress_logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
 
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos_token_ids(self.model)
         answers = []
         with apply_press(press if decoding else None, self.model):
             for question_ids in questions:
@@ -194,15 +194,28 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
         return answers
 
 
+class _AutoModelWithoutLoadingBar(AutoModelForCausalLM):
+    """What ``pipeline(..., model=PATH)`` loads with: ``AutoModelForCausalLM`` without transformers' per-tensor
+    "Loading weights" bar (noise on every load; :func:`kvpress_ext.load_model` and the commands hide it too)."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
+
 def _register_pipeline() -> None:
     """Take over kvpress's task name (silently: replacing it is the point, not a user mistake)."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         PIPELINE_REGISTRY.register_pipeline(
-            "kv-press-text-generation", pipeline_class=KVPressExtPipeline, pt_model=AutoModelForCausalLM
+            "kv-press-text-generation", pipeline_class=KVPressExtPipeline, pt_model=_AutoModelWithoutLoadingBar
         )
     finally:
         hf_logging.set_verbosity(level)

@@ -37,6 +37,7 @@ from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.core.registry import register_press
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
 
@@ -172,8 +173,7 @@ class A3Press:
         asked = [question] if question is not None else list(questions or [])
         if not asked:
             raise ValueError("a3 pipeline needs question= or questions=.")
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos_token_ids(model)
         last = context_chunks[-1] if context_chunks else ""
         last_text = last if isinstance(last, str) else tok.decode(list(last))
         answers = []
