@@ -187,3 +187,50 @@ def test_an_unwritable_cache_names_kvpress_ext_cache(monkeypatch, tmp_path, caps
     monkeypatch.setattr(ms, "smollm2_gguf", lambda: tmp_path / ms.SMOLLM2_GGUF)
     err = _generate_error(capsys)
     assert "KVPRESS_EXT_CACHE" in err and "writable" in err
+
+
+# --- the attention kernel a press accepts ----------------------------------------------------------------------
+def _refusing(model, refused: str, message: str, ran: list):
+    """A step that fails as a kvpress press does when the model's kernel is ``refused``, and records the kernel."""
+
+    def step():
+        ran.append(model.config._attn_implementation)
+        if model.config._attn_implementation == refused:
+            raise AssertionError(message)
+        return "answer"
+
+    return step
+
+
+@pytest.mark.parametrize("start, other", [("sdpa", "eager"), ("eager", "sdpa")])
+def test_a_press_refusing_the_kernel_is_retried_once_with_the_other(start, other):
+    from kvpress_ext.runtime.models import AttentionRetry, retry_with_other_attention
+    from kvpress_ext.testing import tiny_model
+
+    model = tiny_model("llama")
+    model.set_attn_implementation(start)
+    ran = []
+    result, retry = retry_with_other_attention(model, _refusing(model, start, "needs eager attention weights", ran))
+    assert result == "answer" and retry == AttentionRetry(other, "needs eager attention weights")
+    assert ran == [start, other] and model.config._attn_implementation == start  # restored
+    ran.clear()
+    assert retry_with_other_attention(model, _refusing(model, "none", "", ran)) == ("answer", None) and ran == [start]
+
+
+def test_other_assertions_and_other_kernels_are_not_retried():
+    from kvpress_ext.runtime.models import other_attention, retry_with_other_attention
+    from kvpress_ext.testing import tiny_model
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    ran = []
+    with pytest.raises(AssertionError, match="window_size"):  # not about the kernel: the press's own message
+        retry_with_other_attention(model, _refusing(model, "sdpa", "window_size must be positive", ran))
+    assert ran == ["sdpa"]
+    assert other_attention(model, ValueError("eager")) is None
+    assert other_attention(model, AssertionError("needs eager attention")) == "eager"
+    model.config._attn_implementation = "flash_attention_2"  # a kernel the retry does not switch from
+    ran.clear()
+    with pytest.raises(AssertionError):
+        retry_with_other_attention(model, _refusing(model, "flash_attention_2", "refuses this attention", ran))
+    assert ran == ["flash_attention_2"] and other_attention(model, AssertionError("attention")) == "eager"

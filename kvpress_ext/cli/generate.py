@@ -24,6 +24,7 @@ from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.runtime import hub
 from kvpress_ext.runtime.chat import split_chat_prompt
 from kvpress_ext.runtime.generate import GenerateInputError, Generation, generate_ids
+from kvpress_ext.runtime.models import other_attention
 from kvpress_ext.runtime.threads import threads_text
 from kvpress_ext.storage.inputs import read_text_file
 from kvpress_ext.storage.safe_write import check_output_file, write_output
@@ -123,10 +124,9 @@ def _cmd_generate(args) -> int:
                                   progress=not (args.stream or args.no_progress),
                                   prefill_chunk_size=args.prefill_chunk_size)
     except AssertionError as exc:  # kvpress presses assert on the attention implementation
-        text = str(exc).lower()
-        if "attention" not in text and "eager" not in text:
+        other = other_attention(model, exc)
+        if other is None:
             raise  # another input problem: the press's own message (a PressInputError) says what to change
-        other = "eager" if model.config._attn_implementation != "eager" else "sdpa"
         raise GenerateInputError(
             f"{args.press} cannot run here ({str(exc).strip() or 'assertion failed'}); "
             f"try --attn_implementation {other}."

@@ -212,3 +212,38 @@ def check_device(device: str) -> None:
         raise ModelLoadError(f"--device {device}: MPS is not available here; use --device cpu.")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ModelLoadError(f"--device {device}: kvpress_ext runs on cpu, cuda or mps; use one of those.")
+
+
+# --- the attention kernel a press accepts --------------------------------------------------------------------
+def other_attention(model, exc: BaseException) -> str | None:
+    """The kernel to use instead when ``exc`` is a press refusing the model's attention kernel (kvpress presses
+    assert on it: some need eager attention weights, others refuse them), else None."""
+    text = str(exc).lower()
+    if not isinstance(exc, AssertionError) or ("attention" not in text and "eager" not in text):
+        return None
+    return "sdpa" if model.config._attn_implementation == "eager" else "eager"
+
+
+@dataclass(frozen=True)
+class AttentionRetry:
+    """``fn`` ran with ``kernel`` after the press refused the model's own (``reason``: its assertion)."""
+
+    kernel: str
+    reason: str
+
+
+def retry_with_other_attention(model, fn: Callable[[], object]) -> tuple[object, AttentionRetry | None]:
+    """``(fn(), None)``; when a press refuses the model's kernel (eager or sdpa), ``fn()`` once more with the other
+    one (the model's kernel is restored afterwards) and what was retried."""
+    current = model.config._attn_implementation
+    try:
+        return fn(), None
+    except AssertionError as exc:
+        other = other_attention(model, exc)
+        if other is None or current not in ("eager", "sdpa"):
+            raise
+        model.set_attn_implementation(other)
+        try:
+            return fn(), AttentionRetry(other, str(exc))
+        finally:
+            model.set_attn_implementation(current)
