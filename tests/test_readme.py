@@ -167,6 +167,9 @@ def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
         assert re.search(r"^lazy_streaming +cap_total=256, slack=32 .* MiB \(\d+ %\) .* tok/s .* ms", run.stdout,
                          re.MULTILINE), run.stdout
         assert "None" not in run.stdout and "JSON in results/perplexity" in run.stdout
+        sample = next(b["body"] for b in readme_blocks() if b["lang"] == "text" and "no_press (baseline)" in b["body"])
+        runs = re.compile(r"median of (\d+) runs?")
+        assert runs.search(sample).group(1) == runs.search(run.stdout).group(1), "README sample: the timed runs"
     if lang == "python" and "pipeline(" in code:  # the quickstart: compression visibly happens, generate is bounded
         context, kept = map(int, re.search(r"(\d+) context tokens, (\d+) kept in the KV cache", run.stdout).groups())
         assert 0 < kept < context, run.stdout
