@@ -122,3 +122,22 @@ def test_ours_decides_only_for_non_empty_directories(tree):
         check_target_dir(tree / "file", flag="--dir", ours=ours, what="x")
     assert calls == []
     assert check_target_dir(tree / "empty", flag="--dir", ours=ours, what="x") == tree / "empty"
+
+
+def test_json_safe_writes_standard_json():
+    """Records with NaN, tuples, non-string keys and objects become standard JSON (``NaN`` is not JSON)."""
+    import json
+    import math
+
+    from kvpress_ext.storage.safe_write import json_safe
+
+    class Thing:
+        def __repr__(self):
+            return "Thing()"
+
+    record = {"ppl": math.nan, "speed": [math.inf, -math.inf, 1.5], 3: ("a", None, True), "press": Thing(),
+              "nested": {"x": (1, {"y": math.nan})}}
+    safe = json_safe(record)
+    assert safe == {"ppl": None, "speed": [None, None, 1.5], "3": ["a", None, True], "press": "Thing()",
+                    "nested": {"x": [1, {"y": None}]}}
+    assert json.loads(json.dumps(safe, allow_nan=False)) == safe

@@ -16,7 +16,7 @@ import torch
 
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.storage.inputs import load_json
-from kvpress_ext.storage.safe_write import check_output_dir, claim_output_dir, save_figure, write_output
+from kvpress_ext.storage.safe_write import check_output_dir, claim_output_dir, json_safe, save_figure, write_output
 
 
 def library_versions() -> dict:
@@ -108,22 +108,10 @@ def run_filename(record: dict) -> str:
     return _slug("__".join(str(p) for p in parts)) + ".json"
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return repr(x)
-
-
 def write_json(record: dict, output_dir: str | Path) -> Path:
     """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.storage.safe_write.claim_output_dir`)."""
     out = claim_output_dir(output_dir)
-    return write_output(out / run_filename(record), json.dumps(_jsonable(record), indent=2) + "\n", flag="--output_dir")
+    return write_output(out / run_filename(record), json.dumps(json_safe(record), indent=2) + "\n", flag="--output_dir")
 
 
 def _fmt(x, spec):
@@ -281,18 +269,19 @@ def _plot(rows: list[dict], path: Path, title: str) -> Path | None:
                 title="perplexity vs cache size", yscale="log")
     axes[1].set(xlabel="KV cache at end (KiB)", ylabel="decode tokens/s", title="decode throughput")
     (axes[1] if axes[1].lines else axes[0]).legend(fontsize=7, ncol=2, loc="best")
+    return _finish(fig, title, rows, path, plt)
+
+
+def _finish(fig, title: str, rows: list[dict], path: Path, plt) -> Path:
+    """Title, layout, the panel of presses that did not run (from ``rows``), then the figure saved and closed."""
     fig.suptitle(title)
     fig.tight_layout()
-    _add_not_run_panel(fig, rows)
-    save_figure(fig, path, flag="--output_dir", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _add_not_run_panel(fig, rows: list[dict]) -> None:
     text = _not_run_text(rows)
     if text:
         fig.text(1.0, 0.95, text, ha="left", va="top", fontsize=7, family="monospace", transform=fig.transFigure)
+    save_figure(fig, path, flag="--output_dir", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str, plt) -> Path:
@@ -326,12 +315,7 @@ def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str,
     b.barh(y, [r["decode_tok_per_s"] or 0 for r in rows],
            color=["0.45" if r["press"] == "no_press" else "0.6" if r["did_not_compress"] else "tab:blue" for r in rows])
     b.set(xlabel="decode tokens/s", title="decode throughput")
-    fig.suptitle(title)
-    fig.tight_layout()
-    _add_not_run_panel(fig, all_rows)
-    save_figure(fig, path, flag="--output_dir", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _finish(fig, title, all_rows, path, plt)
 
 
 _PER_CELL = ("press", "compression_ratio", "press_kwargs")  # what differs between the cells of one sweep

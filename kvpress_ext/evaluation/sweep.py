@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -57,6 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.storage.safe_write import (
+    atomic_write_bytes,
+    check_output_dir,
+    check_own_subdir,
+    claim_output_dir,
+    json_safe,
+    own_subdir,
+)
 
 EXECUTORS = ("local", "ray")
 CELLS_DIR = "cells"
@@ -141,23 +148,10 @@ def _check_cells(cells: list[Cell]) -> None:
         seen.add(cell.key)
 
 
-def _plain(x):
-    """JSON-safe copy (non-finite floats -> None, tuples -> lists, other objects -> repr)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return repr(x)
-
-
 def cell_identity(params: dict) -> dict:
     """What makes two cells the same computation: their params without the ``_``-prefixed (bookkeeping) ones,
     as plain JSON values. A finished cell is reused only when this matches."""
-    return _plain({k: v for k, v in params.items() if not str(k).startswith("_")})
+    return json_safe({k: v for k, v in params.items() if not str(k).startswith("_")})
 
 
 def cell_digest(params: dict) -> str:
@@ -171,10 +165,8 @@ def write_json_atomic(path: Path, data) -> None:
     """Write ``data`` as JSON so that a reader sees the old file or the new one, never half of one
     (:func:`kvpress_ext.storage.safe_write.atomic_write_bytes`: a temporary sibling, fsynced, renamed into place).
     The folder it goes into must be a real folder, not a symbolic link (:func:`~kvpress_ext.storage.safe_write.own_subdir`)."""
-    from kvpress_ext.storage.safe_write import atomic_write_bytes, own_subdir
-
     own_subdir(path.parent.parent, path.parent.name)
-    atomic_write_bytes(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_safe(data), indent=2) + "\n").encode())
 
 
 def cell_path(out_dir, key: str, params: dict) -> Path:
@@ -250,8 +242,6 @@ class _Tracker:
         if tb and not ok:
             data["traceback"] = tb[-3000:]
         if not self.claimed:  # checked before the sweep; marked ours only once something is written
-            from kvpress_ext.storage.safe_write import claim_output_dir, own_subdir
-
             claim_output_dir(self.out_dir, self.flag)
             own_subdir(self.out_dir, CELLS_DIR, self.flag)
             self.claimed = True
@@ -284,8 +274,6 @@ def run_sweep(cells: list[Cell], fn: Callable[[dict], dict], out_dir, options: S
     after its retries raises its own exception (a Ray task's: the cell's) and writes no cell file: the caller
     runs one cell whose failure is the command's error. Returns a :class:`SweepResult`.
     """
-    from kvpress_ext.storage.safe_write import check_output_dir, check_own_subdir
-
     options = options or SweepOptions()
     check_options(options)
     _check_cells(cells)

@@ -21,6 +21,7 @@ killed process, so nothing stale is ever waited on.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -183,6 +184,20 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         _remove(tmp)
         raise
     return path
+
+
+def json_safe(x):
+    """A copy of ``x`` that ``json.dumps`` writes as standard JSON: non-finite floats become null (not ``NaN``),
+    tuples lists, keys strings, and other objects their ``repr``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return repr(x)
 
 
 # --- the ownership rule: one test of what is ours --------------------------------------------------------------
