@@ -45,59 +45,43 @@ def parse_press_kwargs(items: list[str] | None, flag: str = "--press_kwargs") ->
     return out
 
 
+def _checked(text: str, cast, what: str, ok, rule: str):
+    """``cast(text)`` for an argparse type, else one line: ``expected <what>`` when it does not parse, ``<rule>``
+    when ``ok(value)`` is false (NaN fails every range)."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _checked(text, int, "a positive integer", lambda v: v >= 1, "expected a positive integer")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed torch accepts, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 1 << 63:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {text!r}")
-    return value
+    return _checked(text, int, "a whole number", lambda v: 0 <= v < 1 << 63, "a seed must be in [0, 2**63)")
 
 
 def temperature(text: str) -> float:
     """argparse type: a sampling temperature, 0 (greedy) or a finite number in [0.001, 1000]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != 0 and not 1e-3 <= value <= 1e3:  # NaN fails both tests
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or in [0.001, 1000], got {text!r}")
-    return value
+    return _checked(text, float, "a number", lambda v: v == 0 or 1e-3 <= v <= 1e3,
+                    "must be 0 (greedy) or in [0.001, 1000]")
 
 
 def probability_mass(text: str) -> float:
     """argparse type: a nucleus sampling mass in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
+    return _checked(text, float, "a number", lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 def token_offset(text: str) -> int:
     """argparse type: a whole number of positions, at most 2**24 either way."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if abs(value) > 1 << 24:
-        raise argparse.ArgumentTypeError(f"must be within +-{1 << 24} positions, got {text!r}")
-    return value
+    return _checked(text, int, "a whole number", lambda v: abs(v) <= 1 << 24,
+                    f"must be within +-{1 << 24} positions")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
