@@ -181,6 +181,7 @@ def test_readme_block_runs_as_written(name, lang, code, fresh_copy):
         assert (fresh_copy / "results/icl/cache/metadata.json").is_file(), output
 
 
+@pytest.mark.slow
 def test_readme_blocks_leave_git_status_clean(fresh_copy):
     """Every output of the README's commands lands under results/ (or a temporary folder) and is ignored by git."""
     for name, lang, code in jobs():
