@@ -39,6 +39,7 @@ from kvpress_ext.core.apply import apply_press, compression_phases
 from kvpress_ext.core.contract import prefill_chunk_size
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import available_presses, press_info
+from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation.longcontext import A3_PREFIX, PREFILL, a3_parts, is_a3, mode_error  # noqa: F401 - re-exported
 from kvpress_ext.evaluation.model_cache import get_model
@@ -58,8 +59,8 @@ from kvpress_ext.evaluation.sweep import (
 from kvpress_ext.evaluation.tasks.prompts import cell_prompt, context_limit, ids_of
 from kvpress_ext.evaluation.tasks.records import score
 from kvpress_ext.presses.a3 import ChunkStore
-from kvpress_ext.runtime.generate import eos_token_ids
 from kvpress_ext.runtime.hub import explain_press_failures
+from kvpress_ext.runtime.models import retry_with_other_attention
 from kvpress_ext.runtime.pipeline import greedy_decode
 
 
@@ -118,24 +119,6 @@ def answer_with_press(model, press, compressed_ids: list[int], rest_ids: list[in
         t3 = time.perf_counter()
     steps = len(out) - 1
     return {"ids": out, "ttft_s": t1 - t0, "tpot_s": (t3 - t2) / steps if steps else None, **extra}
-
-
-def _retry_other_attention(model, fn):
-    """Run ``fn()``; a press that rejects the attention implementation (needs eager weights, or refuses them)
-    is retried once with the other one. Returns (result, implementation used or None)."""
-    try:
-        return fn(), None
-    except AssertionError as exc:
-        current = model.config._attn_implementation
-        text = str(exc).lower()
-        if current not in ("eager", "sdpa") or not ("attention" in text or "eager" in text):
-            raise
-        other = "sdpa" if current == "eager" else "eager"
-        model.set_attn_implementation(other)
-        try:
-            return fn(), other
-        finally:
-            model.set_attn_implementation(current)
 
 
 _STORES: dict = {}
@@ -220,11 +203,11 @@ def run_cell(params: dict) -> dict:
                 "values" if values_only else "keys+values")}
 
         with explain_press_failures(method):  # a press needing hub files offline: one line
-            r, attn = _retry_other_attention(
+            r, retry = retry_with_other_attention(
                 model, lambda: answer_with_press(model, press, compressed_ids, rest_ids, params["max_new_tokens"],
                                                  diagnose))
-        if attn:
-            record["attn_implementation_used"] = attn
+        if retry is not None:
+            record["attn_implementation_used"] = retry.kernel
         r["context_tokens"] = len(compressed_ids)
     prediction = str(tokenizer.decode(r.pop("ids"), skip_special_tokens=True))
     r.pop("question_logits", None)

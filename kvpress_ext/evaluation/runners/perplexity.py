@@ -51,13 +51,12 @@ from kvpress_ext.evaluation.reports.perplexity_table import (
 from kvpress_ext.evaluation.runners.perplexity_checks import (
     check_model,
     mark_unsupported,
-    needs_other_attention,
     whole_prefill_only,
 )
 from kvpress_ext.evaluation.speed import measure_speed
 from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_key, cell_path, check_options, import_ray, run_sweep
 from kvpress_ext.runtime import hub
-from kvpress_ext.runtime.models import DEFAULT_MODEL, resolve_model
+from kvpress_ext.runtime.models import DEFAULT_MODEL, resolve_model, retry_with_other_attention
 from kvpress_ext.runtime.threads import set_threads
 from kvpress_ext.storage.inputs import path_digest
 from kvpress_ext.storage.safe_write import check_output_dir
@@ -161,21 +160,11 @@ def evaluate_press(model, input_ids: torch.Tensor, press, args: PerplexityConfig
 def evaluate_with_fallback(model, input_ids, press, args) -> dict:
     """:func:`evaluate_press`; a press that asserts on the attention implementation (some need eager attention
     weights, others refuse them) is retried once with the other one (eager <-> sdpa), and the record says so."""
-    current = model.config._attn_implementation
-    try:
-        return evaluate_press(model, input_ids, press, args)
-    except AssertionError as exc:
-        if not needs_other_attention(exc) or current not in ("eager", "sdpa"):
-            raise
-        other = "sdpa" if current == "eager" else "eager"
-        model.set_attn_implementation(other)
-        try:
-            record = evaluate_press(model, input_ids, press, args)
-        finally:
-            model.set_attn_implementation(current)
-        record["attn_implementation"] = other
-        record["note"] = f"retried with attn_implementation={other}: {exc}"
-        return record
+    record, retry = retry_with_other_attention(model, lambda: evaluate_press(model, input_ids, press, args))
+    if retry is not None:
+        record["attn_implementation"] = retry.kernel
+        record["note"] = f"retried with attn_implementation={retry.kernel}: {retry.reason}"
+    return record
 
 
 def _base_record(args, model, input_ids, device) -> dict:

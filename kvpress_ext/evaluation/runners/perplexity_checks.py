@@ -18,15 +18,10 @@ from kvpress_ext.evaluation import perplexity as ppl
 from kvpress_ext.evaluation.press_setup import build_press, first_line
 from kvpress_ext.evaluation.speed import _one_run
 from kvpress_ext.runtime import hub
-from kvpress_ext.runtime.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model
+from kvpress_ext.runtime.models import MODEL_ALTERNATIVES, ModelLoadError, resolve_model, retry_with_other_attention
 
 if TYPE_CHECKING:  # annotations only
     from kvpress_ext.evaluation.runners.perplexity import PerplexityConfig
-
-
-def needs_other_attention(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, AssertionError) and ("attention" in text or "eager" in text)
 
 
 def probe_support(model, input_ids, press, args: PerplexityConfig) -> str | None:
@@ -58,8 +53,6 @@ def probe_support(model, input_ids, press, args: PerplexityConfig) -> str | None
 def _try(model, press, steps) -> str | None:
     """Run ``steps`` under ``press`` (retrying once with the other attention kernel, as the sweep does); the first
     line of what went wrong, or None. A :class:`PressSkippedWarning` (input left uncompressed) counts as wrong."""
-    current = model.config._attn_implementation
-
     def attempt() -> str | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PressSkippedWarning)
@@ -72,16 +65,7 @@ def _try(model, press, steps) -> str | None:
         return None
 
     try:
-        try:
-            return attempt()
-        except AssertionError as exc:
-            if not needs_other_attention(exc) or current not in ("eager", "sdpa"):
-                raise
-            model.set_attn_implementation("sdpa" if current == "eager" else "eager")
-            try:
-                return attempt()
-            finally:
-                model.set_attn_implementation(current)
+        return retry_with_other_attention(model, attempt)[0]
     except Exception as exc:  # noqa: BLE001 - any failure makes the press unsupported here; its message says why
         return first_line(exc)
     finally:
