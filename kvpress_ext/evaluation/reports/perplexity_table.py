@@ -147,7 +147,7 @@ def format_table(records: list[dict], header: str | None = None, reused: dict | 
                      "then, in MiB and as % of the same tokens uncompressed.")
     if s:
         notes.append(f"decode: greedy tokens/s after a {s['context_tokens']}-token prefill, median of {s['num_runs']} "
-                     "runs; TTFT: time to first token (prefill + first token).")
+                     f"run{'' if s['num_runs'] == 1 else 's'}; TTFT: time to first token (prefill + first token).")
     env = first.get("environment") or {}
     if env.get("threads"):
         device = env.get("device", "cpu")
