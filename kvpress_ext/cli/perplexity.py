@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"options: {d.model} on the first {d.max_eval_tokens} tokens of a local text (the shared "
                     f"WikiText-2 test file, else Pride and Prejudice) in {d.context_limit}-token windows, speed from "
                     f"{d.num_runs} timed run(s) after a warm-up of a "
-                    f"{d.context_limit}-token prefill + {d.max_new_tokens} decoded tokens; offline, within 3 minutes "
-                    "on 2 CPU cores (including the model's one-time conversion). Hub data sets only when asked for.",
+                    f"{d.context_limit}-token prefill + {d.max_new_tokens} decoded tokens; offline, about 2 minutes "
+                    "of CPU time (plus the model's one-time conversion). Hub data sets only when asked for.",
         formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", default=d.model, help=MODEL_HELP)
