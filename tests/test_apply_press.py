@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import ClassVar
 
 import kvpress
@@ -157,3 +158,63 @@ def test_kvpress_logs_once_per_message_while_quiet():
         assert A._ONCE not in logger.filters and shown(logger.name)
     finally:
         A.quiet_repeated_kvpress_logs(enable=False)
+
+
+def test_after_forward_gets_the_callers_cache_else_the_one_the_model_made():
+    got = []
+    hook = A._after_forward_hook(SimpleNamespace(after_forward=got.append))
+    mine, made = object(), object()
+    out = SimpleNamespace(past_key_values=made)
+    assert hook(None, (), {"past_key_values": mine}, out) is out
+    hook(None, (), {}, out)
+    hook(None, (), {}, object())  # no cache anywhere: nothing to compress
+    assert got == [mine, made]
+
+
+def test_a_refusal_without_hidden_states_and_where_its_warning_points():
+    with pytest.warns(PressSkippedWarning, match=r"did not compress a \?-token input \(x\)") as caught:
+        A._input_refused(_knorm(), AssertionError("x"), None)
+    # the caller of the refusal; under mutation testing mutmut's wrapper stands between the two
+    assert caught[0].filename == __file__ or caught[0].filename.endswith("trampoline.py"), caught[0].filename
+
+
+@dataclass
+class _Recording(kvpress.KnormPress):
+    inputs: list = field(default_factory=list)
+
+    def forward_hook(self, module, input, kwargs, output):
+        self.inputs.append(input)
+        return output
+
+
+def test_the_press_hook_gets_the_positional_inputs_as_a_list():
+    model = tiny_model("llama")
+    press = _Recording(compression_ratio=0.5)
+    with A.apply_press(press, model), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=DynamicCache())
+    assert len(press.inputs) == model.config.num_hidden_layers and all(isinstance(i, list) for i in press.inputs)
+
+
+def test_a_registered_wrapper_is_named_itself_not_its_inner_press():
+    assert A._user_facing_name(kvpress.KeyRerotationPress(press=_knorm())) == "key_rerotation"
+
+
+def test_quiet_logs_cover_the_kvpress_logger_once_and_loggers_created_later():
+    top = logging.getLogger("kvpress")
+    try:
+        A.quiet_repeated_kvpress_logs()
+        A.quiet_repeated_kvpress_logs()
+        assert top.filters.count(A._ONCE) == 1
+        later = logging.getLogger(f"kvpress.created_later_{uuid.uuid4().hex}")
+        with A.apply_press(None, tiny_model("llama")):
+            pass
+        assert A._ONCE in later.filters
+    finally:
+        A.quiet_repeated_kvpress_logs(enable=False)
+    assert A._ONCE not in top.filters
+
+
+def test_a_new_once_per_message_filter_starts_empty():
+    f = A._OncePerMessage()
+    record = logging.LogRecord("kvpress", logging.WARNING, __file__, 1, "line", (), None)
+    assert f.filter(record) and not f.filter(record)

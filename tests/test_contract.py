@@ -258,3 +258,17 @@ def test_skip_warnings_are_per_press_and_a_slotted_press_warns_every_time():
     slotted = Slotted()
     assert first_skip_warning(slotted) and first_skip_warning(slotted)
     forget_skip_warning(slotted)
+
+
+def test_the_restore_kv_class_is_found_and_forgetting_an_unwarned_press_is_harmless():
+    assert contract_module._restore_kv() is kvpress.RestoreKVPress
+    forget_skip_warning(kvpress.KnormPress(0.5))  # never warned: nothing to forget
+
+
+def test_class_level_budget_ignores_a_contract_attribute_that_is_not_a_contract():
+    assert budget_parameters(_NotAContract) == ()
+
+
+def test_from_compression_ratio_passes_the_other_parameters_on():
+    press = from_compression_ratio(RKVPress, 0.75, 100, window_size=4)
+    assert (press.budget, press.window_size) == (25, 4)
