@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvpress_ext import UnsupportedModelError, apply_press
 from kvpress_ext.core import adapters as adapters_mod
+from kvpress_ext.core import tables
 from kvpress_ext.core.adapters import AttentionShape, ModelAdapter, add_adapter, get_adapter
 from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
 from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core.tables import RegistrationConflict
 from kvpress_ext.testing import ARCHITECTURES, tiny_config, tiny_model
 
 TOL = 1e-5
@@ -260,3 +262,33 @@ def test_neox_view_built_under_another_default_device_stays_on_the_model_device(
     assert view.rotary_emb.inv_freq.device.type == "cpu" and cos.device.type == sin.device.type == "cpu"
     torch.testing.assert_close(cos, ref[0])
     torch.testing.assert_close(sin, ref[1])
+
+
+# --- what an adapter declares: the model types it matches, how it is named, what add_adapter refuses ---------------
+def test_matches_reads_the_config_model_type_and_llama_adapters_have_no_qk_norm_by_default():
+    adapter = LlamaFamilyAdapter("custom", ("custom_type",))
+    assert adapter.qk_norm is False
+    assert adapter.matches(types.SimpleNamespace(config=types.SimpleNamespace(model_type="custom_type")))
+    assert not adapter.matches(types.SimpleNamespace(config=types.SimpleNamespace(model_type="other")))
+    assert not adapter.matches(object())
+
+
+def test_an_adapter_is_described_by_its_class_path_and_name():
+    described = adapters_mod._adapter_path(LlamaFamilyAdapter("x", ("y",)))
+    assert described == "kvpress_ext.core.adapters.llama.LlamaFamilyAdapter 'x'"
+
+
+@pytest.mark.parametrize("model_types", [(), ("",), (3,), ("fine", "")])
+def test_adapters_must_name_their_model_types(model_types):
+    with pytest.raises(TypeError, match="must name the config.model_type values it drives in model_types"):
+        add_adapter(LlamaFamilyAdapter("nameless", model_types))
+
+
+def test_an_adapter_with_one_taken_model_type_registers_none():
+    state = tables.snapshot_all()
+    try:
+        with pytest.raises(RegistrationConflict):
+            add_adapter(LlamaFamilyAdapter("half", ("half_free_type", "llama")))
+        assert "half_free_type" not in {e.key for e in adapters_mod.adapter_registrations()}
+    finally:
+        tables.restore_all(state)

@@ -212,6 +212,9 @@ def test_quiet_logs_cover_the_kvpress_logger_once_and_loggers_created_later():
     finally:
         A.quiet_repeated_kvpress_logs(enable=False)
     assert A._ONCE not in top.filters
+    never_quiet = logging.getLogger(f"kvpress.never_quiet_{uuid.uuid4().hex}")
+    A.quiet_repeated_kvpress_logs(enable=False)  # turning it off adds nothing anywhere
+    assert A._ONCE not in never_quiet.filters
 
 
 def test_a_new_once_per_message_filter_starts_empty():
