@@ -160,6 +160,7 @@ def test_press_view_keeps_a_modules_own_rotary_embedding(tiny_models):
     adapter = get_adapter(model)
     attn = adapter.attention_modules(model)[0]
     own = object()
+    earlier = attn._modules.pop("rotary_emb", None)  # a submodule set by an earlier view in this process, if any
     previous = attn.__dict__.get("rotary_emb")
     attn.rotary_emb = own
     try:
@@ -168,6 +169,8 @@ def test_press_view_keeps_a_modules_own_rotary_embedding(tiny_models):
         del attn.rotary_emb
         if previous is not None:
             attn.rotary_emb = previous
+        if earlier is not None:
+            attn._modules["rotary_emb"] = earlier
     assert adapter.press_view(model, attn).rotary_emb is adapter.rotary_embedding(model)
 
 
