@@ -295,3 +295,28 @@ def test_an_adapter_with_one_taken_model_type_registers_none():
         assert "half_free_type" not in {e.key for e in adapters_mod.adapter_registrations()}
     finally:
         tables.restore_all(state)
+
+
+class _ByArchitecture(LlamaFamilyAdapter):
+    """An adapter with its own matches(): any config whose architectures name a Llama model."""
+
+    def matches(self, model):
+        return "LlamaForCausalLM" in (getattr(model.config, "architectures", None) or [])
+
+
+def test_the_table_entry_wins_and_an_adapters_own_matches_is_the_fallback():
+    state = tables.snapshot_all()
+    try:
+        first = LlamaFamilyAdapter("aaa_first", ("t_one", "t_two"))
+        second = LlamaFamilyAdapter("bbb_second", ("t_one",))
+        add_adapter(first)
+        add_adapter(second, override=True)
+        model_of = lambda t, **kw: types.SimpleNamespace(config=types.SimpleNamespace(model_type=t, **kw))
+        assert get_adapter(model_of("t_one")) is second and get_adapter(model_of("t_two")) is first
+        by_arch = _ByArchitecture("by_architecture", ("t_three",))
+        add_adapter(by_arch)
+        assert get_adapter(model_of("unregistered", architectures=["LlamaForCausalLM"])) is by_arch
+        with pytest.raises(UnsupportedModelError):
+            get_adapter(model_of("unregistered", architectures=["Other"]))
+    finally:
+        tables.restore_all(state)
