@@ -32,6 +32,7 @@ MOVED = {
     "kvpress_ext.safe_io": "kvpress_ext.storage.safe_write",
     "kvpress_ext.cache_io": "kvpress_ext.storage.cache_files",
     "kvpress_ext.inputs": "kvpress_ext.storage.inputs",
+    "kvpress_ext.presses.a3.chunk_files": "kvpress_ext.storage.chunk_files",
     "kvpress_ext.threads": "kvpress_ext.runtime.threads",
     "kvpress_ext.models": "kvpress_ext.runtime.models",
     "kvpress_ext.model_sources": "kvpress_ext.runtime.builtin_models",

@@ -1,6 +1,6 @@
-"""A³'s chunk store (presses/a3/chunk_store.py): what is on disk (names, metadata, tensors) against a
-from-scratch forward pass, each refusal's one-line message, the read-only and surprisal paths, locks, and which
-directories count as a store root."""
+"""A³'s chunk store (storage/chunk_store.py, with the encoding in presses/a3/chunk_store.py): what is on disk
+(names, metadata, tensors) against a from-scratch forward pass, each refusal's one-line message, the read-only and
+surprisal paths, locks, and which directories count as a store root."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from kvpress_ext.core.errors import CacheFormatError
-from kvpress_ext.presses.a3 import chunk_store as CS
-from kvpress_ext.presses.a3.chunk_store import ChunkKV, ChunkStore, check_store_root, is_store_root
+from kvpress_ext.presses.a3 import ChunkStore
+from kvpress_ext.storage import chunk_store as CS
 from kvpress_ext.storage.cache_files import file_checksum, model_fingerprint
+from kvpress_ext.storage.chunk_files import A3InputError, load_chunks, read_chunk_texts, split_tokens
+from kvpress_ext.storage.chunk_store import ChunkKV, check_store_root, is_store_root
 from kvpress_ext.storage.safe_write import OutputPathError
 from kvpress_ext.testing import tiny_model, tiny_tokenizer
 

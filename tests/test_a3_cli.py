@@ -12,7 +12,7 @@ from kvpress_ext.cli import main
 from kvpress_ext.cli.a3 import SUMMARY
 from kvpress_ext.evaluation.a3_quality import distribution_agreement
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
-from kvpress_ext.presses.a3.chunk_files import load_chunks
+from kvpress_ext.storage.chunk_files import load_chunks
 
 CHUNKS = ["Tom had a big red ball. He liked to play with it in the park.",
           {"text": "One day, Tom saw a little dog. The dog was sad and alone."},

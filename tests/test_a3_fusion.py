@@ -18,6 +18,7 @@ from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.presses.a3 import A3Press, ChunkStore, realign
 from kvpress_ext.presses.a3 import selection as S
 from kvpress_ext.presses.a3.fusion import fuse_chunks
+from kvpress_ext.runtime.pipeline import answer_from_chunks
 from kvpress_ext.testing import flatten, random_chunks, tiny_model, tiny_tokenizer
 
 TOL = 1e-4  # float32 logits of tiny models
@@ -483,11 +484,13 @@ def test_pipeline_errors(tmp_path):
     pipe = _pipe(model, tok)
     press = A3Press(store=ChunkStore(tmp_path, model, tok))
     with pytest.raises(TypeError, match=r"^a3 pipeline does not support top_k, foo$"):
-        press.pipeline_call(pipe, TEXTS, question="x", top_k=3, foo=1)
-    with pytest.raises(PressParameterError, match=r"^a3: pass A3Press\(store=ChunkStore\(\.\.\.\)\) to the pipeline\.$"):
-        A3Press().pipeline_call(pipe, TEXTS, question="x")
+        answer_from_chunks(pipe, press, TEXTS, question="x", top_k=3, foo=1)
+    with pytest.raises(PressParameterError, match=r"^a3: A3Press\.fuse needs store=ChunkStore\(\.\.\.\)\.$"):
+        answer_from_chunks(pipe, A3Press(), TEXTS, question="x")
     with pytest.raises(ValueError, match=r"^a3: fuse needs at least one chunk\.$"):
-        press.pipeline_call(pipe, [], question="x")
+        answer_from_chunks(pipe, press, [], question="x")
     for kw in ({}, {"questions": []}, {"questions": None}):
         with pytest.raises(ValueError, match=r"^a3 pipeline needs question= or questions=\.$"):
-            press.pipeline_call(pipe, TEXTS, **kw)
+            answer_from_chunks(pipe, press, TEXTS, **kw)
+    with pytest.raises(ValueError, match=r"^context_chunks=\.\.\. needs a press that fuses chunk caches"):
+        pipe(context_chunks=TEXTS, question="x", press="knorm")

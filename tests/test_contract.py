@@ -17,8 +17,8 @@ from kvpress_ext.core.contract import (
     first_skip_warning,
     forget_skip_warning,
     from_compression_ratio,
+    fuses_chunks,
     inner_press,
-    pipeline_call,
     prefill_chunk_size,
     reset_press,
     sized_by_budget,
@@ -129,13 +129,12 @@ def test_budget_helpers_read_the_class():
         from_compression_ratio(kvpress.SnapKVPress, 0.5, 1024)
 
 
-def test_chunk_size_and_pipeline_call_only_where_declared():
+def test_chunk_size_and_chunk_fusion_only_where_declared():
     lazy = LazyStreamingPress(cap_total=64, slack=8)
     assert prefill_chunk_size(lazy) == 8
     assert prefill_chunk_size(kvpress.KnormPress(0.5)) is None
-    a3 = A3Press()
-    assert pipeline_call(a3) == a3.pipeline_call
-    assert pipeline_call(kvpress.KnormPress(0.5)) is None
+    assert fuses_chunks(A3Press()) and callable(A3Press().fuse)
+    assert not fuses_chunks(kvpress.KnormPress(0.5)) and not fuses_chunks(lazy)
 
 
 def test_reset_reaches_the_press_and_its_decoding_press():

@@ -103,3 +103,16 @@ def test_rerotate_equals_rope_at_the_new_positions(r):
 def test_rotate_half():
     x = torch.arange(6.0)
     assert rope.rotate_half(x).tolist() == [-3.0, -4.0, -5.0, 0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("r", [8, 4])  # full and partial rotary of a 8-dim head
+@pytest.mark.parametrize("shift", [37, -5, 0])
+def test_shift_into_equals_rerotate_by_a_constant_difference(r, shift):
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 11, 8, generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
+    start = torch.arange(4, 15)
+    ref = rope.rerotate(keys, start, start + shift, inv)
+    out = torch.full_like(keys, float("nan"))[:, :, :11]  # a strided destination, as a slice of a fused cache is
+    assert rope.shift_into(out, keys, shift, inv) is out
+    assert (out - ref).abs().max() < 1e-5

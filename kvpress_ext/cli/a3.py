@@ -28,9 +28,9 @@ from pathlib import Path
 from kvpress_ext.cli.common import add_model_argument, add_placement_args, add_threads_argument
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import CacheFormatError
-from kvpress_ext.presses.a3.chunk_files import A3InputError, check_chunk_file, load_chunks
-from kvpress_ext.presses.a3.chunk_store import SUMMARY, check_store_root
 from kvpress_ext.runtime import hub
+from kvpress_ext.storage.chunk_files import A3InputError, check_chunk_file, load_chunks
+from kvpress_ext.storage.chunk_store import SUMMARY, check_store_root
 from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
@@ -143,7 +143,7 @@ def _cmd_precompute(args) -> int:
 def _has_surprisal(store, ids) -> bool:
     from safetensors import safe_open
 
-    from kvpress_ext.presses.a3.chunk_store import TENSORS
+    from kvpress_ext.storage.chunk_store import TENSORS
 
     try:
         with safe_open(str(store.chunk_path(ids) / TENSORS), "pt") as f:

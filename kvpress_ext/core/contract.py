@@ -51,8 +51,8 @@ __all__ = [
     "first_skip_warning",
     "forget_skip_warning",
     "from_compression_ratio",
+    "fuses_chunks",
     "inner_press",
-    "pipeline_call",
     "prefill_chunk_size",
     "reset_press",
     "sized_by_budget",
@@ -81,7 +81,8 @@ class PressContract:
     budget_parameters: tuple[str, ...] = ()
     #: Streams a long context in chunks of ``press.prefill_chunk_size`` tokens, compressing after each one.
     chunked_prefill: bool = False
-    #: Has ``pipeline_call(pipe, context_chunks, ...)``: the pipeline hands it pre-chunked contexts (A³).
+    #: Builds the cache itself from pre-chunked contexts (A³): ``fuse(model, chunks, question_ids, prefix_ids)`` returns
+    #: ``(cache, logits)``, the cache holding prefix + chunks + question; the pipeline decodes the answer from it.
     takes_context_chunks: bool = False
     #: Compresses each sequence of a left-padded batch as if it were alone (pads never kept over real tokens) when
     #: run on each sequence's own tokens (:mod:`kvpress_ext.core.batch`): its decisions read only the forward's
@@ -174,9 +175,9 @@ def prefill_chunk_size(press) -> int | None:
     return press.prefill_chunk_size if contract_of(press).chunked_prefill else None
 
 
-def pipeline_call(press):
-    """The press's ``pipeline_call`` when it takes pre-chunked contexts (A³), else None."""
-    return press.pipeline_call if contract_of(press).takes_context_chunks else None
+def fuses_chunks(press) -> bool:
+    """Whether the press builds the cache from pre-chunked contexts with ``fuse`` (A³)."""
+    return contract_of(press).takes_context_chunks
 
 
 def reset_press(press) -> None:

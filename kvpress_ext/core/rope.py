@@ -52,3 +52,20 @@ def rerotate(keys: torch.Tensor, from_positions: torch.Tensor, to_positions: tor
     """
     delta = to_positions.to(torch.float32) - from_positions.to(torch.float32)
     return rotate(keys, delta, inv_freq, scaling=1.0)
+
+
+def shift_into(out: torch.Tensor, keys: torch.Tensor, shift: float, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Write into ``out`` the float32 ``keys`` (..., seq, head_dim) all moved by the same ``shift`` positions.
+
+    :func:`rerotate` with one position difference for every key (a whole chunk moved as a block), done in place:
+    no temporary the size of the keys, which is what a fused cache of many chunks would otherwise pay per chunk.
+    """
+    half = inv_freq.shape[-1]
+    angles = inv_freq.to(device=keys.device, dtype=torch.float32) * float(shift)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = keys[..., :half], keys[..., half : 2 * half]
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out[..., half : 2 * half]).addcmul_(x1, sin)
+    if keys.shape[-1] > 2 * half:
+        out[..., 2 * half :] = keys[..., 2 * half :]
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
 from kvpress import DecodingPress, KVPressTextGenerationPipeline, PrefillDecodingPress
@@ -32,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press, compression_phases
 from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
-from kvpress_ext.core.contract import pipeline_call
+from kvpress_ext.core.contract import fuses_chunks
 from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.positions import BatchInputError, position_state
@@ -107,7 +108,7 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
 
     def __call__(self, *args, context_chunks=None, **kwargs):
         """``context_chunks=[...]`` hands separately cached chunks to a press that fuses them itself
-        (it defines ``pipeline_call``, e.g. A3Press); a list of contexts is answered one answer per context (see
+        (e.g. A3Press, see :func:`answer_from_chunks`); a list of contexts is answered one answer per context (see
         the module docstring); otherwise this is kvpress's pipeline unchanged."""
         contexts = args[0] if args else kwargs.get("context")
         if context_chunks is None and isinstance(contexts, (list, tuple)):
@@ -117,13 +118,12 @@ class KVPressExtPipeline(KVPressTextGenerationPipeline):
             return super().__call__(*args, **kwargs)
         press = kwargs.pop("press", None)
         press = get_press(press) if isinstance(press, str) else press
-        fuse = pipeline_call(press) if press is not None else None
-        if args or fuse is None:
+        if args or press is None or not fuses_chunks(press):
             raise ValueError(
                 "context_chunks=... needs a press that fuses chunk caches (e.g. press=A3Press(store=...)) and no "
                 "positional context."
             )
-        return fuse(self, list(context_chunks), **kwargs)
+        return answer_from_chunks(self, press, list(context_chunks), **kwargs)
 
     def _answer_list(self, contexts, question=None, questions=None, batch_size=1, answer_prefix=None,
                      max_new_tokens=50, **kwargs):
@@ -207,6 +207,44 @@ class _AutoModelWithoutLoadingBar(AutoModelForCausalLM):
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
+
+
+def answer_from_chunks(pipe, press, context_chunks, question: str | None = None, questions: list[str] | None = None,
+                       answer_prefix: str = "", max_new_tokens: int = 50, use_chat_template: bool = True,
+                       **unused: Any) -> dict:
+    """Answer each question from ``press.fuse`` of the chunks (text or token ids), by greedy decoding.
+
+    The press builds the cache (A³ fuses stored chunk caches); this side makes the prompts: with a chat template the
+    template's prefix (system turn, user header) is the fused cache's prefix and each question's suffix (blank line,
+    question, assistant header) comes after the chunks; otherwise the store's prefix and the raw question. Returns
+    ``{"answer": ...}`` for ``question=`` or ``{"answers": [...]}`` for ``questions=``.
+    """
+    if unused:
+        raise TypeError(f"a3 pipeline does not support {', '.join(unused)}")
+    model, tok = pipe.model, pipe.tokenizer
+    asked = [question] if question is not None else list(questions or [])
+    if not asked:
+        raise ValueError("a3 pipeline needs question= or questions=.")
+    if not context_chunks:
+        raise ValueError("a3: fuse needs at least one chunk.")
+    chunks = [list(tok(c, add_special_tokens=False)["input_ids"]) if isinstance(c, str) else c for c in context_chunks]
+    eos = eos_token_ids(model)
+    last = context_chunks[-1]
+    last_text = last if isinstance(last, str) else tok.decode(list(last))
+    answers = []
+    for q in asked:
+        prompt = split_chat_prompt(tok, last_text, q, use_chat_template=use_chat_template)
+        prefix_ids = prompt.ids(tok)[0] if prompt.templated else None
+        q_ids = tok(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
+        cache, logits = press.fuse(model, chunks, q_ids, prefix_ids)
+        first = int(logits[-1].argmax())
+        ids = [first]
+        if max_new_tokens > 1 and first not in eos:
+            with apply_press(None, model):
+                ids += greedy_decode(model, torch.tensor([[first]], device=input_device(model)), cache,
+                                     max_new_tokens - 1, eos)
+        answers.append(str(tok.decode(ids, skip_special_tokens=True)))
+    return {"answer": answers[0]} if question is not None else {"answers": answers}
 
 
 def _register_pipeline() -> None:

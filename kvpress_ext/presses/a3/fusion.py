@@ -4,8 +4,9 @@ Sequence layout (global positions = row index in the fused cache)::
 
     [ prefix (P) | chunk 0 | chunk 1 | ... | question (Q) ]
 
-1. Load every chunk's K/V, concatenate them after the prefix's, and rotate each chunk's keys from its
-   local positions (P + j) to its global ones.
+1. Load every chunk's K/V and write them after the prefix's into a cache allocated once with room for the
+   question, each chunk's keys rotated from its local positions (P + j) to its global ones (all layers of a
+   chunk in one operation).
 2. Run the decoder layer by layer with our own loop over the model's sub-modules (norms, projections
    through the adapter, :mod:`.attention` with an explicit mask, output projection, MLP), for an
    *active* set of tokens only:
@@ -36,9 +37,10 @@ from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.devices import execution_device, input_device, layer_devices
 from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.core.positions import position_state
+from kvpress_ext.core.rope import shift_into
 from kvpress_ext.presses.a3 import selection as sel
 from kvpress_ext.presses.a3.attention import attention_probs, masked_attention
-from kvpress_ext.presses.a3.chunk_store import ChunkKV
+from kvpress_ext.storage.chunk_store import ChunkKV
 
 
 @dataclass
@@ -71,28 +73,51 @@ def _final_norm(decoder):
     return decoder.norm if hasattr(decoder, "norm") else decoder.final_layer_norm
 
 
-def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, dtype=None):
-    """Concatenate prefix and chunk K/V per layer with each chunk's keys moved to global positions.
+def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, dtype=None, extra_rows: int = 0,
+            devices=None):
+    """Prefix and chunk K/V written into one cache per device, each chunk's keys moved to global positions.
 
-    Returns (keys, values): lists over layers of (1, KVH, P + N, d) tensors.
+    Returns (keys, values): lists over layers of (1, KVH, P + N + extra_rows, d) views (the last ``extra_rows``
+    rows zero: room for the question). Layers go to ``devices[i]`` when given, else all to ``device`` (default:
+    where the stored tensors are). Each chunk is rotated and copied once for all the layers on a device.
     """
     adapter = get_adapter(model)
     n_layers = len(adapter.layers(model))
-    n_prefix = len(prefix) if prefix is not None else 0
-    keys, values = [], []
-    for i in range(n_layers):
-        ks, vs = ([prefix.keys[i]], [prefix.values[i]]) if prefix is not None else ([], [])
-        offset = n_prefix
-        for c in chunks:
-            k = c.keys[i].to(device=device, dtype=dtype)
+    entries = ([prefix] if prefix is not None else []) + list(chunks)
+    if not entries:
+        raise ValueError("realign needs a prefix or at least one chunk.")
+    first_keys = entries[0].stacked()[0]
+    dtype = dtype or first_keys.dtype
+    devices = list(devices) if devices is not None else [device or first_keys.device] * n_layers
+    total = sum(len(e) for e in entries) + extra_rows
+    keys, values = [None] * n_layers, [None] * n_layers
+    for dev in dict.fromkeys(devices):  # each distinct device, in layer order
+        idx = [i for i, d in enumerate(devices) if d == dev]
+        pick = None if idx == list(range(n_layers)) else torch.tensor(idx)
+        _, kvh, _, hd = first_keys.shape
+        kbuf = torch.empty(len(idx), kvh, total, hd, device=dev, dtype=dtype)
+        vbuf = torch.empty(len(idx), kvh, total, entries[0].stacked()[1].shape[-1], device=dev, dtype=dtype)
+        offset = 0
+        for e in entries:
+            k, v = e.stacked()
+            if pick is not None:
+                k, v = k[pick], v[pick]
+            k = k.to(device=dev, dtype=dtype, non_blocking=True)
             n = k.shape[-2]
-            local = torch.arange(c.prefix_len, c.prefix_len + n, device=k.device)
-            glob = torch.arange(offset, offset + n, device=k.device)
-            ks.append(k if c.prefix_len == offset else adapter.rerotate_keys(model, k, local, glob))
-            vs.append(c.values[i])
+            dst = kbuf[:, :, offset : offset + n]
+            if e.prefix_len == offset:
+                dst.copy_(k)
+            elif dtype == torch.float32:  # every key of the chunk moves by the same distance: rotate in place
+                shift_into(dst, k, offset - e.prefix_len, adapter.inv_freq(model))
+            else:  # half precision: rotate in float32, round once
+                local = torch.arange(e.prefix_len, e.prefix_len + n, device=k.device)
+                dst.copy_(adapter.rerotate_keys(model, k, local, torch.arange(offset, offset + n, device=k.device)))
+            vbuf[:, :, offset : offset + n] = v.to(device=dev, dtype=dtype, non_blocking=True)
             offset += n
-        keys.append(torch.cat([t.to(device=device, dtype=dtype) for t in ks], dim=-2))
-        values.append(torch.cat([t.to(device=device, dtype=dtype) for t in vs], dim=-2))
+        kbuf[:, :, offset:] = 0
+        vbuf[:, :, offset:] = 0
+        for j, i in enumerate(idx):
+            keys[i], values[i] = kbuf[j : j + 1], vbuf[j : j + 1]
     return keys, values
 
 
@@ -166,14 +191,9 @@ def fuse_chunks(
     n_doc, n_q = sum(lengths), len(question_ids)
     total = n_prefix + n_doc + n_q
     t0 = time.perf_counter()
-    keys, values = realign(model, prefix, chunks, device=device, dtype=dtype)
-    keys, values = [k.to(d) for k, d in zip(keys, devices)], [v.to(d) for v, d in zip(values, devices)]
+    keys, values = realign(model, prefix, chunks, dtype=dtype, extra_rows=n_q, devices=devices)
     realign_s = time.perf_counter() - t0
     shape = adapter.shape(model)
-    for i in range(len(layers)):  # room for the question's rows
-        pad = keys[i].new_zeros(1, shape.num_kv_heads, n_q, keys[i].shape[-1])
-        keys[i] = torch.cat([keys[i], pad], dim=-2)
-        values[i] = torch.cat([values[i], values[i].new_zeros(1, shape.num_kv_heads, n_q, values[i].shape[-1])], dim=-2)
     doc_ids = [t for c in chunks for t in c.token_ids]
     ids = torch.tensor([doc_ids + list(question_ids)], device=device)
     active = torch.arange(n_prefix, total, device=device)  # global positions of the active tokens
@@ -197,8 +217,10 @@ def fuse_chunks(
             full_x = x.new_zeros(1, total, x.shape[-1])
             full_x[:, active] = x
             inputs.append(full_x)
-        if li == selection_layer:
+        if li == selection_layer and strategy == "blend":  # the stored values, before this layer overwrites them
             old_v = values[li][:, :, n_prefix : n_prefix + n_doc].clone()
+        else:
+            old_v = None
         keys[li][:, :, active] = k.to(keys[li].dtype)
         values[li][:, :, active] = v.to(values[li].dtype)
         if li == selection_layer:
@@ -222,8 +244,9 @@ def fuse_chunks(
     hq = norm(hidden[:, -n_q:].to(execution_device(norm)))
     logits = head(hq.to(execution_device(head)))[0]
     cache = DynamicCache()
-    for i in range(len(layers)):
-        cache.update(keys[i], values[i], i)
+    for i in range(len(layers)):  # hand the rows over as they are (update() would copy them once more)
+        cache.update(keys[i][..., :0, :], values[i][..., :0, :], i)
+        cache.layers[i].keys, cache.layers[i].values = keys[i], values[i]
     state = position_state(cache)
     state.next_position = state.seen_tokens = total
     return FusionResult(cache, logits, selected, n_prefix, lengths, timings={"realign_s": realign_s},

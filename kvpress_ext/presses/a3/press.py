@@ -17,7 +17,7 @@ Usage::
     # logits[-1] predicts the first answer token; continue decoding with `cache`
     # (e.g. kvpress_ext.runtime.pipeline.greedy_decode inside kvpress_ext.core.apply.apply_press(None, model)).
 
-    # or through the pipeline:
+    # or through the pipeline, which makes the prompts and decodes (kvpress_ext.runtime.pipeline.answer_from_chunks):
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     pipe(context_chunks=passages[:4], question="Who ...?", press=press)["answer"]
 
@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from kvpress_ext.core.contract import PressContract
-from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.core.registry import register_press
-from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
 
@@ -149,44 +147,3 @@ class A3Press:
         t3 = time.perf_counter()
         result.timings = {"load_s": t1 - t0, "fuse_s": t2 - t1, "evict_s": t3 - t2, **result.timings}
         return result
-
-    # --- pipeline integration (KVPressExtPipeline.__call__(context_chunks=...)) -----------------------------
-    def pipeline_call(self, pipe, context_chunks, question: str | None = None, questions: list[str] | None = None,
-                      answer_prefix: str = "", max_new_tokens: int = 50, use_chat_template: bool = True,
-                      **unused: Any):
-        """Answer each question from the fused chunks; returns ``{"answer": ...}`` or ``{"answers": [...]}``.
-
-        With a chat template the template's prefix (system turn, user header) is the fused cache's prefix and
-        each question's suffix (blank line, question, assistant header) is recomputed after the chunks
-        (:func:`kvpress_ext.runtime.chat.split_chat_prompt`); otherwise the store's prefix and the raw question."""
-        from kvpress_ext.core.apply import apply_press
-        from kvpress_ext.runtime.chat import split_chat_prompt
-        from kvpress_ext.runtime.pipeline import greedy_decode
-
-        if unused:
-            raise TypeError(f"a3 pipeline does not support {', '.join(unused)}")
-        model, tok = pipe.model, pipe.tokenizer
-        if self.store is None:
-            raise PressParameterError("a3: pass A3Press(store=ChunkStore(...)) to the pipeline.")
-        if self.store.tokenizer is None:
-            self.store.tokenizer = tok
-        asked = [question] if question is not None else list(questions or [])
-        if not asked:
-            raise ValueError("a3 pipeline needs question= or questions=.")
-        eos = eos_token_ids(model)
-        last = context_chunks[-1] if context_chunks else ""
-        last_text = last if isinstance(last, str) else tok.decode(list(last))
-        answers = []
-        for q in asked:
-            prompt = split_chat_prompt(tok, last_text, q, use_chat_template=use_chat_template)
-            prefix_ids = prompt.ids(tok)[0] if prompt.templated else None
-            q_ids = tok(prompt.suffix + answer_prefix, add_special_tokens=False)["input_ids"]
-            cache, logits = self.fuse(model, context_chunks, q_ids, prefix_ids)
-            first = int(logits[-1].argmax())
-            ids = [first]
-            if max_new_tokens > 1 and first not in eos:
-                with apply_press(None, model):
-                    ids += greedy_decode(model, torch.tensor([[first]], device=input_device(model)), cache,
-                                         max_new_tokens - 1, eos)
-            answers.append(str(tok.decode(ids, skip_special_tokens=True)))
-        return {"answer": answers[0]} if question is not None else {"answers": answers}
