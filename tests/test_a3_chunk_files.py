@@ -1,4 +1,4 @@
-"""A³ chunk files (presses/a3/chunk_files.py): how a .txt is cut into slices of tokens, which JSON/JSONL chunk
+"""A³ chunk files (storage/chunk_files.py): how a .txt is cut into slices of tokens, which JSON/JSONL chunk
 lists are accepted, and the one-line message of every file that is refused."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kvpress_ext.presses.a3.chunk_files import A3InputError, load_chunks, read_chunk_texts, split_tokens
+from kvpress_ext.storage.chunk_files import A3InputError, load_chunks, read_chunk_texts, split_tokens
 from kvpress_ext.testing import tiny_tokenizer
 
 

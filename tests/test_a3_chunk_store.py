@@ -19,7 +19,6 @@ from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.presses.a3 import ChunkStore
 from kvpress_ext.storage import chunk_store as CS
 from kvpress_ext.storage.cache_files import file_checksum, model_fingerprint
-from kvpress_ext.storage.chunk_files import A3InputError, load_chunks, read_chunk_texts, split_tokens
 from kvpress_ext.storage.chunk_store import ChunkKV, check_store_root, is_store_root
 from kvpress_ext.storage.safe_write import OutputPathError
 from kvpress_ext.testing import tiny_model, tiny_tokenizer

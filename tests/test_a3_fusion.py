@@ -173,7 +173,7 @@ def test_prefix_ids_and_question_forms_reach_the_fusion(tmp_path):
 
 
 def _bf16(entry):
-    from kvpress_ext.presses.a3.chunk_store import ChunkKV
+    from kvpress_ext.storage.chunk_store import ChunkKV
 
     return ChunkKV(entry.token_ids, [k.bfloat16() for k in entry.keys], [v.bfloat16() for v in entry.values],
                    entry.prefix_len)

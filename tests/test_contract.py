@@ -224,8 +224,8 @@ def test_what_is_not_a_declaration_is_ignored():
     assert budget_parameters(_ByInstance) == ()  # an instance-dependent contract declares nothing for the class
     undeclared = kvpress.KnormPress(0.5)
     undeclared.prefill_chunk_size = 64  # an attribute alone is not a declaration
-    undeclared.pipeline_call = lambda *a: None
-    assert prefill_chunk_size(undeclared) is None and pipeline_call(undeclared) is None
+    undeclared.fuse = lambda *a: None  # nor is a method of the name
+    assert prefill_chunk_size(undeclared) is None and not fuses_chunks(undeclared)
 
 
 def test_a_ratio_press_refused_by_from_compression_ratio_is_named():
