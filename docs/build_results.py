@@ -29,6 +29,7 @@ PARTS = [
     ("gpu", "GPU runs (NVIDIA H200): correctness on CUDA, A³ time to first token"),
     ("models", "Models by short name: smollm2-135m (default), stories260k"),
     ("scaling", "Sweeps on Ray and models split with accelerate: overheads"),
+    ("throughput", "Padded batches, chunked prefill and throughput"),
     ("threads", "CPU threads: the default of every command"),
     ("evaluation", "Default evaluation commands: what they show, how long they take"),
 ]
