@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.registry import get_press
 from kvpress_ext.evaluation.prefill_memory import measure_prefill
 from kvpress_ext.evaluation.results import machine_load
@@ -44,6 +45,7 @@ def _one(args) -> dict:
     return record
 
 
+@command_entry("prefill_memory")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
                   f"peak RSS {record['peak_rss_bytes'] / mib:6.0f} MiB (before {record['rss_before_bytes'] / mib:.0f}),"
                   f" {record['seconds']:.1f} s", flush=True)
     if args.output:
-        write_output(args.output, json.dumps(records, indent=2))
+        write_output(args.output, json.dumps(records, indent=2), flag="--output")
     return 0
 
 

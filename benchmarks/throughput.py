@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.evaluation.throughput import MIB, build_config, largest_batch, run_interleaved
@@ -49,6 +50,7 @@ def _plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@command_entry("throughput")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -63,14 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
-    try:
-        for config in args.configs:
-            build_config(config, args.interval)  # bad names and budgets fail before the model loads
-        if min(args.positions + args.batch) < 1 or args.block < 1 or args.interval < 1:
-            raise KVPressExtError("--positions, --batch, --block and --interval must be positive integers.")
-    except KVPressExtError as exc:
-        print(f"throughput: {exc}", file=sys.stderr)
-        return 2
+    for config in args.configs:
+        build_config(config, args.interval)  # bad names and budgets fail before the model loads
+    if min(args.positions + args.batch) < 1 or args.block < 1 or args.interval < 1:
+        raise KVPressExtError("--positions, --batch, --block and --interval must be positive integers.")
     torch.set_num_threads(args.threads)
     window = args.window or 2 * args.interval
     model, tokenizer = load_model(args.model, device="cpu", dtype=args.dtype)
@@ -109,7 +107,8 @@ def main(argv=None) -> int:
         meta = {"command": " ".join(sys.argv), "model": args.model, "dtype": args.dtype, "threads": args.threads,
                 "window": window, "block": args.block, "interval": args.interval, "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count()}
-        write_output(args.output, json.dumps({"meta": meta, "records": records, "kv_memory": fits}, indent=1))
+        write_output(args.output, json.dumps({"meta": meta, "records": records, "kv_memory": fits}, indent=1),
+                     flag="--output")
         _plot(records, Path(args.output).with_suffix(".png"))
     return 0
 
