@@ -83,7 +83,7 @@ def _model_for(name, arch, tiny_models, eager_models):
 
 def _alone_and_batched(model, name, chunk=None):
     contexts, questions = _sequences()
-    run = dict(max_new_tokens=6, chunk_size=chunk)
+    run = {"max_new_tokens": 6, "chunk_size": chunk}
     alone = [generate_batch(model, [c], build(name, model), questions=[q], **run)[0]
              for c, q in zip(contexts, questions)]
     batched = generate_batch(model, contexts, build(name, model), questions=questions, **run)
@@ -170,7 +170,7 @@ def test_model_generate_on_a_left_padded_batch_matches_each_alone(name, tiny_mod
     mask = torch.zeros_like(ids)
     for i, c in enumerate(contexts):
         ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad(), apply_press(build(name, model), model):
         batched = model.generate(ids, attention_mask=mask, **kw)[:, width:]
     for i, c in enumerate(contexts):
@@ -182,7 +182,7 @@ def test_model_generate_on_a_left_padded_batch_matches_each_alone(name, tiny_mod
 def test_pipeline_given_a_list_answers_each_context_as_alone(tiny_models, tokenizer):
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
     contexts = ["The cat sat on the mat and looked around the room.", "Short one.", "A context about dogs, medium."]
-    kw = dict(press="knorm", max_new_tokens=5)
+    kw = {"press": "knorm", "max_new_tokens": 5}
     alone = [pipe(c, question="Who?", **kw) for c in contexts]
     assert pipe(contexts, question="Who?", batch_size=3, **kw) == alone
     assert pipe(contexts, question="Who?", batch_size=2, **kw) == alone
@@ -225,10 +225,10 @@ def test_right_padding_is_refused(tiny_models):
     ids = torch.full((2, 6), 7)
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0
-    with torch.no_grad(), apply_press(get_press("knorm", compression_ratio=0.5), model):
-        with pytest.raises(BatchInputError, match=r"Padding must be on the left of each sequence: set "
-                                                  r"tokenizer.padding_side = 'left'\."):
-            model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache())
+    with (torch.no_grad(), apply_press(get_press("knorm", compression_ratio=0.5), model),
+          pytest.raises(BatchInputError, match=r"Padding must be on the left of each sequence: set "
+                                               r"tokenizer.padding_side = 'left'\.")):
+        model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache())
 
 
 def test_generate_command_with_several_prompts_matches_each_alone(tmp_path):
@@ -286,7 +286,7 @@ def test_smollm2_padded_batch_answers_as_each_sequence_alone(name, smollm2, two_
     ids = tok(text, add_special_tokens=False)["input_ids"]
     contexts = [ids[:150], ids[150:250], ids[250:370]]
     questions = [tok(q, add_special_tokens=False)["input_ids"] for q in ("\nWho is speaking?", "\nWhere?", "\nWhy?")]
-    run = dict(max_new_tokens=5)
+    run = {"max_new_tokens": 5}
     alone = [generate_batch(model, [c], get_press(name, **SMOLLM2_SETTINGS[name]), questions=[q], **run)[0]
              for c, q in zip(contexts, questions)]
     batched = generate_batch(model, contexts, get_press(name, **SMOLLM2_SETTINGS[name]), questions=questions, **run)

@@ -271,3 +271,13 @@ def test_class_level_budget_ignores_a_contract_attribute_that_is_not_a_contract(
 def test_from_compression_ratio_passes_the_other_parameters_on():
     press = from_compression_ratio(RKVPress, 0.75, 100, window_size=4)
     assert (press.budget, press.window_size) == (25, 4)
+
+
+def test_composed_presses_and_ratio_sizing_are_read_through_the_contract():
+    from kvpress_ext.core.contract import composed_presses, takes_compression_ratio
+
+    knorm, streaming = kvpress.KnormPress(0.5), kvpress.StreamingLLMPress(0.5)
+    assert composed_presses(kvpress.ComposedPress(presses=[knorm, streaming])) == [knorm, streaming]
+    assert composed_presses(knorm) == []
+    assert takes_compression_ratio(kvpress.SnapKVPress) and takes_compression_ratio(kvpress.AdaKVPress)
+    assert not takes_compression_ratio(kvpress.DecodingPress) and not takes_compression_ratio(RKVPress)

@@ -36,6 +36,6 @@ def test_chunked_prefill_holds_at_most_the_budget_plus_one_chunk(tiny_models):
 ])
 def test_throughput_benchmark_refuses_a_bad_config_in_one_line(config, message):
     done = subprocess.run([sys.executable, "benchmarks/throughput.py", "--configs", "full", config], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -47,6 +47,7 @@ __all__ = [
     "PressContract",
     "batch_refusal",
     "budget_parameters",
+    "composed_presses",
     "contract_of",
     "first_skip_warning",
     "forget_skip_warning",
@@ -56,6 +57,7 @@ __all__ = [
     "prefill_chunk_size",
     "reset_press",
     "sized_by_budget",
+    "takes_compression_ratio",
 ]
 
 
@@ -240,3 +242,15 @@ def forget_skip_warning(press) -> None:
     """Let the press warn again (a sweep probes it on a short text first, then runs it for real)."""
     if press is not None and hasattr(press, "__dict__"):
         vars(press).pop(_SKIP_WARNED, None)
+
+
+def composed_presses(press) -> list:
+    """The presses a composition applies in turn (``ComposedPress.presses``), else an empty list."""
+    inner = getattr(press, "presses", None)
+    return [p for p in inner if not isinstance(p, (str, type))] if isinstance(inner, (list, tuple)) else []
+
+
+def takes_compression_ratio(cls: type) -> bool:
+    """Whether a press class is sized by a ``compression_ratio``: its own parameter, or one it forwards to an inner
+    press as a property (AdaKV)."""
+    return "compression_ratio" in getattr(cls, "__dataclass_fields__", {}) or hasattr(cls, "compression_ratio")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpress_ext.core import tables
+from kvpress_ext.core.contract import composed_presses
 from kvpress_ext.core.errors import NoCompressionWarning, PressParameterError, UnknownPressError
 
 #: Parameter names whose value must lie in [0, 1).
@@ -364,7 +365,7 @@ def compresses_nothing(press) -> str | None:
             ratio = None
         if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
             return f"{key}={ratio}" if ratio == 0 else None
-    inner = [p for p in (getattr(press, "presses", None) or []) if not isinstance(p, (str, type))]
+    inner = composed_presses(press)
     reasons = [compresses_nothing(p) for p in inner]
     return reasons[0] if inner and all(reasons) else None
 

@@ -9,7 +9,13 @@ import warnings
 
 import torch
 
-from kvpress_ext.core.contract import budget_parameters, from_compression_ratio, sized_by_budget
+from kvpress_ext.core.contract import (
+    budget_parameters,
+    composed_presses,
+    from_compression_ratio,
+    sized_by_budget,
+    takes_compression_ratio,
+)
 from kvpress_ext.core.errors import NoCompressionWarning, PressParameterError
 from kvpress_ext.core.registry import available_presses, get_press, press_info, press_name, validate_parameters
 
@@ -38,7 +44,7 @@ def build_press(name: str, compression_ratio: float | None, press_kwargs: dict, 
         return press, compression_ratio
     # Only to presses that have a ratio (their own or forwarded, as AdaKV's): a decoding press's scorer ratio is
     # overridden by its target size, so passing it there would only report a ratio that was not used.
-    has_ratio = any(p.name == "compression_ratio" for p in info.parameters) or hasattr(info.cls, "compression_ratio")
+    has_ratio = any(p.name == "compression_ratio" for p in info.parameters) or takes_compression_ratio(info.cls)
     if compression_ratio is not None and "compression_ratio" not in press_kwargs and has_ratio:
         try:
             return get_press(name, compression_ratio=compression_ratio, **press_kwargs), compression_ratio
@@ -78,8 +84,8 @@ def press_setting(name: str, press, ratio) -> str:
         return f"{text} (from compression_ratio={ratio})" if ratio is not None else text
     if ratio is not None:
         return f"compression_ratio={ratio}"
-    inner = getattr(press, "presses", None)
-    if isinstance(inner, (list, tuple)) and inner:  # a composition: each press's own setting, in order
+    inner = composed_presses(press)
+    if inner:  # a composition: each press's own setting, in order
         return " then ".join(f"{press_name(p)} ({press_setting(press_name(p), p, None)})" for p in inner)
     params = press_params(press)
     sized = {k: v for k, v in params.items() if any(w in k for w in ("ratio", "budget", "target_size", "window", "cap"))
