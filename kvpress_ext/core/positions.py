@@ -14,6 +14,10 @@ Two indices are kept apart:
 * ``position_ids`` (logical): RoPE positions, ``state.next_position + 0..n-1``.
 
 Without compression the two coincide and nothing changes.
+
+A model whose layers keep caches of different lengths (Gemma 3: presses compress its full-attention layers, not its
+sliding-window ones) has one physical index per kind of layer: the pre-hook then builds each kind's attention mask
+from its own cache length and hands the model the masks by layer type (transformers' hybrid-model interface).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 _ATTR = "_kvpress_ext_positions"
 
@@ -81,17 +86,54 @@ def _pre_hook(module, args, kwargs):
     positions = torch.arange(state.next_position, state.next_position + n, device=device)
     kwargs["position_ids"] = positions.unsqueeze(0).expand(bsz, -1)
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         if bool(mask.all()):
-            kwargs["attention_mask"] = None  # its length counts evicted tokens; without padding it says nothing
+            kwargs["attention_mask"] = mask = None  # its length counts evicted tokens; without padding it says nothing
         elif physical != state.seen_tokens:
             raise ValueError(
                 "Padded batches cannot be used with a compressed cache: run one sequence at a time "
                 "(batch size 1) or without padding."
             )
+    if mask is None:
+        masks = _masks_by_layer_type(module, cache, kwargs, bsz, n, device)
+        if masks is not None:
+            kwargs["attention_mask"] = masks
     state.next_position += n
     state.seen_tokens += n
     return args, kwargs
+
+
+def _masks_by_layer_type(decoder, cache, kwargs, bsz: int, n: int, device):
+    """Causal masks by layer type, each from its own layers' cache length, when those lengths differ; else None."""
+    config = getattr(decoder, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or len(set(layer_types)) < 2 or len(cache.layers) < len(layer_types):
+        return None
+    first = {t: layer_types.index(t) for t in dict.fromkeys(layer_types)}
+    lengths = {t: int(cache.get_seq_length(i)) for t, i in first.items()}
+    if len(set(lengths.values())) < 2:
+        return None
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    if not set(lengths) <= set(makers):
+        raise ValueError(f"Cannot build attention masks for layer types {sorted(lengths)} of a compressed cache.")
+    embeds = torch.empty((bsz, n), dtype=next(decoder.parameters()).dtype, device=device)
+    return {
+        t: makers[t](config=config, inputs_embeds=embeds, attention_mask=None,
+                     past_key_values=_OneLayerSizes(cache.layers[first[t]]),
+                     cache_position=torch.arange(lengths[t], lengths[t] + n, device=device),
+                     position_ids=kwargs["position_ids"])
+        for t in lengths
+    }
+
+
+class _OneLayerSizes:
+    """What transformers' mask builders read from a cache (``get_mask_sizes``), answered by one chosen layer."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def get_mask_sizes(self, cache_position, layer_idx=None):
+        return self._layer.get_mask_sizes(cache_position)
 
 
 @contextmanager

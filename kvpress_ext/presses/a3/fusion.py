@@ -57,10 +57,19 @@ class FusionResult:
 
 
 # --- layer internals, reached through the adapter and the standard sub-module names -------------------------
+def _identity(x):
+    return x
+
+
 def _layer_parts(layer, adapter):
+    """attention, its input norm, the MLP's input norm, the MLP, parallel residual, and the norms on the attention and
+    MLP outputs (Gemma 3's "sandwich" norms; identity elsewhere: there post_attention_layernorm is the MLP's input)."""
     attn = adapter.attention(layer)
     parallel = bool(getattr(layer, "use_parallel_residual", False))
-    return attn, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, parallel
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return (attn, layer.input_layernorm, layer.pre_feedforward_layernorm, layer.mlp, parallel,
+                layer.post_attention_layernorm, layer.post_feedforward_layernorm)
+    return attn, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, parallel, _identity, _identity
 
 
 def _out_proj(attn):
@@ -88,7 +97,7 @@ def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, d
             n = k.shape[-2]
             local = torch.arange(c.prefix_len, c.prefix_len + n, device=k.device)
             glob = torch.arange(offset, offset + n, device=k.device)
-            ks.append(k if c.prefix_len == offset else adapter.rerotate_keys(model, k, local, glob))
+            ks.append(k if c.prefix_len == offset else adapter.rerotate_keys(model, k, local, glob, layer=i))
             vs.append(c.values[i])
             offset += n
         keys.append(torch.cat([t.to(device=device, dtype=dtype) for t in ks], dim=-2))
@@ -97,7 +106,7 @@ def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, d
 
 
 def _select(strategy, *, layer_idx, attn, adapter, model, x_norm, active, q_all, k_full, v_new, v_old, n_prefix,
-            n_doc, n_question, k_budget, pool_width, sink_positions, surprisal, chunk_lengths, seed, scale):
+            n_doc, n_question, k_budget, pool_width, sink_positions, surprisal, chunk_lengths, seed, scale, window=None):
     """Document-token indices to keep recomputing (sorted), for one strategy."""
     if strategy == "full":
         return torch.zeros(0, dtype=torch.long)
@@ -128,7 +137,7 @@ def _select(strategy, *, layer_idx, attn, adapter, model, x_norm, active, q_all,
         in_doc = rows[rows < n_doc]
         forced = in_doc
     q_pos = active[rows].to(k_full.device)
-    probs = attention_probs(q_all[:, :, rows.to(q_all.device)], k_full, q_pos, key_pos, scale)
+    probs = attention_probs(q_all[:, :, rows.to(q_all.device)], k_full, q_pos, key_pos, scale, window)
     scores = sel.attention_relevance(probs, slice(n_prefix, n_prefix + n_doc), pool_width)
     return sel.top_k(scores.cpu(), k_budget, forced=None if forced is None else forced.cpu())
 
@@ -187,11 +196,12 @@ def fuse_chunks(
     for li, layer in enumerate(layers):
         dev = devices[li]
         hidden, active, key_pos = hidden.to(dev), active.to(dev), key_pos.to(dev)
-        attn, ln1, ln2, mlp, parallel = _layer_parts(layer, adapter)
+        attn, ln1, ln2, mlp, parallel, post_attn, post_mlp = _layer_parts(layer, adapter)
         scale = float(getattr(attn, "scaling", shape.head_dim ** -0.5))
         x = ln1(hidden)
-        q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active)
-        k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active)
+        q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active, layer=li)
+        k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active, layer=li)
+        window = adapter.sliding_window(model, li)
         v = adapter.values(attn, x)
         if record_inputs:
             full_x = x.new_zeros(1, total, x.shape[-1])
@@ -206,17 +216,17 @@ def fuse_chunks(
                 strategy, layer_idx=li, attn=attn, adapter=adapter, model=model, x_norm=x, active=active, q_all=q,
                 k_full=keys[li], v_new=v, v_old=old_v, n_prefix=n_prefix, n_doc=n_doc, n_question=n_q,
                 k_budget=k_budget, pool_width=pool_width, sink_positions=sink_positions, surprisal=surprisal,
-                chunk_lengths=lengths, seed=seed, scale=scale,
+                chunk_lengths=lengths, seed=seed, scale=scale, window=window,
             ).to(torch.long).cpu()
             keep = torch.cat([selected, torch.arange(n_doc, n_doc + n_q)]).to(dev)
             active, hidden, q, x = active[keep], hidden[:, keep], q[:, :, keep], x[:, keep]
-        out = masked_attention(q, keys[li], values[li], active, key_pos, scale, backend=attention_backend)
-        out = _out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1))
+        out = masked_attention(q, keys[li], values[li], active, key_pos, scale, attention_backend, window)
+        out = post_attn(_out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1)))
         if parallel:
             hidden = hidden + out + mlp(ln2(hidden))
         else:
             hidden = hidden + out
-            hidden = hidden + mlp(ln2(hidden))
+            hidden = hidden + post_mlp(mlp(ln2(hidden)))
 
     norm, head = _final_norm(decoder), model.get_output_embeddings()
     hq = norm(hidden[:, -n_q:].to(execution_device(norm)))
