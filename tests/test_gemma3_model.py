@@ -100,3 +100,19 @@ def test_a_part_that_changes_while_joining_leaves_nothing_in_the_cache(monkeypat
     with pytest.raises(ModelLoadError, match="sha256"):
         ms.gemma3_dir()
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [".gemma3-270m.lock"]
+
+
+def test_the_long_context_grids_say_when_prompts_are_completion_style(monkeypatch, capsys):
+    from kvpress_ext.evaluation import longcontext_grid as lg
+    from kvpress_ext.runtime import models
+    from kvpress_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(models, "load_model", lambda name, attn_implementation=None: ("model", tok))
+    monkeypatch.setattr(lg, "_MODELS", {})
+    assert lg.get_model("base-model") == ("model", tok)
+    assert "note: base-model has no chat template: prompts are completion-style" in capsys.readouterr().err
+    tok.chat_template = "{{ messages }}"
+    monkeypatch.setattr(lg, "_MODELS", {})
+    lg.get_model("chat-model")
+    assert "chat template" not in capsys.readouterr().err

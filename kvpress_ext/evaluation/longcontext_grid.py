@@ -253,6 +253,9 @@ def get_model(name: str, attn_implementation: str | None = None):
         from kvpress_ext.runtime.models import load_model
 
         _MODELS[key] = load_model(name, attn_implementation=attn_implementation)
+        if not getattr(_MODELS[key][1], "chat_template", None):  # a base model (gemma3-270m): say how it is prompted
+            print(f"note: {name} has no chat template: prompts are completion-style (BOS, context, blank line, "
+                  "question, answer prefix); cells record chat_template: false", file=sys.stderr)
     return _MODELS[key]
 
 
