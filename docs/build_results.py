@@ -27,7 +27,7 @@ PARTS = [
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
     ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M (issues 6, 11)"),
     ("gpu", "GPU runs (NVIDIA H200): correctness on CUDA, A³ time to first token"),
-    ("models", "Models by short name: smollm2-135m (default), stories260k (issue 10)"),
+    ("models", "Models by short name: smollm2-135m (default), stories260k, gemma3-270m (issues 10, 24)"),
     ("scaling", "Sweeps on Ray and models split with accelerate: overheads (issue 15)"),
     ("threads", "CPU threads: the default of every command (issue 14)"),
 ]

@@ -136,3 +136,16 @@ def test_gemma_tokenizer_is_rebuilt_as_a_bpe_merging_by_piece_score():
     assert tok.convert_ids_to_tokens(tok("abc a\t")["input_ids"]) == ["<bos>", "abc", "▁a", "\t"]
     assert tok.convert_ids_to_tokens([5, 14]) == ["<0x09>", "\t"] and len(tok.get_vocab()) == len(pieces)
     assert tok.convert_ids_to_tokens(tok("bca")["input_ids"]) == ["<bos>", "bc", "a"]
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_completion_style_prompt_puts_a_space_before_the_answer_prefix(query_aware):
+    """Without a chat template the answer prefix follows the question as running text ("...? The pass key is"),
+    in both modes; with a template the assistant header already separates them."""
+    from kvpress_ext.evaluation import longcontext_grid as lg
+    from kvpress_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    parts = lg.split_prompt(tok, "Some text.", "What is the pass key?", "The pass key is", query_aware=query_aware)
+    assert (parts.compressed + parts.rest).endswith("Some text.\n\nWhat is the pass key? The pass key is")
+    assert not parts.chat_template
