@@ -11,7 +11,12 @@ context every token relies on, for almost no memory (at 8k tokens the three full
 8k entries each, the fifteen sliding ones 511). kvpress 0.5.5 applies the same rule to
 ``Gemma3ForConditionalGeneration`` (it logs "Compression in Gemma3 is only applied to layer without sliding window
 attention"), but hooks every layer of the text-only ``Gemma3ForCausalLM``; on that class kvpress-ext differs from
-kvpress on purpose, and matches kvpress's Gemma 3 rule.
+kvpress on purpose, and matches kvpress's Gemma 3 rule. (kvpress's own pipeline cannot run that rule on text: it
+builds the full layers' mask from the first layer's length, a sliding layer's, and fails on the question.)
+
+Memory: transformers' ``generate`` cache bounds the sliding layers to the window; the plain ``DynamicCache`` the
+pipeline and the evaluations use keeps every token there (the attention mask applies the window), so a cache's
+mean length over layers (:func:`kvpress_ext.core.positions.cache_length`) counts them whole.
 
 When a press moves positions (key re-rotation: R-KV, lazy streaming, KeyRerotationPress), the next token's RoPE
 position changes for every layer, since the model computes one position per token. The sliding layers' keys are
