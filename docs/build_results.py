@@ -25,7 +25,7 @@ PARTS = [
     ("streaming", "Lazy-Pruning StreamingLLM: quality, speed and memory (issue 4)"),
     ("rkv", "R-KV: the published algorithm, scoring speed, decode throughput (issues 5, 12)"),
     ("a3", "A³ KV fusion: quality and time to first token (issue 6)"),
-    ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M (issues 6, 11)"),
+    ("longcontext", "Long-context evaluation: every press and A³ on SmolLM2-135M, Gemma 3 270M at 8k (issues 6, 11, 24)"),
     ("gpu", "GPU runs (NVIDIA H200): correctness on CUDA, A³ time to first token"),
     ("models", "Models by short name: smollm2-135m (default), stories260k, gemma3-270m (issues 10, 24)"),
     ("scaling", "Sweeps on Ray and models split with accelerate: overheads (issue 15)"),
