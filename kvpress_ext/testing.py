@@ -1,4 +1,4 @@
-"""Tiny random models of the five supported architectures, built from configs (no download).
+"""Tiny random models of the six supported architectures, built from configs (no download).
 
 Used by the tests and by benchmarks that need a model of a given shape; ``size="tiny"`` is for unit
 tests, other shapes come from :func:`llama_config`'s arguments.
@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -18,11 +19,16 @@ from transformers import (
     Qwen3Config,
 )
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma3")
+
+#: Sliding window of the tiny Gemma 3 model: short, so that tests cross it with a few dozen tokens.
+GEMMA3_TINY_WINDOW = 16
 
 
 def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
-    """A small config of ``arch`` with grouped-query attention (GPT-NeoX: no GQA, rotary_pct 0.25)."""
+    """A small config of ``arch`` with grouped-query attention (GPT-NeoX: no GQA, rotary_pct 0.25; Gemma 3: sliding
+    and full-attention layers alternating, sliding first, a 16-token window, a query scaling that is not
+    1/sqrt(head_dim), the released models' two RoPE bases)."""
     common = {
         "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
         "num_attention_heads": heads, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
@@ -38,6 +44,12 @@ def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 64, layers: int 
         return Qwen3Config(num_key_value_heads=kv_heads, head_dim=hidden // heads, use_sliding_window=False, **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **common)
+    if arch == "gemma3":
+        types = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        return Gemma3TextConfig(num_key_value_heads=kv_heads, head_dim=hidden // heads, query_pre_attn_scalar=24,
+                                sliding_window=GEMMA3_TINY_WINDOW, layer_types=types, rope_parameters=rope, **common)
     raise ValueError(f"Unknown architecture {arch!r}; choose from {ARCHITECTURES}")
 
 

@@ -51,30 +51,54 @@ def _attention_io(model, ids, layer=0):
     return adapter, attn, seen["h"], seen["out"], cache
 
 
-def _attention_from_adapter(model, adapter, attn, hidden):
-    """Causal attention rebuilt from the adapter's pre-RoPE queries/keys, values and RoPE; then the output
-    projection. Equal to the module's output only if every piece is right (GQA by head groups)."""
+def _attention_from_adapter(model, adapter, attn, hidden, layer=0):
+    """Causal attention rebuilt from the adapter's pre-RoPE queries/keys, values, RoPE, softmax scale and sliding
+    window; then the output projection. Equal to the module's output only if every piece is right (GQA by head
+    groups)."""
     n = hidden.shape[1]
     pos = torch.arange(n)
     with torch.no_grad():
-        q = adapter.apply_rope(model, adapter.prerope_queries(attn, hidden), pos)
-        k = adapter.apply_rope(model, adapter.prerope_keys(attn, hidden), pos)
+        q = adapter.apply_rope(model, adapter.prerope_queries(attn, hidden), pos, layer=layer)
+        k = adapter.apply_rope(model, adapter.prerope_keys(attn, hidden), pos, layer=layer)
         v = adapter.values(attn, hidden)
         shape = adapter.shape(model)
         k, v = k.repeat_interleave(shape.num_groups, 1), v.repeat_interleave(shape.num_groups, 1)
-        scores = q @ k.transpose(-1, -2) / shape.head_dim**0.5
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        scores = q @ k.transpose(-1, -2) * adapter.softmax_scale(model, layer)
+        hidden_keys = torch.ones(n, n, dtype=torch.bool).triu(1)
+        window = adapter.sliding_window(model, layer)
+        if window is not None:
+            hidden_keys |= torch.ones(n, n, dtype=torch.bool).tril(-window)
+        scores = scores.masked_fill(hidden_keys, float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, n, -1)
         proj = attn.o_proj if hasattr(attn, "o_proj") else attn.dense
         return proj(out)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_attention_output_rebuilt_from_the_adapter(tiny_models, arch):
+@pytest.mark.parametrize("layer", [0, 1])
+def test_attention_output_rebuilt_from_the_adapter(tiny_models, arch, layer):
+    """40 tokens: past the tiny Gemma 3's 16-token window, so its sliding layer (0) really cuts keys off."""
     model = tiny_models[arch]
-    ids = torch.randint(4, 120, (1, 9), generator=torch.Generator().manual_seed(0))
-    adapter, attn, hidden, out, _ = _attention_io(model, ids, layer=1)
-    torch.testing.assert_close(_attention_from_adapter(model, adapter, attn, hidden), out, atol=1e-4, rtol=1e-4)
+    ids = torch.randint(4, 120, (1, 40), generator=torch.Generator().manual_seed(0))
+    adapter, attn, hidden, out, _ = _attention_io(model, ids, layer=layer)
+    rebuilt = _attention_from_adapter(model, adapter, attn, hidden, layer)
+    torch.testing.assert_close(rebuilt, out, atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_scale_and_window_are_the_models_own(tiny_models):
+    """The query scaling is query_pre_attn_scalar's, not head_dim's, and the window applies to sliding layers only:
+    rebuilding Gemma 3's attention with either default gives another output."""
+    model = tiny_models["gemma3"]
+    ids = torch.randint(4, 120, (1, 40), generator=torch.Generator().manual_seed(0))
+    adapter, attn, hidden, out, _ = _attention_io(model, ids, layer=0)
+    assert adapter.softmax_scale(model, 0) == 24**-0.5 != adapter.shape(model).head_dim ** -0.5
+    assert (adapter.sliding_window(model, 0), adapter.sliding_window(model, 1)) == (16, None)
+    assert adapter.compressed_layers(model) == [1]
+    plain = types.SimpleNamespace(**{k: getattr(adapter, k) for k in ("apply_rope", "prerope_queries",
+                                                                       "prerope_keys", "values", "shape")})
+    for softmax_scale, window in ((lambda m, i: 16**-0.5, lambda m, i: 16), (adapter.softmax_scale, lambda m, i: None)):
+        plain.softmax_scale, plain.sliding_window = softmax_scale, window
+        assert not torch.allclose(_attention_from_adapter(model, plain, attn, hidden, 0), out, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
@@ -88,10 +112,11 @@ def test_rope_with_attention_scaling(arch):
     assert abs(scaling - 1.0) > 0.1
     with torch.no_grad():
         pre = adapter.prerope_keys(attn, hidden)
-        keys = adapter.apply_rope(model, pre, torch.arange(12))
+        keys = adapter.apply_rope(model, pre, torch.arange(12), layer=0)
         torch.testing.assert_close(keys, cache.layers[0].keys, atol=TOL, rtol=TOL)
-        moved = adapter.rerotate_keys(model, keys, torch.arange(12), torch.arange(12) + 40)
-        torch.testing.assert_close(moved, adapter.apply_rope(model, pre, torch.arange(12) + 40), atol=1e-4, rtol=1e-4)
+        moved = adapter.rerotate_keys(model, keys, torch.arange(12), torch.arange(12) + 40, layer=0)
+        torch.testing.assert_close(moved, adapter.apply_rope(model, pre, torch.arange(12) + 40, layer=0),
+                                   atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(_attention_from_adapter(model, adapter, attn, hidden), out, atol=1e-4, rtol=1e-4)
     if arch == "gpt_neox":
         view = GPTNeoXAdapter().press_view(model, attn)
@@ -215,7 +240,7 @@ def test_describe():
 
 
 def test_unsupported_models_get_the_full_message():
-    supported = "gpt_neox, llama, mistral, qwen2, qwen3"
+    supported = "gemma3_text, gpt_neox, llama, mistral, qwen2, qwen3"
     fix = ("To add one, subclass kvpress_ext.core.adapters.ModelAdapter and register an instance from a plugin's "
            "`kvpress_ext_register_adapters` hook (see README, 'Writing a plugin').")
 

@@ -85,13 +85,19 @@ def test_cache_equals_prerope_keys_rotated_to_cache_indices(arch):
                 token_index = token_index[: press.n_sink] + token_index[-press.recent :]
     assert seen == 45 and len(token_index) <= press.max_cache
     positions = torch.arange(len(token_index))
+    compressed = adapter.compressed_layers(model)
     for i, (layer, module) in enumerate(zip(cache.layers, adapter.attention_modules(model))):
+        kept, pos = token_index, positions
+        if i not in compressed:  # Gemma 3's sliding layer: every token, shifted as the next position moved
+            kept = list(range(seen))
+            pos = torch.arange(seen) + (next_position(cache) - seen)
         with torch.no_grad():
             hidden = torch.cat(captured[i], dim=1)
-            keys = adapter.prerope_keys(module, hidden)[..., token_index, :]
-            values = adapter.values(module, hidden)[..., token_index, :]
-        torch.testing.assert_close(layer.keys, adapter.apply_rope(model, keys, positions), atol=1e-5, rtol=0)
+            keys = adapter.prerope_keys(module, hidden)[..., kept, :]
+            values = adapter.values(module, hidden)[..., kept, :]
+        torch.testing.assert_close(layer.keys, adapter.apply_rope(model, keys, pos, layer=i), atol=1e-5, rtol=0)
         torch.testing.assert_close(layer.values, values, atol=1e-6, rtol=0)
+    assert (compressed == [1]) == (arch == "gemma3")
 
 
 @pytest.mark.slow

@@ -111,7 +111,8 @@ def test_pipeline_on_every_architecture(arch):
     zero, _ = ppl.compressed_nll(model, ids, _knorm_at_zero(), 96, chunk_size=32)
     torch.testing.assert_close(zero, reference, rtol=1e-4, atol=1e-4)
     half, stats = ppl.compressed_nll(model, ids, get_press("snapkv", compression_ratio=0.5, window_size=8), 96, 32)
-    assert stats["cache_len_end"] == 48 and torch.isfinite(half).all()
+    kept = 48 if arch != "gemma3" else (48 + 96) / 2  # Gemma 3: its sliding-window layer is not compressed
+    assert stats["cache_len_end"] == kept and torch.isfinite(half).all()
     assert not torch.allclose(half, reference)
 
 

@@ -194,7 +194,7 @@ def test_unsupported_model_message_is_one_sentence():
         config = types.SimpleNamespace(model_type="bloom")
 
     assert _message(UnsupportedModelError, ppl.check_supported, Bloom()) == (
-        "No kvpress_ext adapter for model_type 'bloom' (Bloom). Supported: gpt_neox, llama, mistral, qwen2, qwen3.")
+        "No kvpress_ext adapter for model_type 'bloom' (Bloom). Supported: gemma3_text, gpt_neox, llama, mistral, qwen2, qwen3.")
     ppl.check_supported(tiny_model("llama"))  # supported: no error
 
 

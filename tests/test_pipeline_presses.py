@@ -101,7 +101,7 @@ def question_logits(model, press, ids, question):
     with torch.no_grad():
         with apply_press(press if prefill else None, model):
             get_adapter(model).decoder(model)(input_ids=ids, past_key_values=cache)
-        length = cache.get_seq_length()
+        length = cache.get_seq_length(get_adapter(model).compressed_layers(model)[0])
         with apply_press(press if decoding else None, model):
             logits = model(input_ids=question, past_key_values=cache).logits
     return logits, length
@@ -177,9 +177,11 @@ KVPRESS_PARITY = [n for n in RUNNABLE if n != "no_press" and PRESSES[n].cls.__mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "gpt_neox"])
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in ("gpt_neox", "gemma3")])
 def test_same_answers_as_kvpress_pipeline(arch, tiny_models, tokenizer):
-    """Where kvpress supports the model, our pipeline answers exactly as kvpress's own pipeline."""
+    """Where kvpress supports the model, our pipeline answers exactly as kvpress's own pipeline. (Gemma 3: kvpress
+    compresses the sliding-window layers of the text-only class, on purpose not ours; tests/test_gemma3.py compares
+    the caches with kvpress's Gemma 3 rule instead.)"""
     model = tiny_models[arch]
     ours = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
     theirs = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cpu")

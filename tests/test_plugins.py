@@ -391,7 +391,7 @@ def test_first_use_registers_builtins_and_entry_point_plugins(fresh_plugin_state
     assert presses["knorm"].source == "kvpress_ext" and presses["snapkv"].source == "kvpress_ext"
     assert presses["value_norm"].source == "example"  # found through the real entry-point group
     assert presses["value_norm"].defaults == {"compression_ratio": 0.5}
-    assert {a.name for a in kvpress_ext.available_adapters()} == {"llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
+    assert {a.name for a in kvpress_ext.available_adapters()} == {"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma3"}
     pm = plugins.get_plugin_manager()
     assert pm is plugins.get_plugin_manager() and pm.project_name == "kvpress_ext"
     assert pm.get_plugin("kvpress_ext.builtin") is builtin_plugin

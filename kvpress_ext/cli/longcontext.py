@@ -169,6 +169,9 @@ def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: li
         name, samples, methods, modes, settings_from_args(args, max_new_tokens), args.compression_ratio, args.rate,
         out_dir, sweep_options_from_args(args), retry_failed=args.retry_failed, compute=not args.summary_only,
         command=" ".join(shlex.quote(a) for a in sys.argv))
+    if any(r.get("chat_template") is False for r in records):  # a base model (gemma3-270m): say how it was prompted
+        print(f"note: {args.model} was prompted completion-style (no chat template: BOS, context, blank line, "
+              "question, answer prefix); the cells record chat_template: false")
     return records, outputs
 
 

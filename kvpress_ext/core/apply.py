@@ -1,7 +1,7 @@
 """Run a press on a model through its adapter: the one place where press hooks are installed.
 
 ``apply_press(press, model)`` replaces kvpress's ``BasePress.__call__`` for kvpress_ext: it finds the
-model's adapter, registers ``press.forward_hook`` on every attention module the adapter lists, hands the
+model's adapter, registers ``press.forward_hook`` on every attention module the adapter compresses, hands the
 press the adapter's Llama-shaped view of the module (the module itself for Llama-family models; see
 :mod:`kvpress_ext.core.adapters.gpt_neox` for GPT-NeoX), and tracks positions (:mod:`kvpress_ext.core.positions`).
 The hooks live only inside the ``with`` block; kvpress itself is not modified.
@@ -20,8 +20,9 @@ import logging
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 
+import torch
+
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 from kvpress_ext.core.batch import per_row_after_forward, per_row_forward_hook, row_lengths_follow_cache
 from kvpress_ext.core.contract import batch_refusal, contract_of, first_skip_warning, inner_press, reset_press
 from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
@@ -29,6 +30,7 @@ from kvpress_ext.core.positions import (
     BatchInputError,
     count_positions,
     padded_batch,
+    position_state,
     set_next_position,
     track_positions,
 )
@@ -183,11 +185,48 @@ def _after_forward_hook(press):
 
 
 def _cache_length_hook(module, args, kwargs, output):
+    """After each forward the next position is the cache length (per sequence in a padded batch), read on the first
+    layer that is not a sliding-window one (transformers' ``config.layer_types``): presses compress those, while
+    sliding-window layers (Gemma 3) keep their own length. ``module`` is the decoder."""
     cache = kwargs.get("past_key_values")
     if cache is not None and padded_batch(cache) is not None:
         row_lengths_follow_cache(cache)
     elif cache is not None:
-        set_next_position(cache, cache.get_seq_length())
+        types = getattr(getattr(module, "config", None), "layer_types", None) or []
+        layer = next((i for i, kind in enumerate(types) if kind != "sliding_attention"), 0)
+        set_next_position(cache, cache.get_seq_length(layer))
+
+
+def _follow_moved_positions(adapter, model):
+    """Hooks that keep layers no press compresses (sliding-window layers) in step when a press moves positions.
+
+    A press that re-rotates the keys it keeps sets the next RoPE position of the whole model; the keys of the
+    untouched layers are then rotated by the same shift, so every query-key distance there stays what it was.
+    Returns (pre-hook, hook) for the decoder: the pre-hook notes where positions would be without the press."""
+    expected = {}
+
+    def pre_hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            expected[id(cache)] = position_state(cache).next_position  # after track_positions advanced it
+
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and id(cache) in expected:
+            shift_untouched_layers(adapter, model, cache, position_state(cache).next_position - expected.pop(id(cache)))
+
+    return pre_hook, hook
+
+
+def shift_untouched_layers(adapter, model, cache, shift: int) -> None:
+    """Rotate the keys of every layer presses leave alone by ``shift`` positions (each with its own RoPE base)."""
+    if not shift:
+        return
+    compressed = set(adapter.compressed_layers(model))
+    for i, layer in enumerate(cache.layers):
+        if i not in compressed and layer.keys is not None and layer.keys.numel():
+            zero = torch.zeros(1, device=layer.keys.device)
+            layer.keys = adapter.rerotate_keys(model, layer.keys, zero, zero + shift, layer=i)
 
 
 @contextmanager
@@ -217,7 +256,7 @@ def apply_press(press, model, *, track=True):
     if _QUIET:
         quiet_repeated_kvpress_logs()  # loggers of presses imported since the command started
     if drives_model(press):
-        if not isinstance(adapter, LlamaFamilyAdapter):
+        if not adapter.runs_model_presses:
             raise UnsupportedModelError(
                 f"{type(press).__name__} runs the model itself (not only attention hooks) and supports "
                 f"Llama-family models only, not {adapter.name}. Pick a hook-based press (e.g. knorm, snapkv)."
@@ -242,11 +281,19 @@ def apply_press(press, model, *, track=True):
         else:
             press.post_init_from_model(model)
             hook = _press_hook(press, adapter, model)
-            for module in adapter.attention_modules(model):
-                handle = module.register_forward_hook(hook, with_kwargs=True)
+            modules = adapter.attention_modules(model)
+            for i in adapter.compressed_layers(model):
+                handle = modules[i].register_forward_hook(hook, with_kwargs=True)
                 stack.callback(handle.remove)
             stack.callback(reset_press, press)
+        compressed = adapter.compressed_layers(model)
         if positions_follow_cache(press):
             handle = decoder.register_forward_hook(_cache_length_hook, with_kwargs=True)
             stack.callback(handle.remove)
+        untouched = sorted(set(range(len(adapter.layers(model)))) - set(compressed))
+        if track and untouched:  # registered last: runs after every press has moved positions
+            pre_hook, hook = _follow_moved_positions(adapter, model)
+            for handle in (decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                           decoder.register_forward_hook(hook, with_kwargs=True)):
+                stack.callback(handle.remove)
         yield

@@ -20,6 +20,10 @@ A left-padded batch (a 2-D ``attention_mask`` with zeros) switches the cache to 
 a mask of which cache slots hold its tokens. Between forward passes every layer has the same slots and each
 sequence's tokens are the last ones of its row (pads and the places of evicted tokens come first), so one 2-D
 mask describes the whole cache; the pre-hook hands the model that mask followed by the new tokens' own.
+
+A model whose layers keep caches of different lengths (Gemma 3: presses compress its full-attention layers, not its
+sliding-window ones) has one physical index per kind of layer: the pre-hook then builds each kind's attention mask
+from its own cache length and hands the model the masks by layer type (transformers' hybrid-model interface).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from kvpress_ext.core.errors import KVPressExtError
 
@@ -173,7 +178,11 @@ def _pre_hook(module, args, kwargs):
     positions = torch.arange(state.next_position, state.next_position + n, device=device)
     kwargs["position_ids"] = positions.unsqueeze(0).expand(bsz, -1)
     if mask is not None and mask.dim() == 2:
-        kwargs["attention_mask"] = None  # its length counts evicted tokens; without padding it says nothing
+        kwargs["attention_mask"] = mask = None  # its length counts evicted tokens; without padding it says nothing
+    if mask is None:
+        masks = _masks_by_layer_type(module, cache, kwargs, bsz, n, device)
+        if masks is not None:
+            kwargs["attention_mask"] = masks
     state.next_position += n
     state.seen_tokens += n
     return args, kwargs
@@ -198,6 +207,39 @@ def _count_hooks(caches: list):
         depth[0] -= 1
 
     return pre_hook, post_hook
+
+
+def _masks_by_layer_type(decoder, cache, kwargs, bsz: int, n: int, device):
+    """Causal masks by layer type, each from its own layers' cache length, when those lengths differ; else None."""
+    config = getattr(decoder, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or len(set(layer_types)) < 2 or len(cache.layers) < len(layer_types):
+        return None
+    first = {t: layer_types.index(t) for t in dict.fromkeys(layer_types)}
+    lengths = {t: int(cache.get_seq_length(i)) for t, i in first.items()}
+    if len(set(lengths.values())) < 2:
+        return None
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    if not set(lengths) <= set(makers):
+        raise ValueError(f"Cannot build attention masks for layer types {sorted(lengths)} of a compressed cache.")
+    embeds = torch.empty((bsz, n), dtype=next(decoder.parameters()).dtype, device=device)
+    return {
+        t: makers[t](config=config, inputs_embeds=embeds, attention_mask=None,
+                     past_key_values=_OneLayerSizes(cache.layers[first[t]]),
+                     cache_position=torch.arange(lengths[t], lengths[t] + n, device=device),
+                     position_ids=kwargs["position_ids"])
+        for t in lengths
+    }
+
+
+class _OneLayerSizes:
+    """What transformers' mask builders read from a cache (``get_mask_sizes``), answered by one chosen layer."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def get_mask_sizes(self, cache_position, layer_idx=None):
+        return self._layer.get_mask_sizes(cache_position)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ def kvpress_ext_register_presses(register):
 
 @hookimpl
 def kvpress_ext_register_adapters(register):
+    from kvpress_ext.core.adapters.gemma3 import Gemma3Adapter
     from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
     from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
 
@@ -31,6 +32,7 @@ def kvpress_ext_register_adapters(register):
     register(LlamaFamilyAdapter("qwen2", ("qwen2",)))
     register(LlamaFamilyAdapter("qwen3", ("qwen3",), qk_norm=True))
     register(GPTNeoXAdapter())
+    register(Gemma3Adapter())
 
 
 @hookimpl

@@ -99,6 +99,7 @@ class LazyStreamingPress(BasePress):
         elif isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise PressParameterError(f"lazy_streaming: window={self.window!r} is invalid; it must be an integer >= 1.")
         self._rerotate = None
+        self._layers = None
 
     @classmethod
     def from_compression_ratio(cls, compression_ratio: float, context_length: int, **params):
@@ -141,28 +142,32 @@ class LazyStreamingPress(BasePress):
             yield
 
     def post_init_from_model(self, model):
-        self._rerotate = functools.partial(get_adapter(model).rerotate_keys, model)
+        adapter = get_adapter(model)
+        self._rerotate = functools.partial(adapter.rerotate_keys, model)
+        self._layers = adapter.compressed_layers(model)  # Gemma 3: not its sliding-window layers
 
     def reset(self):
         self._rerotate = None
 
     def after_forward(self, cache) -> None:
         """Once per forward pass (see :func:`kvpress_ext.core.apply.manages_whole_cache`): compact every layer
-        when the cache has grown past ``cap_total``, and put the next token right after the kept ones."""
-        length = cache.layers[0].keys.shape[-2]
+        the model lets presses compress when the cache has grown past ``cap_total``, and put the next token right
+        after the kept ones."""
+        layers = getattr(self, "_layers", None) or range(len(cache.layers))
+        length = cache.layers[layers[0]].keys.shape[-2]
         if length > self.max_cache:
-            for layer in cache.layers:
-                self._compact(layer, length)
+            for i in layers:
+                self._compact(cache.layers[i], length, i)
             set_next_position(cache, self.cap)
 
-    def _compact(self, layer, length: int) -> None:
+    def _compact(self, layer, length: int, layer_idx: int) -> None:
         """Keep sinks + the last ``recent`` tokens; shift the recent keys' RoPE by -(evicted count)."""
         s, w = self.n_sink, self.recent
         keys, values = layer.keys, layer.values
         shift = length - w - s  # recent token at index i moves to i - shift
         recent_keys = keys[..., length - w :, :]
         zero = torch.zeros(1, device=keys.device)
-        recent_keys = self._rerotate(recent_keys, zero + shift, zero)
+        recent_keys = self._rerotate(recent_keys, zero + shift, zero, layer=layer_idx)
         layer.keys = torch.cat([keys[..., :s, :], recent_keys], dim=-2)
         layer.values = torch.cat([values[..., :s, :], values[..., length - w :, :]], dim=-2)
 

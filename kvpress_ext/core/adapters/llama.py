@@ -16,6 +16,8 @@ from kvpress_ext.core.adapters.base import AttentionShape, ModelAdapter
 class LlamaFamilyAdapter(ModelAdapter):
     """Separate q/k/v projections, grouped-query attention, full rotary; optional q/k norm (Qwen3)."""
 
+    runs_model_presses = True  # kvpress's own hooks on every layer: the same rule as ours
+
     def __init__(self, name: str, model_types: tuple[str, ...], qk_norm: bool = False):
         self.name = name
         self.model_types = model_types
@@ -31,7 +33,7 @@ class LlamaFamilyAdapter(ModelAdapter):
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return AttentionShape(cfg.num_attention_heads, kv, head_dim, 2 * self.inv_freq(model).shape[-1])
+        return AttentionShape(cfg.num_attention_heads, kv, head_dim, 2 * self.inv_freq(model, 0).shape[-1])
 
     def _split(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape

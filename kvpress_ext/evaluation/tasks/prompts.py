@@ -30,9 +30,11 @@ def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = ""
     prompt = split_chat_prompt(tokenizer, context + sep, question, use_chat_template=use_chat_template)
     cut = prompt.suffix.find(question) + len(question) if query_aware and question else 0
     head = prompt.prefix + context
-    return PromptParts(head + (sep + prompt.suffix[:cut] if query_aware else ""),
-                       ("" if query_aware else sep) + prompt.suffix[cut:] + answer_prefix,
-                       len(prompt.prefix), prompt.templated)
+    compressed = head + (sep + prompt.suffix[:cut] if query_aware else "")
+    rest = ("" if query_aware else sep) + prompt.suffix[cut:]
+    if answer_prefix and not prompt.templated and not (compressed + rest)[-1:].isspace():
+        answer_prefix = " " + answer_prefix  # completion-style: "...? The pass key is", not "...?The pass key is"
+    return PromptParts(compressed, rest + answer_prefix, len(prompt.prefix), prompt.templated)
 
 
 def context_limit(model) -> int | None:

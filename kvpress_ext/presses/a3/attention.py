@@ -29,9 +29,13 @@ except Exception:  # noqa: BLE001 - any import failure means "not usable"
     HAS_FLASHINFER = False
 
 
-def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-    """Boolean (n_queries, n_keys) mask: query i may see key j iff key_positions[j] <= query_positions[i]."""
-    return key_positions.view(1, -1) <= query_positions.view(-1, 1)
+def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Boolean (n_queries, n_keys) mask: query i may see key j iff key_positions[j] <= query_positions[i], and, in a
+    sliding-window layer, key_positions[j] > query_positions[i] - window."""
+    mask = key_positions.view(1, -1) <= query_positions.view(-1, 1)
+    if window is not None:
+        mask &= key_positions.view(1, -1) > query_positions.view(-1, 1) - window
+    return mask
 
 
 def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
@@ -78,7 +82,8 @@ def flashinfer_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Ten
 QUERY_BLOCK = 128
 
 
-def blocked_torch_attention(q, k, v, query_positions, key_positions, scale: float, block: int = QUERY_BLOCK):
+def blocked_torch_attention(q, k, v, query_positions, key_positions, scale: float, block: int = QUERY_BLOCK,
+                            window: int | None = None):
     """:func:`torch_attention` over blocks of ``block`` queries, each against only the keys it can see.
 
     With keys in ascending position order, a block of queries needs keys up to its largest position
@@ -90,7 +95,7 @@ def blocked_torch_attention(q, k, v, query_positions, key_positions, scale: floa
     qpos, kpos = query_positions.to(q.device), key_positions.to(q.device)
     sorted_keys = kpos.numel() < 2 or bool((kpos[1:] >= kpos[:-1]).all())
     if nq <= block or not sorted_keys or nq == kpos.numel():
-        return torch_attention(q, k, v, causal_mask(qpos, kpos), scale)
+        return torch_attention(q, k, v, causal_mask(qpos, kpos, window), scale)
     out = q.new_empty(q.shape)
     for start in range(0, nq, block):
         rows = slice(start, min(start + block, nq))
@@ -98,24 +103,26 @@ def blocked_torch_attention(q, k, v, query_positions, key_positions, scale: floa
         if visible == 0:  # no key visible: softmax over nothing; define the output as zeros
             out[:, :, rows] = 0
             continue
-        mask = causal_mask(qpos[rows], kpos[:visible])
+        mask = causal_mask(qpos[rows], kpos[:visible], window)
         out[:, :, rows] = torch_attention(q[:, :, rows], k[:, :, :visible], v[:, :, :visible], mask, scale)
     return out
 
 
-def masked_attention(q, k, v, query_positions, key_positions, scale: float, backend: str = "auto") -> torch.Tensor:
-    """Attention of queries at ``query_positions`` over keys at ``key_positions`` (see module docstring)."""
+def masked_attention(q, k, v, query_positions, key_positions, scale: float, backend: str = "auto",
+                     window: int | None = None) -> torch.Tensor:
+    """Attention of queries at ``query_positions`` over keys at ``key_positions`` (see module docstring); ``window``
+    for a sliding-window layer."""
     if choose_backend(q, backend) == "flashinfer":  # pragma: no cover - GPU only
-        mask = causal_mask(query_positions.to(q.device), key_positions.to(q.device))
+        mask = causal_mask(query_positions.to(q.device), key_positions.to(q.device), window)
         return flashinfer_attention(q, k, v, mask, scale)
-    return blocked_torch_attention(q, k, v, query_positions, key_positions, scale)
+    return blocked_torch_attention(q, k, v, query_positions, key_positions, scale, window=window)
 
 
-def attention_probs(q, k, query_positions, key_positions, scale: float) -> torch.Tensor:
+def attention_probs(q, k, query_positions, key_positions, scale: float, window: int | None = None) -> torch.Tensor:
     """Softmax attention weights (1, H, nq, nk) in float32, for token selection (a few queries only)."""
     groups = q.shape[1] // k.shape[1]
     scores = torch.matmul(q.float(), _repeat_kv(k, groups).float().transpose(-1, -2)) * scale
-    mask = causal_mask(query_positions.to(q.device), key_positions.to(q.device))
+    mask = causal_mask(query_positions.to(q.device), key_positions.to(q.device), window)
     return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 

@@ -15,35 +15,42 @@ import torch
 from kvpress import BasePress
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import drives_model, manages_whole_cache
+from kvpress_ext.core.apply import drives_model, manages_whole_cache, shift_untouched_layers
 from kvpress_ext.core.contract import reset_press
 from kvpress_ext.core.devices import execution_device
 from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import get_press
 
 
 def evict_cache(model, result, name: str, kwargs: dict | None = None):
-    """Compress ``result.cache`` in place with the press registered as ``name``."""
+    """Compress ``result.cache`` in place with the press registered as ``name`` (on the layers the model lets
+    presses compress: not Gemma 3's sliding-window ones)."""
     press = get_press(name, **(kwargs or {}))
     if press is None:
         return result.cache
+    adapter = get_adapter(model)
     if manages_whole_cache(press):  # e.g. lazy_streaming: works on the cache alone
+        state = position_state(result.cache)
+        before = state.next_position
         press.post_init_from_model(model)
         press.after_forward(result.cache)
         reset_press(press)
+        shift_untouched_layers(adapter, model, result.cache, state.next_position - before)
         return result.cache
     if drives_model(press) or not isinstance(press, BasePress):
         raise PressParameterError(f"a3: evict={name!r} must be a hook-based press (e.g. streaming_llm, snapkv, knorm).")
-    adapter = get_adapter(model)
     cache = result.cache
-    total = cache.get_seq_length()
+    total = int(position_state(cache).seen_tokens)
     pos = torch.arange(total, device=cache.layers[0].keys.device)
     press.post_init_from_model(model)
-    rotary = adapter.rotary_embedding(model)
-    rotary_device = execution_device(rotary)
-    for module, hidden in zip(adapter.attention_modules(model), result.layer_inputs):
+    rotary_device = execution_device(adapter.rotary_embedding(model))
+    modules = adapter.attention_modules(model)
+    for i in adapter.compressed_layers(model):
+        module, hidden = modules[i], result.layer_inputs[i]
         # layers may sit on different devices (device_map): RoPE tables and positions go where the layer is
-        cos_sin = tuple(t.to(hidden.device) for t in rotary(hidden.to(rotary_device), pos.unsqueeze(0).to(rotary_device)))
+        tables = adapter.position_embeddings(model, i, hidden.to(rotary_device), pos.unsqueeze(0).to(rotary_device))
+        cos_sin = tuple(t.to(hidden.device) for t in tables)
         layer_pos = pos.to(hidden.device)
         raw = {"hidden_states": hidden, "past_key_values": cache, "layer_past": cache, "cache_position": layer_pos,
                "position_embeddings": cos_sin}

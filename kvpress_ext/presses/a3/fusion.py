@@ -59,10 +59,19 @@ class FusionResult:
 
 
 # --- layer internals, reached through the adapter and the standard sub-module names -------------------------
+def _identity(x):
+    return x
+
+
 def _layer_parts(layer, adapter):
+    """attention, its input norm, the MLP's input norm, the MLP, parallel residual, and the norms on the attention and
+    MLP outputs (Gemma 3's "sandwich" norms; identity elsewhere: there post_attention_layernorm is the MLP's input)."""
     attn = adapter.attention(layer)
     parallel = bool(getattr(layer, "use_parallel_residual", False))
-    return attn, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, parallel
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return (attn, layer.input_layernorm, layer.pre_feedforward_layernorm, layer.mlp, parallel,
+                layer.post_attention_layernorm, layer.post_feedforward_layernorm)
+    return attn, layer.input_layernorm, layer.post_attention_layernorm, layer.mlp, parallel, _identity, _identity
 
 
 def _out_proj(attn):
@@ -71,6 +80,19 @@ def _out_proj(attn):
 
 def _final_norm(decoder):
     return decoder.norm if hasattr(decoder, "norm") else decoder.final_layer_norm
+
+
+def _rope_groups(adapter, model, idx: list[int]) -> list[tuple[slice, int]]:
+    """Runs of consecutive rows of ``idx`` (layer numbers) that share one RoPE base, as (row slice, a layer of
+    it): one rotation for all layers of a Llama-shaped model, one per run on Gemma 3 (two bases)."""
+    groups: list[tuple[slice, int]] = []
+    start = 0
+    for j in range(1, len(idx) + 1):
+        if j == len(idx) or not torch.equal(adapter.inv_freq(model, layer=idx[j]),
+                                            adapter.inv_freq(model, layer=idx[start])):
+            groups.append((slice(start, j), idx[start]))
+            start = j
+    return groups
 
 
 def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, dtype=None, extra_rows: int = 0,
@@ -94,6 +116,7 @@ def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, d
     for dev in dict.fromkeys(devices):  # each distinct device, in layer order
         idx = [i for i, d in enumerate(devices) if d == dev]
         pick = None if idx == list(range(n_layers)) else torch.tensor(idx)
+        rope_groups = _rope_groups(adapter, model, idx)
         _, kvh, _, hd = first_keys.shape
         kbuf = torch.empty(len(idx), kvh, total, hd, device=dev, dtype=dtype)
         vbuf = torch.empty(len(idx), kvh, total, entries[0].stacked()[1].shape[-1], device=dev, dtype=dtype)
@@ -107,11 +130,14 @@ def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, d
             dst = kbuf[:, :, offset : offset + n]
             if e.prefix_len == offset:
                 dst.copy_(k)
-            elif dtype == torch.float32:  # every key of the chunk moves by the same distance: rotate in place
-                shift_into(dst, k, offset - e.prefix_len, adapter.inv_freq(model))
-            else:  # half precision: rotate in float32, round once
+            else:  # every key of the chunk moves by the same distance, with its own layer's RoPE base
+                shift = offset - e.prefix_len
                 local = torch.arange(e.prefix_len, e.prefix_len + n, device=k.device)
-                dst.copy_(adapter.rerotate_keys(model, k, local, torch.arange(offset, offset + n, device=k.device)))
+                for rows, layer in rope_groups:
+                    if dtype == torch.float32:  # rotate in place
+                        shift_into(dst[rows], k[rows], shift, adapter.inv_freq(model, layer=layer))
+                    else:  # half precision: rotate in float32, round once
+                        dst[rows].copy_(adapter.rerotate_keys(model, k[rows], local, local + shift, layer=layer))
             vbuf[:, :, offset : offset + n] = v.to(device=dev, dtype=dtype, non_blocking=True)
             offset += n
         kbuf[:, :, offset:] = 0
@@ -122,7 +148,7 @@ def realign(model, prefix: ChunkKV | None, chunks: list[ChunkKV], device=None, d
 
 
 def _select(strategy, *, layer_idx, attn, adapter, model, x_norm, active, q_all, k_full, v_new, v_old, n_prefix,
-            n_doc, n_question, k_budget, pool_width, sink_positions, surprisal, chunk_lengths, seed, scale):
+            n_doc, n_question, k_budget, pool_width, sink_positions, surprisal, chunk_lengths, seed, scale, window=None):
     """Document-token indices to keep recomputing (sorted), for one strategy."""
     if strategy == "full":
         return torch.zeros(0, dtype=torch.long)
@@ -153,7 +179,7 @@ def _select(strategy, *, layer_idx, attn, adapter, model, x_norm, active, q_all,
         in_doc = rows[rows < n_doc]
         forced = in_doc
     q_pos = active[rows].to(k_full.device)
-    probs = attention_probs(q_all[:, :, rows.to(q_all.device)], k_full, q_pos, key_pos, scale)
+    probs = attention_probs(q_all[:, :, rows.to(q_all.device)], k_full, q_pos, key_pos, scale, window)
     scores = sel.attention_relevance(probs, slice(n_prefix, n_prefix + n_doc), pool_width)
     return sel.top_k(scores.cpu(), k_budget, forced=None if forced is None else forced.cpu())
 
@@ -207,11 +233,12 @@ def fuse_chunks(
     for li, layer in enumerate(layers):
         dev = devices[li]
         hidden, active, key_pos = hidden.to(dev), active.to(dev), key_pos.to(dev)
-        attn, ln1, ln2, mlp, parallel = _layer_parts(layer, adapter)
+        attn, ln1, ln2, mlp, parallel, post_attn, post_mlp = _layer_parts(layer, adapter)
         scale = float(getattr(attn, "scaling", shape.head_dim ** -0.5))
         x = ln1(hidden)
-        q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active)
-        k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active)
+        q = adapter.apply_rope(model, adapter.prerope_queries(attn, x), active, layer=li)
+        k = adapter.apply_rope(model, adapter.prerope_keys(attn, x), active, layer=li)
+        window = adapter.sliding_window(model, li)
         v = adapter.values(attn, x)
         if record_inputs:
             full_x = x.new_zeros(1, total, x.shape[-1])
@@ -228,17 +255,17 @@ def fuse_chunks(
                 strategy, layer_idx=li, attn=attn, adapter=adapter, model=model, x_norm=x, active=active, q_all=q,
                 k_full=keys[li], v_new=v, v_old=old_v, n_prefix=n_prefix, n_doc=n_doc, n_question=n_q,
                 k_budget=k_budget, pool_width=pool_width, sink_positions=sink_positions, surprisal=surprisal,
-                chunk_lengths=lengths, seed=seed, scale=scale,
+                chunk_lengths=lengths, seed=seed, scale=scale, window=window,
             ).to(torch.long).cpu()
             keep = torch.cat([selected, torch.arange(n_doc, n_doc + n_q)]).to(dev)
             active, hidden, q, x = active[keep], hidden[:, keep], q[:, :, keep], x[:, keep]
-        out = masked_attention(q, keys[li], values[li], active, key_pos, scale, backend=attention_backend)
-        out = _out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1))
+        out = masked_attention(q, keys[li], values[li], active, key_pos, scale, attention_backend, window)
+        out = post_attn(_out_proj(attn)(out.transpose(1, 2).reshape(1, active.numel(), -1)))
         if parallel:
             hidden = hidden + out + mlp(ln2(hidden))
         else:
             hidden = hidden + out
-            hidden = hidden + mlp(ln2(hidden))
+            hidden = hidden + post_mlp(mlp(ln2(hidden)))
 
     norm, head = _final_norm(decoder), model.get_output_embeddings()
     hq = norm(hidden[:, -n_q:].to(execution_device(norm)))
