@@ -101,6 +101,10 @@ def _assert_same(alone, batched):
 def test_a_padded_batch_answers_as_each_sequence_alone(name, arch, tiny_models, eager_models):
     model = _model_for(name, arch, tiny_models, eager_models)
     contexts, questions = _sequences()
+    if arch == "gemma3":  # sliding-window layers keep their own cache length: one slot mask cannot describe them
+        with pytest.raises(BatchInputError, match=r"layers keep caches of different lengths .*batch_size=1"):
+            generate_batch(model, contexts, build(name, model), questions=questions, max_new_tokens=6)
+        return
     try:
         alone = [generate_batch(model, [c], build(name, model), questions=[q], max_new_tokens=6)[0]
                  for c, q in zip(contexts, questions)]

@@ -109,6 +109,16 @@ def padded_batch(cache) -> PaddedBatch | None:
     return getattr(cache, _BATCH_ATTR, None) if cache is not None else None
 
 
+def _refuse_mixed_layer_caches(decoder) -> None:
+    """Padded batches keep one slot mask for every layer; layers that keep caches of their own length (sliding-window
+    layers beside full-attention ones, Gemma 3) would need one per kind: refused rather than answered wrongly."""
+    layer_types = getattr(getattr(decoder, "config", None), "layer_types", None) or []
+    if len(set(layer_types)) > 1:
+        kinds = ", ".join(sorted(set(layer_types)))
+        raise BatchInputError(f"Padded batches are not supported on a model whose layers keep caches of different "
+                              f"lengths ({kinds}): run one sequence at a time (batch_size=1).")
+
+
 def _start_batch(cache, bsz: int, device) -> PaddedBatch:
     """Per-sequence state from the cache's single state (the cache holds equal, unpadded sequences so far)."""
     state = position_state(cache)
@@ -168,6 +178,7 @@ def _pre_hook(module, args, kwargs):
         if not bool(mask[:, :-n].all()):
             raise BatchInputError("The attention mask marks pads among tokens this cache holds as a batch without "
                                   "padding: pass the padded mask from the first forward into the cache on.")
+        _refuse_mixed_layer_caches(module)
         batch = _start_batch(cache, bsz, device)
     if batch is not None:
         _batched_inputs(cache, batch, kwargs, n, device)
