@@ -31,7 +31,7 @@ from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.evaluation.throughput import MIB, build_config, largest_batch, run_interleaved
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.inputs import shared_dir
-from kvpress_ext.storage.safe_write import write_output
+from kvpress_ext.storage.safe_write import save_figure, write_output
 
 
 def _plot(records: list[dict], path: Path) -> None:
@@ -47,7 +47,7 @@ def _plot(records: list[dict], path: Path) -> None:
     ax.set(xlabel="position (tokens in each sequence)", ylabel="decode tokens/s", xscale="log", yscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 @command_entry("throughput")
