@@ -266,15 +266,20 @@ def smollm2_dir() -> str:
     return str(target)
 
 
-def smollm2_status() -> str:
-    target = model_cache_dir(SMOLLM2_NAME)
+def _conversion_status(name: str, find_source: Callable[[], object], pip: str) -> str:
+    """What ``kvpress-ext list`` says of a converted model: ready, needs its pip package, or converted on first use."""
+    target = model_cache_dir(name)
     if is_converted(target, CONVERSION_VERSION):
         return f"ready ({target})"
     try:
-        smollm2_gguf()
+        find_source()
     except ModelLoadError:
-        return f"needs `{SMOLLM2_PIP}`"
+        return f"needs `{pip}`"
     return f"converted into {target} on first use"
+
+
+def smollm2_status() -> str:
+    return _conversion_status(SMOLLM2_NAME, smollm2_gguf, SMOLLM2_PIP)
 
 
 # --- gemma3-270m -------------------------------------------------------------------------------------------------
@@ -336,14 +341,7 @@ def gemma3_dir() -> str:
 
 
 def gemma3_status() -> str:
-    target = model_cache_dir(GEMMA3_NAME)
-    if is_converted(target, CONVERSION_VERSION):
-        return f"ready ({target})"
-    try:
-        gemma3_parts()
-    except ModelLoadError:
-        return f"needs `{GEMMA3_PIP}`"
-    return f"converted into {target} on first use"
+    return _conversion_status(GEMMA3_NAME, gemma3_parts, GEMMA3_PIP)
 
 
 def register_builtin_models(register) -> None:
