@@ -19,6 +19,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from kvpress_ext.core.adapters import get_adapter
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma3")
 
 #: Sliding window of the tiny Gemma 3 model: short, so that tests cross it with a few dozen tokens.
@@ -121,8 +123,6 @@ def attention_inputs(model, layers=None):
     """Capture the hidden states entering each attention module (after its input norm), one tensor per forward:
     ``with attention_inputs(model) as inputs: ...`` gives ``inputs[layer]`` as a list. What tests rebuild
     pre-RoPE keys, queries and values from, independently of the cache and of any press."""
-    from kvpress_ext.core.adapters import get_adapter
-
     modules = get_adapter(model).attention_modules(model)
     chosen = range(len(modules)) if layers is None else layers
     inputs = {i: [] for i in chosen}
@@ -143,8 +143,6 @@ def attention_inputs(model, layers=None):
 def middle_layers_on_disk(model, embeddings_too: bool = False) -> dict:
     """A device_map: every decoder layer but the first and last on "disk" (and the input/output embeddings with
     ``embeddings_too``: the first parameter is then on the meta device), everything else on the CPU."""
-    from kvpress_ext.core.adapters import get_adapter
-
     names = {id(m): n for n, m in model.named_modules()}
     layers = [names[id(layer)] for layer in get_adapter(model).layers(model)]
     device_map = {}

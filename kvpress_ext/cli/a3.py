@@ -25,12 +25,26 @@ import re
 import time
 from pathlib import Path
 
-from kvpress_ext.cli.common import add_model_argument, add_placement_args, add_threads_argument
+from kvpress_ext.cli.common import (
+    add_model_argument,
+    add_placement_args,
+    add_threads_argument,
+    placement_kwargs,
+    set_threads,
+)
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import CacheFormatError
+from kvpress_ext.core.registry import get_press
+from kvpress_ext.evaluation.a3_quality import distribution_agreement
+from kvpress_ext.evaluation.longcontext import PREFILL, Method, answer
+from kvpress_ext.evaluation.results import machine_load
+from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.runtime import hub
+from kvpress_ext.runtime.chat import split_chat_prompt
+from kvpress_ext.runtime.models import load_model
+from kvpress_ext.runtime.threads import threads_text
 from kvpress_ext.storage.chunk_files import A3InputError, check_chunk_file, load_chunks
-from kvpress_ext.storage.chunk_store import SUMMARY, check_store_root
+from kvpress_ext.storage.chunk_store import SUMMARY, TENSORS, check_store_root
 from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
@@ -64,9 +78,6 @@ def _evict_kwargs(items: list[str] | None) -> dict:
 
 
 def _load_model(args):
-    from kvpress_ext.cli.common import placement_kwargs, set_threads
-    from kvpress_ext.runtime.models import load_model
-
     set_threads(args.threads)
     return load_model(args.model, **placement_kwargs(args))
 
@@ -74,16 +85,12 @@ def _load_model(args):
 def _prompt(tok, chunks, question: str, use_chat_template: bool):
     """The chat prompt around the chunks (:func:`kvpress_ext.runtime.chat.split_chat_prompt`); the separator before the
     question depends on how the last chunk ends."""
-    from kvpress_ext.runtime.chat import split_chat_prompt
-
     last = tok.decode(chunks[-1]) if chunks else ""
     return split_chat_prompt(tok, last, question, use_chat_template=use_chat_template)
 
 
 def _store(root, model, tokenizer, chunks=(), use_chat_template: bool = True, **kwargs):
     """The chunk store; with a chat template its prefix is the template's prefix (else the model's BOS)."""
-    from kvpress_ext.presses.a3 import ChunkStore
-
     prompt = _prompt(tokenizer, list(chunks), "", use_chat_template)
     prefix_ids = prompt.ids(tokenizer)[0] if prompt.templated else None
     return ChunkStore(root, model, tokenizer, prefix_ids=prefix_ids, **kwargs)
@@ -143,7 +150,6 @@ def _cmd_precompute(args) -> int:
 def _has_surprisal(store, ids) -> bool:
     from safetensors import safe_open
 
-    from kvpress_ext.storage.chunk_store import TENSORS
 
     try:
         with safe_open(str(store.chunk_path(ids) / TENSORS), "pt") as f:
@@ -174,9 +180,6 @@ def _tokens_per_s(tpot_s):
 
 
 def _validate_ask(args) -> tuple[float, dict]:
-    from kvpress_ext.core.registry import get_press
-    from kvpress_ext.presses.a3 import A3Press
-
     rate = _rate(args.rate)
     kwargs = _evict_kwargs(args.evict_kwargs)
     if kwargs and args.evict is None:
@@ -204,9 +207,6 @@ def _validate_ask(args) -> tuple[float, dict]:
 def _cmd_ask(args) -> int:
     import torch
 
-    from kvpress_ext.evaluation.a3_quality import distribution_agreement
-    from kvpress_ext.evaluation.longcontext import PREFILL, Method, answer
-    from kvpress_ext.evaluation.results import machine_load
 
     rate, evict_kwargs = _validate_ask(args)
     model, tok = _load_model(args)
@@ -282,8 +282,6 @@ def torch_threads() -> int:
 
 
 def _threads_text() -> str:
-    from kvpress_ext.runtime.threads import threads_text
-
     return threads_text(torch_threads())
 
 

@@ -8,14 +8,16 @@ import logging
 import re
 import textwrap
 
+from kvpress_ext.core.adapters import adapter_registrations
 from kvpress_ext.core.contract import sized_by_budget
+from kvpress_ext.core.registry import available_presses, press_info
 from kvpress_ext.core.tables import BUILTIN
+from kvpress_ext.plugins.loader import failed_plugins, load_plugins, logger
+from kvpress_ext.runtime.models import _MODELS, DEFAULT_MODEL, available_models, model_status
 
 
 def _load_quietly() -> None:
     """Load the plugins with their failure warnings off: these commands print the failures themselves."""
-    from kvpress_ext.plugins.loader import load_plugins, logger
-
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -39,10 +41,6 @@ def _wrapped(first: str, text: str) -> str:
 
 
 def _cmd_list(args) -> int:
-    from kvpress_ext.core.adapters import adapter_registrations
-    from kvpress_ext.core.registry import available_presses
-    from kvpress_ext.plugins.loader import failed_plugins
-
     _load_quietly()
     presses = available_presses()
     print(f"Presses ({len(presses)}):")
@@ -72,8 +70,6 @@ def _cmd_list(args) -> int:
 
 
 def _list_models() -> None:
-    from kvpress_ext.runtime.models import _MODELS, DEFAULT_MODEL, available_models, model_status
-
     models = available_models()
     print(f"\nModels by short name ({len(models)}; --model also takes a local directory or a hub id):")
     for name, info in models.items():
@@ -92,8 +88,6 @@ def _list_models() -> None:
 
 
 def _cmd_describe(args) -> int:
-    from kvpress_ext.core.registry import press_info
-
     _load_quietly()
     info = press_info(args.name)
     origin = "built-in" if info.source == BUILTIN else f"from plugin {info.source}"

@@ -14,9 +14,12 @@ import signal
 import sys
 import warnings
 
+from kvpress_ext.core.apply import quiet_repeated_kvpress_logs
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError
+from kvpress_ext.evaluation.sweep import EXECUTORS, SweepOptions
+from kvpress_ext.runtime.models import DEFAULT_MODEL
 from kvpress_ext.runtime.threads import DEFAULT_THREADS, set_threads  # noqa: F401 - re-exported for the commands
-from kvpress_ext.storage.inputs import load_json
+from kvpress_ext.storage.inputs import load_json, read_text_file
 
 
 def parse_value(text: str):
@@ -86,8 +89,6 @@ def token_offset(text: str) -> int:
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """The flags of :class:`kvpress_ext.evaluation.sweep.SweepOptions` (same names), for commands that run sweeps."""
-    from kvpress_ext.evaluation.sweep import EXECUTORS, SweepOptions
-
     d = SweepOptions()
     g = parser.add_argument_group("sweep execution (kvpress_ext.evaluation.sweep)")
     g.add_argument("--executor", default=d.executor, choices=EXECUTORS,
@@ -104,8 +105,6 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 def sweep_options_from_args(args: argparse.Namespace):
     """The parsed :func:`add_sweep_args` flags as :class:`kvpress_ext.evaluation.sweep.SweepOptions`."""
-    from kvpress_ext.evaluation.sweep import SweepOptions
-
     return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
                         cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
                         progress=not getattr(args, "no_progress", False))
@@ -118,8 +117,6 @@ def parse_device_map(text: str | None):
         return None
     raw = text
     if text.endswith(".json"):
-        from kvpress_ext.storage.inputs import read_text_file
-
         raw = read_text_file(text, "--device_map", "auto, a device, a JSON map or a .json file holding one")
     if raw.lstrip().startswith("{") or raw is not text:  # a .json file holds JSON, whatever its first character
         try:
@@ -262,7 +259,6 @@ def quiet_command_line(prog: str = "kvpress-ext") -> None:
     per-tensor "Loading weights" progress bars from transformers (whichever code path loads a model)."""
     from transformers.utils import logging as hf_logging
 
-    from kvpress_ext.core.apply import quiet_repeated_kvpress_logs
 
     hf_logging.disable_progress_bar()
     print_warnings_on_one_line(prog)
@@ -283,8 +279,6 @@ MODEL_HELP = ("model: a short name (smollm2-135m, stories260k, or one a plugin a
 def add_model_argument(parser, *, chat_template: bool = True) -> None:
     """``--model`` (default: :data:`kvpress_ext.runtime.models.DEFAULT_MODEL`) and, for commands that build prompts,
     ``--no_chat_template``."""
-    from kvpress_ext.runtime.models import DEFAULT_MODEL
-
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
     if chat_template:
         parser.add_argument("--no_chat_template", dest="use_chat_template", action="store_false",

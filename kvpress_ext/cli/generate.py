@@ -18,13 +18,16 @@ from kvpress_ext.cli.common import (
     seed_int,
     set_threads,
 )
+from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.registry import get_press, press_name
+from kvpress_ext.evaluation.press_setup import press_params
 from kvpress_ext.evaluation.results import machine_load
 from kvpress_ext.evaluation.speed import peak_memory_bytes, reset_peak_memory
 from kvpress_ext.runtime import hub
 from kvpress_ext.runtime.chat import split_chat_prompt
-from kvpress_ext.runtime.generate import GenerateInputError, Generation, generate_ids
-from kvpress_ext.runtime.models import other_attention
+from kvpress_ext.runtime.generate import GenerateInputError, Generation, generate_ids, generate_many
+from kvpress_ext.runtime.models import load_model, other_attention
 from kvpress_ext.runtime.threads import threads_text
 from kvpress_ext.storage.inputs import read_text_file
 from kvpress_ext.storage.safe_write import check_output_file, write_output
@@ -60,8 +63,6 @@ def _check_args(args) -> None:
 
 
 def _build_press(args):
-    from kvpress_ext.core.registry import get_press
-
     kwargs = parse_press_kwargs(args.press_kwargs)
     if args.press is None:
         if kwargs:
@@ -84,11 +85,6 @@ def _summary(result: Generation, memory: dict, threads: int, device) -> str:
 
 
 def _cmd_generate(args) -> int:
-    from kvpress_ext.core.devices import input_device
-    from kvpress_ext.core.registry import press_name
-    from kvpress_ext.evaluation.press_setup import press_params
-    from kvpress_ext.runtime.models import load_model
-
     _check_args(args)
     prompts = _read_prompts(args)
     press = _build_press(args)  # before loading the model: bad names/kwargs fail fast
@@ -163,9 +159,6 @@ def _prompt_ids(tokenizer, prompt: str, use_chat_template) -> list[int]:
 
 def _generate_several(args, model, tokenizer, prompts, press) -> int:
     """Several ``--prompt``: greedy, ``--batch_size`` at a time in left-padded batches; one text per prompt."""
-    from kvpress_ext.core.registry import press_name
-    from kvpress_ext.runtime.generate import generate_many
-
     ids = [_prompt_ids(tokenizer, p, args.use_chat_template) for p in prompts]
     with hub.explain_press_failures(args.press):
         results = generate_many(model, ids, press, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

@@ -24,10 +24,11 @@ from kvpress_ext.cli.common import (
     temperature,
     token_offset,
 )
-from kvpress_ext.evaluation.sweep import Cell
+from kvpress_ext.evaluation.sweep import Cell, cell_path, import_ray, run_sweep
+from kvpress_ext.icl import cluster
 from kvpress_ext.icl import workflow as wf
 from kvpress_ext.icl.scoring import SCORES_CSV_WHAT, is_scores_csv
-from kvpress_ext.runtime.models import resolve_model
+from kvpress_ext.runtime.models import load_model, resolve_model
 from kvpress_ext.storage.cache_files import check_cache_target
 from kvpress_ext.storage.inputs import path_digest
 from kvpress_ext.storage.safe_write import (
@@ -40,8 +41,6 @@ from kvpress_ext.storage.safe_write import (
 
 
 def _load_model(args):
-    from kvpress_ext.runtime.models import load_model
-
     set_threads(args.threads)
     return load_model(args.model, **placement_kwargs(args))
 
@@ -131,8 +130,6 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_grid(args) -> int:
-    from kvpress_ext.evaluation.sweep import cell_path, import_ray, run_sweep
-
     for b in args.budgets:
         wf.check_budget(b, args.window_size)
     wf.load_documents(args.data, args.data_limit, require_solution=True)  # bad input fails before any cell or file
@@ -202,8 +199,6 @@ def _plot(rows, path):
 
 
 def _cmd_cluster_build(args) -> int:
-    from kvpress_ext.icl import cluster
-
     set_threads(args.threads)
     docs = wf.load_documents(args.data)
     check_output_file(args.out, flag="--out")
@@ -215,8 +210,6 @@ def _cmd_cluster_build(args) -> int:
 
 
 def _cmd_cluster_query(args) -> int:
-    from kvpress_ext.icl import cluster
-
     set_threads(args.threads)
     clusters = cluster.load_clusters(args.clusters)
     check_output_file(args.out, flag="--out")

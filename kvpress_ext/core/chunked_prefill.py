@@ -33,7 +33,13 @@ from dataclasses import dataclass, replace
 import torch
 from kvpress import BasePress
 
-from kvpress_ext.core.contract import PressContract, contract_of, reset_press
+from kvpress_ext.core.contract import (
+    PressContract,
+    compression_ratio_of,
+    contract_of,
+    has_settable_ratio,
+    reset_press,
+)
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.temporal_order import in_temporal_order
@@ -41,25 +47,6 @@ from kvpress_ext.core.temporal_order import in_temporal_order
 
 class PrefillChunkError(KVPressExtError):
     """A ``prefill_chunk_size`` out of range, or given to a press that cannot be fed in chunks."""
-
-
-def has_settable_ratio(press) -> bool:
-    """Whether ``press.compression_ratio`` is a number we can set (ScorerPress, AdaKV, ...)."""
-    ratio = _ratio(press)
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
-        return False
-    try:
-        press.compression_ratio = ratio
-    except (AttributeError, TypeError):
-        return False
-    return True
-
-
-def _ratio(press):
-    try:  # some presses (DMS, SimLayerKV) compute it from the last forward and raise before one
-        return getattr(press, "compression_ratio", None)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 @dataclass
@@ -80,7 +67,7 @@ class EveryChunkPress(BasePress):
 
     def __post_init__(self):
         self.press = in_temporal_order(self.press)  # compressed again every chunk: keep the cache in token order
-        self._target_ratio = _ratio(self.press)
+        self._target_ratio = compression_ratio_of(self.press)
         self._cumulative = self.keep_fraction_of_seen and has_settable_ratio(self.press)
 
     @property

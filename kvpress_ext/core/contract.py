@@ -244,6 +244,34 @@ def forget_skip_warning(press) -> None:
         vars(press).pop(_SKIP_WARNED, None)
 
 
+def decoding_compressor(press):
+    """The press whose compression runs while decoding: a DecodingPress's scorer (``base_press``), also through a
+    PrefillDecodingPress's ``decoding_press``; the press itself otherwise (R-KV, lazy streaming)."""
+    decoding = getattr(press, "decoding_press", None)
+    inner = getattr(decoding if decoding is not None else press, "base_press", None)
+    return inner if inner is not None and not isinstance(inner, (str, type)) else press
+
+
+def compression_ratio_of(press):
+    """``press.compression_ratio``, or None where there is none or it cannot be read yet."""
+    try:  # some presses (DMS, SimLayerKV) compute it from the last forward and raise before one
+        return getattr(press, "compression_ratio", None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def has_settable_ratio(press) -> bool:
+    """Whether ``press.compression_ratio`` is a number we can set (ScorerPress, AdaKV, ...)."""
+    ratio = compression_ratio_of(press)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        return False
+    try:
+        press.compression_ratio = ratio
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
 def composed_presses(press) -> list:
     """The presses a composition applies in turn (``ComposedPress.presses``), else an empty list."""
     inner = getattr(press, "presses", None)

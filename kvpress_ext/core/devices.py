@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kvpress_ext.core.adapters import get_adapter
+
 
 def _align_hooks(module) -> list:
     hook = getattr(module, "_hf_hook", None)
@@ -41,8 +43,6 @@ def input_device(model) -> torch.device:
 
 def layer_devices(model) -> list[torch.device]:
     """Execution device of each decoder layer, in order (where that layer's cache tensors belong)."""
-    from kvpress_ext.core.adapters import get_adapter
-
     return [execution_device(layer) for layer in get_adapter(model).layers(model)]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from kvpress_ext.core import tables
 from kvpress_ext.core.contract import composed_presses
 from kvpress_ext.core.errors import NoCompressionWarning, PressParameterError, UnknownPressError
+from kvpress_ext.core.temporal_order import keep_token_order
 
 #: Parameter names whose value must lie in [0, 1).
 RATIO_PARAMETERS = ("compression_ratio",)
@@ -344,7 +345,6 @@ def get_press(name: str, **params: Any):
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise PressParameterError(f"{name} could not be built ({type(exc).__name__}{': ' + first if first else ''}); "
                                   f"fix its parameters, or choose another press (`kvpress-ext list`).") from exc
-    from kvpress_ext.core.temporal_order import keep_token_order
 
     press = keep_token_order(press)  # wrappers that compress a compressed cache again: entries in token order
     idle = compresses_nothing(press)

@@ -17,6 +17,7 @@ import torch
 
 from kvpress_ext.presses.a3 import STRATEGIES, A3Press, ChunkStore
 from kvpress_ext.storage.inputs import shared_dir
+from kvpress_ext.storage.safe_write import save_figure
 
 
 def load_samples(tokenizer, n_samples: int, n_chunks: int, chunk_tokens: int, question_tokens: int, path=None):
@@ -99,6 +100,5 @@ def plot(rows, rates, path):
     axes[1].set(xlabel="rate", ylabel="top-1 agreement", title="next-token top-1 agreement")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    from kvpress_ext.storage.safe_write import save_figure
 
     save_figure(fig, path, dpi=120)

@@ -32,8 +32,12 @@ import torch
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.positions import cache_length
+from kvpress_ext.core.registry import NoCompressionWarning, get_press, press_info
+from kvpress_ext.core.temporal_order import in_temporal_order
 from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.evaluation.perplexity import compressed_nll
+from kvpress_ext.runtime.chat import split_chat_prompt
+from kvpress_ext.runtime.generate import generate_ids
 
 METHODS = ("full", "rkv", "lazy_streaming", "decoding_snapkv", "decoding_streaming_llm")
 #: A prompt that asks for a long answer, so 1,000 generated tokens are mostly one text.
@@ -76,8 +80,6 @@ def cells(methods, budgets, first_budget: int | None = None) -> list[Cell]:
 
 def build_press(method: str, budget: int | None, compression_interval: int = 128, n_sink: int = 4, slack: int = 64):
     """The press of ``method`` holding ``budget`` tokens (None for ``full``)."""
-    from kvpress_ext.core.registry import get_press
-
     if method == "full":
         return None
     check_budgets([budget])
@@ -87,9 +89,6 @@ def build_press(method: str, budget: int | None, compression_interval: int = 128
         # small caps (tests) keep most of the cap as the recent window
         return get_press("lazy_streaming", cap_total=budget, n_sink=n_sink, slack=min(slack, budget // 4))
     if method in ("decoding_snapkv", "decoding_streaming_llm"):
-        from kvpress_ext.core.registry import NoCompressionWarning, press_info
-        from kvpress_ext.core.temporal_order import in_temporal_order
-
         # snapkv scores with the queries buffered since the last compression
         extra = {"window_size": min(64, compression_interval // 2)} if method == "decoding_snapkv" else {}
         with warnings.catch_warnings():  # ratio 0: DecodingPress sets the ratio of each compression itself
@@ -134,8 +133,6 @@ def nll_cell(model, input_ids: torch.Tensor, context: int, press, decode_chunk_s
 def generation_cell(model, prompt_ids: torch.Tensor, press, gen_tokens: int) -> dict:
     """Greedy generation of exactly ``gen_tokens`` tokens (EOS does not stop it; its first index is recorded)
     and the cache length after every generated token (after the press compressed, if it did)."""
-    from kvpress_ext.runtime.generate import generate_ids
-
     seen = {}
     trace: list[int] = []
 
@@ -170,7 +167,5 @@ def agreement(ids: list[int], reference: list[int]) -> dict:
 
 def chat_prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> torch.Tensor:
     """(1, n) ids of ``prompt`` as a user turn of the model's chat template (raw text after BOS without one)."""
-    from kvpress_ext.runtime.chat import split_chat_prompt
-
     prefix, context, suffix = split_chat_prompt(tokenizer, prompt, use_chat_template=use_chat_template).ids(tokenizer)
     return torch.tensor([prefix + context + suffix])

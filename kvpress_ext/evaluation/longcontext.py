@@ -29,8 +29,12 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.tokens import eos_token_ids
+from kvpress_ext.presses.a3 import A3Press
+from kvpress_ext.runtime.pipeline import greedy_decode
+from kvpress_ext.storage.inputs import parse_json_or_jsonl, read_text_file
 
 PREFILL = "prefill"
 A3_PREFIX = "a3-"
@@ -62,8 +66,6 @@ class Method:
 # --- inputs -----------------------------------------------------------------------------------------------
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
-    from kvpress_ext.storage.inputs import parse_json_or_jsonl, read_text_file
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}; pass --data_file an existing JSON/JSONL file")
@@ -156,9 +158,6 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
     question token, to compare a fusion's distributions with a full prefill's."""
     from transformers import DynamicCache
 
-    from kvpress_ext.core.apply import apply_press
-    from kvpress_ext.presses.a3 import A3Press
-    from kvpress_ext.runtime.pipeline import greedy_decode
 
     extra = {}
     _sync(model)
@@ -202,7 +201,6 @@ def load_haystack(path) -> list[str]:
     files = [path] if path.is_file() else sorted(path.glob("*.txt")) if path.is_dir() else []
     if not files:
         raise InputError(f"no haystack text at {path}: pass --haystack_file FILE or --haystack_dir with *.txt files")
-    from kvpress_ext.storage.inputs import read_text_file
 
     flag = "--haystack_file" if path.is_file() else "--haystack_dir file"
     text = " ".join(" ".join(read_text_file(f, flag, "a UTF-8 text file").split()) for f in files)
@@ -256,8 +254,6 @@ DOCUMENT_HEADER = "Document [{index}] (Title: {title})\n"
 
 def load_documents(path) -> list[tuple[str, str]]:
     """(title = file stem, whitespace-normalised text) of every non-empty ``*.txt`` file of a folder, by name."""
-    from kvpress_ext.storage.inputs import read_text_file
-
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"--task multidoc needs a folder of documents, not {path}: pass --haystack_dir with *.txt "

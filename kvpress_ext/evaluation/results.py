@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.evaluation.sweep import load_cells
 from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import check_output_dir, claim_output_dir, json_safe, save_figure, write_output
 
@@ -324,8 +325,6 @@ _PER_CELL = ("press", "compression_ratio", "press_kwargs")  # what differs betwe
 def records_from_cells(path: str | Path) -> list[dict]:
     """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.evaluation.sweep`); a failed
     cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
-    from kvpress_ext.evaluation.sweep import load_cells
-
     records, settings = [], {}
     for cell in load_cells(path):
         params = cell.get("params") if isinstance(cell.get("params"), dict) else {}

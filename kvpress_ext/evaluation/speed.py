@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.devices import synchronize
+from kvpress_ext.core.devices import input_device, synchronize
 from kvpress_ext.core.positions import cache_length
 from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.evaluation.perplexity import cache_bytes
@@ -81,8 +81,6 @@ def measure_speed(model, context: torch.Tensor, press=None, max_new_tokens: int 
 
     ``decode_only``: report only decode throughput (the prefill is still run to fill the cache, untimed).
     """
-    from kvpress_ext.core.devices import input_device
-
     device = input_device(model)
     context = context.to(device)
     min_new_tokens = min(min_new_tokens, max_new_tokens)

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.storage.inputs import load_json
 from kvpress_ext.storage.safe_write import (
     atomic_write_bytes,
     check_output_dir,
@@ -175,8 +176,6 @@ def cell_path(out_dir, key: str, params: dict) -> Path:
 
 
 def _read_cell(path: Path) -> dict | None:
-    from kvpress_ext.storage.inputs import load_json
-
     try:
         data = load_json(path.read_bytes(), f"cell file {path}")
     except (OSError, ValueError):  # unreadable, not JSON, beyond the reader's bounds: not a finished cell
@@ -192,12 +191,22 @@ def load_cells(out_dir) -> list[dict]:
     return [d for path in sorted(cells.glob("*.json")) if (d := _read_cell(path)) is not None]
 
 
-def _finished(out_dir, cell: Cell) -> dict | None:
-    data = _read_cell(cell_path(out_dir, cell.key, cell.params))
-    if data is not None and data.get("status") == "ok" and \
-            cell_identity(data.get("params") or {}) == cell_identity(cell.params):
+def recorded_cell(out_dir, cell: Cell) -> dict | None:
+    """The file an earlier run wrote for exactly ``cell`` (same key and identity), finished or failed; None when
+    there is none (or it is unreadable, or ``cells/`` is a link). Runners use it to tell a reused cell from one to
+    run before calling :func:`run_sweep`."""
+    path = cell_path(out_dir, cell.key, cell.params)
+    if path.parent.is_symlink():
+        return None
+    data = _read_cell(path)
+    if data is not None and cell_identity(data.get("params") or {}) == cell_identity(cell.params):
         return data
     return None
+
+
+def _finished(out_dir, cell: Cell) -> dict | None:
+    data = recorded_cell(out_dir, cell)
+    return data if data is not None and data.get("status") == "ok" else None
 
 
 def _reason(exc: BaseException) -> str:

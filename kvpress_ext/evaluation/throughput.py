@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.contract import budget_parameters
+from kvpress_ext.core.contract import budget_parameters, decoding_compressor
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.registry import get_press, press_info
 from kvpress_ext.evaluation.perplexity import cache_bytes
@@ -63,16 +63,11 @@ def build_config(config: str, interval: int, position: int = 0):
 
 def _compression_step(press):
     """(object, method name) of the press's compression step while decoding, for timing; None if none is known."""
-    owners = [press, getattr(press, "base_press", None), getattr(getattr(press, "decoding_press", None), "base_press",
-                                                                 None)]
-    for owner in owners:
-        for name in ("_compress", "_compact"):
-            if owner is not None and callable(getattr(owner, name, None)):
-                return owner, name
-    for owner in owners[1:]:
-        if owner is not None:
-            return owner, "compress"
-    return None
+    owner = decoding_compressor(press)
+    for name in ("_compress", "_compact"):  # R-KV's and lazy streaming's own step
+        if callable(getattr(owner, name, None)):
+            return owner, name
+    return (owner, "compress") if owner is not press else None
 
 
 @dataclass

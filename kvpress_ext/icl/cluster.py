@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from kvpress_ext.icl.workflow import ICLInputError, load_documents
 from kvpress_ext.storage.inputs import load_json, read_text_file
+from kvpress_ext.storage.safe_write import write_output
 
 FORMAT_VERSION = 1
 _FIX = "give a local sentence-transformers or Hugging Face model directory with --embedder"
@@ -238,7 +239,6 @@ def save_clusters(clusters: dict, out, data_path=None) -> Path:
         saved.pop("records")
         saved["data"] = {"path": str(data_path.resolve()), "sha256": _sha256(data_path),
                          "count": len(clusters["records"])}
-    from kvpress_ext.storage.safe_write import write_output
 
     return write_output(out, json.dumps(saved, indent=1), flag="--out")
 

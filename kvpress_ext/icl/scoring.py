@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpress_ext.icl.answers import answers_match, extract_answer, normalize_answer
+from kvpress_ext.storage.safe_write import write_output
 
 __all__ = [
     "answers_match",
@@ -140,7 +141,6 @@ def write_scores_csv(result: dict[str, Any], path: str | Path) -> Path:
     """
     import io
 
-    from kvpress_ext.storage.safe_write import write_output
 
     total = result.get("n_questions", 0)
     fh = io.StringIO(newline="")

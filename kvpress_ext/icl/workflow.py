@@ -33,6 +33,8 @@ from kvpress_ext.icl.scoring import format_scores_table, score_generations, writ
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.runtime.chat import chat_turn_break, has_chat_template, split_chat_prompt
 from kvpress_ext.runtime.generate import sample_token
+from kvpress_ext.runtime.models import load_model
+from kvpress_ext.runtime.threads import set_threads
 from kvpress_ext.storage.cache_files import (
     METADATA_FILE,
     check_cache_target,
@@ -42,7 +44,7 @@ from kvpress_ext.storage.cache_files import (
     save_cache,
 )
 from kvpress_ext.storage.inputs import load_json, read_text_file
-from kvpress_ext.storage.safe_write import path_lock, recover, waiting_note
+from kvpress_ext.storage.safe_write import path_lock, recover, waiting_note, write_output
 
 MODES = ("takeaways", "notepad", "none")
 COMPLEXITIES = ("simple", "complex")
@@ -368,13 +370,9 @@ _MODELS: dict = {}
 def _cached_model(name: str, placement: dict | None = None, threads: int | None = None):
     """(model, tokenizer) for ``name`` (``placement``: load_model's device_map/max_memory/offload_folder),
     loaded once per process (each Ray worker loads its own) with ``threads`` torch CPU threads."""
-    from kvpress_ext.runtime.threads import set_threads
-
     set_threads(threads)
     key = json.dumps([name, placement], sort_keys=True, default=str)
     if key not in _MODELS:
-        from kvpress_ext.runtime.models import load_model
-
         _MODELS.clear()
         _MODELS[key] = load_model(name, **(placement or {}))
     return _MODELS[key]
@@ -383,8 +381,6 @@ def _cached_model(name: str, placement: dict | None = None, threads: int | None 
 def grid_cell(params: dict) -> dict:
     """One grid cell: precompute the cache into ``params["dir"]/cache`` (kept if there), answer the questions
     into ``eval.json`` (kept if there, unless ``recompute``), score into ``scores.csv``; returns the table row."""
-    from kvpress_ext.storage.safe_write import write_output
-
     model, tok = _cached_model(params["model"], params.get("placement"), params.get("_threads"))
     docs = load_documents(params["data"], params["data_limit"], require_solution=True)
     questions = load_documents(params["eval_data"] or params["data"], params["eval_limit"],

@@ -6,16 +6,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from kvpress_ext import presses
+from kvpress_ext.core.adapters.gemma3 import Gemma3Adapter
+from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
+from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
+from kvpress_ext.core.kvpress_table import register_kvpress_presses
 from kvpress_ext.plugins.hookspecs import hookimpl
+from kvpress_ext.runtime.builtin_models import register_builtin_models
 
 
 @hookimpl
 def kvpress_ext_register_presses(register):
-    from kvpress_ext.core.kvpress_table import register_kvpress_presses
-
     register_kvpress_presses(register)
     # Our presses register themselves with @register_press when their module is imported.
-    from kvpress_ext import presses
 
     for module in pkgutil.walk_packages(presses.__path__, presses.__name__ + "."):
         importlib.import_module(module.name)
@@ -23,10 +26,6 @@ def kvpress_ext_register_presses(register):
 
 @hookimpl
 def kvpress_ext_register_adapters(register):
-    from kvpress_ext.core.adapters.gemma3 import Gemma3Adapter
-    from kvpress_ext.core.adapters.gpt_neox import GPTNeoXAdapter
-    from kvpress_ext.core.adapters.llama import LlamaFamilyAdapter
-
     register(LlamaFamilyAdapter("llama", ("llama",)))
     register(LlamaFamilyAdapter("mistral", ("mistral",)))
     register(LlamaFamilyAdapter("qwen2", ("qwen2",)))
@@ -37,6 +36,4 @@ def kvpress_ext_register_adapters(register):
 
 @hookimpl
 def kvpress_ext_register_models(register):
-    from kvpress_ext.runtime.builtin_models import register_builtin_models
-
     register_builtin_models(register)

@@ -27,7 +27,9 @@ import pluggy
 from kvpress_ext.core import tables
 from kvpress_ext.core.adapters import add_adapter
 from kvpress_ext.core.registry import add_press
+from kvpress_ext.plugins import builtin as builtin_plugin
 from kvpress_ext.plugins import hookspecs
+from kvpress_ext.runtime.models import register_model as add_model
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,6 @@ def _hook_registrars(origin: str) -> dict:
         add_adapter(adapter, source=origin, override=override)
 
     def register_model(name, resolve, override=False, **info):
-        from kvpress_ext.runtime.models import register_model as add_model
-
         add_model(name, resolve, plugin=origin, override=override, **info)
 
     return {"kvpress_ext_register_presses": register_press, "kvpress_ext_register_adapters": register_adapter,
@@ -141,7 +141,6 @@ def load_plugins(force: bool = False) -> None:
     _loading = True
     try:
         pm = get_plugin_manager()
-        from kvpress_ext.plugins import builtin as builtin_plugin
 
         if not pm.is_registered(builtin_plugin):
             pm.register(builtin_plugin, name=BUILTIN_NAME)

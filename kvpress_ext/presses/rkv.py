@@ -17,6 +17,7 @@ from kvpress import BasePress
 from kvpress.utils import get_prerope_query_states
 
 from kvpress_ext.core import rope
+from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.core.positions import position_state, set_next_position
@@ -274,8 +275,6 @@ class RKVPress(BasePress):
             raise PressParameterError(f"RKVPress.rotation_offset must be an integer >= 0, got {self.rotation_offset!r}.")
 
     def __call__(self, model):
-        from kvpress_ext.core.apply import apply_press
-
         return apply_press(self, model)
 
     # --- hook -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import socket
 from urllib.parse import urlparse
 
 from kvpress_ext.core.errors import KVPressExtError
+from kvpress_ext.core.registry import press_info
 
 CONNECT_TIMEOUT_S = 1.5
 _TRUE = {"1", "true", "yes", "on"}
@@ -144,8 +145,6 @@ def explain_press_failures(name: str | None):
     becomes one :class:`PressUnavailableError` line naming the requirement and the fix. Other presses: no-op."""
     requires = None
     if name:
-        from kvpress_ext.core.registry import press_info
-
         with contextlib.suppress(KVPressExtError):
             requires = press_info(name).requires
     if not requires:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kvpress_ext.core import tables
+from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.errors import KVPressExtError, UnsupportedModelError
 from kvpress_ext.runtime import hub
 
@@ -179,8 +180,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"Cannot load model {name_or_path or DEFAULT_MODEL!r}: {_first_line(exc)}") from exc
     if check_supported:
-        from kvpress_ext.core.adapters import get_adapter
-
         try:
             get_adapter(model)
         except UnsupportedModelError as exc:

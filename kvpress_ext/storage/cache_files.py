@@ -33,6 +33,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from kvpress_ext.core.devices import layer_devices, parameter_values
 from kvpress_ext.core.errors import CacheFormatError
 from kvpress_ext.core.positions import PositionState, position_state
 from kvpress_ext.storage.cache_contents import (  # noqa: F401 - part of this module's interface
@@ -43,7 +44,7 @@ from kvpress_ext.storage.cache_contents import (  # noqa: F401 - part of this mo
     press_from_description,
 )
 from kvpress_ext.storage.inputs import JSONInputError, load_json
-from kvpress_ext.storage.safe_write import is_ours, path_lock, recover, replace_directory, try_lock
+from kvpress_ext.storage.safe_write import check_target_dir, is_ours, path_lock, recover, replace_directory, try_lock
 
 FORMAT_VERSION = 2
 KNOWN_VERSIONS = (2,)
@@ -74,8 +75,6 @@ def model_fingerprint(model) -> str:
     payload = {k: d.get(k) for k in _FINGERPRINT_KEYS if k in d}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     if hasattr(model, "named_parameters"):
-        from kvpress_ext.core.devices import parameter_values
-
         for name, p in model.named_parameters():
             h.update(f"|{name}|{tuple(p.shape)}|{p.dtype}|".encode())
             if p.device.type == "meta":  # offloaded by accelerate: read the values from its offload store
@@ -314,8 +313,6 @@ def is_our_cache_dir(path) -> bool:
 def check_cache_target(path, flag: str = "--out") -> Path:
     """Raise :class:`~kvpress_ext.storage.safe_write.OutputPathError` unless a cache may be written at ``path``: missing,
     an empty directory, or one of our caches. Nothing is written."""
-    from kvpress_ext.storage.safe_write import check_target_dir
-
     return check_target_dir(
         path, flag=flag, ours=is_our_cache_dir, what="a kvpress-ext cache", refuse_symlinks=True,
         symlink_fix="pass a new directory path for the cache",
@@ -456,8 +453,6 @@ def load_cache(path, model=None, device=None, dtype=None) -> tuple[DynamicCache,
     cache = DynamicCache()
     devices = None
     if device is None and model is not None:
-        from kvpress_ext.core.devices import layer_devices
-
         devices = layer_devices(model)
     for i, length in enumerate(metadata["seq_lengths"]):
         keys, values = tensors[f"layer{i}.keys"], tensors[f"layer{i}.values"]

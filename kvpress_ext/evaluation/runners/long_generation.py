@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,15 +43,7 @@ from kvpress_ext.evaluation.reports.long_generation import (
     plot_nll,
 )
 from kvpress_ext.evaluation.results import machine_load, measured_date
-from kvpress_ext.evaluation.sweep import (
-    Cell,
-    SweepOptions,
-    cell_digest,
-    cell_identity,
-    cell_path,
-    load_cells,
-    run_sweep,
-)
+from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_path, recorded_cell, run_sweep
 from kvpress_ext.runtime.threads import set_threads
 from kvpress_ext.storage.inputs import read_text_file, shared_dir
 from kvpress_ext.storage.safe_write import claim_output_dir, write_output
@@ -115,35 +108,53 @@ def run_cell(params: dict) -> dict:
     return {"method": params["method"], "budget": params["budget"], "settings": settings, **result}
 
 
-def _run_part(part: str, settings: dict, config: LongGenerationConfig, out: Path, say, on_update,
-              deadline: float) -> tuple[int, dict]:
-    """Run (or reuse) every cell of ``part``, calling ``on_update(records, reused)`` after each; returns the cells
-    not run (none starts after ``deadline``, a ``time.monotonic()`` value) and {cell name: date measured} of the
-    reused ones."""
+@dataclass
+class _Part:
+    """One part of the run (``nll`` or ``gen``): its cell settings and how it reports. After each cell,
+    ``summarize(records, reused)`` gives the table and the summary's extra fields, and ``plot(records, path)``
+    draws ``<plot_name>``; the part's summary is ``<name>_summary.json``."""
+
+    name: str
+    settings: dict
+    summarize: Callable[[list, dict], tuple[str, dict]]
+    plot: Callable[[list, Path], None]
+    plot_name: str
+    columns: str
+
+
+def _run_part(part: _Part, config: LongGenerationConfig, out: Path, summary: dict, say, deadline: float) -> list:
+    """Run (or reuse) every cell of ``part``, rewriting its summary and plot after each; no cell starts after
+    ``deadline`` (a ``time.monotonic()`` value). Prints the part's table and returns the files it wrote."""
     grid = cells(config.methods, config.budgets, config.target_budget)
-    folder = out / part
-    sweep = [Cell(c.name, {"part": part, "method": c.method, "budget": c.budget, **settings}) for c in grid]
-    on_disk = {(d.get("key"), cell_digest(d.get("params") or {})): d for d in load_cells(folder)} if folder.is_dir() else {}
-    records, reused = [], {}
+    folder = out / part.name
+    sweep = [Cell(c.name, {"part": part.name, "method": c.method, "budget": c.budget, **part.settings})
+             for c in grid]
+    shown = {k: v for k, v in part.settings.items() if not k.startswith("_")}
+    records, reused, table = [], {}, None
     for i, cell in enumerate(sweep):
-        d = on_disk.get((cell.key, cell_digest(cell.params)))
-        finished = (d is not None and d.get("status") == "ok"
-                    and cell_identity(d.get("params") or {}) == cell_identity(cell.params))
-        if not finished and time.monotonic() > deadline:
-            say(f"{part}: --max_seconds reached; {len(sweep) - i} cell(s) not run (run the same command again "
-                "to continue)")
-            return len(sweep) - i, reused
+        if (recorded_cell(folder, cell) or {}).get("status") != "ok" and time.monotonic() > deadline:
+            say(f"{part.name}: --max_seconds reached; {len(sweep) - i} cell(s) not run (run the same command "
+                "again to continue)")
+            break
         result = run_sweep([cell], run_cell, folder, SweepOptions(max_retries=0, progress=False),
                            raise_failures=True)
         if cell.key in result.skipped:
             path = cell_path(folder, cell.key, cell.params)
             reused[cell.key] = measured_date(path)
-            say(f"{part} {cell.key}: reused {path} (measured {reused[cell.key]})")
+            say(f"{part.name} {cell.key}: reused {path} (measured {reused[cell.key]})")
         else:
-            say(f"{part} {cell.key}: done in {result.records[cell.key]['seconds']:.1f}s")
+            say(f"{part.name} {cell.key}: done in {result.records[cell.key]['seconds']:.1f}s")
         records.append(result.records[cell.key])
-        on_update(records, reused)
-    return 0, reused
+        table, extra = part.summarize(records, reused)
+        write_output(out / f"{part.name}_summary.json",
+                     json.dumps({**summary, "settings": shown, **extra, "records": records}, indent=1))
+        part.plot(records, out / part.plot_name)
+    if table is None:
+        print(f"{part.name}: no cell finished")
+        return []
+    print(table)
+    print(part.columns)
+    return [out / f"{part.name}_summary.json", out / part.plot_name]
 
 
 def run(config: LongGenerationConfig) -> int:
@@ -175,47 +186,37 @@ def run(config: LongGenerationConfig) -> int:
         if ids.shape[1] < n:
             raise LongGenerationInputError(f"--text_file {text_file} has {ids.shape[1]} tokens; --context + "
                                            f"--continuation needs {n}. Pass a longer text or smaller values.")
-        settings = {**common, "text_file": text_file.name, "context": config.context,
+
+        def nll_summary(records, reused):
+            table, target = nll_table(records, config.target_budget, reused=reused)
+            return table, {"target": target}
+
+        nll_title = f"{config.model}: NLL of {config.continuation} continuation tokens after {config.context} " \
+                    f"({text_file.name})"
+        wrote += _run_part(_Part(
+            "nll", {**common, "text_file": text_file.name, "context": config.context,
                     "continuation": config.continuation, "decode_chunk_size": config.decode_chunk_size,
-                    "segment": config.segment, "_text_path": str(text_file)}
-        final: dict = {}
-
-        def nll_update(records, reused):
-            final["table"], target = nll_table(records, config.target_budget, reused=reused)
-            shown = {k: v for k, v in settings.items() if not k.startswith("_")}
-            write_output(out / "nll_summary.json", json.dumps(
-                {**summary, "settings": shown, "target": target, "records": records}, indent=1))
-            plot_nll(records, out / "nll.png", f"{config.model}: NLL of {config.continuation} continuation tokens "
-                     f"after {config.context} ({text_file.name})")
-
-        _run_part("nll", settings, config, out, say, nll_update, deadline)
-        print(final.get("table", "nll: no cell finished"))
-        if "table" in final:
-            print(NLL_COLUMNS)
-            wrote += [out / "nll_summary.json", out / "nll.png"]
+                    "segment": config.segment, "_text_path": str(text_file)},
+            nll_summary, lambda records, path: plot_nll(records, path, nll_title), "nll.png", NLL_COLUMNS),
+            config, out, summary, say, deadline)
     if config.part in ("gen", "both"):
-        settings = {**common, "prompt": config.prompt, "chat_template": config.use_chat_template,
-                    "gen_tokens": config.gen_tokens}
-        final = {}
+        start = []
 
-        def gen_update(records, reused):
+        def gen_summary(records, reused):
             full = next((r for r in records if r["method"] == "full"), None)
             for r in records:
                 r.update(agreement(r["generated_ids"], full["generated_ids"]) if full else {})
-            final["table"] = generation_table(records, reused)
-            final["start"] = tokenizer.decode(full["generated_ids"][:60]) if full else None
-            shown = {k: v for k, v in settings.items() if not k.startswith("_")}
-            write_output(out / "gen_summary.json", json.dumps({**summary, "settings": shown, "records": records}))
-            plot_cache(records, out / "gen_cache.png", f"{config.model}: cache length while generating "
-                       f"{config.gen_tokens} tokens greedily")
+            start[:] = [tokenizer.decode(full["generated_ids"][:60])] if full else []
+            return generation_table(records, reused), {}
 
-        _run_part("gen", settings, config, out, say, gen_update, deadline)
-        print(final.get("table", "gen: no cell finished"))
-        if "table" in final:
-            print(GEN_COLUMNS)
-            wrote += [out / "gen_summary.json", out / "gen_cache.png"]
-        if final.get("start"):
-            print("full-cache generation starts:", repr(final["start"]))
+        gen_title = f"{config.model}: cache length while generating {config.gen_tokens} tokens greedily"
+        wrote += _run_part(_Part(
+            "gen", {**common, "prompt": config.prompt, "chat_template": config.use_chat_template,
+                    "gen_tokens": config.gen_tokens},
+            gen_summary, lambda records, path: plot_cache(records, path, gen_title), "gen_cache.png", GEN_COLUMNS),
+            config, out, summary, say, deadline)
+        if start:
+            print("full-cache generation starts:", repr(start[0]))
     if wrote:
         print(f"wrote {', '.join(map(str, wrote))} and one JSON per cell in {out}/<part>/cells")
     return 0

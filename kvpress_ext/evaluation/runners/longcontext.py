@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -47,15 +46,7 @@ from kvpress_ext.evaluation.press_setup import build_press, check_ratio, press_p
 from kvpress_ext.evaluation.reports.longcontext import fmt_ratio, write_outputs
 from kvpress_ext.evaluation.results import measured_date
 from kvpress_ext.evaluation.runners.needle_kept import kept_per_layer, reference_kv, token_positions
-from kvpress_ext.evaluation.sweep import (
-    Cell,
-    SweepOptions,
-    cell_digest,
-    cell_identity,
-    cell_path,
-    load_cells,
-    run_sweep,
-)
+from kvpress_ext.evaluation.sweep import Cell, SweepOptions, cell_path, recorded_cell, run_sweep
 from kvpress_ext.evaluation.tasks.prompts import cell_prompt, context_limit, ids_of
 from kvpress_ext.evaluation.tasks.records import score
 from kvpress_ext.presses.a3 import ChunkStore
@@ -247,12 +238,10 @@ def run_cells(cells: list[Cell], run_cell_fn, out_dir, retry_failed: bool = Fals
     reason is in the summary); ``compute=False`` only collects the cells already on disk (to rebuild summaries).
     The keys of the cells taken from an earlier run are added to ``reused``."""
     options = options or SweepOptions(progress=progress)
-    on_disk = ({(d.get("key"), cell_digest(d.get("params") or {})): d for d in load_cells(out_dir)}
-               if Path(out_dir).is_dir() else {})
 
     def kept(cell: Cell) -> dict | None:
-        d = on_disk.get((cell.key, cell_digest(cell.params)))
-        if d is None or cell_identity(d.get("params") or {}) != cell_identity(cell.params):
+        d = recorded_cell(out_dir, cell)
+        if d is None:
             return None
         return d if d.get("status") == "ok" or not (retry_failed and compute) else None
 

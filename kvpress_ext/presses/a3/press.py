@@ -35,8 +35,9 @@ import torch
 
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.errors import PressParameterError
-from kvpress_ext.core.registry import register_press
+from kvpress_ext.core.registry import press_info, register_press
 from kvpress_ext.presses.a3.chunk_store import ChunkStore
+from kvpress_ext.presses.a3.evict import evict_cache
 from kvpress_ext.presses.a3.fusion import FusionResult, fuse_chunks
 
 STRATEGIES = ("blend", "debug", "attnlink", "full", "cat", "surprisal_chunk", "random")
@@ -102,8 +103,6 @@ class A3Press:
         if self.attention_backend not in ("auto", "torch", "flashinfer"):
             raise PressParameterError("a3: attention_backend must be 'auto', 'torch' or 'flashinfer'.")
         if self.evict is not None:
-            from kvpress_ext.core.registry import press_info
-
             press_info(self.evict)  # unknown names fail now, with suggestions
 
     # --- main API ---------------------------------------------------------------------------------------------
@@ -141,8 +140,6 @@ class A3Press:
         )
         t2 = time.perf_counter()
         if self.evict is not None:
-            from kvpress_ext.presses.a3.evict import evict_cache
-
             evict_cache(model, result, self.evict, self.evict_kwargs)
         t3 = time.perf_counter()
         result.timings = {"load_s": t1 - t0, "fuse_s": t2 - t1, "evict_s": t3 - t2, **result.timings}
