@@ -103,7 +103,7 @@ def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
     """The needle-kept and misses-explained tables of the presses that compress (none without one)."""
     lines: list[str] = []
     lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
-                   "mean over layers and samples / lowest layer)"), "",
+                   "mean over the compressed layers and samples / lowest layer)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
     for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
         row = []
@@ -117,7 +117,7 @@ def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
             row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
         lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
     lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
-                   "tokens kept on average over layers, or kept and still missed)"), "",
+                   "tokens kept on average over the compressed layers, or kept and still missed)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
     for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
         row = []
