@@ -57,13 +57,37 @@ def streaming_kept_by_hand(hay, arch, n: int) -> float:
     return len(kept & set(positions)) / len(positions)
 
 
-def test_needle_kept_is_measured_on_the_compressed_layers_only(hay, arch):
+@pytest.fixture(scope="module")
+def streaming(hay, arch):
+    """The StreamingLLM cell of the architecture (run once for the tests below)."""
+    return run_cell(cell(hay, arch))
+
+
+def test_needle_kept_is_measured_on_the_compressed_layers_only(hay, arch, streaming):
     """Gemma 3's sliding layers hold the whole needle in the grid's cache: counted, they would lift the figure
     towards 1. Llama-shaped: every layer, as before."""
-    r = run_cell(cell(hay, arch))
+    r = streaming
     _, compressed = MODELS[arch]
     expected = streaming_kept_by_hand(hay, arch, r["compressed_tokens"])
     assert 0 < expected < 1  # the needle straddles the window's edge: a real test of the matching
     assert r["needle_kept_layers"] == compressed
     assert r["needle_kept"] == pytest.approx([expected] * len(compressed), abs=1e-6)
     assert r["needle_kept_mean"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_cache_size_is_the_compressed_layers_length(arch, streaming):
+    """kvpress keeps ``int(n * (1 - ratio))`` of the compressed part, then the rest is appended: that is the
+    compressed layers' length. ``cache_tokens`` (the first layer's) is a sliding layer on Gemma 3, holding all."""
+    r = streaming
+    n, rest = r["compressed_tokens"], r["rest_tokens"]
+    assert r["compressed_cache_tokens"] == r["compressed_cache_tokens_max"] == int(n * (1 - RATIO)) + rest
+    assert r["cache_tokens"] == (n + rest if arch == "gemma3" else int(n * (1 - RATIO)) + rest)
+
+
+def test_a3_cells_report_the_compressed_layers_length(hay, arch):
+    """A3 fusion then eviction: the eviction shrinks the compressed layers only."""
+    r = run_cell(cell(hay, arch, method="a3-debug+streaming_llm", rate=0.15))
+    assert r["compressed_cache_tokens"] < r["context_tokens"] + r["rest_tokens"]
+    assert r["compressed_cache_tokens_max"] == r["compressed_cache_tokens"]
+    whole = r["context_tokens"] + r["rest_tokens"]
+    assert r["cache_tokens"] == (whole if arch == "gemma3" else r["compressed_cache_tokens"])

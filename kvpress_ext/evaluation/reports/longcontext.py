@@ -36,6 +36,7 @@ def summarize(records: list[dict]) -> list[dict]:
                     "n_failed": len(recs) - len(ok), "ttft_s": _mean([r["ttft_s"] for r in ok]),
                     "tpot_s": _mean([r.get("tpot_s") for r in ok]), "cache_tokens": _mean([r.get("cache_tokens")
                                                                                            for r in ok]),
+                    "compressed_cache_tokens": _mean([r.get("compressed_cache_tokens") for r in ok]),
                     "context_tokens": _mean([r.get("context_tokens") for r in ok]),
                     "needle_kept_mean": _mean([r.get("needle_kept_mean") for r in ok]),
                     "needle_kept_per_layer": [sum(col) / len(col) for col in zip(*kept)] if kept else None,

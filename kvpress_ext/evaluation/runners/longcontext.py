@@ -21,6 +21,10 @@ Methods:
 Diagnostic (:mod:`kvpress_ext.evaluation.runners.needle_kept`): for a needle sample, the fraction of the needle's
 tokens each compressed layer kept (averaged over KV heads; ``needle_kept_layers`` names the layers), on the cache
 from which the first answer token is produced.
+
+Cache size (:func:`kvpress_ext.evaluation.longcontext.cache_sizes`), on the same cache: ``cache_tokens`` is the
+first layer's length, ``compressed_cache_tokens`` (mean) and ``compressed_cache_tokens_max`` are over the layers
+the press compresses; they differ on Gemma 3, whose first layer is a sliding-window one no press touches.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ def answer_with_press(model, press, compressed_ids: list[int], rest_ids: list[in
         first = int(logits[0, -1].argmax())
         lc._sync(model)
         t1 = time.perf_counter()
-        extra = {"cache_tokens": int(cache.get_seq_length())}
+        extra = lc.cache_sizes(model, cache)
         if on_first_token is not None:
             extra.update(on_first_token(cache))
         t2 = time.perf_counter()
