@@ -267,6 +267,9 @@ CASES = [
     ("needle", [*LC, "--haystack_dir", "{W}/hay", "--model", "{H}"], "hf download"),
     ("needle", [*LC, "--haystack_dir", "{W}/hay", "--strategies", "nope"], "choose from"),
     ("needle", [*LC, "--haystack_dir", "{W}/hay", "--lengths", "x"], "invalid int value"),
+    ("needle", [*LC, "--haystack_dir", "{W}/hay", "--model", "{G}"], "No kvpress_ext adapter for model_type 'gpt2'"),
+    ("needle", [*LC, "--summary_from", "{W}/hay"], "holds no long-context cells"),
+    ("needle", ["--summary_from", "{W}/hay"], "pass --output_dir"),
     # --- examples/quickstart.py ------------------------------------------------------------------------------------
     ("quickstart", ["--model", "{H}"], "hf download"),
     ("quickstart", ["--model", "{W}/no_model"], "pass --model a local model directory"),

@@ -102,6 +102,34 @@ def test_a_part_that_changes_while_joining_leaves_nothing_in_the_cache(monkeypat
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [".gemma3-270m.lock"]
 
 
+def test_without_the_gguf_reader_the_pip_command_is_named_before_anything_is_written(monkeypatch, tmp_path,
+                                                                                     capsys):
+    """transformers reads the joined file with the ``gguf`` package: without it, one line naming the pip command
+    (not transformers' own logged error and exception from inside the conversion), and the model cache untouched."""
+    _fake_parts(monkeypatch, tmp_path)
+    real = ms.importlib.util.find_spec
+    monkeypatch.setattr(ms.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    err = _one_line_error(capsys)
+    assert "gemma-3-270m-q4_k_m.gguf" in err and "`pip install gguf accelerate`" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_conversion_that_fails_to_import_leaves_nothing_half_written(monkeypatch, tmp_path):
+    """An ImportError inside the conversion (a gguf too old for transformers) is the same error, and the
+    temporary directory, with the joined GGUF in it, goes with it."""
+    import transformers
+
+    _fake_parts(monkeypatch, tmp_path)
+
+    def old_gguf(*args, **kwargs):
+        raise ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", old_gguf)
+    with pytest.raises(ModelLoadError, match=r"gguf>=0\.10\.0 .*`pip install gguf accelerate`"):
+        ms.gemma3_dir()
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [".gemma3-270m.lock"]
+
+
 def test_gemma_tokenizer_is_rebuilt_as_a_bpe_merging_by_piece_score():
     """What transformers reads from a Gemma GGUF: a Unigram over the pieces with SentencePiece's BPE scores (and the
     tab's byte piece renamed to a tab, which also exists). The rebuilt tokenizer merges by score (the "ab" + "c"

@@ -23,6 +23,7 @@ from kvpress_ext.core.registry import press_info
 from kvpress_ext.evaluation import longcontext as lc
 from kvpress_ext.evaluation.metrics import LONGBENCH_METRICS
 from kvpress_ext.evaluation.model_cache import get_model
+from kvpress_ext.evaluation.reports.longcontext import records_from_folders, write_outputs
 from kvpress_ext.evaluation.runners import longcontext as runner
 from kvpress_ext.evaluation.sweep import check_options
 from kvpress_ext.evaluation.tasks import needle as needle_task
@@ -49,7 +50,11 @@ question-agnostic or --query_aware; the fraction of the needle each press kept, 
 depth x (N - 1), rounded half up; A3 caches one chunk per document.
 
 Writes one JSON per cell (<output_dir>/cells/), summary.json, summary.md and heatmap_<mode>.png, and prints where;
-a second run reuses finished cells (marked with the date they were measured in summary.md).
+a second run reuses finished cells (marked with the date they were measured in summary.md). One report over the
+grids of several models (a column per model; each press judged against its own model's no press):
+
+    python evaluation/needle.py --summary_from results/needle/smollm2-135m results/needle/gemma3-270m \
+        --output_dir results/needle/both_models
 """
 
 RULER_DOC = """RULER-style retrieval for every press (and A3 fusion): built-in niah_single / multikey / multivalue needles
@@ -106,6 +111,9 @@ def add_grid_arguments(ap, name: str) -> None:
     ap.add_argument("--retry_failed", action="store_true",
                     help="rerun the cells recorded as failed (default: they are kept; finished cells are skipped)")
     ap.add_argument("--summary_only", action="store_true", help="rebuild the summaries from the cells on disk")
+    ap.add_argument("--summary_from", nargs="+", default=None, metavar="DIR",
+                    help="write one summary of the cells of these output folders (e.g. one grid per model: a "
+                         "column per model in every table) into --output_dir; runs nothing")
     ap.add_argument("--quick", action="store_true", help="a tiny grid for tests (under a minute)")
     ap.add_argument("--output_dir", default=None, help=f"default results/{name}/<model name> (one folder per model)")
     add_threads_argument(ap)
@@ -175,6 +183,26 @@ def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: li
     return records, outputs
 
 
+def summary_from(args, name: str) -> int:
+    """``--summary_from``: the report of the cells of several output folders (no model loaded, nothing run)."""
+    def go():
+        if not args.output_dir:
+            raise lc.InputError("--summary_from writes a new summary: pass --output_dir (a folder of its own)")
+        out = Path(args.output_dir).resolve()
+        if any(Path(d).resolve() == out for d in args.summary_from):
+            raise lc.InputError(f"--output_dir {args.output_dir} is one of the --summary_from folders: pass a "
+                                "folder of its own (its summary would replace that grid's)")
+        check_output_dir(out)
+        records = records_from_folders(args.summary_from)
+        models = sorted({str(r.get("model")) for r in records})
+        outputs = write_outputs(records, out, f"{name}: {', '.join(models)}",
+                                " ".join(shlex.quote(a) for a in sys.argv), reused={r["key"] for r in records})
+        print(outputs["markdown"])
+        print(f"wrote {', '.join(outputs['files'])}")
+
+    return cli_main(go)
+
+
 def _print_outputs(outputs: dict) -> None:
     print(outputs["markdown"])
     print(f"wrote {', '.join(outputs['files'])} and one JSON per cell in {outputs['cells_dir']}")
@@ -238,7 +266,8 @@ def needle_main(argv=None) -> int:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_needle_arguments(ap, "passkey", (*needle_task.NEEDLE_TASKS, needle_task.MULTIDOC))
     add_grid_arguments(ap, "needle")
-    return needle_grid(ap.parse_args(argv), "needle")
+    args = ap.parse_args(argv)
+    return summary_from(args, "needle") if args.summary_from else needle_grid(args, "needle")
 
 
 @command_entry("ruler")
@@ -250,6 +279,8 @@ def ruler_main(argv=None) -> int:
     add_needle_arguments(ap, "niah_single", [t for t in needle_task.NEEDLE_TASKS if t != "passkey"])
     add_grid_arguments(ap, "ruler")
     args = ap.parse_args(argv)
+    if args.summary_from:
+        return summary_from(args, "ruler")
     if not args.data_file:
         return needle_grid(args, "ruler")
 
@@ -277,6 +308,8 @@ def longbench_main(argv=None) -> int:
     ap.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N records")
     add_grid_arguments(ap, "longbench")
     args = ap.parse_args(argv)
+    if args.summary_from:
+        return summary_from(args, "longbench")
 
     def go():
         if args.task not in LONGBENCH_METRICS and args.task.removesuffix("_e") not in LONGBENCH_METRICS:

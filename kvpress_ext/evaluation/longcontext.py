@@ -149,6 +149,18 @@ def _sync(model):
 
 
 @torch.no_grad()
+def cache_sizes(model, cache) -> dict:
+    """A cell's cache size: ``cache_tokens``, the first layer's length (what cells recorded first; on Gemma 3 a
+    sliding-window layer no press touches), and ``compressed_cache_tokens`` / ``compressed_cache_tokens_max``, the
+    mean and the largest length over the layers presses compress (the adapter's ``compressed_layers``: every
+    layer on Llama-shaped models), which is what a ratio shrinks."""
+    from kvpress_ext.core.adapters import get_adapter
+
+    lengths = [int(cache.get_seq_length(i)) for i in get_adapter(model).compressed_layers(model)]
+    return {"cache_tokens": int(cache.get_seq_length()), "compressed_cache_tokens": sum(lengths) / len(lengths),
+            "compressed_cache_tokens_max": max(lengths)}
+
+
 def answer(model, method: Method, bos: list[int], chunks: list[list[int]], question_ids: list[int],
            max_new_tokens: int, store=None, rate: float = 0.15, evict_kwargs: dict | None = None,
            sink_positions=None, selection_layer: int | None = None, keep_logits: bool = False) -> dict:
@@ -175,7 +187,7 @@ def answer(model, method: Method, bos: list[int], chunks: list[list[int]], quest
                         selection_layer=selection_layer)
         result = press.fuse_result(model, chunks, question_ids)
         cache, all_logits = result.cache, result.logits
-        extra = {"recomputed": int(result.selected.numel()), "cache_tokens": int(cache.get_seq_length()),
+        extra = {"recomputed": int(result.selected.numel()), **cache_sizes(model, cache),
                  **{k: float(v) for k, v in result.timings.items()}}
     logits = all_logits[-1]
     first = int(logits.argmax())

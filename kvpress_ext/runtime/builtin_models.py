@@ -232,6 +232,14 @@ def _gemma_bpe_tokenizer(tokenizer):
     return rebuilt
 
 
+def _check_gguf_reader(name: str) -> None:
+    """transformers reads GGUF files with the ``gguf`` package: without it, one line naming the pip command before
+    anything is written (transformers would log its own error, then raise, from inside the conversion)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"Cannot convert {name}: transformers needs the gguf package to read it "
+                             "(run `pip install gguf accelerate`).")
+
+
 def _build_from_gguf(gguf: Path, sha256: str, fix_tokenizer: Callable = _chatml_tokenizer) -> Callable[[Path], dict]:
     def build(tmp: Path) -> dict:
         import torch
@@ -261,6 +269,7 @@ def smollm2_dir() -> str:
         return str(target)
     gguf = smollm2_gguf()
     _check_sha256(gguf, SMOLLM2_SHA256)  # before anything is written
+    _check_gguf_reader(SMOLLM2_GGUF)
     convert_once(target, _build_from_gguf(gguf, SMOLLM2_SHA256), version=CONVERSION_VERSION,
                  message=f"kvpress-ext: converting {SMOLLM2_GGUF} into {target} (once; about a minute)")
     return str(target)
@@ -327,6 +336,7 @@ def gemma3_dir() -> str:
         return str(target)
     parts = gemma3_parts()
     _join_checked(parts, None)  # before anything is written
+    _check_gguf_reader(GEMMA3_GGUF)
 
     def build(tmp: Path) -> dict:
         gguf = tmp / GEMMA3_GGUF

@@ -1,5 +1,5 @@
-"""Reports of the long-context grids: ``summary.json`` (one record per method x ratio x rate x mode x length x
-depth), ``summary.md`` (safe ratio, accuracy, needle kept, misses explained, A3 time to first token) and the
+"""Reports of the long-context grids: ``summary.json`` (one record per model x method x ratio x rate x mode x
+length x depth), ``summary.md`` (safe ratio, accuracy, needle kept, misses explained, A3 time to first token) and the
 depth x length heat maps."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvpress_ext.evaluation.longcontext import PREFILL, is_a3
+from kvpress_ext.evaluation.longcontext import PREFILL, InputError, is_a3
+from kvpress_ext.evaluation.results import measured_date
+from kvpress_ext.evaluation.sweep import cell_path, load_cells
 from kvpress_ext.storage.safe_write import claim_output_dir, save_figure, write_output
 
-GROUP = ("method", "compression_ratio", "rate", "query_aware", "length", "depth")
+GROUP = ("model", "method", "compression_ratio", "rate", "query_aware", "length", "depth")
 
 
 def fmt_ratio(r) -> str:
@@ -24,7 +26,8 @@ def _mean(xs):
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One record per method x ratio x rate x mode x length x depth: mean score over the samples, n, failures."""
+    """One record per model x method x ratio x rate x mode x length x depth: mean score over the samples, n,
+    failures."""
     groups = defaultdict(list)
     for r in records:
         groups[tuple(r.get(k) for k in GROUP)].append(r)
@@ -36,6 +39,7 @@ def summarize(records: list[dict]) -> list[dict]:
                     "n_failed": len(recs) - len(ok), "ttft_s": _mean([r["ttft_s"] for r in ok]),
                     "tpot_s": _mean([r.get("tpot_s") for r in ok]), "cache_tokens": _mean([r.get("cache_tokens")
                                                                                            for r in ok]),
+                    "compressed_cache_tokens": _mean([r.get("compressed_cache_tokens") for r in ok]),
                     "context_tokens": _mean([r.get("context_tokens") for r in ok]),
                     "needle_kept_mean": _mean([r.get("needle_kept_mean") for r in ok]),
                     "needle_kept_per_layer": [sum(col) / len(col) for col in zip(*kept)] if kept else None,
@@ -53,11 +57,25 @@ def _sample(r: dict) -> tuple:
     return tuple(r.get(k) for k in ("length", "depth", "key_index", "index", "sample_id"))
 
 
+def _models(records: list[dict]) -> list:
+    """The models of ``records`` (a record without one, as in hand-built records, counts as model None)."""
+    return sorted({r.get("model") for r in records}, key=lambda m: (m is None, str(m)))
+
+
 def safe_ratios(records: list[dict], fraction: float = 0.9) -> list[dict]:
-    """Per press, length and mode: the largest ratio whose accuracy (over depths and keys) is at least
-    ``fraction`` x no press's in the same mode and length (None if no ratio is), with the accuracies.
+    """Per model, press, length and mode: the largest ratio whose accuracy (over depths and keys) is at least
+    ``fraction`` x no press's for the same model, mode and length (None if no ratio is), with the accuracies.
     Paired: each ratio is judged against no press on the samples that ratio ran, so a grid cut short (one press
-    with fewer samples than no press) compares like with like."""
+    with fewer samples than no press) compares like with like. Records of several models (cells of several
+    grids) give each model its own entries, never judged against another model's no press."""
+    out = []
+    for model in _models(records):
+        mine_model = [r for r in records if r.get("model") == model]
+        out += [{"model": model, **s} for s in _safe_ratios_one_model(mine_model, fraction)]
+    return out
+
+
+def _safe_ratios_one_model(records: list[dict], fraction: float) -> list[dict]:
     out = []
     presses = sorted({r["method"] for r in records if not is_a3(r["method"]) and r["method"] != "no_press"})
     for length in sorted({r.get("length") for r in records}, key=lambda x: (x is None, x)):
@@ -96,20 +114,39 @@ def _measured(records: list[dict], reused) -> str:
     dates = sorted({r.get("measured") or "?" for r in records if r["key"] in reused}) if reused else []
     if not dates:
         return "this run"
-    return ("reused " if len(dates) == len(records) or len(records) == 1 else "partly reused ") + ", ".join(dates)
+    every = all(r["key"] in reused for r in records)
+    return ("reused " if every else "partly reused ") + ", ".join(dates)
+
+
+def _columns(records: list[dict]) -> tuple[list[tuple], str]:
+    """The report's columns, (model, length, mode) for each model's lengths x modes, and their header row; the
+    model's name heads a column only when the records come from several models."""
+    cols = []
+    models = _models(records)
+    for model in models:
+        mine = [r for r in records if r.get("model") == model]
+        lengths = sorted({r.get("length") for r in mine}, key=lambda x: (x is None, x))
+        cols += [(model, n, qa) for n in lengths for qa in sorted({r["query_aware"] for r in mine})]
+    name = (lambda m: f"{Path(str(m)).name} ") if len(models) > 1 else (lambda m: "")
+    return cols, "| " + " | ".join(f"{name(m)}{n} {_mode(qa)}" for m, n, qa in cols) + " |"
+
+
+def _in(r: dict, col: tuple) -> bool:
+    """Whether record ``r`` belongs to column ``col`` (model, length, mode)."""
+    return (r.get("model"), r.get("length"), r["query_aware"]) == col
 
 
 def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
     """The needle-kept and misses-explained tables of the presses that compress (none without one)."""
     lines: list[str] = []
     lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
-                   "mean over layers and samples / lowest layer)"), "",
+                   "mean over the compressed layers and samples / lowest layer)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
     for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
         row = []
-        for n, qa in cols:
-            recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
-                    and r.get("length") == n and r["query_aware"] == qa and r.get("needle_kept")]
+        for col in cols:
+            recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio and _in(r, col)
+                    and r.get("needle_kept")]
             if not recs:
                 row.append("-")
                 continue
@@ -117,13 +154,13 @@ def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
             row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
         lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
     lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
-                   "tokens kept on average over layers, or kept and still missed)"), "",
+                   "tokens kept on average over the compressed layers, or kept and still missed)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
     for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
         row = []
-        for n, qa in cols:
-            missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio
-                      and r.get("length") == n and r["query_aware"] == qa and r["status"] == "ok"
+        for col in cols:
+            missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio and _in(r, col)
+                      and r["status"] == "ok"
                       and r["score"] < 1 and r.get("needle_kept_mean") is not None]
             evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
             row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
@@ -138,24 +175,21 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
              f"{len(records)} cells: {ok} ok, {len(records) - ok} failed"
              + (f", {n_reused} reused from an earlier run (column measured)" if n_reused else "")
              + ". Scores are means over depths and keys.", ""]
-    lengths = sorted({r.get("length") for r in records}, key=lambda x: (x is None, x))
-    modes = sorted({r["query_aware"] for r in records})
-    cols = [(n, qa) for n in lengths for qa in modes]
-    header = "| " + " | ".join(f"{n} {_mode(qa)}" for n, qa in cols) + " |"
+    cols, header = _columns(records)
     presses = [r for r in records if not is_a3(r["method"])]
     if presses:
-        safe = {(s["method"], s["length"], s["query_aware"]): s for s in safe_ratios(presses)}
-        names = sorted({m for m, _, _ in safe})
+        safe = {(s["method"], s["model"], s["length"], s["query_aware"]): s for s in safe_ratios(presses)}
+        names = sorted({k[0] for k in safe})
         if names:
             lines += ["## Safe ratio (largest ratio with accuracy >= 90 % of no press, same length and mode)", "",
                       "| press " + header, "|---" * (1 + len(cols)) + "|"]
-            base = {(n, qa): _accuracy(presses, method="no_press", length=n, query_aware=qa) for n, qa in cols}
+            base = {c: _accuracy([r for r in presses if _in(r, c)], method="no_press") for c in cols}
             lines.append("| (no press accuracy) | " + " | ".join(
                 f"{_f(a)} ({k})" if a is not None else "-" for a, k in (base[c] for c in cols)) + " |")
             for m in names:
                 cells = []
-                for n, qa in cols:
-                    s = safe.get((m, n, qa))
+                for col in cols:
+                    s = safe.get((m, *col))
                     if s is None:
                         cells.append("-")
                     elif not s["no_press"]:
@@ -167,7 +201,7 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
         lines += ["## Accuracy", "", "| press | ratio " + header[:-1] + "| measured |", "|---" * (3 + len(cols)) + "|"]
         for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses},
                                key=lambda t: (t[0] != "no_press", t[0], t[1] or 0)):
-            accs = [_accuracy(presses, method=m, compression_ratio=ratio, length=n, query_aware=qa) for n, qa in cols]
+            accs = [_accuracy([r for r in presses if _in(r, c)], method=m, compression_ratio=ratio) for c in cols]
             mine = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio]
             lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(
                 f"{_f(a)} ({k})" if a is not None else "-" for a, k in accs) + f" | {_measured(mine, reused)} |")
@@ -179,14 +213,17 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
         lines += ["## A3 fusion against a full prefill of the same chunks (question-agnostic)", "",
                   "| method | rate | ratio | length | n | accuracy | TTFT (ms) | TTFT / prefill | measured |",
                   "|---" * 9 + "|"]
-        for m, rate, ratio, n in sorted({(r["method"], r["rate"], r["compression_ratio"], r.get("length"))
-                                         for r in fused}, key=lambda t: (t[0] != PREFILL, t[0], t[1] or 0,
-                                                                         t[2] or 0, t[3] or 0)):
-            recs = [r for r in fused if (r["method"], r["rate"], r["compression_ratio"], r.get("length"))
-                    == (m, rate, ratio, n)]
-            base = _mean([r["ttft_s"] for r in fused if r["method"] == PREFILL and r.get("length") == n])
+        several = len(_models(fused)) > 1
+        for model, m, rate, ratio, n in sorted(
+                {(r.get("model"), r["method"], r["rate"], r["compression_ratio"], r.get("length")) for r in fused},
+                key=lambda t: (str(t[0]), t[1] != PREFILL, t[1], t[2] or 0, t[3] or 0, t[4] or 0)):
+            recs = [r for r in fused if (r.get("model"), r["method"], r["rate"], r["compression_ratio"],
+                                         r.get("length")) == (model, m, rate, ratio, n)]
+            base = _mean([r["ttft_s"] for r in fused if r["method"] == PREFILL and r.get("length") == n
+                          and r.get("model") == model])
             ttft = _mean([r["ttft_s"] for r in recs])
-            lines.append(f"| {m} | {fmt_ratio(rate)} | {fmt_ratio(ratio)} | {n} | {len(recs)} | "
+            label = f"{Path(str(model)).name}: {m}" if several else m
+            lines.append(f"| {label} | {fmt_ratio(rate)} | {fmt_ratio(ratio)} | {n} | {len(recs)} | "
                          f"{_f(_mean([r['score'] for r in recs]))} | {_f(ttft, 1, 1e3)} | "
                          f"{_f(ttft / base if base and ttft else None)} | {_measured(recs, reused)} |")
         lines.append("")
@@ -213,8 +250,9 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
     ok = [r for r in records if r["status"] == "ok" and r.get("depth") is not None]
     for qa in sorted({r["query_aware"] for r in ok}):
         recs = [r for r in ok if r["query_aware"] == qa]
-        panels = sorted({(r["method"], r["compression_ratio"], r["rate"]) for r in recs},
-                        key=lambda t: (t[0] != "no_press", t[0] != PREFILL, t[0], t[1] or 0, t[2] or 0))
+        several = len(_models(recs)) > 1
+        panels = sorted({(r.get("model"), r["method"], r["compression_ratio"], r["rate"]) for r in recs},
+                        key=lambda t: (str(t[0]), t[1] != "no_press", t[1] != PREFILL, t[1], t[2] or 0, t[3] or 0))
         depths = sorted({r["depth"] for r in recs})
         lengths = sorted({r["length"] for r in recs})
         ncol = min(6, len(panels))
@@ -222,14 +260,14 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
         fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 + (0.6 + 0.5 * len(lengths)) * ncol,
                                                       (0.9 + 0.3 * len(depths)) * nrow), squeeze=False)
         im = None
-        for ax, (m, ratio, rate) in zip(axes.flat, panels):
-            grid = [[_accuracy(recs, method=m, compression_ratio=ratio, rate=rate, depth=d, length=n)[0]
+        for ax, (model, m, ratio, rate) in zip(axes.flat, panels):
+            grid = [[_accuracy(recs, model=model, method=m, compression_ratio=ratio, rate=rate, depth=d, length=n)[0]
                      for n in lengths] for d in depths]
             im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
                            cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-            label = m + (f" r={ratio:g}" if ratio else "") + (f" rate={rate:g}" if rate is not None else "")
+            label = (f"{Path(str(model)).name}: " if several else "") + m + (f" r={ratio:g}" if ratio else "") + (f" rate={rate:g}" if rate is not None else "")
             ax.set_title(label, fontsize=8)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
@@ -240,6 +278,24 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def records_from_folders(folders) -> list[dict]:
+    """The flat records (params, the cell's result, status, ``measured``) of the long-context cell files in each of
+    ``folders`` (output folders of grid runs, e.g. one per model), for one report over all of them; a folder
+    without such cells is :class:`~kvpress_ext.evaluation.longcontext.InputError`."""
+    records = []
+    for folder in folders:
+        cells = [c for c in load_cells(folder) if isinstance(c.get("params"), dict)
+                 and {"method", "query_aware"} <= set(c["params"]) and isinstance(c.get("key"), str)]
+        if not cells:
+            raise InputError(f"{folder} holds no long-context cells (<folder>/cells/*.json): pass the --output_dir "
+                             "of a needle.py / ruler.py / longbench.py run")
+        for c in cells:
+            records.append({"key": c["key"], **c["params"], **(c.get("record") or {}), "status": c.get("status"),
+                            "error": c.get("error"), "cell_seconds": c.get("wall_s"),
+                            "measured": measured_date(cell_path(folder, c["key"], c["params"]))})
+    return records
 
 
 def write_outputs(records: list[dict], out_dir, title: str, command: str = "", reused=()) -> dict:

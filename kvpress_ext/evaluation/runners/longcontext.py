@@ -19,7 +19,12 @@ Methods:
   question exists).
 
 Diagnostic (:mod:`kvpress_ext.evaluation.runners.needle_kept`): for a needle sample, the fraction of the needle's
-tokens each layer kept (averaged over KV heads), on the cache from which the first answer token is produced.
+tokens each compressed layer kept (averaged over KV heads; ``needle_kept_layers`` names the layers), on the cache
+from which the first answer token is produced.
+
+Cache size (:func:`kvpress_ext.evaluation.longcontext.cache_sizes`), on the same cache: ``cache_tokens`` is the
+first layer's length, ``compressed_cache_tokens`` (mean) and ``compressed_cache_tokens_max`` are over the layers
+the press compresses; they differ on Gemma 3, whose first layer is a sliding-window one no press touches.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def answer_with_press(model, press, compressed_ids: list[int], rest_ids: list[in
         first = int(logits[0, -1].argmax())
         lc._sync(model)
         t1 = time.perf_counter()
-        extra = {"cache_tokens": int(cache.get_seq_length())}
+        extra = lc.cache_sizes(model, cache)
         if on_first_token is not None:
             extra.update(on_first_token(cache))
         t2 = time.perf_counter()
@@ -184,14 +189,15 @@ def run_cell(params: dict) -> dict:
             positions = token_positions(tokenizer, text, spans) if spans else None
         record["needle_tokens"] = len(positions) if positions else None
         ref = reference_kv(model, compressed_ids, params["model"]) if positions else None
+        layers = get_adapter(model).compressed_layers(model)  # the layers a press may evict from
 
         def diagnose(cache):
             if not positions:
                 return {}
             values_only = position_state(cache).rotated
-            kept = kept_per_layer(cache, ref, positions, values_only, exclude_last=len(rest_ids))
-            return {"needle_kept": kept, "needle_kept_mean": sum(kept) / len(kept), "needle_match": (
-                "values" if values_only else "keys+values")}
+            kept = kept_per_layer(cache, ref, positions, values_only, exclude_last=len(rest_ids), layers=layers)
+            return {"needle_kept": kept, "needle_kept_mean": sum(kept) / len(kept), "needle_kept_layers": layers,
+                    "needle_match": "values" if values_only else "keys+values"}
 
         with explain_press_failures(method):  # a press needing hub files offline: one line
             r, retry = retry_with_other_attention(

@@ -4,6 +4,10 @@ A kept entry is matched to the token it came from by mutual nearest neighbour ag
 same tokens (keys and values; values only when the press re-rotated keys). Exact for presses that copy entries in
 one prefill pass, approximate for presses that stream the prefill in chunks; presses that mask instead of evicting
 (adakv) show 1.
+
+Only the layers the press compresses are measured (:meth:`~kvpress_ext.core.adapters.base.ModelAdapter.compressed_layers`):
+a layer no press touches keeps the whole prompt (Gemma 3's sliding-window layers in the evaluations' plain cache),
+so counting it would lift every press's figure towards 1.
 """
 
 from __future__ import annotations
@@ -45,14 +49,15 @@ def reference_kv(model, ids: list[int], name: str = "") -> list[tuple[torch.Tens
 
 
 def kept_per_layer(cache, reference, positions: list[int], values_only: bool = False,
-                   exclude_last: int = 0) -> list[float]:
-    """Fraction of ``positions`` (token indices of the reference) present in each layer of ``cache``,
-    averaged over KV heads. An entry counts as position p's when p's reference vector is nearest to it and
+                   exclude_last: int = 0, layers: list[int] | None = None) -> list[float]:
+    """Fraction of ``positions`` (token indices of the reference) present in each of ``layers`` of ``cache``
+    (default: every layer), averaged over KV heads. An entry counts as position p's when p's reference vector is nearest to it and
     it is nearest to p's reference vector among all reference tokens (mutual nearest neighbour).
     ``exclude_last``: newest cache entries that are not in the reference (the tokens fed after it)."""
     out = []
     pos = torch.tensor(positions)
-    for layer, (rk, rv) in zip(cache.layers, reference):
+    for i in range(len(cache.layers)) if layers is None else layers:
+        layer, (rk, rv) = cache.layers[i], reference[i]
         k, v = layer.keys[0].float().cpu(), layer.values[0].float().cpu()
         if 0 < exclude_last < k.shape[1]:
             k, v = k[:, :-exclude_last], v[:, :-exclude_last]
