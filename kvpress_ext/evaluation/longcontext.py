@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.tokens import eos_token_ids
@@ -154,8 +155,6 @@ def cache_sizes(model, cache) -> dict:
     sliding-window layer no press touches), and ``compressed_cache_tokens`` / ``compressed_cache_tokens_max``, the
     mean and the largest length over the layers presses compress (the adapter's ``compressed_layers``: every
     layer on Llama-shaped models), which is what a ratio shrinks."""
-    from kvpress_ext.core.adapters import get_adapter
-
     lengths = [int(cache.get_seq_length(i)) for i in get_adapter(model).compressed_layers(model)]
     return {"cache_tokens": int(cache.get_seq_length()), "compressed_cache_tokens": sum(lengths) / len(lengths),
             "compressed_cache_tokens_max": max(lengths)}
