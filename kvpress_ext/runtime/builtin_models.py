@@ -262,17 +262,25 @@ def _build_from_gguf(gguf: Path, sha256: str, fix_tokenizer: Callable = _chatml_
     return build
 
 
-def smollm2_dir() -> str:
-    """The converted SmolLM2-135M-Instruct directory (converting the package's GGUF on first use)."""
-    target = model_cache_dir(SMOLLM2_NAME)
+def _converted_dir(name: str, gguf_name: str, check_source: Callable[[], object],
+                   build: Callable[[], Callable[[Path], dict]], minutes: str) -> str:
+    """The converted model directory of ``name`` in the model cache: when it is missing, ``check_source()`` (the
+    package's file, its hash) and the gguf reader are checked before anything is written, then ``build()``'s
+    builder converts it once, atomically and under the cache's lock."""
+    target = model_cache_dir(name)
     if is_converted(target, CONVERSION_VERSION):
         return str(target)
-    gguf = smollm2_gguf()
-    _check_sha256(gguf, SMOLLM2_SHA256)  # before anything is written
-    _check_gguf_reader(SMOLLM2_GGUF)
-    convert_once(target, _build_from_gguf(gguf, SMOLLM2_SHA256), version=CONVERSION_VERSION,
-                 message=f"kvpress-ext: converting {SMOLLM2_GGUF} into {target} (once; about a minute)")
+    check_source()
+    _check_gguf_reader(gguf_name)
+    convert_once(target, build(), version=CONVERSION_VERSION,
+                 message=f"kvpress-ext: converting {gguf_name} into {target} (once; about {minutes})")
     return str(target)
+
+
+def smollm2_dir() -> str:
+    """The converted SmolLM2-135M-Instruct directory (converting the package's GGUF on first use)."""
+    return _converted_dir(SMOLLM2_NAME, SMOLLM2_GGUF, lambda: _check_sha256(smollm2_gguf(), SMOLLM2_SHA256),
+                          lambda: _build_from_gguf(smollm2_gguf(), SMOLLM2_SHA256), "a minute")
 
 
 def _conversion_status(name: str, find_source: Callable[[], object], pip: str) -> str:
@@ -331,23 +339,16 @@ def _join_checked(parts: list[Path], out: Path | None) -> None:
 
 def gemma3_dir() -> str:
     """The converted Gemma 3 270M directory (joining and converting the packages' GGUF parts on first use)."""
-    target = model_cache_dir(GEMMA3_NAME)
-    if is_converted(target, CONVERSION_VERSION):
-        return str(target)
-    parts = gemma3_parts()
-    _join_checked(parts, None)  # before anything is written
-    _check_gguf_reader(GEMMA3_GGUF)
 
     def build(tmp: Path) -> dict:
         gguf = tmp / GEMMA3_GGUF
-        _join_checked(parts, gguf)
+        _join_checked(gemma3_parts(), gguf)
         record = _build_from_gguf(gguf, GEMMA3_SHA256, _gemma_bpe_tokenizer)(tmp)
         gguf.unlink()  # the converted weights are what is kept
         return {**record, "source": f"{GEMMA3_PIP.split()[-1]} ({GEMMA3_GGUF})"}
 
-    convert_once(target, build, version=CONVERSION_VERSION,
-                 message=f"kvpress-ext: converting {GEMMA3_GGUF} into {target} (once; about two minutes)")
-    return str(target)
+    return _converted_dir(GEMMA3_NAME, GEMMA3_GGUF, lambda: _join_checked(gemma3_parts(), None), lambda: build,
+                          "two minutes")
 
 
 def gemma3_status() -> str:
