@@ -345,6 +345,9 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "a3"], "kvpress-ext a3 ask"),
     ("cli", ["generate", "--model", "", "--prompt", PROMPT], "--model is empty"),
     ("cli", [*GRID[:4], "--budgets", ",", *GRID[6:], "--data", "{W}/docs.json"], "comma-separated positive integers"),
+    # a flipped byte in a chunk file: the reason stays beside the fix
+    ("cli", [*A3A[:4], "--store", "{W}/store_flipped", *A3A[6:]], "does not match its checksum (corrupt or changed"),
+    ("cli", [*A3P[:4], "--store", "{W}/store_flipped", "--chunks", "{W}/chunks.jsonl"], "does not match its checksum"),
 ]
 CASES += HOSTILE
 
@@ -421,6 +424,7 @@ def workspace(tmp_path_factory):
     assert main(["a3", "precompute", "--model", model_dir, "--chunks", str(w / "chunks.jsonl"),
                  "--store", str(w / "store")]) == 0
     _crafted_caches(w)
+    _flipped_store(w)
     return w, {"M": model_dir, "W": str(w), "G": str(w / "gpt2"), "H": "some-org/not-a-cached-model",
                "D": NO_GPU_DEVICE}
 
@@ -441,6 +445,17 @@ def _hostile_files(w: Path) -> None:
     (w / "linked_results").mkdir()
     (w / "linked_results" / ".kvpress-ext-results").write_text("ours\n")
     (w / "linked_results" / "cells").symlink_to(w / "victim_dir", target_is_directory=True)
+
+
+def _flipped_store(w: Path) -> None:
+    """A copy of the A3 store with one byte flipped in every entry's tensor file (checksums left as they were)."""
+    import shutil
+
+    shutil.copytree(w / "store", w / "store_flipped")
+    for tensors in (w / "store_flipped").rglob("tensors.safetensors"):
+        data = bytearray(tensors.read_bytes())
+        data[-5] ^= 0xFF
+        tensors.write_bytes(bytes(data))
 
 
 def _crafted_caches(w: Path) -> None:

@@ -824,3 +824,40 @@ def test_registry_names_are_ascii_and_plugin_entries_are_checked():
             get_press("boom_press")
     finally:
         remove_origin_everywhere("hostile_plugin")
+
+
+# --- 19. a damaged chunk entry: the reason is kept, and a store we cannot write gets a fix that works ----------
+@pytest.mark.parametrize("command", ["ask", "precompute --recompute_bad"])
+def test_damaged_entry_of_a_read_only_store_names_the_reason_and_a_writable_copy(command, stories_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    import contextlib
+
+    from kvpress_ext.storage import chunk_store
+
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(["Tom had a big red ball.", "The dog was sad."]))
+    store = tmp_path / "store"
+    common = ["--model", stories_dir, "--chunks", str(chunks), "--store", str(store)]
+    assert main(["a3", "precompute", *common]) == 0
+    tensors = min(store.glob("*/chunk-*/tensors.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+
+    @contextlib.contextmanager
+    def read_only(path, **kwargs):  # what path_lock meets on a read-only file system (root ignores chmod)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        yield
+
+    monkeypatch.setattr(chunk_store, "path_lock", read_only)
+    argv = {"ask": ["a3", "ask", *common, "--question", "Tom gave the dog", "--max_new_tokens", "2"],
+            "precompute --recompute_bad": ["a3", "precompute", *common, "--recompute_bad"]}[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if "error:" in x]  # (precompute's stderr also holds its progress bar)
+    assert "Traceback" not in err, err
+    assert "does not match its checksum" in line and "cannot be written here (Read-only file system)" in line, line
+    assert "copy it to a folder you may write" in line and "ChunkStore" not in line and "=True" not in line, line
+    assert snapshot(tmp_path) == before
