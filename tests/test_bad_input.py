@@ -316,6 +316,8 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "dms", "--press_kwargs", "threshold=nan"], "finite number"),
     ("perplexity", [*PPL_TEXT, "--max_eval_tokens", "-5"], "positive integer"),
     ("perplexity", [*PPL_TEXT, "--speed_context", "-4"], "positive integer"),
+    ("perplexity", [*PPL_TEXT, "--context_limit", "100000"], "beyond the context of model"),  # stories260k: 512
+    ("perplexity", [*PPL_TEXT, "--speed_context", "513", "--press", "knorm"], "pass --speed_context 512 or less"),
     # 12. an existing cache is reused only for the settings that made it
     ("cli", [*PRE[:6], "--budget", "12", "--window_size", "4", "--mode", "none", "--data", "{W}/docs.json", "--out",
              "{W}/cache"], "other settings: budget 16 (asked 12)"),
