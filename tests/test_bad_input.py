@@ -337,6 +337,9 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
     ("cli", [*GEN, "--press", "block", "--press_kwargs", "block_size=0"], "positive integer"),
     ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "kernel_size=4"], "must be odd"),
+    # within the bound, beyond the fused cache's length
+    ("cli", [*A3A, "--evict", "streaming_llm", "--evict_kwargs", "n_sink=100000"], "cannot compress the"),
+    ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "window_size=100000"], "-token fused cache"),
     ("perplexity", [*PPL_TEXT, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
     # 18. text that is not UTF-8 (a lone surrogate on the command line)
     ("cli", [*GEN[:4], "caf\udcff", "--no_progress"], "not valid UTF-8 text"),
