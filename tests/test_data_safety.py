@@ -727,6 +727,28 @@ def test_perplexity_cells_follow_the_text_contents_and_summaries_refuse_mixed_se
     assert "different settings" in _one_line(capsys.readouterr().err)
 
 
+def test_two_sweeps_in_one_folder_keep_their_own_run_files_and_reports_refuse_to_mix_them(stories_dir, tmp_path):
+    from kvpress_ext.cli.perplexity import main as ppl_main
+    from kvpress_ext.evaluation import results
+
+    text = tmp_path / "story.txt"
+    text.write_text("Tom had a red ball. He played in the park with his dog. " * 12)
+    out = tmp_path / "out"
+    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--press", "knorm",
+            "--compression_ratio", "0.25", "0.5", "--no_speed", "--no_progress", "--num_threads", "1", "--no_baseline",
+            "--output_dir", str(out), "--max_eval_tokens"]
+    assert ppl_main([*argv, "48"]) == 0
+    first = {p.name: p.read_bytes() for p in out.glob("*.json")}
+    assert ppl_main([*argv, "64"]) == 0  # the same presses and ratios, another setting, the same folder
+    runs = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert sorted(r["data"]["max_eval_tokens"] for r in runs) == [48, 48, 64, 64]
+    assert {name: (out / name).read_bytes() for name in first} == first  # the first sweep's run files untouched
+    for report in (lambda: results.ratio_table({0.25: out}), lambda: results.run_records(out)):
+        with pytest.raises(KVPressExtError, match="2 different settings"):
+            report()
+    assert ppl_main([*argv, "48"]) == 0 and len(list(out.glob("*.json"))) == 4  # a rerun reuses its own files
+
+
 def test_last_resort_errors_are_one_line_exit_2(capsys):
     from kvpress_ext.cli.common import command_entry
 

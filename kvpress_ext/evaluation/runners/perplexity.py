@@ -380,6 +380,7 @@ def run(args: PerplexityConfig) -> list[dict]:
 
     def on_result(cell, cell_file, skipped):
         record = dict(cell_file["record"]) if cell_file["status"] == "ok" else _failed_record(args, cell_file)
+        record["setting"] = results.setting_digest(cell.params)  # its run file is this sweep's, never another's
         record["json_path"] = str(results.write_json(record, args.output_dir))
         if skipped:
             reused[record["json_path"]] = results.measured_date(cell_path(args.output_dir, cell.key, cell.params))
