@@ -319,6 +319,8 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "dms", "--press_kwargs", "threshold=nan"], "finite number"),
     ("perplexity", [*PPL_TEXT, "--max_eval_tokens", "-5"], "positive integer"),
     ("perplexity", [*PPL_TEXT, "--speed_context", "-4"], "positive integer"),
+    ("perplexity", [*PPL_TEXT, "--context_limit", "100000"], "beyond the context of model"),  # stories260k: 512
+    ("perplexity", [*PPL_TEXT, "--speed_context", "513", "--press", "knorm"], "pass --speed_context 512 or less"),
     # 12. an existing cache is reused only for the settings that made it
     ("cli", [*PRE[:6], "--budget", "12", "--window_size", "4", "--mode", "none", "--data", "{W}/docs.json", "--out",
              "{W}/cache"], "other settings: budget 16 (asked 12)"),
@@ -338,6 +340,9 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
     ("cli", [*GEN, "--press", "block", "--press_kwargs", "block_size=0"], "positive integer"),
     ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "kernel_size=4"], "must be odd"),
+    # within the bound, beyond the fused cache's length
+    ("cli", [*A3A, "--evict", "streaming_llm", "--evict_kwargs", "n_sink=100000"], "cannot compress the"),
+    ("cli", [*A3A, "--evict", "snapkv", "--evict_kwargs", "window_size=100000"], "-token fused cache"),
     ("perplexity", [*PPL_TEXT, "--press", "chunkkv", "--press_kwargs", "chunk_length=0"], "positive integer"),
     # 18. text that is not UTF-8 (a lone surrogate on the command line)
     ("cli", [*GEN[:4], "caf\udcff", "--no_progress"], "not valid UTF-8 text"),
@@ -348,6 +353,9 @@ HOSTILE = [
     ("cli", [*GEN, "--press", "a3"], "kvpress-ext a3 ask"),
     ("cli", ["generate", "--model", "", "--prompt", PROMPT], "--model is empty"),
     ("cli", [*GRID[:4], "--budgets", ",", *GRID[6:], "--data", "{W}/docs.json"], "comma-separated positive integers"),
+    # a flipped byte in a chunk file: the reason stays beside the fix
+    ("cli", [*A3A[:4], "--store", "{W}/store_flipped", *A3A[6:]], "does not match its checksum (corrupt or changed"),
+    ("cli", [*A3P[:4], "--store", "{W}/store_flipped", "--chunks", "{W}/chunks.jsonl"], "does not match its checksum"),
 ]
 CASES += HOSTILE
 
@@ -424,6 +432,7 @@ def workspace(tmp_path_factory):
     assert main(["a3", "precompute", "--model", model_dir, "--chunks", str(w / "chunks.jsonl"),
                  "--store", str(w / "store")]) == 0
     _crafted_caches(w)
+    _flipped_store(w)
     return w, {"M": model_dir, "W": str(w), "G": str(w / "gpt2"), "H": "some-org/not-a-cached-model",
                "D": NO_GPU_DEVICE}
 
@@ -444,6 +453,17 @@ def _hostile_files(w: Path) -> None:
     (w / "linked_results").mkdir()
     (w / "linked_results" / ".kvpress-ext-results").write_text("ours\n")
     (w / "linked_results" / "cells").symlink_to(w / "victim_dir", target_is_directory=True)
+
+
+def _flipped_store(w: Path) -> None:
+    """A copy of the A3 store with one byte flipped in every entry's tensor file (checksums left as they were)."""
+    import shutil
+
+    shutil.copytree(w / "store", w / "store_flipped")
+    for tensors in (w / "store_flipped").rglob("tensors.safetensors"):
+        data = bytearray(tensors.read_bytes())
+        data[-5] ^= 0xFF
+        tensors.write_bytes(bytes(data))
 
 
 def _crafted_caches(w: Path) -> None:

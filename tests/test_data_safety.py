@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -726,29 +727,99 @@ def test_perplexity_cells_follow_the_text_contents_and_summaries_refuse_mixed_se
     assert "different settings" in _one_line(capsys.readouterr().err)
 
 
-def test_last_resort_errors_are_one_line_exit_2(stories_dir, tmp_path, capsys, monkeypatch):
-    import errno as errno_mod
+def test_two_sweeps_in_one_folder_keep_their_own_run_files_and_reports_refuse_to_mix_them(stories_dir, tmp_path):
+    from kvpress_ext.cli.perplexity import main as ppl_main
+    from kvpress_ext.evaluation import results
 
+    text = tmp_path / "story.txt"
+    text.write_text("Tom had a red ball. He played in the park with his dog. " * 12)
+    out = tmp_path / "out"
+    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--press", "knorm",
+            "--compression_ratio", "0.25", "0.5", "--no_speed", "--no_progress", "--num_threads", "1", "--no_baseline",
+            "--output_dir", str(out), "--max_eval_tokens"]
+    assert ppl_main([*argv, "48"]) == 0
+    first = {p.name: p.read_bytes() for p in out.glob("*.json")}
+    assert ppl_main([*argv, "64"]) == 0  # the same presses and ratios, another setting, the same folder
+    runs = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert sorted(r["data"]["max_eval_tokens"] for r in runs) == [48, 48, 64, 64]
+    assert {name: (out / name).read_bytes() for name in first} == first  # the first sweep's run files untouched
+    for report in (lambda: results.ratio_table({0.25: out}), lambda: results.run_records(out)):
+        with pytest.raises(KVPressExtError, match="2 different settings"):
+            report()
+    assert ppl_main([*argv, "48"]) == 0 and len(list(out.glob("*.json"))) == 4  # a rerun reuses its own files
+
+
+def test_last_resort_errors_are_one_line_exit_2(capsys):
     from kvpress_ext.cli.common import command_entry
 
     for exc, words in [(RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
                        (OverflowError("int too large to convert"), "out of range"),
                        (MemoryError(), "ran out of memory"),
-                       (OSError(errno_mod.EROFS, "Read-only file system", "/ro/out.json"), "cannot write (/ro/out.json)")]:
+                       (OSError(errno.EROFS, "Read-only file system", "/ro/out.json"), "cannot write (/ro/out.json)")]:
         def boom(exc=exc):
             raise exc
         assert command_entry("x")(boom)() == 2
         line = _one_line(capsys.readouterr().err)
         assert line.startswith("x: error: ") and words in line, line
-    # a full disk while the result is written: one line, and nothing half-written is left
-    def full(path, data):
-        raise OSError(errno_mod.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(safe_io, "atomic_write_bytes", full)
-    rc = main(["generate", "--model", stories_dir, "--prompt", "Once", "--max_new_tokens", "2", "--no_progress",
-               "--json", str(tmp_path / "out.json")])
-    err = capsys.readouterr().err  # the run's statistics line, then the error
-    assert rc == 2 and "disk is full" in err.strip().splitlines()[-1] and "Traceback" not in err
-    assert not (tmp_path / "out.json").exists()
+
+
+# --- 17. a read-only file system, an output folder removed mid-run, a full disk --------------------------------
+WRITE_ERRORS = {"read_only": (errno.EROFS, "cannot write"), "folder_removed": (errno.ENOENT, "removed while the command"),
+                "disk_full": (errno.ENOSPC, "the disk is full")}
+
+
+def _write_commands(model_dir: str, w: Path) -> dict:
+    """Per command, a first run (its outputs are what must survive) and a second one that has to write again."""
+    from kvpress_ext.cli.perplexity import main as ppl_main
+
+    ppl = ["--model", model_dir, "--dataset", "text", "--text_file", str(w / "story.txt"), "--max_eval_tokens", "48",
+           "--press", "knorm", "--no_speed", "--no_progress", "--num_threads", "1", "--output_dir", str(w / "ppl"),
+           "--no_baseline", "--compression_ratio"]
+    pre = ["icl", "precompute", "--model", model_dir, "--data", str(w / "docs.json"), "--out", str(w / "cache"),
+           "--budget", "16", "--window_size", "4", "--mode", "none"]
+    grid = ["icl", "grid", "--model", model_dir, "--data", str(w / "docs.json"), "--window_size", "4", "--modes",
+            "none", "--out_dir", str(w / "grid"), "--no_progress", "--budgets"]
+    gen = ["generate", "--model", model_dir, "--prompt", "Once", "--max_new_tokens", "2", "--no_progress", "--json",
+           str(w / "out.json")]
+    return {"generate --json": (main, gen, gen), "perplexity.py": (ppl_main, [*ppl, "0.5"], [*ppl, "0.25"]),
+            "icl precompute": (main, pre, [*pre, "--recompute"]), "icl grid": (main, [*grid, "16"], [*grid, "12"])}
+
+
+@pytest.fixture(scope="module")
+def written(stories_dir, tmp_path_factory):
+    """A folder holding every command's outputs of a first, successful run."""
+    w = tmp_path_factory.mktemp("written")
+    (w / "story.txt").write_text("Tom had a red ball. He played in the park with his dog. " * 12)
+    (w / "docs.json").write_text(json.dumps([{"question": "What is 2 + 3?", "solution": "2 + 3 = 5.", "answer": "5"}]))
+    commands = _write_commands(stories_dir, w)
+    for runner, first, _ in commands.values():
+        assert runner(first) == 0
+    return w, commands
+
+
+@pytest.mark.parametrize("failure", list(WRITE_ERRORS))
+@pytest.mark.parametrize("command", ["generate --json", "perplexity.py", "icl precompute", "icl grid"])
+def test_write_failures_are_one_line_exit_2_and_lose_nothing(written, command, failure, capsys, monkeypatch):
+    """The errno is raised where the safe-writing layer creates every temporary file or folder (each writer's
+    first write): a read-only file system, the folder gone, a full disk. Root ignores chmod, so it is injected.
+    A run's own folder (``icl grid``'s ``b12_none``) may be left created and empty; no file may appear."""
+    w, commands = written
+    code, words = WRITE_ERRORS[failure]
+
+    def refuse(path, directory):
+        raise OSError(code, os.strerror(code), str(Path(path).parent))
+
+    runner, _, again = commands[command]
+    before = snapshot(w)
+    monkeypatch.setattr(safe_io, "temporary_sibling", refuse)
+    capsys.readouterr()
+    assert runner(again) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(("kvpress-ext: error: ", "perplexity: error: ")) and words in line, line
+    after = snapshot(w)
+    assert {k: after.get(k) for k in before} == before  # the first run's outputs intact, byte for byte
+    new = {k: v for k, v in after.items() if k not in before}
+    assert set(new.values()) <= {"dir"} and not any(os.listdir(w / k) for k in new), new  # no file, no temporary
 
 
 def test_registry_names_are_ascii_and_plugin_entries_are_checked():
@@ -775,3 +846,40 @@ def test_registry_names_are_ascii_and_plugin_entries_are_checked():
             get_press("boom_press")
     finally:
         remove_origin_everywhere("hostile_plugin")
+
+
+# --- 19. a damaged chunk entry: the reason is kept, and a store we cannot write gets a fix that works ----------
+@pytest.mark.parametrize("command", ["ask", "precompute --recompute_bad"])
+def test_damaged_entry_of_a_read_only_store_names_the_reason_and_a_writable_copy(command, stories_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    import contextlib
+
+    from kvpress_ext.storage import chunk_store
+
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(["Tom had a big red ball.", "The dog was sad."]))
+    store = tmp_path / "store"
+    common = ["--model", stories_dir, "--chunks", str(chunks), "--store", str(store)]
+    assert main(["a3", "precompute", *common]) == 0
+    tensors = min(store.glob("*/chunk-*/tensors.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+
+    @contextlib.contextmanager
+    def read_only(path, **kwargs):  # what path_lock meets on a read-only file system (root ignores chmod)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        yield
+
+    monkeypatch.setattr(chunk_store, "path_lock", read_only)
+    argv = {"ask": ["a3", "ask", *common, "--question", "Tom gave the dog", "--max_new_tokens", "2"],
+            "precompute --recompute_bad": ["a3", "precompute", *common, "--recompute_bad"]}[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if "error:" in x]  # (precompute's stderr also holds its progress bar)
+    assert "Traceback" not in err, err
+    assert "does not match its checksum" in line and "cannot be written here (Read-only file system)" in line, line
+    assert "copy it to a folder you may write" in line and "ChunkStore" not in line and "=True" not in line, line
+    assert snapshot(tmp_path) == before

@@ -127,7 +127,53 @@ def test_two_concurrent_conversions_build_once_and_both_get_the_directory(tmp_pa
     assert len(log.read_text().split()) == 1  # the lock made the second process wait and reuse
     assert (target / "weights.bin").stat().st_size == 1000
     assert json.loads((target / ms.MARKER).read_text())["version"] == 1
-    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]  # no temporary left
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m"]  # no temporary left, the lock file removed
+
+
+def _convert_until_killed(target: str, started) -> None:
+    def build(tmp: Path) -> dict:
+        (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        started.set()
+        time.sleep(120)  # killed here
+        return {}
+
+    ms.convert_once(Path(target), build, version=1)
+
+
+def test_a_killed_conversion_is_cleared_by_the_next_one_never_a_live_one_or_a_users_folder(tmp_path):
+    import signal
+
+    target, log = tmp_path / "models" / "m", tmp_path / "builds.log"
+    target.parent.mkdir(parents=True)
+    users = {".m.tmp-notes123": "notes.txt", ".m.new-1-0badc0de": "mine.txt", ".m.old-keep1234": "config.json.bak"}
+    for name, file in users.items():  # named like leftovers, holding what no conversion writes
+        (target.parent / name).mkdir()
+        (target.parent / name / file).write_text("a user's file\n")
+    (target.parent / ".m.tmp-linked00").symlink_to(tmp_path, target_is_directory=True)
+    legacy = target.parent / ".m.tmp-k2j4h5g6"  # an older version's killed conversion (mkdtemp name)
+    legacy.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (legacy / name).write_text("{}")
+    (target.parent / ".m.old-z1y2x3w4" / "x").mkdir(parents=True)  # an older version replaced, killed before rmtree
+    (target.parent / ".m.old-z1y2x3w4" / "x" / "config.json").write_text("{}")
+    ctx = multiprocessing.get_context("fork")
+    started, queue = ctx.Event(), ctx.Queue()
+    killed = ctx.Process(target=_convert_until_killed, args=(str(target), started))
+    killed.start()
+    assert started.wait(60)
+    [live] = [p for p in target.parent.iterdir() if p.name.startswith(".m.tmp-") and p.name[7:].count("-") == 1]
+    waiting = ctx.Process(target=_convert_in_child, args=(str(target), str(log), queue))
+    waiting.start()
+    time.sleep(1.0)
+    assert (live / "model.safetensors").is_file() and not log.exists()  # the live conversion's lock holds it off
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join(timeout=60)
+    assert queue.get(timeout=60) == str(target)
+    waiting.join(timeout=60)
+    assert waiting.exitcode == 0 and json.loads((target / ms.MARKER).read_text())["version"] == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["m", ".m.tmp-linked00", *users])
+    for name, file in users.items():
+        assert (target.parent / name / file).read_text() == "a user's file\n"
 
 
 def test_a_failed_build_leaves_nothing_and_an_old_version_is_replaced(tmp_path):
@@ -139,14 +185,14 @@ def test_a_failed_build_leaves_nothing_and_an_old_version_is_replaced(tmp_path):
 
     with pytest.raises(RuntimeError, match="crashed"):
         ms.convert_once(target, broken, version=1)
-    assert not target.exists() and [p.name for p in target.parent.iterdir()] == [".m.lock"]
+    assert not target.exists() and [p.name for p in target.parent.iterdir()] == []
 
     ms.convert_once(target, lambda tmp: {"n": 1}, version=1)
     ms.convert_once(target, lambda tmp: {"n": 2}, version=1)  # finished: not rebuilt
     assert json.loads((target / ms.MARKER).read_text())["n"] == 1
     ms.convert_once(target, lambda tmp: {"n": 3}, version=2)  # another conversion version: rebuilt
     assert json.loads((target / ms.MARKER).read_text()) == {"n": 3, "version": 2}
-    assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m"]
 
 
 # --- bad input: one line, exit status 2 ---------------------------------------------------------------------------

@@ -233,6 +233,48 @@ def test_plugin_calling_sys_exit_does_not_end_list(with_plugins, capsys):
     assert "exits: it called sys.exit(3) while loading" in out.out
 
 
+def test_plugin_calling_os_exit_is_a_failure_not_a_silent_exit_0(with_plugins, capsys, monkeypatch):
+    """os._exit cannot be caught, so it is replaced while a plugin loads; were the guard missing, the plugin reaches
+    this test's stand-in (a failure naming it) rather than ending pytest with status 0."""
+    import os
+    import threading
+
+    def real_exit(code):
+        raise RuntimeError(f"the process's os._exit({code}) was reached")
+
+    monkeypatch.setattr(os, "_exit", real_exit)
+    seen = []
+
+    def other_thread_exits():  # another thread (or a forked child) keeps the real os._exit
+        def run():
+            try:
+                os._exit(5)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+                seen.append(exc)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        return _plugin()
+
+    with_plugins(_EntryPoint("hard_exit", lambda: os._exit(0)), _EntryPoint("threaded", other_thread_exits))
+    assert os._exit is real_exit  # put back after loading
+    assert [type(e) for e in seen] == [RuntimeError]
+    out = _list_output(capsys)
+    assert "hard_exit: it called os._exit(0) while loading" in out.out and "value_norm" in out.out
+    assert "threaded" not in out.out
+
+
+def test_a_slow_plugin_is_announced_in_one_line_on_stderr(with_plugins, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setattr(plugins, "SLOW_IMPORT_S", 0.05)
+    capsys.readouterr()
+    with_plugins(_EntryPoint("sleepy", lambda: time.sleep(0.5) or _plugin()), _EntryPoint("quick", _plugin))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "still loading plugin 'sleepy' (tests.sleepy) after 0.05 s" in lines[0], lines
+    assert plugins.failed_plugins() == []  # slow is not broken
+
+
 def test_keyboard_interrupt_is_not_swallowed(monkeypatch):
     def interrupted():
         raise KeyboardInterrupt
@@ -310,7 +352,7 @@ def test_registries_do_not_import_the_plugin_loader_and_it_uses_public_functions
 
 @pytest.mark.slow
 def test_installed_entry_points_end_to_end(tmp_path):
-    """Real entry points in a real process: a plugin calling sys.exit(3) and one registering "snapkv" do not end
+    """Real entry points in a real process: plugins calling sys.exit(3) or os._exit(0) and one registering "snapkv" do not end
     `kvpress-ext list`, which prints each failure once (stdout) and no warning besides (stderr)."""
     import os
     import subprocess
@@ -319,8 +361,10 @@ def test_installed_entry_points_end_to_end(tmp_path):
     dist = tmp_path / "fake_plugins-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[kvpress_ext]\nexits = exits_plugin\nimpostor = impostor_plugin\n")
+    (dist / "entry_points.txt").write_text("[kvpress_ext]\nexits = exits_plugin\nimpostor = impostor_plugin\n"
+                                           "hard_exit = hard_exit_plugin\n")
     (tmp_path / "exits_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "hard_exit_plugin.py").write_text("import os\nos._exit(0)\n")
     (tmp_path / "impostor_plugin.py").write_text(
         "from kvpress import KnormPress\nimport kvpress_ext\n\nclass ImpostorPress(KnormPress):\n    pass\n\n"
         "@kvpress_ext.hookimpl\ndef kvpress_ext_register_presses(register):\n    register('snapkv', ImpostorPress)\n"
@@ -332,6 +376,7 @@ def test_installed_entry_points_end_to_end(tmp_path):
                          check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("exits: it called sys.exit(3) while loading") == 1
+    assert run.stdout.count("hard_exit: it called os._exit(0) while loading") == 1
     assert run.stdout.count("press 'snapkv' from plugin 'impostor'") == 1
     assert "already registered by built-in (kvpress.presses.snapkv_press.SnapKVPress)" in run.stdout
     assert run.stderr.strip() == ""

@@ -44,7 +44,7 @@ from kvpress_ext.runtime.chat import split_chat_prompt
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.runtime.threads import threads_text
 from kvpress_ext.storage.chunk_files import A3InputError, check_chunk_file, load_chunks
-from kvpress_ext.storage.chunk_store import SUMMARY, TENSORS, check_store_root
+from kvpress_ext.storage.chunk_store import SUMMARY, TENSORS, ReadOnlyStoreError, check_store_root
 from kvpress_ext.storage.safe_write import check_output_file, write_output
 
 
@@ -97,12 +97,18 @@ def _store(root, model, tokenizer, chunks=(), use_chat_template: bool = True, **
 
 
 def _cli_cache_error(e: CacheFormatError) -> A3InputError:
-    """The store's message with its Python-only hint (``ChunkStore(..., recompute_bad=True)``) replaced by the flag."""
-    first = str(e).splitlines()[0]
-    sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", first)
-    first = " ".join(x for x in sentences if "ChunkStore(" not in x and "recompute_bad=True" not in x)
-    return A3InputError(f"{first} Fix: rerun `kvpress-ext a3 precompute` with the same --model, --chunks and --store "
-                        "plus --recompute_bad.")
+    """The store's reason, with its Python-only hint (``recompute_bad=True``, ``ChunkStore(...)``) replaced by the
+    flag; for a store this process cannot write, the fix names a copy one may write instead."""
+    if isinstance(e, ReadOnlyStoreError):
+        return A3InputError(f"{e.reason}; the store {e.root} cannot be written here ({e.why}), so --recompute_bad "
+                            "cannot repair it. Fix: copy it to a folder you may write and rerun `kvpress-ext a3 "
+                            "precompute` with --store COPY plus --recompute_bad, or ask the store's owner to.")
+    text = str(e).strip()
+    clauses = [c for c in re.split(r";\s+", text.splitlines()[0] if text else "")
+               if "ChunkStore(" not in c and "recompute_bad=True" not in c]
+    reason = "; ".join(clauses).rstrip(". ") or type(e).__name__
+    return A3InputError(f"{reason}. Fix: rerun `kvpress-ext a3 precompute` with the same --model, --chunks and "
+                        "--store plus --recompute_bad.")
 
 
 def _precompute_into(store, chunks, surprisal: bool, desc: str) -> tuple[int, float]:

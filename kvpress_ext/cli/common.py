@@ -215,6 +215,9 @@ def last_resort_message(exc: BaseException) -> str:
         return f"the disk is full{where}; free some space, then rerun (files written before are intact)."
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where}: {why}; pass a folder you may write into, then rerun (nothing was lost)."
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # e.g. the output folder was removed while the command ran
+        return (f"no such file or directory{where} (removed while the command ran?); recreate it or pass an "
+                "existing folder, then rerun (nothing was lost).")
     return f"{why}{where}; check the path still exists and is readable/writable, then rerun (nothing was lost)."
 
 

@@ -133,8 +133,7 @@ def _cmd_generate(args) -> int:
     else:
         print(text)
     memory = peak_memory_bytes(device)
-    print(_summary(result, memory, threads, device), file=sys.stderr)
-    if args.json:
+    if args.json:  # written before the statistics line, so a failed write leaves its error as stderr's one line
         record = {
             "model": args.model, "press": press_name(press) if press is not None else None,
             "press_params": press_params(press), "device": str(device),
@@ -147,6 +146,7 @@ def _cmd_generate(args) -> int:
             "load_start": load_start, "load_end": machine_load(), **memory,
         }
         write_output(args.json, json.dumps(record, indent=2))
+    print(_summary(result, memory, threads, device), file=sys.stderr)
     return 0
 
 

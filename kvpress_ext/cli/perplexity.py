@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {md}" + (f" and {png}" if png else ""))
             return 0
         run(config_from_args(args))
-    except (KVPressExtError, FileNotFoundError) as exc:
+    except KVPressExtError as exc:  # an OSError (read-only, removed folder...) goes to command_entry's one line
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0

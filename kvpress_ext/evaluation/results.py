@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -110,9 +111,15 @@ def run_filename(record: dict) -> str:
 
 
 def write_json(record: dict, output_dir: str | Path) -> Path:
-    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.storage.safe_write.claim_output_dir`)."""
+    """Write one run's record into ``output_dir`` (missing, empty or ours: :func:`kvpress_ext.storage.safe_write.claim_output_dir`).
+
+    A record carrying its sweep's ``setting`` (:func:`setting_digest`) is written under a name holding it, so two
+    sweeps of other settings in one folder keep their own files instead of replacing each other's."""
     out = claim_output_dir(output_dir)
-    return write_output(out / run_filename(record), json.dumps(json_safe(record), indent=2) + "\n", flag="--output_dir")
+    name = run_filename(record)
+    if record.get("setting"):
+        name = f"{name[:-len('.json')]}.{_slug(str(record['setting']))}.json"
+    return write_output(out / name, json.dumps(json_safe(record), indent=2) + "\n", flag="--output_dir")
 
 
 def _fmt(x, spec):
@@ -322,6 +329,24 @@ def _plot_ranked(rows: list[dict], all_rows: list[dict], path: Path, title: str,
 _PER_CELL = ("press", "compression_ratio", "press_kwargs")  # what differs between the cells of one sweep
 
 
+def sweep_setting(params: dict) -> dict:
+    """What the cells of one perplexity sweep share (a cell's ``config`` less press, ratio and press parameters)."""
+    return {k: v for k, v in params["config"].items() if k not in _PER_CELL}
+
+
+def setting_digest(params: dict) -> str:
+    """8 hex digits of a cell's :func:`sweep_setting` and inputs (model and text digests): equal for the cells of
+    one sweep, different for a sweep of other options or inputs."""
+    text = json.dumps([sweep_setting(params), params.get("inputs")], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _refuse_mixed(path, count: int, differ: str) -> None:
+    raise KVPressExtError(f"{path} holds sweeps with {count} different settings (they differ in {differ}); their "
+                          "numbers are not comparable: pass each sweep its own --output_dir, or summarize one of them "
+                          "from its own folder.")
+
+
 def records_from_cells(path: str | Path) -> list[dict]:
     """Perplexity records from the sweep cell files under ``path/cells`` (:mod:`kvpress_ext.evaluation.sweep`); a failed
     cell becomes a record with its press, ratio and reason. Readable while the sweep is still running."""
@@ -330,8 +355,7 @@ def records_from_cells(path: str | Path) -> list[dict]:
         params = cell.get("params") if isinstance(cell.get("params"), dict) else {}
         if not isinstance(params.get("config"), dict):
             continue  # another command's cell (an icl grid sharing the folder): not a perplexity record
-        setting = {k: v for k, v in params["config"].items() if k not in _PER_CELL}
-        settings.setdefault(json.dumps([setting, params.get("inputs")], sort_keys=True, default=str), setting)
+        settings.setdefault(setting_digest(params), sweep_setting(params))
         if cell.get("status") == "ok" and cell.get("record"):
             records.append(cell["record"])
             continue
@@ -343,9 +367,7 @@ def records_from_cells(path: str | Path) -> list[dict]:
     if len(settings) > 1:
         a, b = list(settings.values())[:2]
         differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["model or text contents, threads"]
-        raise KVPressExtError(f"{path} holds sweeps with {len(settings)} different settings (they differ in "
-                              f"{', '.join(differ)}); their numbers are not comparable: pass each sweep its own "
-                              "--output_dir, or summarize one of them from its own folder.")
+        _refuse_mixed(path, len(settings), ", ".join(differ))
     return records
 
 
@@ -360,6 +382,9 @@ def run_records(path) -> list[dict]:
             continue
         if isinstance(r, dict) and isinstance(r.get("press"), dict) and isinstance(r["press"].get("name"), str):
             out.append(r)
+    settings = {r.get("setting") for r in out}
+    if len(settings) > 1:  # files of two sweeps (older files, without a setting, count as one more)
+        _refuse_mixed(path, len(settings), "options or inputs; each run file's name ends with its setting")
     return out
 
 

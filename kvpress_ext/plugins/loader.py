@@ -3,7 +3,10 @@
 Each entry point is loaded on its own, and is all or nothing. It fails, is recorded in :func:`failed_plugins`
 (name and reason) and leaves nothing registered when
 
-* its import raises anything, ``sys.exit()`` included (only ``KeyboardInterrupt`` propagates);
+* its import raises anything, ``sys.exit()`` included (only ``KeyboardInterrupt`` propagates), or calls
+  ``os._exit()``: while a plugin loads, ``os._exit`` raises :class:`ExitCalled` instead of ending the process
+  (``kvpress-ext list`` would exit 0 having printed nothing). Only the loading thread of this process is guarded;
+  a plugin that ends the process some other way (a signal, C ``exit`` through ctypes) cannot be stopped in-process;
 * it has a hook implementation pluggy does not know (a misspelt hook name, reported by ``check_pending``) or a
   function named like a hook but not marked ``@kvpress_ext.hookimpl``;
 * a hook raises, or registers a press name, adapter model type or model short name that another origin holds without
@@ -13,13 +16,18 @@ Plugins register only through the public functions :func:`kvpress_ext.core.regis
 :func:`kvpress_ext.core.adapters.add_adapter` and :func:`kvpress_ext.runtime.models.register_model`; rolling a failed plugin back uses the registration tables' own
 snapshots. Loading happens once, lazily, the first time a registry is read (the registries reach this module
 through :func:`kvpress_ext.core.tables.ensure_loaded`, so nothing imports in a cycle). Each failure is logged
-once as a warning; ``kvpress-ext list`` shows the failures in its output instead.
+once as a warning; ``kvpress-ext list`` shows the failures in its output instead. A plugin still loading after
+:data:`SLOW_IMPORT_S` seconds is announced by one line on stderr, so a command never stalls without a word.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
+import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import pluggy
@@ -35,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kvpress_ext"
 BUILTIN_NAME = "kvpress_ext.builtin"
+#: Seconds a plugin may take to load before one line on stderr names it (the command is waiting for it).
+SLOW_IMPORT_S = 2.0
+
+
+class ExitCalled(SystemExit):
+    """What ``os._exit(code)`` raises while a plugin loads: the call would end the process at once, past every
+    handler, so the loader turns it into a failure of that plugin like ``sys.exit``."""
 
 
 @dataclass(frozen=True)
@@ -103,15 +118,49 @@ def _unmarked_hooks(plugin) -> list[str]:
 
 
 def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, ExitCalled):
+        return f"it called os._exit({exc.code!r}) while loading"
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({exc.code!r}) while loading"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _announce_slow(ep) -> None:
+    print(f"kvpress-ext: still loading plugin {ep.name!r} ({ep.value}) after {SLOW_IMPORT_S:g} s; if it hangs, "
+          "uninstall the package that provides it", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _watched(ep):
+    """Around one plugin's loading: ``os._exit`` from this thread raises :class:`ExitCalled` (a forked child or
+    another thread still exits for real), and a load slower than :data:`SLOW_IMPORT_S` is announced once."""
+    pid, thread = os.getpid(), threading.get_ident()
+    modules = [m for m in (os, sys.modules.get(os.name)) if m is not None]  # os._exit is posix._exit / nt._exit
+    real = os._exit
+
+    def guarded(code):
+        if os.getpid() != pid or threading.get_ident() != thread:
+            real(code)
+        raise ExitCalled(code)
+
+    timer = threading.Timer(SLOW_IMPORT_S, _announce_slow, (ep,))
+    timer.daemon = True
+    saved = [m._exit for m in modules]
+    for m in modules:
+        m._exit = guarded
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        for m, f in zip(modules, saved):
+            m._exit = f
+
+
 def _load_entry_point(pm: pluggy.PluginManager, ep) -> None:
     """Import, validate and call one plugin under its own origin; raise on any problem."""
-    with tables.registering_as(ep.name):
+    with _watched(ep), tables.registering_as(ep.name):
         plugin = ep.load()
         if pm.get_plugin(ep.name) is None:
             pm.register(plugin, name=ep.name)  # validates hook names' arguments

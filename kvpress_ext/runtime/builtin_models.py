@@ -12,9 +12,13 @@
   are located without importing them, concatenated into the temporary conversion directory with their sha256
   checked, then converted like SmolLM2. Licence: Gemma Terms of Use.
 
-The conversion is atomic and locked (:func:`convert_once`): it is written into a temporary directory beside the
-target and renamed into place under an exclusive file lock, so a crash leaves no half-written model and two
-processes converting at once both end with the one valid directory.
+The conversion is atomic and locked (:func:`convert_once`), through the writing layer every kvpress-ext output
+uses (:mod:`kvpress_ext.storage.safe_write`): it is written into a temporary directory beside the target and renamed
+into place under the target's lock, so a crash leaves no half-written model and two processes converting at once both
+end with the one valid directory. The next conversion, holding that lock (so no live conversion's folder is
+touched), removes what a killed one left: folders with the writing layer's exact temporary names, a finished one only
+when its marker file proves it ours, and folders older versions made with ``mkdtemp`` only when their contents are
+nothing but a conversion's files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,11 +37,7 @@ from pathlib import Path
 
 from kvpress_ext.runtime.models import ModelLoadError
 from kvpress_ext.storage.inputs import load_json, shared_dir
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; the rename below still leaves one valid directory
-    fcntl = None
+from kvpress_ext.storage.safe_write import path_lock, recover, replace_directory, waiting_note
 
 #: Written last into a converted directory: a directory without it is not a finished conversion.
 MARKER = "kvpress_ext_source.json"
@@ -81,24 +82,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path):
-    with open(lock_path, "a+") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _writable_parent(target: Path) -> Path:
-    """Create the target's parent and its lock file; an unwritable cache is one line naming KVPRESS_EXT_CACHE."""
-    lock = target.parent / f".{target.name}.lock"
+def _writable_parent(target: Path) -> None:
+    """Create the target's parent; an unwritable cache is one line naming KVPRESS_EXT_CACHE."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        lock.touch(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.probe-"):
             pass
     except OSError as exc:
@@ -106,7 +93,47 @@ def _writable_parent(target: Path) -> Path:
             f"Cannot write the model cache {target.parent} ({exc.strerror or type(exc).__name__}): set "
             "KVPRESS_EXT_CACHE to a writable folder."
         ) from None
-    return lock
+
+
+def _holds_marker(path: Path) -> bool:
+    """A finished conversion (its marker file holds a JSON object): what recover may adopt or remove."""
+    marker = path / MARKER
+    try:
+        return path.is_dir() and not path.is_symlink() and marker.is_file() and not marker.is_symlink() \
+            and isinstance(load_json(marker.read_bytes()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+# what save_pretrained (model and tokenizer), a GGUF source and the marker put into a conversion folder
+_CONVERSION_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
+                               r"|vocab|kvpress_ext_source)\.json|.+\.safetensors(\.index\.json)?|merges\.txt"
+                               r"|tokenizer\.model|chat_template\.jinja|.+\.gguf")
+
+
+def _only_conversion_files(folder: Path) -> bool:
+    entries = list(os.scandir(folder))
+    return all(e.is_file(follow_symlinks=False) and _CONVERSION_FILES.fullmatch(e.name) for e in entries)
+
+
+def _remove_legacy_leftovers(target: Path) -> list[str]:
+    """Remove ``mkdtemp`` folders (``.NAME.tmp-XXXXXXXX``, ``.NAME.old-XXXXXXXX``) a killed conversion of an older
+    version left, when their contents prove them ours. Call it holding the target's lock."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    done = []
+    for entry in os.scandir(target.parent):
+        folder = Path(entry.path)
+        if not (pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        inner = folder / "x"  # an old version moved aside as .NAME.old-*/x
+        if entry.name.startswith(f".{target.name}.old-") and [e.name for e in os.scandir(folder)] == ["x"]:
+            ours = inner.is_dir() and not inner.is_symlink() and _only_conversion_files(inner)
+        else:
+            ours = _only_conversion_files(folder)
+        if ours:
+            shutil.rmtree(folder)
+            done.append(f"removed {entry.name}")
+    return done
 
 
 def convert_once(target: Path, build: Callable[[Path], dict], *, message: str | None = None,
@@ -114,40 +141,30 @@ def convert_once(target: Path, build: Callable[[Path], dict], *, message: str | 
     """Return ``target`` after making sure it holds a finished conversion.
 
     If it does not, ``build(tmp_dir)`` writes the model into a fresh temporary directory beside ``target`` and
-    returns what to record in its marker file; the directory is renamed into place. All of it runs under an
-    exclusive lock on ``.<name>.lock``, and the finished state is checked again once the lock is held, so of two
-    concurrent callers one converts and the other reuses its result. A ``build`` that fails leaves nothing behind.
-    A finished directory of another ``version`` is replaced.
+    returns what to record in its marker file; the directory is renamed into place
+    (:func:`~kvpress_ext.storage.safe_write.replace_directory`). All of it runs under the target's lock
+    (:func:`~kvpress_ext.storage.safe_write.path_lock`), which first clears what a killed conversion left, and the
+    finished state is checked again once the lock is held, so of two concurrent callers one converts and the other
+    reuses its result. A ``build`` that fails leaves nothing behind. A finished directory of another ``version`` is
+    replaced.
     """
     target = Path(target)
     if is_converted(target, version):
         return target
-    lock = _writable_parent(target)
-    with _exclusive_lock(lock):
+    _writable_parent(target)
+    with path_lock(target, on_wait=waiting_note(target)):  # a wait of minutes is said in one line
+        recover(target, is_ours=_holds_marker)  # a killed conversion's temporary folders, never anybody else's
+        _remove_legacy_leftovers(target)
         if is_converted(target, version):  # another process finished while we waited
             return target
         if message:
             print(message, file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             record = {**(build(tmp) or {}), **({} if version is None else {"version": version})}
-            (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from other users of the cache
-            if target.exists():  # unfinished (no marker) or of another version: replace it
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.rename(target, old / "x")
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not is_converted(target, version):  # unlocked platform, lost the race to a finished copy
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")  # last: the proof it is finished
+
+        replace_directory(target, write)
     return target
 
 

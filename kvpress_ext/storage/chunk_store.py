@@ -86,6 +86,16 @@ SUMMARY = "precompute_summary.json"
 TENSORS = "tensors.safetensors"
 META = "metadata.json"
 FIX = "recompute it (recompute_bad=True) or delete the directory"
+
+
+class ReadOnlyStoreError(CacheFormatError):
+    """A damaged or missing entry in a store this process cannot write (``reason``, ``root``, ``why``): recomputing
+    it in place is impossible, so the fix names a store one may write."""
+
+    def __init__(self, reason: str, root: Path, why: str):
+        self.reason, self.root, self.why = reason, root, why
+        super().__init__(f"{reason}; the store {root} cannot be written here ({why}), so it cannot be repaired in "
+                         "place: recompute into a copy you may write (recompute_bad=True), or ask its owner to.")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -372,7 +382,7 @@ class ChunkFileStore:
             except OSError as exc:
                 if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                     raise
-                locked = False  # a read-only store: report what is there, compute nothing
+                locked, why = False, exc.strerror or "not writable"  # a read-only store: report, compute nothing
             if locked and not path.exists():
                 recover(path)  # a replacement killed between its renames: finish or undo it
             if path.exists() or not locked:
@@ -386,8 +396,11 @@ class ChunkFileStore:
                     else:
                         self.hits += 1
                         return entry
-                except CacheFormatError:
-                    if not self.recompute_bad or not locked:
+                except CacheFormatError as exc:
+                    if not locked:
+                        reason = str(exc).strip().replace(f"; {FIX}", "").rstrip(". ")
+                        raise ReadOnlyStoreError(reason, self.root, why) from None
+                    if not self.recompute_bad:
                         raise
             self.misses += 1
             entry = self._compute(ids, prefix, surprisal=self.save_surprisal or need_surprisal)

@@ -73,21 +73,22 @@ def _remove(p: Path) -> None:
             pass
 
 
-def recover(path) -> list[str]:
+def recover(path, is_ours: Callable[[Path], bool] | None = None) -> list[str]:
     """Finish or undo an interrupted replacement of ``path`` and remove stale temporaries; returns what it did.
 
     Call it holding :func:`path_lock` (``path``): then no other writer is between its renames. When ``path`` is
     missing, a complete ``.NAME.new-*`` is moved in (the swap is finished), else the newest ``.NAME.old-*`` is
     moved back (restored). Every other ``.NAME.tmp-*`` / ``.new-*`` / ``.old-*`` is removed. Only names with our
-    exact tag count, and a ``.new-*`` / ``.old-*`` is adopted or removed only when :func:`is_ours` says so
-    (something else that merely looks like a leftover is left alone).
+    exact tag count, and a ``.new-*`` / ``.old-*`` is adopted or removed only when :func:`is_ours` (or the
+    writer's own ``is_ours``) says so (something else that merely looks like a leftover is left alone).
     """
     path = Path(path)
     if not path.parent.is_dir():
         return []
     done = []
     found = _leftovers(path)
-    news, olds = [p for p in found["new"] if is_ours(p)], [p for p in found["old"] if is_ours(p)]
+    ours = is_ours or _is_ours
+    news, olds = [p for p in found["new"] if ours(p)], [p for p in found["old"] if ours(p)]
     if not os.path.lexists(path):
         if news:
             os.rename(news.pop(), path)

@@ -49,6 +49,7 @@ from kvpress_ext.evaluation.reports.perplexity_table import (
     kept_summary,
 )
 from kvpress_ext.evaluation.runners.perplexity_checks import (
+    check_context,
     check_model,
     mark_unsupported,
     whole_prefill_only,
@@ -355,6 +356,7 @@ def run(args: PerplexityConfig) -> list[dict]:
     cells, after, sweeping = plan_cells(args)
     _cached_text(args)
     check_output_dir(args.output_dir)
+    check_context(args.model, args.context_limit, args.speed_context)
     threads = set_threads(args.threads)
     if args.executor == "local":  # loading it is the check, and the cells reuse it
         _cached_model(args)
@@ -378,6 +380,7 @@ def run(args: PerplexityConfig) -> list[dict]:
 
     def on_result(cell, cell_file, skipped):
         record = dict(cell_file["record"]) if cell_file["status"] == "ok" else _failed_record(args, cell_file)
+        record["setting"] = results.setting_digest(cell.params)  # its run file is this sweep's, never another's
         record["json_path"] = str(results.write_json(record, args.output_dir))
         if skipped:
             reused[record["json_path"]] = results.measured_date(cell_path(args.output_dir, cell.key, cell.params))

@@ -127,6 +127,24 @@ def check_model(name: str) -> None:
         raise UnsupportedModelError(str(exc).split(". To add")[0] + ".") from exc
 
 
+def check_context(name: str, context_limit: int, speed_context: int | None) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``), from its config alone, before
+    it loads: beyond it a model with learned positions fails and one with RoPE scores text it was never trained on.
+    A config that cannot be read here is left to loading, which says why."""
+    source = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return
+    for flag, value in (("--context_limit", context_limit), ("--speed_context", speed_context)):
+        if value is not None and value > limit:
+            raise ModelLoadError(f"{flag} {value} is beyond the context of model {name!r} ({limit:,} tokens, its "
+                                 f"max_position_embeddings); pass {flag} {limit} or less.")
+
+
 def whole_prefill_only(args: PerplexityConfig, cells: list, model, input_ids) -> None:
     """One press under ``ppl_apply_press``: if it can compress one whole prefill but not a text fed in chunks, its
     perplexity is measured without it (the speed run still applies it) and its record says why."""

@@ -6,7 +6,10 @@ rows; rows that were not recomputed are zero, which only matters for presses tha
 states of document tokens: SnapKV-like presses use the last rows, the always-recomputed question),
 ``position_embeddings`` are RoPE tables for positions 0..T-1, and ``cache_position`` is 0..T-1. Kept keys
 are not re-rotated, so the next token keeps position T. A press that manages the whole cache
-(``after_forward``, e.g. ``lazy_streaming``) is called once on the fused cache instead.
+(``after_forward``, e.g. ``lazy_streaming``) is called once on the fused cache instead. A press that refuses the
+fused cache (kvpress asserts, e.g. ``n_sink`` or ``window_size`` not below its length) is a
+:class:`~kvpress_ext.core.errors.PressInputError` naming the press and the length: the user asked for eviction,
+so an uncompressed answer would not be what was asked for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import drives_model, manages_whole_cache, shift_untouched_layers
 from kvpress_ext.core.contract import reset_press
 from kvpress_ext.core.devices import execution_device
-from kvpress_ext.core.errors import PressParameterError
+from kvpress_ext.core.errors import PressInputError, PressParameterError
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import get_press
 
@@ -55,6 +58,15 @@ def evict_cache(model, result, name: str, kwargs: dict | None = None):
         raw = {"hidden_states": hidden, "past_key_values": cache, "layer_past": cache, "cache_position": layer_pos,
                "position_embeddings": cos_sin}
         view = adapter.press_view(model, module)
-        press.forward_hook(view, [hidden], adapter.hook_kwargs(module, (), raw), (None, None))
+        try:
+            press.forward_hook(view, [hidden], adapter.hook_kwargs(module, (), raw), (None, None))
+        except AssertionError as exc:  # kvpress asserts on its input, e.g. n_sink beyond the fused length
+            if isinstance(exc, PressInputError):
+                raise
+            raise PressInputError(
+                f"a3: evict press {name!r} cannot compress the {total}-token fused cache "
+                f"({str(exc).strip() or 'assertion failed'}); pass parameters that fit it (see `kvpress-ext "
+                f"describe {name}`)."
+            ) from None
     reset_press(press)
     return cache
