@@ -12,7 +12,8 @@ machine, docs/results/threads.md)::
 
 from kvpress_ext import moved_modules
 from kvpress_ext.core.adapters import ModelAdapter, add_adapter, available_adapters, get_adapter
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import compression_phases
 from kvpress_ext.core.errors import (
     CacheFormatError,
     KVPressExtError,

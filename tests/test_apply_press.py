@@ -40,15 +40,15 @@ class _RunsModelDeclared(_RunsModel):
 
 
 def test_phase_and_mode_helpers_follow_the_contract():
-    assert A.compression_phases(None) == (False, False)
-    assert A.compression_phases(_knorm()) == (True, False)
-    assert A.compression_phases(kvpress.DecodingPress(base_press=_knorm())) == (False, True)
-    assert A.compression_phases(RKVPress()) == (True, True)
-    for helper in (A.drives_model, A.positions_follow_cache, A.manages_whole_cache):
+    assert C.compression_phases(None) == (False, False)
+    assert C.compression_phases(_knorm()) == (True, False)
+    assert C.compression_phases(kvpress.DecodingPress(base_press=_knorm())) == (False, True)
+    assert C.compression_phases(RKVPress()) == (True, True)
+    for helper in (C.drives_model, C.positions_follow_cache, A.manages_whole_cache):
         assert helper(None) is False and helper(_knorm()) is False
-    assert A.drives_model(kvpress.KVzipPress(compression_ratio=0.5))
-    assert A.drives_model(_RunsModel()) and not A.drives_model(_RunsModelDeclared())  # a declaration is trusted
-    assert A.positions_follow_cache(kvpress.KeyRerotationPress(press=_knorm()))
+    assert C.drives_model(kvpress.KVzipPress(compression_ratio=0.5))
+    assert C.drives_model(_RunsModel()) and not C.drives_model(_RunsModelDeclared())  # a declaration is trusted
+    assert C.positions_follow_cache(kvpress.KeyRerotationPress(press=_knorm()))
     assert A.manages_whole_cache(LazyStreamingPress(window=8))
 
 

@@ -232,8 +232,8 @@ CASES = [
     ("perplexity", [*PPL_TEXT, "--press", "knorm", "snapkv", "--executor", "slurm"], "invalid choice"),
     # --- evaluation/longbench.py -----------------------------------------------------------------------------------
     ("longbench", [*LC, "--data_file", "{W}/bad_utf8.jsonl"], "not valid UTF-8"),
-    ("longbench", [*LC, "--data_file", "{W}/missing.jsonl"], "pass --data_file"),
-    ("longbench", [*LC, "--data_file", "{W}/not_json.json"], "not JSON/JSONL"),
+    ("longbench", [*LC, "--data_file", "{W}/missing.jsonl"], "does not exist"),
+    ("longbench", [*LC, "--data_file", "{W}/not_json.json"], "is not valid JSON/JSONL"),
     ("longbench", [*LC, "--data_file", "{W}/empty.txt"], "holds no records"),
     ("longbench", [*LC, "--data_file", "{W}/ruler.jsonl"], "lacks field(s) input, answers"),
     ("longbench", [*LC, "--data_file", "{W}/lb.jsonl", "--strategies", "nope"], "choose from"),
@@ -247,7 +247,7 @@ CASES = [
     ("longbench", [*LC], "pass --data_file"),
     # --- evaluation/ruler.py ---------------------------------------------------------------------------------------
     ("ruler", [*LC, "--data_file", "{W}/bad_utf8.jsonl"], "not valid UTF-8"),
-    ("ruler", [*LC, "--data_file", "{W}/missing.jsonl"], "pass --data_file"),
+    ("ruler", [*LC, "--data_file", "{W}/missing.jsonl"], "does not exist"),
     ("ruler", [*LC, "--data_file", "{W}/lb.jsonl"], "lacks field(s) question, outputs"),
     ("ruler", [*LC, "--haystack_dir", "{W}/hay_bad"], "not valid UTF-8"),
     ("ruler", [*LC, "--haystack_dir", "{W}/missing_hay"], "no haystack text"),

@@ -13,7 +13,8 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import compression_phases
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.a3 import A3Press, ChunkStore

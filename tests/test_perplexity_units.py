@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_ext
-from kvpress_ext.core.apply import _cache_length_hook
+from kvpress_ext.core.apply import cache_length_hook
 from kvpress_ext.core.chunked_prefill import EveryChunkPress
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
@@ -157,13 +157,13 @@ def test_plans_for_each_kind_of_press():
     assert isinstance(plan.hooked, EveryChunkPress) and plan.hooked.press.press is knorm  # in TemporalOrderPress
     assert plan.ratio_mode == plan.hooked.ratio_mode
     rerotating = kvpress.KeyRerotationPress(press=knorm)
-    assert ppl.plan_for(rerotating).extra_hooks == [_cache_length_hook]  # next position = cache length
+    assert ppl.plan_for(rerotating).extra_hooks == [cache_length_hook]  # next position = cache length
 
     class RerotatingDecoder(kvpress.KeyRerotationPress):  # re-rotates and compresses while decoding
         contract = PressContract(prefill=True, decoding=True, positions_follow_cache=True)
 
     both = RerotatingDecoder(press=knorm)
-    assert ppl.plan_for(both).extra_hooks == [_cache_length_hook] and ppl.plan_for(both).hooked is both
+    assert ppl.plan_for(both).extra_hooks == [cache_length_hook] and ppl.plan_for(both).hooked is both
     lazy = LazyStreamingPress(window=8, slack=2)
     assert ppl.plan_for(lazy).extra_hooks == [] and ppl.plan_for(lazy).decoding
 

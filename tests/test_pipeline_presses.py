@@ -16,7 +16,7 @@ from transformers import DynamicCache, pipeline
 
 import kvpress_ext
 from kvpress_ext import apply_press, get_adapter, get_press
-from kvpress_ext.core.apply import compression_phases, drives_model
+from kvpress_ext.core.contract import compression_phases, drives_model
 from kvpress_ext.testing import ARCHITECTURES
 
 PRESSES = kvpress_ext.available_presses()

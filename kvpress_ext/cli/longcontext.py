@@ -260,10 +260,14 @@ def needle_grid(args, name: str) -> int:
     return cli_main(go)
 
 
+def _parser(name: str, doc: str) -> OneLineArgumentParser:
+    """The parser of ``evaluation/<name>.py``: its docstring kept as written (the examples' line breaks)."""
+    return OneLineArgumentParser(prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 @command_entry("needle")
 def needle_main(argv=None) -> int:
-    ap = OneLineArgumentParser(prog="needle.py", description=NEEDLE_DOC,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _parser("needle", NEEDLE_DOC)
     add_needle_arguments(ap, "passkey", (*needle_task.NEEDLE_TASKS, needle_task.MULTIDOC))
     add_grid_arguments(ap, "needle")
     args = ap.parse_args(argv)
@@ -272,8 +276,7 @@ def needle_main(argv=None) -> int:
 
 @command_entry("ruler")
 def ruler_main(argv=None) -> int:
-    ap = OneLineArgumentParser(prog="ruler.py", description=RULER_DOC,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _parser("ruler", RULER_DOC)
     ap.add_argument("--data_file", default=None, help="JSONL with context/question/outputs[/answer_prefix]")
     ap.add_argument("--max_samples", type=int, default=None, help="with --data_file: the first N records")
     add_needle_arguments(ap, "niah_single", [t for t in needle_task.NEEDLE_TASKS if t != "passkey"])
@@ -301,8 +304,7 @@ def ruler_main(argv=None) -> int:
 
 @command_entry("longbench")
 def longbench_main(argv=None) -> int:
-    ap = OneLineArgumentParser(prog="longbench.py", description=LONGBENCH_DOC,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _parser("longbench", LONGBENCH_DOC)
     ap.add_argument("--task", default="hotpotqa", help="LongBench subset, e.g. hotpotqa, qasper, trec")
     ap.add_argument("--data_file", default=None, help="local JSON/JSONL with context/input/answers[/all_classes]")
     ap.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N records")

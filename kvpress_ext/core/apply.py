@@ -24,7 +24,15 @@ import torch
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.batch import per_row_after_forward, per_row_forward_hook, row_lengths_follow_cache
-from kvpress_ext.core.contract import batch_refusal, contract_of, first_skip_warning, inner_press, reset_press
+from kvpress_ext.core.contract import (
+    batch_refusal,
+    contract_of,
+    drives_model,
+    first_skip_warning,
+    inner_press,
+    positions_follow_cache,
+    reset_press,
+)
 from kvpress_ext.core.errors import PressInputError, PressSkippedWarning, UnsupportedModelError
 from kvpress_ext.core.positions import (
     BatchInputError,
@@ -35,22 +43,6 @@ from kvpress_ext.core.positions import (
     track_positions,
 )
 from kvpress_ext.core.registry import available_presses, press_name
-
-
-def compression_phases(press) -> tuple[bool, bool]:
-    """(compresses at prefill, compresses during decoding) for any press, kvpress's or ours."""
-    contract = contract_of(press)
-    return contract.prefill, contract.decoding
-
-
-def drives_model(press) -> bool:
-    """Whether a press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
-    return press is not None and contract_of(press).runs_model
-
-
-def positions_follow_cache(press) -> bool:
-    """Presses that re-rotate kept keys to 0..n-1: the next position is the cache length."""
-    return press is not None and contract_of(press).positions_follow_cache
 
 
 def manages_whole_cache(press) -> bool:
@@ -184,7 +176,7 @@ def _after_forward_hook(press):
     return hook
 
 
-def _cache_length_hook(module, args, kwargs, output):
+def cache_length_hook(module, args, kwargs, output):
     """After each forward the next position is the cache length (per sequence in a padded batch), read on the first
     layer that is not a sliding-window one (transformers' ``config.layer_types``): presses compress those, while
     sliding-window layers (Gemma 3) keep their own length. ``module`` is the decoder."""
@@ -288,7 +280,7 @@ def apply_press(press, model, *, track=True):
             stack.callback(reset_press, press)
         compressed = adapter.compressed_layers(model)
         if positions_follow_cache(press):
-            handle = decoder.register_forward_hook(_cache_length_hook, with_kwargs=True)
+            handle = decoder.register_forward_hook(cache_length_hook, with_kwargs=True)
             stack.callback(handle.remove)
         untouched = sorted(set(range(len(adapter.layers(model)))) - set(compressed))
         if track and untouched:  # registered last: runs after every press has moved positions

@@ -244,6 +244,22 @@ def forget_skip_warning(press) -> None:
         vars(press).pop(_SKIP_WARNED, None)
 
 
+def compression_phases(press) -> tuple[bool, bool]:
+    """(compresses at prefill, compresses during decoding) for any press, kvpress's or ours."""
+    contract = contract_of(press)
+    return contract.prefill, contract.decoding
+
+
+def drives_model(press) -> bool:
+    """Whether a press runs the model itself in ``__call__`` (KVzip, Finch, ...), not just hooks."""
+    return press is not None and contract_of(press).runs_model
+
+
+def positions_follow_cache(press) -> bool:
+    """Presses that re-rotate kept keys to 0..n-1: the next position is the cache length."""
+    return press is not None and contract_of(press).positions_follow_cache
+
+
 def decoding_compressor(press):
     """The press whose compression runs while decoding: a DecodingPress's scorer (``base_press``), also through a
     PrefillDecodingPress's ``decoding_press``; the press itself otherwise (R-KV, lazy streaming)."""

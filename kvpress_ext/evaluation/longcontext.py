@@ -21,7 +21,6 @@ forwards after the first token.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.tokens import eos_token_ids
 from kvpress_ext.presses.a3 import A3Press
 from kvpress_ext.runtime.pipeline import greedy_decode
-from kvpress_ext.storage.inputs import parse_json_or_jsonl, read_text_file
+from kvpress_ext.storage.inputs import read_json_file, read_text_file
 
 PREFILL = "prefill"
 A3_PREFIX = "a3-"
@@ -67,13 +66,7 @@ class Method:
 # --- inputs -----------------------------------------------------------------------------------------------
 def read_records(path) -> list[dict]:
     """Records of a JSON list or a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}; pass --data_file an existing JSON/JSONL file")
-    try:
-        records = parse_json_or_jsonl(read_text_file(path, "--data_file", "a UTF-8 JSON/JSONL file"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not JSON/JSONL ({e}); pass --data_file a JSON list or JSONL file") from None
+    records = read_json_file(path, "--data_file", "a JSON list or JSONL file of objects", jsonl=True, error=InputError)
     if not records or not all(isinstance(r, dict) for r in records):
         raise InputError(f"{path} holds no records; pass --data_file a JSON list or JSONL file of objects (one per line)")
     return records

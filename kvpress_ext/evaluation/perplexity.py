@@ -25,14 +25,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import (
-    _cache_length_hook,
-    apply_press,
-    compression_phases,
-    drives_model,
-    positions_follow_cache,
-)
+from kvpress_ext.core.apply import apply_press, cache_length_hook
 from kvpress_ext.core.chunked_prefill import EveryChunkPress
+from kvpress_ext.core.contract import compression_phases, drives_model, positions_follow_cache
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.errors import KVPressExtError, PressParameterError, UnsupportedModelError
 from kvpress_ext.core.positions import cache_length
@@ -181,7 +176,7 @@ def plan_for(press) -> CompressionPlan:
             "grows chunk by chunk; evaluate it with --no_ppl_press."
         )
     prefill, decoding = compression_phases(press)
-    hooks = [_cache_length_hook] if positions_follow_cache(press) else []
+    hooks = [cache_length_hook] if positions_follow_cache(press) else []
     if decoding:
         return CompressionPlan(press, press, prefill, True, "press's own decoding rule", hooks)
     wrapper = EveryChunkPress(press=press)

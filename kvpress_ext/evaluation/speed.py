@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import compression_phases
 from kvpress_ext.core.devices import input_device, synchronize
 from kvpress_ext.core.positions import cache_length
 from kvpress_ext.core.tokens import eos_token_ids

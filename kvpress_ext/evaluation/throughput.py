@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.contract import budget_parameters, decoding_compressor
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import budget_parameters, compression_phases, decoding_compressor
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.registry import get_press, press_info
 from kvpress_ext.evaluation.perplexity import cache_bytes

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvpress_ext.icl.workflow import ICLInputError, load_documents
-from kvpress_ext.storage.inputs import load_json, read_text_file
+from kvpress_ext.storage.inputs import read_json_file
 from kvpress_ext.storage.safe_write import write_output
 
 FORMAT_VERSION = 1
@@ -248,11 +248,8 @@ def load_clusters(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ICLInputError(f"Clusters file {path} does not exist; run `kvpress-ext icl cluster build --out {path}`.")
-    try:
-        clusters = load_json(read_text_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`"))
-    except json.JSONDecodeError as exc:
-        raise ICLInputError(f"Clusters file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rebuild it "
-                            "with `kvpress-ext icl cluster build`.") from exc
+    clusters = read_json_file(path, "--clusters", "a clusters file from `kvpress-ext icl cluster build`",
+                              error=ICLInputError)
     needed = {"format", "embedder", "centroids", "clusters"}
     if not isinstance(clusters, dict) or not needed <= set(clusters) or not ({"records", "data"} & set(clusters)):
         raise ICLInputError(f"{path} is not a clusters file; build one with `kvpress-ext icl cluster build`.")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from kvpress_ext.core.apply import apply_press, check_batches, compression_phases
+from kvpress_ext.core.apply import apply_press, check_batches
 from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
-from kvpress_ext.core.contract import contract_of, prefill_chunk_size
+from kvpress_ext.core.contract import compression_phases, contract_of, prefill_chunk_size
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.positions import BatchInputError
 

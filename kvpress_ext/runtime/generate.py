@@ -3,7 +3,7 @@
 The prompt is prefilled through the press (in chunks of the press's ``prefill_chunk_size`` when it has
 one, so ``lazy_streaming`` compacts while a prompt longer than its cap streams in), then tokens are
 decoded one forward at a time inside :func:`~kvpress_ext.core.apply.apply_press`, for the phases the press
-compresses in (:func:`~kvpress_ext.core.apply.compression_phases`). Greedy by default; nucleus sampling
+compresses in (:func:`~kvpress_ext.core.contract.compression_phases`). Greedy by default; nucleus sampling
 with a seeded ``torch.Generator`` when ``--temperature`` > 0. The cache length is recorded after every
 forward pass, so the reported peak is what the cache holds between passes (bounded by ``cap_total`` for
 ``lazy_streaming``, however many tokens are generated).
@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
+from kvpress_ext.core.contract import compression_phases
 from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import synchronize
 from kvpress_ext.core.errors import KVPressExtError

@@ -31,9 +31,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging as hf_logging
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import apply_press, compression_phases
+from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
-from kvpress_ext.core.contract import fuses_chunks
+from kvpress_ext.core.contract import compression_phases, fuses_chunks
 from kvpress_ext.core.contract import prefill_chunk_size as press_chunk_size
 from kvpress_ext.core.devices import input_device
 from kvpress_ext.core.positions import BatchInputError, position_state

@@ -132,6 +132,18 @@ def parse_json_or_jsonl(text: str, where: str = "") -> list:
     return [load_json(line, where) for line in text.splitlines() if line.strip()]
 
 
+def read_json_file(path, flag: str, what: str, *, jsonl: bool = False, error: type = InputFileError):
+    """The parsed JSON (``jsonl``: also JSON Lines, as a list) of the file ``flag`` names, read with
+    :func:`read_text_file`; malformed JSON is one ``error`` naming the flag, the file, the place and ``what`` to
+    pass instead."""
+    text = read_text_file(path, flag, what)
+    try:
+        return parse_json_or_jsonl(text, f"{flag} {path}") if jsonl else load_json(text, f"{flag} {path}")
+    except json.JSONDecodeError as exc:
+        raise error(f"{flag} {str(path)!r} is not valid JSON{'/JSONL' if jsonl else ''} ({exc.msg} at line "
+                    f"{exc.lineno}); pass {what}.") from None
+
+
 _DIGESTS: dict[tuple, str] = {}
 _WHOLE_FILE = 64 << 20  # bigger files (weights) are identified by size and their first and last MiB
 

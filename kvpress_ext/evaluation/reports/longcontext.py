@@ -136,35 +136,43 @@ def _in(r: dict, col: tuple) -> bool:
     return (r.get("model"), r.get("length"), r["query_aware"]) == col
 
 
+def _press_rows(presses: list[dict], cols: list, cell) -> list[str]:
+    """One table row per (press, ratio) that compresses; each column's text is ``cell(its records)``."""
+    rows = []
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
+        texts = [cell([r for r in presses if r["method"] == m and r["compression_ratio"] == ratio and _in(r, col)])
+                 for col in cols]
+        rows.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(texts) + " |")
+    return rows
+
+
+def _needle_kept(recs: list[dict]) -> str:
+    """Mean over the compressed layers and samples / the lowest layer's mean."""
+    recs = [r for r in recs if r.get("needle_kept")]
+    if not recs:
+        return "-"
+    per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
+    return f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}"
+
+
+def _misses_explained(recs: list[dict]) -> str:
+    """Of the answers scored below 1: how many had the needle mostly evicted (under half its tokens kept)."""
+    missed = [r for r in recs if r["status"] == "ok" and r["score"] < 1 and r.get("needle_kept_mean") is not None]
+    evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
+    return f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-"
+
+
 def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
     """The needle-kept and misses-explained tables of the presses that compress (none without one)."""
     lines: list[str] = []
     lines += ["", ("## Needle kept (fraction of the needle's tokens in the cache at the first answer token; "
                    "mean over the compressed layers and samples / lowest layer)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
-    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
-        row = []
-        for col in cols:
-            recs = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio and _in(r, col)
-                    and r.get("needle_kept")]
-            if not recs:
-                row.append("-")
-                continue
-            per_layer = [sum(c) / len(c) for c in zip(*[r["needle_kept"] for r in recs])]
-            row.append(f"{sum(per_layer) / len(per_layer):.2f} / {min(per_layer):.2f}")
-        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    lines += _press_rows(presses, cols, _needle_kept)
     lines += ["", ("## Misses explained (answers scored below 1: needle mostly evicted, i.e. under half of its "
                    "tokens kept on average over the compressed layers, or kept and still missed)"), "",
               "| press | ratio " + header, "|---" * (2 + len(cols)) + "|"]
-    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses if r["method"] != "no_press"}):
-        row = []
-        for col in cols:
-            missed = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio and _in(r, col)
-                      and r["status"] == "ok"
-                      and r["score"] < 1 and r.get("needle_kept_mean") is not None]
-            evicted = sum(r["needle_kept_mean"] < 0.5 for r in missed)
-            row.append(f"{evicted} evicted, {len(missed) - evicted} kept" if missed else "-")
-        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(row) + " |")
+    lines += _press_rows(presses, cols, _misses_explained)
     return lines
 
 

@@ -39,8 +39,8 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import apply_press, compression_phases
-from kvpress_ext.core.contract import prefill_chunk_size
+from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.contract import compression_phases, prefill_chunk_size
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import available_presses, press_info
 from kvpress_ext.core.tokens import eos_token_ids

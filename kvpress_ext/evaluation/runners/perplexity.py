@@ -64,8 +64,9 @@ from kvpress_ext.storage.safe_write import check_output_dir
 
 
 @dataclass
-class PerplexityConfig:
-    """Every setting of one perplexity/speed evaluation; the command-line options have the same names.
+class PerplexityConfig(SweepOptions):
+    """Every setting of one perplexity/speed evaluation; the command-line options have the same names. How the
+    cells of a sweep run (executor, retries, Ray resources) are the :class:`SweepOptions` fields it extends.
 
     The defaults run offline within 3 minutes on 2 CPU cores (first conversion of the model included):
     ``smollm2-135m`` on the first 1,024 tokens of a local text (the shared WikiText-2 test file, else Pride and
@@ -111,13 +112,6 @@ class PerplexityConfig:
     output_dir: str | None = None  # default: results/perplexity/<model name>
     no_progress: bool = False
     no_baseline: bool = False
-    # how the cells run (kvpress_ext.evaluation.sweep.SweepOptions)
-    executor: str = "local"
-    max_retries: int = 1
-    cell_gpus: float = 0.0
-    cell_cpus: float = 1.0
-    ray_address: str | None = None
-    ray_num_cpus: int | None = None
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in sys.argv))
 
     @property
@@ -189,7 +183,7 @@ def _base_record(args, model, input_ids, device) -> dict:
     }
 
 
-_SWEEP_FIELDS = ("executor", "max_retries", "cell_gpus", "cell_cpus", "ray_address", "ray_num_cpus")
+_SWEEP_FIELDS = tuple(f.name for f in dataclasses.fields(SweepOptions))  # how cells run, not what they measure
 _CONTEXT_FIELDS = ("command", "output_dir", "no_progress", "no_baseline", "threads")  # do not change a cell's result
 _TEXTS: dict = {}
 
@@ -329,9 +323,8 @@ def _failed_record(args: PerplexityConfig, cell_file: dict) -> dict:
 
 
 def sweep_options(args: PerplexityConfig) -> SweepOptions:
-    return SweepOptions(executor=args.executor, max_retries=args.max_retries, cell_gpus=args.cell_gpus,
-                        cell_cpus=args.cell_cpus, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-                        progress=not args.no_progress)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepOptions)}
+    return SweepOptions(**{**fields, "progress": fields["progress"] and not args.no_progress})
 
 
 def run(args: PerplexityConfig) -> list[dict]:

@@ -18,8 +18,8 @@ import torch
 from kvpress import BasePress
 
 from kvpress_ext.core.adapters import get_adapter
-from kvpress_ext.core.apply import drives_model, manages_whole_cache, shift_untouched_layers
-from kvpress_ext.core.contract import reset_press
+from kvpress_ext.core.apply import manages_whole_cache, shift_untouched_layers
+from kvpress_ext.core.contract import drives_model, reset_press
 from kvpress_ext.core.devices import execution_device
 from kvpress_ext.core.errors import PressInputError, PressParameterError
 from kvpress_ext.core.positions import position_state
