@@ -10,7 +10,14 @@ import torch
 
 from kvpress_ext.core.errors import PressParameterError
 from kvpress_ext.core.registry import get_press
-from kvpress_ext.presses.rkv import RKVPress, retained_index, rkv_redundancy, rkv_scores, rkv_select
+from kvpress_ext.presses.rkv import (
+    RKVPress,
+    _redundancy_by_blocks,
+    retained_index,
+    rkv_redundancy,
+    rkv_scores,
+    rkv_select,
+)
 
 
 # --- independent reference: R-KV's published algorithm as per-element loops ----------------------------
@@ -221,6 +228,18 @@ def test_redundancy_of_keys_with_any_leading_shape(shape):
     expected = _reference_redundancy(keys, "first_percent", 0.1)
     torch.testing.assert_close(rkv_redundancy(keys, "first_percent").double(), expected, atol=1e-7, rtol=1e-5)
     assert not torch.allclose(expected, _reference_redundancy(keys, "first_percent", 1.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("block", [1, 3, 16, 128])
+def test_redundancy_scanned_in_blocks_equals_the_loop_reference(block):
+    """The similar column is looked for a block of columns at a time, then only for the rows still looking:
+    any first block width (widths double after it, the last one cut at the end of the keys) gives the same
+    redundancy, in both scan directions, with lone keys (similar to nothing) that reach the far end."""
+    _, keys = clustered_qk(2, n=90, clusters=6, kv_heads=3, d=16, noise=0.4, singles=0.3)
+    unit = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-8)
+    for direction in ("last", "first"):
+        got = _redundancy_by_blocks(unit, direction == "first", 0.5, block)
+        torch.testing.assert_close(got.double(), _reference_redundancy(keys, direction), atol=1e-7, rtol=1e-5)
 
 
 def test_redundancy_at_the_threshold_and_for_a_near_zero_key():
