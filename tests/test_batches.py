@@ -201,6 +201,7 @@ def test_pipeline_given_a_list_answers_each_context_as_alone(tiny_models, tokeni
 ])
 def test_pipeline_batch_bad_input_names_the_fix(tiny_models, tokenizer, bad, message):
     pipe = pipeline("kv-press-text-generation", model=tiny_models["llama"], tokenizer=tokenizer, device="cpu")
+    bad = dict(bad)  # the parameter itself stays whole for a second run in the same process (mutmut runs twice)
     contexts = bad.pop("contexts", ["one context", "another context"])
     with pytest.raises(BatchInputError, match=message):
         pipe(contexts, question="Who?", press="knorm", **bad)

@@ -9,8 +9,21 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.contract import PressContract
-from kvpress_ext.core.positions import BatchInputError, PositionState, next_position, position_state
+from kvpress_ext.core.positions import (
+    BatchInputError,
+    PaddedBatch,
+    PositionState,
+    cache_length,
+    count_positions,
+    gather_slots,
+    left_aligned,
+    next_position,
+    position_state,
+    set_next_position,
+    settle,
+)
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
+from kvpress_ext.testing import tiny_model
 
 TOL = 1e-5
 
@@ -202,3 +215,181 @@ def test_a_press_that_runs_the_model_owns_the_positions_of_its_passes(tiny_model
     assert press.given == [None, None]  # the caller's pass and the replay: positions are the model's own
     assert cache.get_seq_length() == (17 if keep else 12)
     assert next_position(cache) == (17 if keep else 12) and position_state(cache).seen_tokens == 12
+
+
+def test_a_press_that_moves_keys_marks_the_cache_rotated_for_good():
+    """set_next_position marks the cache rotated by default; a later call that moved no key leaves the mark."""
+    cache = DynamicCache()
+    set_next_position(cache, torch.tensor(7), rotated=False)
+    state = position_state(cache)
+    assert state == PositionState(next_position=7, seen_tokens=0, rotated=False)
+    assert type(state.next_position) is int  # saved with caches as a number, not a tensor
+    set_next_position(cache, 9)
+    assert state.rotated and state.next_position == 9
+    set_next_position(cache, 4, rotated=False)
+    assert state.rotated and state.next_position == 4
+
+
+def _cache_of_lengths(*lengths):
+    cache = DynamicCache()
+    for i, n in enumerate(lengths):
+        cache.update(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4), i)
+    return cache
+
+
+def test_cache_length_is_the_rounded_mean_over_layers():
+    """Presses may keep different counts per layer: the reported length is their mean, rounded; empty is 0."""
+    assert cache_length(_cache_of_lengths(3, 4, 6)) == 4  # 13 / 3
+    assert cache_length(_cache_of_lengths(5, 6, 6)) == 6  # 17 / 3
+    assert cache_length(_cache_of_lengths(10)) == 10
+    assert cache_length(DynamicCache()) == 0
+    assert cache_length(object()) == 0
+
+
+def test_left_aligned_marks_the_last_slots_of_each_row():
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert left_aligned(mask, 5).tolist() == [[False, False, False, True, True], [False] * 5, [False, True, True, True,
+                                                                                                True]]
+
+
+def test_gather_slots_moves_each_rows_marked_slots_to_its_end_in_order():
+    layer = type("Layer", (), {})()
+    layer.keys = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 1, 5, 1).expand(2, 1, 5, 3).contiguous()
+    layer.values = -layer.keys
+    mask = torch.tensor([[1, 0, 1, 0, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    gather_slots(layer, mask, 3)
+    assert layer.keys.shape == (2, 1, 3, 3) and layer.values.shape == (2, 1, 3, 3)
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0, 2.0, 4.0]
+    assert layer.keys[1, 0, -1, 0].tolist() == 6.0  # row 1's one marked slot, last
+    assert torch.equal(layer.values, -layer.keys)
+    assert torch.equal(layer.keys[..., 0], layer.keys[..., 2])  # every channel moved alike
+
+
+class _Decoder(torch.nn.Module):
+    """A decoder stand-in that, like a press running the model, calls itself once more inside its own forward."""
+
+    def __init__(self, inner_calls=1, fail=False):
+        super().__init__()
+        self.inner_calls, self.fail, self.given = inner_calls, fail, []
+
+    def forward(self, input_ids=None, past_key_values=None, position_ids=None, inner=False):
+        self.given.append(position_ids)
+        if not inner:
+            for _ in range(self.inner_calls):
+                self(input_ids=input_ids[:, :2], past_key_values=past_key_values, inner=True)
+        if self.fail:
+            raise RuntimeError("boom")
+        return input_ids
+
+
+def test_count_positions_counts_only_the_outermost_pass_and_lists_each_cache_once():
+    decoder, caches = _Decoder(), []
+    cache, other = DynamicCache(), DynamicCache()
+    with count_positions(decoder, caches):
+        decoder(_ids(5), past_key_values=cache)
+        decoder(_ids(3), past_key_values=cache)
+        decoder(_ids(4), past_key_values=other)
+        decoder(_ids(4))  # no cache: nothing to count
+    assert position_state(cache) == PositionState(next_position=8, seen_tokens=8)
+    assert position_state(other).seen_tokens == 4
+    assert caches == [cache, other] and caches[0] is cache and caches[1] is other
+    assert decoder.given == [None] * 8  # the positions stay the model's own
+    decoder(_ids(6), past_key_values=cache)  # hooks removed on exit
+    assert next_position(cache) == 8
+
+
+def test_count_positions_keeps_counting_after_a_pass_that_failed():
+    decoder, cache = _Decoder(inner_calls=0, fail=True), DynamicCache()
+    with count_positions(decoder):
+        for n in (3, 4):
+            with pytest.raises(RuntimeError, match="boom"):
+                decoder(_ids(n), past_key_values=cache)
+    assert next_position(cache) == 7  # the failed outer pass closed: the next one is outermost again
+
+
+def _two_layer_cache(width):
+    cache = DynamicCache()
+    for i in range(2):
+        keys = (torch.arange(2 * width, dtype=torch.float32).reshape(2, 1, width, 1) + 100 * i).expand(2, 1, width, 2)
+        cache.update(keys.contiguous(), -keys.contiguous(), i)
+    return cache
+
+
+def test_settle_aligns_every_layer_to_the_same_slots_each_rows_tokens_last():
+    """A layer already in place only loses the leading slots no row uses; a layer a press rebuilt is gathered."""
+    cache = _two_layer_cache(4)
+    pending = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    rebuilt = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    batch = PaddedBatch(rows=[PositionState(), PositionState()], mask=pending[:, :2], pending=pending,
+                        compressed={1: rebuilt})
+    settle(cache, batch)
+    assert batch.mask.tolist() == [[True, True], [False, True]]
+    assert batch.pending is None and batch.compressed == {}
+    assert [layer.keys.shape[2] for layer in cache.layers] == [2, 2]
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert cache.layers[0].values[:, 0, :, 1].tolist() == [[-2.0, -3.0], [-6.0, -7.0]]
+    assert cache.layers[1].keys[0, 0, :, 0].tolist() == [100.0, 102.0]
+    assert cache.layers[1].keys[1, 0, -1, 0].item() == 105.0
+
+
+def test_settle_keeps_a_layer_in_place_that_needs_no_trim():
+    cache = _two_layer_cache(2)
+    pending = torch.tensor([[1, 1], [0, 1]], dtype=torch.bool)
+    before = [(layer.keys, layer.values) for layer in cache.layers]
+    settle(cache, PaddedBatch(rows=[PositionState(), PositionState()], mask=pending, pending=pending))
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(cache.layers, before))
+
+
+def test_layers_that_kept_different_counts_are_refused():
+    cache = _two_layer_cache(4)
+    pending = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    rebuilt = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    batch = PaddedBatch(rows=[PositionState(), PositionState()], mask=pending, pending=pending, compressed={1: rebuilt})
+    with pytest.raises(BatchInputError, match=r"^The press kept a different number of tokens in different layers, "
+                                              r"which one attention mask cannot describe: run this press one sequence "
+                                              r"at a time \(batch_size=1\)\.$"):
+        settle(cache, batch)
+
+
+def _padded(batch=2, n=10, pad=3, seed=8):
+    mask = torch.ones(batch, n, dtype=torch.long)
+    mask[1, :pad] = 0
+    return _ids(n, seed=seed, batch=batch), mask
+
+
+def test_a_padded_batch_cache_changed_outside_is_refused(tiny_models):
+    model = tiny_models["llama"]
+    ids, mask = _padded()
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(None, model):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        cache.crop(8)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        with pytest.raises(BatchInputError, match=r"^The cache of this padded batch holds 8 slots but 10 were recorded: "
+                                                  r"it was changed outside kvpress-ext; start a new cache\.$"):
+            model(input_ids=ids[:, :1], attention_mask=step_mask, past_key_values=cache)
+
+
+def test_a_padded_batch_on_layers_of_different_cache_lengths_names_them():
+    model = tiny_model("gemma3", layers=4)
+    ids, mask = _padded()
+    with (torch.no_grad(), apply_press(None, model),
+          pytest.raises(BatchInputError, match=r"^Padded batches are not supported on a model whose layers keep caches "
+                                               r"of different lengths \(full_attention, sliding_attention\): run one "
+                                               r"sequence at a time \(batch_size=1\)\.$")):
+        model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache())
+
+
+def test_input_ids_given_by_position_are_tracked(tiny_models):
+    model = tiny_models["llama"]
+    ids, nxt = _ids(9), _ids(3, seed=1)
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        model.model(ids, past_key_values=ref_cache)
+        ref = model.model(nxt, past_key_values=ref_cache).last_hidden_state
+        cache = DynamicCache()
+        with apply_press(None, model):
+            model.model(ids, past_key_values=cache)
+            out = model.model(nxt, past_key_values=cache).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+    assert position_state(cache) == PositionState(next_position=12, seen_tokens=12)
