@@ -84,6 +84,22 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "registration": (["kvpress_ext/core/tables.py"],
                      ["tests/test_registration_tables.py", "tests/test_registry.py", "tests/test_plugins.py"]),
     "plugins": (["kvpress_ext/plugins/loader.py"], ["tests/test_plugins.py"]),
+    "batch": (["kvpress_ext/core/batch.py"], [*_FAST_BATCH_TESTS, "tests/test_lazy_streaming.py", "tests/test_rkv.py"]),
+    # test_perplexity.py without its command-line test (a subprocess run, ~50 s)
+    "chunked_prefill": (["kvpress_ext/core/chunked_prefill.py"],
+                        ["tests/test_chunked_prefill.py", "tests/test_temporal_order.py", "tests/test_perplexity_units.py",
+                         "tests/test_contract.py",
+                         "tests/test_lazy_streaming.py", *_FAST_BATCH_TESTS,
+                         *(f"tests/test_perplexity.py::{name}" for name in (
+                             "test_no_press_ppl_matches_direct_model_loss",
+                             "test_incremental_without_press_and_ratio_zero_equal_teacher_forced",
+                             "test_knorm_half_raises_ppl_and_keeps_half_of_seen_tokens",
+                             "test_every_chunk_press_makes_prefill_press_compress_each_chunk",
+                             "test_pipeline_on_every_architecture",
+                             "test_budget_presses_follow_the_compression_ratio_in_sweeps",
+                             "test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts"))]),
+    "gemma3_adapter": (["kvpress_ext/core/adapters/gemma3.py"],
+                       ["tests/test_gemma3.py", "tests/test_adapters_contract.py", "tests/test_adapters_rope.py"]),
     "temporal_order": (["kvpress_ext/core/temporal_order.py"],
                        ["tests/test_temporal_order.py", "tests/test_registry.py"]),
 }
