@@ -15,8 +15,9 @@ from transformers import DynamicCache, pipeline
 
 import kvpress_ext
 from kvpress_ext import apply_press, get_adapter, get_press
+from kvpress_ext.core.batch import RowCache, per_row_after_forward, row_caches, row_lengths_follow_cache
 from kvpress_ext.core.contract import contract_of
-from kvpress_ext.core.positions import BatchInputError, padded_batch
+from kvpress_ext.core.positions import BatchInputError, PositionState, next_position, padded_batch, position_state
 from kvpress_ext.runtime.batched import end_aligned_chunks, generate_batch
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
 
@@ -296,3 +297,92 @@ def test_smollm2_padded_batch_answers_as_each_sequence_alone(name, smollm2, two_
              for c, q in zip(contexts, questions)]
     batched = generate_batch(model, contexts, get_press(name, **SMOLLM2_SETTINGS[name]), questions=questions, **run)
     _assert_same(alone, batched)
+
+
+def _padded_cache(model, lengths=(6, 4), seed=0):
+    """A cache holding a left-padded batch of sequences of ``lengths`` (tracked, uncompressed)."""
+    width = max(lengths)
+    ids = torch.randint(4, 120, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(width) >= width - torch.tensor(lengths)[:, None]).long()
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(None, model):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    return cache
+
+
+class _KeepLast:
+    """A whole-cache press that keeps the last ``keep[layer][row]`` tokens of each layer, recording what it saw."""
+
+    def __init__(self, keep):
+        self.keep, self.seen = keep, []
+
+    def after_forward(self, row):
+        self.seen.append([(layer.keys, layer.values) for layer in row.layers])
+        for j, layer in enumerate(row.layers):
+            n = self.keep[j][len(self.seen) - 1]
+            if n is not None:
+                layer.keys, layer.values = layer.keys[:, :, -n:], layer.values[:, :, -n:]
+
+
+def test_a_whole_cache_press_sees_each_sequence_alone_and_its_rows_go_back_right_aligned(tiny_models):
+    model = tiny_models["llama"]
+    cache = _padded_cache(model)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    press = _KeepLast([[4, 2], [4, 2]])
+    per_row_after_forward(press, cache)
+    for i, n in enumerate((6, 4)):
+        for j, (keys, values) in enumerate(press.seen[i]):
+            assert torch.equal(keys, before[j][0][i : i + 1, :, 6 - n :])
+            assert torch.equal(values, before[j][1][i : i + 1, :, 6 - n :])
+    assert padded_batch(cache).mask.tolist() == [[True] * 4, [False, False, True, True]]
+    for j, layer in enumerate(cache.layers):
+        assert torch.equal(layer.keys[0], before[j][0][0, :, 2:]) and torch.equal(layer.keys[1, :, 2:],
+                                                                                  before[j][0][1, :, 4:])
+        assert torch.equal(layer.values[1, :, 2:], before[j][1][1, :, 4:])
+    rows = row_caches(cache, padded_batch(cache))
+    assert all(rl.keys is None and rl.values is None for row in rows for rl in row.layers)  # the cache holds them
+
+
+def test_a_whole_cache_press_that_kept_everything_leaves_the_cache_as_it_was(tiny_models):
+    cache = _padded_cache(tiny_models["llama"])
+    tensors = [(layer.keys, layer.values) for layer in cache.layers]
+    mask = padded_batch(cache).mask
+    per_row_after_forward(_KeepLast([[None, None], [None, None]]), cache)
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(cache.layers, tensors))
+    assert padded_batch(cache).mask is mask
+
+
+@pytest.mark.parametrize("keep", [[[3, 2], [2, 2], [3, 2]], [[2, 2], [3, 2], [3, 2]]], ids=["middle", "first"])
+def test_a_whole_cache_press_keeping_different_counts_per_layer_is_refused(keep):
+    cache = _padded_cache(tiny_model("llama", layers=3))
+    with pytest.raises(BatchInputError, match=r"^The press kept a different number of tokens in different layers, "
+                                              r"which one attention mask cannot describe: run this press one "
+                                              r"sequence at a time \(batch_size=1\)\.$"):
+        per_row_after_forward(_KeepLast(keep), cache)
+
+
+def test_a_whole_cache_press_on_a_one_layer_model():
+    cache = _padded_cache(tiny_model("llama", layers=1))
+    per_row_after_forward(_KeepLast([[3, 1]]), cache)
+    assert padded_batch(cache).mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_a_row_cache_shows_one_sequence_as_a_batch_one_cache():
+    state = PositionState(next_position=7)
+    row = RowCache(state, 2)
+    assert len(row) == 2 and row.get_seq_length() == 0 and row.get_seq_length(1) == 0
+    assert next_position(row) == 7 and position_state(row) is state
+    row.layer(3).keys = torch.zeros(1, 2, 3, 4)
+    assert len(row) == 4 and row.layer(3) is row.layers[3] and row.get_seq_length(3) == 3
+    row.layers[0].keys = torch.zeros(1, 2, 5, 4)
+    assert row.get_seq_length() == 5
+
+
+def test_a_press_that_rerotates_sets_each_sequences_next_position_to_its_length(tiny_models):
+    cache = _padded_cache(tiny_models["llama"], lengths=(6, 4, 5))
+    batch = padded_batch(cache)
+    assert [s.next_position for s in batch.rows] == [6, 4, 5]
+    batch.mask = batch.mask.clone()
+    batch.mask[0, 1] = False  # a row that lost a token
+    row_lengths_follow_cache(cache)
+    assert [(s.next_position, s.rotated) for s in batch.rows] == [(5, True), (4, True), (5, True)]

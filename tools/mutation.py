@@ -40,18 +40,20 @@ EQUIVALENT = REPO / "tools" / "mutation_equivalent.json"
 # module -> (files to mutate, test files that exercise them). mutmut maps each mutated function to the
 # tests (of these files) that call it, so a mutant only runs the tests that can see it. A test file may be
 # narrowed to some of its tests with pytest node ids ("tests/test_x.py::test_name") to leave out slow ones.
-_FAST_BATCH_TESTS = [f"tests/test_batches.py::{name}" for name in (
-    "test_a_padded_batch_answers_as_each_sequence_alone", "test_a_press_that_cannot_batch_refuses_in_one_line",
-    "test_the_batch_compresses_each_sequence_to_its_own_ratio",
-    "test_chunked_prefill_in_a_batch_answers_as_each_sequence_alone", "test_chunks_are_counted_from_the_end",
-    "test_model_generate_on_a_left_padded_batch_matches_each_alone", "test_pipeline_given_a_list_answers_each_context_as_alone",
-    "test_pipeline_batch_bad_input_names_the_fix", "test_empty_and_too_long_sequences_are_refused",
-    "test_prefill_chunk_size_out_of_range_is_refused", "test_right_padding_is_refused")]
+def _tests_of(path: str, but: tuple[str, ...]) -> list[str]:
+    """Node ids of the test functions of ``path`` except those named in ``but`` (slow ones: a mutant that survives
+    runs every test mapped to it)."""
+    names = re.findall(r"^def (test_\w+)", (REPO / path).read_text(), flags=re.MULTILINE)
+    return [f"{path}::{name}" for name in names if name not in but]
+
+
+# test_batches.py without its SmolLM2 tests, test_perplexity.py without its command-line test (a subprocess, ~50 s)
+_FAST_BATCH_TESTS = _tests_of("tests/test_batches.py", but=("test_smollm2_padded_batch_answers_as_each_sequence_alone",))
+_FAST_PERPLEXITY_TESTS = _tests_of("tests/test_perplexity.py", but=("test_command_line_json_and_errors",))
 
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "rope": (["kvpress_ext/core/rope.py"],
              ["tests/test_rope.py", "tests/test_adapters_rope.py", "tests/test_rkv.py", "tests/test_a3.py"]),
-    # test_batches.py without its SmolLM2 tests (slow: minutes per mutant that survives)
     "positions": (["kvpress_ext/core/positions.py"],
                   ["tests/test_positions.py", "tests/test_lazy_streaming.py", "tests/test_rkv.py",
                    "tests/test_cache_io.py", "tests/test_pipeline_presses.py", "tests/test_gemma3.py",
@@ -85,19 +87,11 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                      ["tests/test_registration_tables.py", "tests/test_registry.py", "tests/test_plugins.py"]),
     "plugins": (["kvpress_ext/plugins/loader.py"], ["tests/test_plugins.py"]),
     "batch": (["kvpress_ext/core/batch.py"], [*_FAST_BATCH_TESTS, "tests/test_lazy_streaming.py", "tests/test_rkv.py"]),
-    # test_perplexity.py without its command-line test (a subprocess run, ~50 s)
     "chunked_prefill": (["kvpress_ext/core/chunked_prefill.py"],
                         ["tests/test_chunked_prefill.py", "tests/test_temporal_order.py", "tests/test_perplexity_units.py",
                          "tests/test_contract.py",
                          "tests/test_lazy_streaming.py", *_FAST_BATCH_TESTS,
-                         *(f"tests/test_perplexity.py::{name}" for name in (
-                             "test_no_press_ppl_matches_direct_model_loss",
-                             "test_incremental_without_press_and_ratio_zero_equal_teacher_forced",
-                             "test_knorm_half_raises_ppl_and_keeps_half_of_seen_tokens",
-                             "test_every_chunk_press_makes_prefill_press_compress_each_chunk",
-                             "test_pipeline_on_every_architecture",
-                             "test_budget_presses_follow_the_compression_ratio_in_sweeps",
-                             "test_sweep_lists_presses_that_cannot_run_in_the_mode_before_it_starts"))]),
+                         *_FAST_PERPLEXITY_TESTS]),
     "gemma3_adapter": (["kvpress_ext/core/adapters/gemma3.py"],
                        ["tests/test_gemma3.py", "tests/test_adapters_contract.py", "tests/test_adapters_rope.py"]),
     "temporal_order": (["kvpress_ext/core/temporal_order.py"],
