@@ -94,6 +94,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                          *_FAST_PERPLEXITY_TESTS]),
     "gemma3_adapter": (["kvpress_ext/core/adapters/gemma3.py"],
                        ["tests/test_gemma3.py", "tests/test_adapters_contract.py", "tests/test_adapters_rope.py"]),
+    "devices": (["kvpress_ext/core/devices.py"], ["tests/test_devices.py", "tests/test_offload.py::test_placement_flags_parse"]),
+    "tokens": (["kvpress_ext/core/tokens.py"], ["tests/test_tokens.py"]),
     "temporal_order": (["kvpress_ext/core/temporal_order.py"],
                        ["tests/test_temporal_order.py", "tests/test_registry.py"]),
 }
