@@ -13,6 +13,7 @@ from kvpress.presses import base_press
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
 from kvpress_ext import UnsupportedModelError, apply_press, get_adapter, get_press
+from kvpress_ext.core.adapters.gemma3 import Gemma3Adapter
 from kvpress_ext.core.positions import next_position
 from kvpress_ext.runtime.pipeline import greedy_decode
 from kvpress_ext.storage.cache_files import load_cache, save_cache
@@ -162,3 +163,32 @@ def test_presses_that_run_the_model_themselves_are_refused(gemma):
     """Finch hooks every layer itself (not our sliding-layer rule): one error naming the fix."""
     with pytest.raises(UnsupportedModelError, match="Llama-family"):
         _prefill(gemma, get_press("finch", compression_ratio=0.5), _ids(CONTEXT))
+
+
+def test_the_adapter_drives_gemma3_text_models_with_qk_norms():
+    adapter = Gemma3Adapter()
+    assert (adapter.name, adapter.model_types, adapter.qk_norm) == ("gemma3", ("gemma3_text",), True)
+    assert type(get_adapter(tiny_model("gemma3", layers=2))) is Gemma3Adapter
+
+
+def test_rope_tables_are_each_layer_kinds_own(gemma):
+    """position_embeddings (A³'s recompute) gives the model's own table of the layer's type: two bases differ."""
+    adapter, rotary = get_adapter(gemma), gemma.model.rotary_emb
+    x = torch.randn(1, 5, 64)
+    pos = torch.tensor([[0, 3, 7, 20, 41]])
+    for layer, kind in enumerate(gemma.config.layer_types):
+        cos, sin = adapter.position_embeddings(gemma, layer, x, pos)
+        ref_cos, ref_sin = rotary(x, pos, kind)
+        torch.testing.assert_close(cos, ref_cos, atol=0, rtol=0)
+        torch.testing.assert_close(sin, ref_sin, atol=0, rtol=0)
+        assert cos.dtype == x.dtype and cos.shape == (1, 5, 16)
+    sliding, full = (adapter.position_embeddings(gemma, i, x, pos)[0] for i in (0, 1))
+    assert not torch.allclose(sliding, full)
+
+
+def test_a_press_view_keeps_the_rotary_of_its_layer_kind_once_set(gemma):
+    adapter = get_adapter(gemma)
+    attn = adapter.attention(adapter.layers(gemma)[1])
+    first = adapter.press_view(gemma, attn).rotary_emb
+    assert first.layer_type == "full_attention"
+    assert adapter.press_view(gemma, attn).rotary_emb is first  # built once, then kept
