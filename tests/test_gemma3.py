@@ -192,3 +192,22 @@ def test_a_press_view_keeps_the_rotary_of_its_layer_kind_once_set(gemma):
     first = adapter.press_view(gemma, attn).rotary_emb
     assert first.layer_type == "full_attention"
     assert adapter.press_view(gemma, attn).rotary_emb is first  # built once, then kept
+
+
+def test_a_press_view_replaces_the_shared_rotary_a_kvpress_press_left_on_the_module():
+    """kvpress's BasePress.__call__ sets the model's all-types rotary embedding as a submodule of each attention
+    module: the view replaces it with its layer's own, and the shared one is no longer registered there."""
+    model = tiny_model("gemma3", layers=2)
+    adapter = get_adapter(model)
+    attn = adapter.attention(adapter.layers(model)[0])
+    attn.rotary_emb = model.model.rotary_emb
+    assert "rotary_emb" in dict(attn.named_children())
+    view = adapter.press_view(model, attn)
+    assert view.rotary_emb.layer_type == "sliding_attention"
+    assert "rotary_emb" not in dict(attn.named_children())
+
+
+def test_rope_without_a_layer_is_refused_naming_the_fix(gemma):
+    with pytest.raises(ValueError, match=r"^Gemma 3 rotates each layer type with its own RoPE base: pass layer= to "
+                                         r"the adapter's RoPE methods\.$"):
+        get_adapter(gemma).inv_freq(gemma)
