@@ -386,3 +386,14 @@ def test_a_press_that_rerotates_sets_each_sequences_next_position_to_its_length(
     batch.mask[0, 1] = False  # a row that lost a token
     row_lengths_follow_cache(cache)
     assert [(s.next_position, s.rotated) for s in batch.rows] == [(5, True), (4, True), (5, True)]
+
+
+@pytest.mark.parametrize("name", ["knorm", "rkv"])
+def test_a_one_token_context_in_a_batch_answers_as_alone(name, tiny_models):
+    """A sequence with a single real token among longer ones: its one slot is cut out, compressed and put back."""
+    model = tiny_models["llama"]
+    contexts, questions = _sequences(seed=2)
+    contexts[0] = contexts[0][:1]
+    alone = [generate_batch(model, [c], build(name, model), questions=[q], max_new_tokens=4)[0]
+             for c, q in zip(contexts, questions)]
+    _assert_same(alone, generate_batch(model, contexts, build(name, model), questions=questions, max_new_tokens=4))

@@ -18,6 +18,7 @@ from kvpress_ext.core.positions import (
     gather_slots,
     left_aligned,
     next_position,
+    padded_batch,
     position_state,
     set_next_position,
     settle,
@@ -393,3 +394,50 @@ def test_input_ids_given_by_position_are_tracked(tiny_models):
             out = model.model(nxt, past_key_values=cache).last_hidden_state
     torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
     assert position_state(cache) == PositionState(next_position=12, seen_tokens=12)
+
+
+def test_a_padded_forward_after_unpadded_tokens_starts_each_sequence_from_the_caches_state(tiny_models):
+    """Tokens cached as an unpadded batch, then a press moved the next position: the first padded forward gives each
+    sequence a copy of that state (position, tokens seen, rotated) and advances it by its own real tokens."""
+    model = tiny_models["llama"]
+    ids = _ids(9, seed=9, batch=2)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:7] = 0  # the second sequence's new tokens start with two pads
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(None, model):
+        model(input_ids=ids[:, :5], past_key_values=cache)
+        set_next_position(cache, 3)
+        model(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=cache)
+    rows = padded_batch(cache).rows
+    assert rows == [PositionState(next_position=7, seen_tokens=9, rotated=True),
+                    PositionState(next_position=5, seen_tokens=7, rotated=True)]
+    assert rows[0] is not rows[1]
+
+
+def test_a_padded_batch_continued_without_a_mask_uses_its_own(tiny_models):
+    """After the padded prefill the cache knows each sequence's slots: a step without attention_mask (or with the
+    caller's full mask) gives the same logits."""
+    model = tiny_models["llama"]
+    ids, mask = _padded(seed=10)
+    step = _ids(1, seed=11, batch=2)
+    logits = []
+    for step_mask in (torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1), None):
+        cache = DynamicCache()
+        with torch.no_grad(), apply_press(None, model):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            logits.append(model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
+        assert [row.next_position for row in padded_batch(cache).rows] == [11, 8]
+    torch.testing.assert_close(logits[1], logits[0], atol=TOL, rtol=TOL)
+
+
+def test_settle_on_a_one_layer_cache_trims_without_a_copy():
+    cache = DynamicCache()
+    keys = torch.arange(8, dtype=torch.float32).reshape(2, 1, 4, 1)
+    cache.update(keys, -keys, 0)
+    stored = cache.layers[0].keys
+    pending = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    batch = PaddedBatch(rows=[PositionState(), PositionState()], mask=pending[:, :3], pending=pending)
+    settle(cache, batch)
+    assert batch.mask.tolist() == [[True, True, True], [False, True, True]]
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
+    assert cache.layers[0].keys.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()  # a view
