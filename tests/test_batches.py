@@ -397,3 +397,20 @@ def test_a_one_token_context_in_a_batch_answers_as_alone(name, tiny_models):
     alone = [generate_batch(model, [c], build(name, model), questions=[q], max_new_tokens=4)[0]
              for c, q in zip(contexts, questions)]
     _assert_same(alone, generate_batch(model, contexts, build(name, model), questions=questions, max_new_tokens=4))
+
+
+def test_a_sequence_without_a_token_in_a_step_keeps_its_cache_while_the_others_are_compressed(tiny_models):
+    """A step whose mask pads one sequence (it finished): R-KV compresses the other back to its budget, the padded
+    one keeps its slots and position, and the pad never becomes one of its tokens."""
+    model = tiny_models["llama"]
+    ids = torch.randint(4, 120, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :10] = 0
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(get_press("rkv", budget=16, window_size=4, compression_interval=1), model):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        before = cache.layers[0].keys[1].clone()
+        model(input_ids=ids[:, :1], attention_mask=torch.tensor([[1], [0]]), past_key_values=cache)
+    batch = padded_batch(cache)
+    assert batch.lengths.tolist() == [16, 16] and [row.next_position for row in batch.rows] == [31, 20]
+    torch.testing.assert_close(cache.layers[0].keys[1], before, atol=0, rtol=0)
