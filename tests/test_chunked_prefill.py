@@ -2,6 +2,7 @@
 fraction of all tokens seen so far; the chunk size is checked; presses that stream by themselves run as they are."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from kvpress_ext.core.chunked_prefill import (
     press_for_chunks,
 )
 from kvpress_ext.core.contract import PressContract, contract_of
+from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.temporal_order import TemporalOrderPress
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 
@@ -171,3 +173,62 @@ def test_which_press_runs_the_chunks():
     with pytest.raises(PrefillChunkError, match=r"^_RunsModel runs the model itself on the whole context: leave "
                                                 r"prefill_chunk_size out for it\.$"):
         press_for_chunks(_RunsModel(compression_ratio=0.5), 8)
+
+
+@dataclass
+class _Recording(KnormPress):
+    """Records what its hook is handed (and the ratio set at that moment) instead of compressing."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.calls, self.model = [], None
+
+    def compress(self, *args):  # its own compress: not wrapped in TemporalOrderPress
+        return super().compress(*args)
+
+    def post_init_from_model(self, model):
+        self.model = model
+
+    def forward_hook(self, module, input, kwargs, output):
+        self.calls.append((module, input, kwargs, output, self.compression_ratio))
+        return "compressed"
+
+
+def _cache_of(*lengths, seen):
+    cache = DynamicCache()
+    for i, n in enumerate(lengths):
+        cache.update(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2), i)
+    position_state(cache).seen_tokens = seen
+    return cache
+
+
+def test_the_inner_press_gets_the_model_and_the_hooks_arguments_with_a_chunk_relative_cache_position():
+    press = EveryChunkPress(press=_Recording(compression_ratio=0.5))
+    press.post_init_from_model("the model")
+    assert press.press.model == "the model"
+    module, args, output = SimpleNamespace(layer_idx=1), ("input",), ("output",)
+    cache = _cache_of(4, 10, seen=10)
+    kwargs = {"hidden_states": torch.zeros(1, 3, 2), "past_key_values": cache, "cache_position": torch.arange(7, 10)}
+    assert press.forward_hook(module, args, kwargs, output) == "compressed"
+    got_module, got_args, got_kwargs, got_output, ratio = press.press.calls[0]
+    assert got_module is module and got_args is args and got_output is output
+    assert got_kwargs["cache_position"].tolist() == [0, 1, 2] and kwargs["cache_position"].tolist() == [7, 8, 9]
+    assert ratio == pytest.approx(1 - 5.5 / 10)  # layer 1's 10 entries down to 5 of 10 seen
+    plain = EveryChunkPress(press=_Recording(compression_ratio=0.5), keep_fraction_of_seen=False)
+    assert plain.forward_hook(module, args, kwargs, output) == "compressed"
+    assert plain.press.calls[0][1] is args and plain.press.calls[0][4] == 0.5
+
+
+def test_a_module_without_a_layer_index_is_sized_by_the_first_layer():
+    press = EveryChunkPress(press=_Recording(compression_ratio=0.5))
+    kwargs = {"hidden_states": torch.zeros(1, 2, 2), "past_key_values": _cache_of(10, 4, seen=10)}
+    press.forward_hook(SimpleNamespace(), (), kwargs, None)
+    assert press.press.calls[0][4] == pytest.approx(1 - 5.5 / 10)
+
+
+@pytest.mark.parametrize("lengths, seen", [((5,), 10), ((4,), 10)], ids=["at the target", "below it"])
+def test_a_cache_at_or_below_its_target_is_not_compressed(lengths, seen):
+    press = EveryChunkPress(press=_Recording(compression_ratio=0.5))
+    kwargs = {"hidden_states": torch.zeros(1, 2, 2), "past_key_values": _cache_of(*lengths, seen=seen)}
+    assert press.forward_hook(SimpleNamespace(layer_idx=0), (), kwargs, "output") == "output"
+    assert press.press.calls == []

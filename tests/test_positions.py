@@ -441,3 +441,12 @@ def test_settle_on_a_one_layer_cache_trims_without_a_copy():
     assert batch.mask.tolist() == [[True, True, True], [False, True, True]]
     assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]]
     assert cache.layers[0].keys.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()  # a view
+
+
+def test_a_pad_after_a_real_token_is_refused_even_after_leading_pads(tiny_models):
+    model = tiny_models["llama"]
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])
+    with (torch.no_grad(), apply_press(None, model),
+          pytest.raises(BatchInputError, match=r"^Padding must be on the left of each sequence: set "
+                                               r"tokenizer.padding_side = 'left'\.$")):
+        model(input_ids=_ids(4, batch=2), attention_mask=mask, past_key_values=DynamicCache())
