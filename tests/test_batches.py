@@ -7,6 +7,7 @@ refuse with an error naming it and why.
 """
 
 import warnings
+from dataclasses import dataclass
 
 import kvpress
 import pytest
@@ -16,7 +17,7 @@ from transformers import DynamicCache, pipeline
 import kvpress_ext
 from kvpress_ext import apply_press, get_adapter, get_press
 from kvpress_ext.core.batch import RowCache, per_row_after_forward, row_caches, row_lengths_follow_cache
-from kvpress_ext.core.contract import contract_of
+from kvpress_ext.core.contract import PressContract, contract_of
 from kvpress_ext.core.positions import BatchInputError, PositionState, next_position, padded_batch, position_state
 from kvpress_ext.runtime.batched import end_aligned_chunks, generate_batch
 from kvpress_ext.testing import ARCHITECTURES, tiny_model
@@ -414,3 +415,45 @@ def test_a_sequence_without_a_token_in_a_step_keeps_its_cache_while_the_others_a
     batch = padded_batch(cache)
     assert batch.lengths.tolist() == [16, 16] and [row.next_position for row in batch.rows] == [31, 20]
     torch.testing.assert_close(cache.layers[0].keys[1], before, atol=0, rtol=0)
+
+
+@dataclass
+class _RecordsRows(kvpress.BasePress):
+    """Records the keyword arguments its hook gets, per call; compresses nothing."""
+
+    def __post_init__(self):
+        self.seen = []
+
+    def press_contract(self):
+        return PressContract(batches=True)
+
+    def forward_hook(self, module, input, kwargs, output):
+        if module.layer_idx == 0:
+            self.seen.append(kwargs)
+        return output
+
+
+def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_models):
+    """Each sequence's hook call gets the layer's other arguments, no attention mask, its own hidden states and the
+    cache positions of its own new tokens in its own cache, at the prefill and at a decoding step."""
+    model = tiny_models["llama"]
+    lengths = (6, 4)
+    ids = torch.randint(4, 120, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(6) >= 6 - torch.tensor(lengths)[:, None]).long()
+    alone = _RecordsRows()
+    with torch.no_grad(), apply_press(alone, model):
+        model(input_ids=ids[:1], past_key_values=DynamicCache())
+    press = _RecordsRows()
+    with torch.no_grad(), apply_press(press, model):
+        cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids[:, :1], past_key_values=cache)
+    assert len(press.seen) == 4
+    for step, first in ((0, True), (1, False)):
+        for i, n in enumerate(lengths):
+            kwargs = press.seen[2 * step + i]
+            assert set(kwargs) == set(alone.seen[0]) and kwargs["attention_mask"] is None
+            assert isinstance(kwargs["past_key_values"], RowCache)
+            new = n if first else 1
+            assert kwargs["hidden_states"].shape == (1, new, model.config.hidden_size)
+            assert kwargs["cache_position"].tolist() == (list(range(n)) if first else [n])
