@@ -214,6 +214,7 @@ def test_the_inner_press_gets_the_model_and_the_hooks_arguments_with_a_chunk_rel
     assert got_module is module and got_args is args and got_output is output
     assert got_kwargs["cache_position"].tolist() == [0, 1, 2] and kwargs["cache_position"].tolist() == [7, 8, 9]
     assert ratio == pytest.approx(1 - 5.5 / 10)  # layer 1's 10 entries down to 5 of 10 seen
+    assert press.press.compression_ratio == 0.5  # set back at once, not only when the press is reset
     plain = EveryChunkPress(press=_Recording(compression_ratio=0.5), keep_fraction_of_seen=False)
     assert plain.forward_hook(module, args, kwargs, output) == "compressed"
     assert plain.press.calls[0][1] is args and plain.press.calls[0][4] == 0.5
@@ -232,3 +233,26 @@ def test_a_cache_at_or_below_its_target_is_not_compressed(lengths, seen):
     kwargs = {"hidden_states": torch.zeros(1, 2, 2), "past_key_values": _cache_of(*lengths, seen=seen)}
     assert press.forward_hook(SimpleNamespace(layer_idx=0), (), kwargs, "output") == "output"
     assert press.press.calls == []
+
+
+class _Declares(KnormPress):
+    """A press that declares its contract (set per instance)."""
+
+    def __init__(self, contract):
+        super().__init__(compression_ratio=0.5)
+        self.contract_declared = contract
+
+    def press_contract(self):
+        return self.contract_declared
+
+
+def test_the_wrapper_always_compresses_at_prefill_and_never_runs_the_model():
+    inner = PressContract(prefill=False, decoding=True, runs_model=True, batches=True)
+    assert EveryChunkPress(press=_Declares(inner)).press_contract() == PressContract(batches=True)
+
+
+@pytest.mark.parametrize("contract", [PressContract(decoding=True), PressContract(whole_cache=True),
+                                      PressContract(chunked_prefill=True)], ids=["decoding", "whole_cache", "chunked"])
+def test_a_press_that_compresses_as_tokens_arrive_is_fed_the_chunks_as_it_is(contract):
+    press = _Declares(contract)
+    assert press_for_chunks(press, 8) is press
