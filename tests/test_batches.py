@@ -330,12 +330,14 @@ def test_a_whole_cache_press_sees_each_sequence_alone_and_its_rows_go_back_right
     cache = _padded_cache(model)
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     press = _KeepLast([[4, 2], [4, 2]])
-    per_row_after_forward(press, cache)
+    with torch.device("meta"):  # another default device: the mask is made on the cache's device
+        per_row_after_forward(press, cache)
     for i, n in enumerate((6, 4)):
         for j, (keys, values) in enumerate(press.seen[i]):
             assert torch.equal(keys, before[j][0][i : i + 1, :, 6 - n :])
             assert torch.equal(values, before[j][1][i : i + 1, :, 6 - n :])
     assert padded_batch(cache).mask.tolist() == [[True] * 4, [False, False, True, True]]
+    assert padded_batch(cache).mask.device.type == "cpu"
     for j, layer in enumerate(cache.layers):
         assert torch.equal(layer.keys[0], before[j][0][0, :, 2:]) and torch.equal(layer.keys[1, :, 2:],
                                                                                   before[j][0][1, :, 4:])
@@ -444,7 +446,7 @@ def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_mod
     with torch.no_grad(), apply_press(alone, model):
         model(input_ids=ids[:1], past_key_values=DynamicCache())
     press = _RecordsRows()
-    with torch.no_grad(), apply_press(press, model):
+    with torch.no_grad(), apply_press(press, model), torch.device("meta"):  # tensors on the inputs' device
         cache = DynamicCache()
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
         model(input_ids=ids[:, :1], past_key_values=cache)
@@ -457,3 +459,4 @@ def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_mod
             new = n if first else 1
             assert kwargs["hidden_states"].shape == (1, new, model.config.hidden_size)
             assert kwargs["cache_position"].tolist() == (list(range(n)) if first else [n])
+            assert kwargs["cache_position"].device.type == "cpu"

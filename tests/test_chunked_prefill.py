@@ -209,9 +209,11 @@ def test_the_inner_press_gets_the_model_and_the_hooks_arguments_with_a_chunk_rel
     module, args, output = SimpleNamespace(layer_idx=1), ("input",), ("output",)
     cache = _cache_of(4, 10, seen=10)
     kwargs = {"hidden_states": torch.zeros(1, 3, 2), "past_key_values": cache, "cache_position": torch.arange(7, 10)}
-    assert press.forward_hook(module, args, kwargs, output) == "compressed"
+    with torch.device("meta"):  # another default device: the positions follow the hidden states' device
+        assert press.forward_hook(module, args, kwargs, output) == "compressed"
     got_module, got_args, got_kwargs, got_output, ratio = press.press.calls[0]
     assert got_module is module and got_args is args and got_output is output
+    assert got_kwargs["cache_position"].device.type == "cpu"
     assert got_kwargs["cache_position"].tolist() == [0, 1, 2] and kwargs["cache_position"].tolist() == [7, 8, 9]
     assert ratio == pytest.approx(1 - 5.5 / 10)  # layer 1's 10 entries down to 5 of 10 seen
     assert press.press.compression_ratio == 0.5  # set back at once, not only when the press is reset

@@ -425,7 +425,8 @@ def test_a_padded_batch_continued_without_a_mask_uses_its_own(tiny_models):
         cache = DynamicCache()
         with torch.no_grad(), apply_press(None, model):
             model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-            logits.append(model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
+            with torch.device("meta"):  # another default device: the step's mask is made on the inputs' device
+                logits.append(model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
         assert [row.next_position for row in padded_batch(cache).rows] == [11, 8]
     torch.testing.assert_close(logits[1], logits[0], atol=TOL, rtol=TOL)
 
