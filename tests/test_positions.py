@@ -22,7 +22,9 @@ from kvpress_ext.core.positions import (
     position_state,
     set_next_position,
     settle,
+    track_positions,
 )
+from kvpress_ext.core.registry import get_press
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
 from kvpress_ext.testing import tiny_model
 
@@ -451,3 +453,45 @@ def test_a_pad_after_a_real_token_is_refused_even_after_leading_pads(tiny_models
           pytest.raises(BatchInputError, match=r"^Padding must be on the left of each sequence: set "
                                                r"tokenizer.padding_side = 'left'\.$")):
         model(input_ids=_ids(4, batch=2), attention_mask=mask, past_key_values=DynamicCache())
+
+
+class _ConfiglessDecoder(torch.nn.Module):
+    """A decoder with no ``config``: it records what the hook hands it and caches one channel per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.given = []
+
+    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+        self.given.append(kwargs)
+        keys = input_ids[:, None, :, None].float()
+        past_key_values.update(keys, keys, 0)
+        return input_ids
+
+
+def test_a_decoder_without_a_config_runs_a_padded_batch():
+    decoder, cache = _ConfiglessDecoder(), DynamicCache()
+    ids, mask = _padded(n=5, pad=2)
+    with track_positions(decoder):
+        decoder(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    given = decoder.given[0]
+    assert given["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    assert given["cache_position"].tolist() == [0, 1, 2, 3, 4]
+    assert [row.next_position for row in padded_batch(cache).rows] == [5, 3]
+
+
+def test_a_padded_batch_ignores_the_callers_cache_position_after_eviction(tiny_models):
+    """transformers' generate passes cache positions that count evicted tokens: a padded batch's forward takes the
+    physical ones, so the step's logits are those of a step given none."""
+    model = tiny_models["llama"]
+    ids, mask = _padded(seed=12)
+    step = _ids(3, seed=13, batch=2)  # several tokens: the causal mask among them depends on the positions
+    logits = []
+    for caller_position in (None, torch.arange(10, 13)):
+        cache = DynamicCache()
+        with torch.no_grad(), apply_press(get_press("knorm", compression_ratio=0.5), model):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            assert cache.get_seq_length() == 5
+            extra = {} if caller_position is None else {"cache_position": caller_position}
+            logits.append(model(input_ids=step, past_key_values=cache, **extra).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=TOL, rtol=TOL)
