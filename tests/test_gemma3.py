@@ -211,3 +211,17 @@ def test_rope_without_a_layer_is_refused_naming_the_fix(gemma):
     with pytest.raises(ValueError, match=r"^Gemma 3 rotates each layer type with its own RoPE base: pass layer= to "
                                          r"the adapter's RoPE methods\.$"):
         get_adapter(gemma).inv_freq(gemma)
+
+
+def test_masks_by_layer_kind_are_made_on_the_inputs_device(gemma):
+    """With another default device set (as a CUDA model runs while the default is the CPU; "meta" stands in), the
+    question after compression gives the logits of a run without it."""
+    cache = _prefill(gemma, get_press("streaming_llm", compression_ratio=0.5), _ids(CONTEXT))
+    question = _ids(5, seed=2)
+    other = copy.deepcopy(cache)
+    with torch.no_grad(), apply_press(None, gemma):
+        ref = gemma(input_ids=question, past_key_values=cache).logits
+        with torch.device("meta"):
+            out = gemma(input_ids=question, past_key_values=other).logits
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

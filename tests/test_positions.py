@@ -495,3 +495,17 @@ def test_a_padded_batch_ignores_the_callers_cache_position_after_eviction(tiny_m
             extra = {} if caller_position is None else {"cache_position": caller_position}
             logits.append(model(input_ids=step, past_key_values=cache, **extra).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=TOL, rtol=TOL)
+
+
+def test_a_cache_of_layer_kinds_without_a_mask_builder_is_refused():
+    """Layers of different cache lengths need a mask per kind; a kind transformers has no builder for here is an
+    error naming the kinds, not a mask built wrongly."""
+    decoder = _ConfiglessDecoder()
+    decoder.config = type("Config", (), {"layer_types": ["full_attention", "chunked_attention"]})()
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 5, 1), torch.zeros(1, 1, 5, 1), 0)
+    cache.update(torch.zeros(1, 1, 3, 1), torch.zeros(1, 1, 3, 1), 1)
+    with track_positions(decoder), pytest.raises(ValueError, match=r"^Cannot build attention masks for layer types "
+                                                                   r"\['chunked_attention', 'full_attention'\] of a "
+                                                                   r"compressed cache\.$"):
+        decoder(input_ids=_ids(2), past_key_values=cache)
