@@ -460,3 +460,20 @@ def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_mod
             assert kwargs["hidden_states"].shape == (1, new, model.config.hidden_size)
             assert kwargs["cache_position"].tolist() == (list(range(n)) if first else [n])
             assert kwargs["cache_position"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["knorm", "rkv"])
+def test_a_single_left_padded_sequence_is_compressed_as_without_its_pads(name, tiny_models):
+    """A batch of one sequence whose mask still marks pads (a tokenizer padding to a fixed length)."""
+    model = tiny_models["llama"]
+    context, _ = _sequences(seed=3)
+    ids = torch.tensor([[0] * 5 + context[1]])
+    mask = torch.tensor([[0] * 5 + [1] * len(context[1])])
+    logits = []
+    for kwargs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:, 5:]}):
+        cache = DynamicCache()
+        with torch.no_grad(), apply_press(build(name, model), model):
+            model(**kwargs, past_key_values=cache)
+            logits.append(model(input_ids=torch.tensor([[7, 8]]), past_key_values=cache).logits)
+        assert cache.get_seq_length() < len(context[1])  # compressed
+    torch.testing.assert_close(logits[0], logits[1], atol=TOL, rtol=0)
