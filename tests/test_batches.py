@@ -431,7 +431,7 @@ class _RecordsRows(kvpress.BasePress):
 
     def forward_hook(self, module, input, kwargs, output):
         if module.layer_idx == 0:
-            self.seen.append(kwargs)
+            self.seen.append(dict(kwargs, hook_input=input, hook_output=output))
         return output
 
 
@@ -450,7 +450,9 @@ def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_mod
         cache = DynamicCache()
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
         model(input_ids=ids[:, :1], past_key_values=cache)
+        rows = row_caches(cache, padded_batch(cache))
     assert len(press.seen) == 4
+    assert all(layer.keys is None and layer.values is None for row in rows for layer in row.layers)
     for step, first in ((0, True), (1, False)):
         for i, n in enumerate(lengths):
             kwargs = press.seen[2 * step + i]
@@ -458,6 +460,11 @@ def test_a_press_on_a_batch_sees_each_sequences_own_forward_as_if_alone(tiny_mod
             assert isinstance(kwargs["past_key_values"], RowCache)
             new = n if first else 1
             assert kwargs["hidden_states"].shape == (1, new, model.config.hidden_size)
+            assert kwargs["position_ids"].tolist() == [list(range(n)) if first else [n]]
+            assert [x.shape[:2] for x in kwargs["position_embeddings"]] == [(1, new)] * 2
+            assert isinstance(kwargs["hook_input"], list)
+            output, weights = kwargs["hook_output"]
+            assert output.shape == (1, new, model.config.hidden_size) and weights is None
             assert kwargs["cache_position"].tolist() == (list(range(n)) if first else [n])
             assert kwargs["cache_position"].device.type == "cpu"
 
@@ -477,3 +484,36 @@ def test_a_single_left_padded_sequence_is_compressed_as_without_its_pads(name, t
             logits.append(model(input_ids=torch.tensor([[7, 8]]), past_key_values=cache).logits)
         assert cache.get_seq_length() < len(context[1])  # compressed
     torch.testing.assert_close(logits[0], logits[1], atol=TOL, rtol=0)
+
+
+@dataclass
+class _DoublesKeys(_RecordsRows):
+    """Doubles the keys of the sequences in ``rows`` (values untouched)."""
+
+    rows: tuple = ()
+
+    def forward_hook(self, module, input, kwargs, output):
+        row = kwargs["past_key_values"]
+        if row in [row_caches(self.cache, padded_batch(self.cache))[i] for i in self.rows]:
+            layer = row.layers[module.layer_idx]
+            layer.keys = layer.keys * 2
+        return output
+
+
+def test_a_press_that_changes_only_the_keys_of_one_sequence_changes_only_those(tiny_models):
+    model = tiny_models["llama"]
+    caches = []
+    for rows in ((), (1,)):
+        press, cache = _DoublesKeys(rows=rows), DynamicCache()
+        press.cache = cache
+        ids, mask = torch.randint(4, 120, (2, 6), generator=torch.Generator().manual_seed(0)), torch.ones(2, 6)
+        mask[1, :2] = 0
+        with torch.no_grad(), apply_press(press, model), torch.device("meta"):  # the new mask on the cache's device
+            model(input_ids=ids, attention_mask=mask.long(), past_key_values=cache)
+        caches.append(cache)
+    plain, doubled = (c.layers[0] for c in caches)
+    torch.testing.assert_close(doubled.keys[0], plain.keys[0], atol=0, rtol=0)
+    torch.testing.assert_close(doubled.keys[1, :, 2:], 2 * plain.keys[1, :, 2:], atol=0, rtol=0)
+    torch.testing.assert_close(doubled.values[0], plain.values[0], atol=0, rtol=0)
+    torch.testing.assert_close(doubled.values[1, :, 2:], plain.values[1, :, 2:], atol=0, rtol=0)  # pads aside
+    assert padded_batch(caches[1]).mask.device.type == "cpu"
