@@ -517,3 +517,15 @@ def test_a_press_that_changes_only_the_keys_of_one_sequence_changes_only_those(t
     torch.testing.assert_close(doubled.values[0], plain.values[0], atol=0, rtol=0)
     torch.testing.assert_close(doubled.values[1, :, 2:], plain.values[1, :, 2:], atol=0, rtol=0)  # pads aside
     assert padded_batch(caches[1]).mask.device.type == "cpu"
+
+
+def test_row_caches_live_on_the_real_cache_when_a_press_gets_the_gpt_neox_view(tiny_models):
+    """GPT-NeoX presses see a view of the cache in their own key basis, made anew for each call: the sequences' row
+    caches (and the press state kept on them) must be those of the real cache."""
+    from kvpress_ext.core.adapters.gpt_neox import CacheBasisView
+
+    cache = _padded_cache(tiny_models["gpt_neox"])
+    batch = padded_batch(cache)
+    rows = row_caches(CacheBasisView(cache, torch.arange(4)), batch)
+    assert row_caches(CacheBasisView(cache, torch.arange(4)), batch) is rows
+    assert row_caches(cache, batch) is rows
