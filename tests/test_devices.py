@@ -111,5 +111,23 @@ def test_an_offloaded_weight_without_a_store_is_an_error_or_none():
         weight_values(layer)
 
 
-def test_synchronizing_the_cpu_does_nothing():
-    assert synchronize("cpu") is None and synchronize(torch.device("cpu")) is None
+def test_synchronize_waits_for_the_devices_own_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    synchronize("cpu")
+    synchronize(torch.device("cpu"))
+    assert calls == []
+    synchronize("cuda:1")
+    synchronize("mps")
+    assert calls == [("cuda", torch.device("cuda:1")), ("mps", None)]
+
+
+def test_hooks_without_a_device_or_a_store_are_passed_over():
+    """A SequentialHook may hold hooks that are not accelerate's AlignDevicesHook (no execution_device, no
+    weights_map)."""
+    layer = _on_meta(nn.Linear(2, 2))
+    real = torch.ones(2, 2)
+    layer._hf_hook = SimpleNamespace(hooks=[SimpleNamespace(), _hook(execution_device=4, weights_map={"weight": real})])
+    assert execution_device(layer) == torch.device("cuda:4")
+    assert weight_values(layer) is real
