@@ -96,6 +96,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                        ["tests/test_gemma3.py", "tests/test_adapters_contract.py", "tests/test_adapters_rope.py"]),
     "devices": (["kvpress_ext/core/devices.py"], ["tests/test_devices.py", "tests/test_offload.py::test_placement_flags_parse"]),
     "tokens": (["kvpress_ext/core/tokens.py"], ["tests/test_tokens.py"]),
+    "kvpress_table": (["kvpress_ext/core/kvpress_table.py"], ["tests/test_registry.py", "tests/test_registration_tables.py"]),
     "temporal_order": (["kvpress_ext/core/temporal_order.py"],
                        ["tests/test_temporal_order.py", "tests/test_registry.py"]),
 }
