@@ -14,57 +14,12 @@ from kvpress_ext.core.chunked_prefill import (
     EveryChunkPress,
     PrefillChunkError,
     check_prefill_chunk_size,
-    has_settable_ratio,
     press_for_chunks,
 )
 from kvpress_ext.core.contract import PressContract, contract_of
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.temporal_order import TemporalOrderPress
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress
-
-
-class _FixedRatio:
-    """A press whose ratio can be read but not set."""
-
-    @property
-    def compression_ratio(self):
-        return 0.5
-
-
-class _TypedRatio:
-    """A press whose ratio setter refuses the value (a validating property)."""
-
-    @property
-    def compression_ratio(self):
-        return 0.5
-
-    @compression_ratio.setter
-    def compression_ratio(self, value):
-        raise TypeError("no")
-
-
-class _RatioAfterForward:
-    """DMS/SimLayerKV: the ratio is computed from the last forward and raises before one."""
-
-    @property
-    def compression_ratio(self):
-        raise RuntimeError("no forward yet")
-
-
-def test_only_a_numeric_ratio_that_can_be_set_is_settable():
-    knorm = KnormPress(compression_ratio=0.25)
-    assert has_settable_ratio(knorm) and knorm.compression_ratio == 0.25  # set to its own value: unchanged
-    assert has_settable_ratio(KnormPress(compression_ratio=0))  # an int ratio is a number too
-
-    @dataclass
-    class Flag:
-        compression_ratio: bool = True
-
-    assert not has_settable_ratio(Flag())
-    assert not has_settable_ratio(object())
-    assert not has_settable_ratio(_FixedRatio())
-    assert not has_settable_ratio(_TypedRatio())
-    assert not has_settable_ratio(_RatioAfterForward())
 
 
 def test_ratio_mode_says_how_the_ratio_is_applied():

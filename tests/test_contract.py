@@ -18,6 +18,7 @@ from kvpress_ext.core.contract import (
     forget_skip_warning,
     from_compression_ratio,
     fuses_chunks,
+    has_settable_ratio,
     inner_press,
     prefill_chunk_size,
     reset_press,
@@ -281,3 +282,47 @@ def test_composed_presses_and_ratio_sizing_are_read_through_the_contract():
     assert composed_presses(knorm) == []
     assert takes_compression_ratio(kvpress.SnapKVPress) and takes_compression_ratio(kvpress.AdaKVPress)
     assert not takes_compression_ratio(kvpress.DecodingPress) and not takes_compression_ratio(RKVPress)
+
+
+class _FixedRatio:
+    """A press whose ratio can be read but not set."""
+
+    @property
+    def compression_ratio(self):
+        return 0.5
+
+
+class _TypedRatio:
+    """A press whose ratio setter refuses the value (a validating property)."""
+
+    @property
+    def compression_ratio(self):
+        return 0.5
+
+    @compression_ratio.setter
+    def compression_ratio(self, value):
+        raise TypeError("no")
+
+
+class _RatioAfterForward:
+    """DMS/SimLayerKV: the ratio is computed from the last forward and raises before one."""
+
+    @property
+    def compression_ratio(self):
+        raise RuntimeError("no forward yet")
+
+
+def test_only_a_numeric_ratio_that_can_be_set_is_settable():
+    knorm = kvpress.KnormPress(compression_ratio=0.25)
+    assert has_settable_ratio(knorm) and knorm.compression_ratio == 0.25  # set to its own value: unchanged
+    assert has_settable_ratio(kvpress.KnormPress(compression_ratio=0))  # an int ratio is a number too
+
+    @dataclass
+    class Flag:
+        compression_ratio: bool = True
+
+    assert not has_settable_ratio(Flag())
+    assert not has_settable_ratio(object())
+    assert not has_settable_ratio(_FixedRatio())
+    assert not has_settable_ratio(_TypedRatio())
+    assert not has_settable_ratio(_RatioAfterForward())
