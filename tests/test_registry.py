@@ -10,7 +10,7 @@ import kvpress_ext
 from kvpress_ext import PressParameterError, UnknownPressError, get_press, register_press
 from kvpress_ext.core import tables as registration
 from kvpress_ext.core.errors import NoCompressionWarning
-from kvpress_ext.core.kvpress_table import kvpress_press_classes
+from kvpress_ext.core.kvpress_table import kvpress_press_classes, register_kvpress_presses, snake_name
 from kvpress_ext.core.registry import compresses_nothing, first_sentence
 from kvpress_ext.core.tables import RegistrationConflict
 from kvpress_ext.core.temporal_order import TemporalOrderPress
@@ -446,3 +446,42 @@ def test_inner_press_warnings_other_than_no_compression_reach_the_caller(registr
     with pytest.warns(UserWarning, match="noisy inner press"):
         press = get_press("wrapping_press", press="noisy_inner")
     assert isinstance(press.press, _Noisy)
+
+
+@pytest.mark.parametrize("class_name, name", [
+    ("ExpectedAttentionPress", "expected_attention"), ("HTTPServerPress", "http_server"),
+    ("KVCacheLikePress", "kv_cache_like"), ("Layer2Norm", "layer2_norm"), ("TOVAPress", "tova"), ("Plain", "plain"),
+])
+def test_kvpress_class_names_become_snake_case_registry_names(class_name, name):
+    assert snake_name(class_name) == name
+
+
+def test_the_kvpress_table_lists_every_exported_concrete_press_class():
+    classes = kvpress_press_classes()
+    assert classes["knorm"] is kvpress.KnormPress and classes["snapkv"] is kvpress.SnapKVPress
+    assert all(isinstance(cls, type) and issubclass(cls, kvpress.BasePress) for cls in classes.values())
+    assert "base" not in classes and "scorer" not in classes
+    exported = {snake_name(a) for a in kvpress.__all__
+                if isinstance(getattr(kvpress, a), type) and issubclass(getattr(kvpress, a), kvpress.BasePress)}
+    assert set(classes) == exported - {"base", "scorer"}
+
+
+def test_a_press_class_kvpress_does_not_export_is_left_out(monkeypatch):
+    monkeypatch.setattr(kvpress, "HiddenPress", type("HiddenPress", (kvpress.KnormPress,), {}), raising=False)
+    assert "hidden" not in kvpress_press_classes()
+
+
+def test_without_an_export_list_every_press_class_of_the_module_is_listed(monkeypatch):
+    names = kvpress_press_classes()
+    monkeypatch.delattr(kvpress, "__all__")
+    assert kvpress_press_classes().items() >= names.items()
+
+
+def test_each_kvpress_press_is_registered_with_its_defaults_and_requirements():
+    calls = {}
+    register_kvpress_presses(lambda name, cls, defaults, requires: calls.__setitem__(name, (cls, defaults, requires)))
+    assert calls["knorm"] == (kvpress.KnormPress, None, None)
+    assert calls["adakv"] == (kvpress.AdaKVPress, {"press": "knorm"}, None)
+    assert calls["kvzip"][0] is kvpress.KVzipPress and calls["kvzip"][1] is None
+    assert calls["kvzip"][2].startswith("a hub checkpoint name")
+    assert set(calls) == set(kvpress_press_classes())
