@@ -485,3 +485,8 @@ def test_each_kvpress_press_is_registered_with_its_defaults_and_requirements():
     assert calls["kvzip"][0] is kvpress.KVzipPress and calls["kvzip"][1] is None
     assert calls["kvzip"][2].startswith("a hub checkpoint name")
     assert set(calls) == set(kvpress_press_classes())
+
+
+def test_an_exported_name_kvpress_lacks_is_passed_over(monkeypatch):
+    monkeypatch.setattr(kvpress, "__all__", [*kvpress.__all__, "GonePress"])
+    assert "gone" not in kvpress_press_classes() and "knorm" in kvpress_press_classes()
