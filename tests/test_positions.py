@@ -464,8 +464,9 @@ class _ConfiglessDecoder(torch.nn.Module):
 
     def forward(self, input_ids=None, past_key_values=None, **kwargs):
         self.given.append(kwargs)
-        keys = input_ids[:, None, :, None].float()
-        past_key_values.update(keys, keys, 0)
+        if past_key_values is not None:
+            keys = input_ids[:, None, :, None].float()
+            past_key_values.update(keys, keys, 0)
         return input_ids
 
 
@@ -478,6 +479,17 @@ def test_a_decoder_without_a_config_runs_a_padded_batch():
     assert given["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
     assert given["cache_position"].tolist() == [0, 1, 2, 3, 4]
     assert [row.next_position for row in padded_batch(cache).rows] == [5, 3]
+
+
+def test_a_decoder_without_a_config_runs_unpadded_inputs_and_calls_without_a_cache():
+    """Its output has no past_key_values either: the hooks leave such a call alone."""
+    decoder, cache = _ConfiglessDecoder(), DynamicCache()
+    with track_positions(decoder):
+        decoder(input_ids=_ids(4), past_key_values=cache)
+        assert decoder.given[0]["position_ids"].tolist() == [[0, 1, 2, 3]] and "attention_mask" not in decoder.given[0]
+        ids = _ids(3)
+        assert decoder(input_ids=ids) is ids
+    assert next_position(cache) == 4
 
 
 def test_a_padded_batch_ignores_the_callers_cache_position_after_eviction(tiny_models):
