@@ -165,12 +165,12 @@ def test_ruler_generator_and_haystack(inputs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,args,message", [
-    ("longbench", ["--data_file", "/nonexistent/x.jsonl"], "not found"),
+    ("longbench", ["--data_file", "/nonexistent/x.jsonl"], "does not exist"),
     ("longbench", ["--data_file", "LB", "--strategies", "nope"], "unknown strategy"),
     ("longbench", ["--data_file", "LB", "--evict", "no_such_press"], "no_such_press"),
     ("longbench", ["--data_file", "LB", "--task", "nosuchtask"], "unknown LongBench task"),
     ("needle", ["--haystack_dir", "/nonexistent"], "haystack"),
-    ("ruler", ["--data_file", "/nonexistent/x.jsonl"], "not found"),
+    ("ruler", ["--data_file", "/nonexistent/x.jsonl"], "does not exist"),
     ("ruler", ["--press", "snapkv", "--compression_ratio", "1.5"], "compression_ratio"),
     ("needle", ["--press", "snapkv", "--compression_ratio", "-0.1"], "[0, 1)"),
     ("needle", ["--press", "no_such_press"], "no_such_press"),
@@ -192,7 +192,7 @@ def test_bad_input_exits_2(inputs, capsys, name, args, message):
 @pytest.mark.slow
 def test_bad_input_subprocess_exit_code(inputs):
     p = run_script("ruler", "--data_file", inputs / "missing.jsonl", "--model", MODEL)
-    assert p.returncode == 2 and "not found" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "does not exist" in p.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
