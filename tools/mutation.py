@@ -61,7 +61,10 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # every test that runs a press reaches apply_press: only the fast ones that check these two modules
     "contract": (["kvpress_ext/core/contract.py", "kvpress_ext/core/apply.py"],
                  ["tests/test_contract.py", "tests/test_apply_press.py", "tests/test_temporal_order.py",
-                  "tests/test_registry.py", "tests/test_perplexity_units.py"]),
+                  "tests/test_registry.py", "tests/test_perplexity_units.py",
+                  # apply.py's padded-batch refusals and Gemma 3's sliding layers following moved positions
+                  "tests/test_gemma3.py", "tests/test_positions.py", "tests/test_chunked_prefill.py",
+                  *_FAST_BATCH_TESTS]),
     "a3_selection": (["kvpress_ext/presses/a3/selection.py"], ["tests/test_a3.py"]),
     "lazy_streaming": (["kvpress_ext/presses/lazy_streaming.py"],
                        ["tests/test_lazy_streaming.py", "tests/test_pipeline_presses.py"]),
