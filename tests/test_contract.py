@@ -326,3 +326,43 @@ def test_only_a_numeric_ratio_that_can_be_set_is_settable():
     assert not has_settable_ratio(_FixedRatio())
     assert not has_settable_ratio(_TypedRatio())
     assert not has_settable_ratio(_RatioAfterForward())
+
+
+def test_batch_refusal_names_why_each_kind_of_press_cannot_batch():
+    """The reason a padded batch is refused, by kind of press, word for word (the one line the user reads)."""
+    refusal = contract_module.batch_refusal
+    assert refusal(kvpress.KVzipPress(compression_ratio=0.5)) == "it runs the model itself, one sequence at a time"
+    assert refusal(kvpress.RandomPress()) == contract_module._BATCH_REFUSALS[kvpress.RandomPress]
+    assert refusal(kvpress.RandomPress()).endswith("(give it a seed)")
+
+    class MyDecoding(kvpress.DecodingPress):  # a subclass gets its base class's reason
+        pass
+
+    assert refusal(MyDecoding(base_press=kvpress.KnormPress())) == \
+        "it counts decoding steps for the whole batch, not per sequence"
+    assert refusal(kvpress.PyramidKVPress(compression_ratio=0.5)) == \
+        "its compression is not kvpress's per-sequence top-k: it may keep different counts per layer or head"
+
+    @dataclass
+    class Undeclared(kvpress.BasePress):  # hooks like any kvpress press, but not a scorer and no declaration
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            return keys, values
+
+    assert refusal(Undeclared()) == \
+        "it does not declare that it compresses each sequence as if alone (PressContract.batches)"
+
+
+def test_decoding_compressor_is_the_scorer_that_runs_while_decoding():
+    knorm = kvpress.KnormPress()
+    decoding = kvpress.DecodingPress(base_press=knorm)
+    assert contract_module.decoding_compressor(decoding) is knorm
+    both = kvpress.PrefillDecodingPress(prefilling_press=kvpress.SnapKVPress(), decoding_press=decoding)
+    assert contract_module.decoding_compressor(both) is knorm  # the decoding side's scorer, not the prefill press
+    rkv = RKVPress()
+    assert contract_module.decoding_compressor(rkv) is rkv  # compresses while decoding by itself
+
+    class Named:
+        base_press = "knorm"  # a name, not a press
+
+    named = Named()
+    assert contract_module.decoding_compressor(named) is named
