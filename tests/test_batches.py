@@ -529,3 +529,24 @@ def test_row_caches_live_on_the_real_cache_when_a_press_gets_the_gpt_neox_view(t
     rows = row_caches(CacheBasisView(cache, torch.arange(4)), batch)
     assert row_caches(CacheBasisView(cache, torch.arange(4)), batch) is rows
     assert row_caches(cache, batch) is rows
+
+
+def test_a_press_that_cannot_batch_stops_a_padded_forward_before_the_model_runs(tiny_models):
+    """Under ``apply_press`` alone (no pipeline, no generate_batch to check first), a left-padded forward of a press
+    that does not claim batches is refused by the decoder's pre-hook, naming the press; the cache stays empty. The
+    same forward without padding runs."""
+    model = tiny_models["llama"]
+    contexts, _ = _sequences()
+    width = max(LENGTHS)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
+    press = kvpress.PyramidKVPress(compression_ratio=0.5)
+    cache = DynamicCache()
+    with torch.no_grad(), apply_press(press, model), pytest.raises(BatchInputError, match=r"cannot compress a padded"
+                                                                                           r" batch \(its compression"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    assert cache.get_seq_length() == 0
+    with torch.no_grad(), apply_press(press, model):
+        model(input_ids=ids[:1, width - LENGTHS[0]:], past_key_values=DynamicCache())  # one sequence: no padding
