@@ -74,6 +74,15 @@ def _sequences(seed=0):
     return contexts, questions
 
 
+def _left_padded(contexts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of ``contexts`` left-padded (with 0) to ``width`` tokens."""
+    ids = torch.zeros(len(contexts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def eager_models():
     return {arch: tiny_model(arch, attn_implementation="eager") for arch in ARCHITECTURES}
@@ -132,10 +141,7 @@ def test_the_batch_compresses_each_sequence_to_its_own_ratio(tiny_models):
     model = tiny_models["llama"]
     contexts, _ = _sequences()
     width = max(LENGTHS)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
+    ids, mask = _left_padded(contexts, width)
     cache = DynamicCache()
     with torch.no_grad(), apply_press(get_press("knorm", compression_ratio=0.5), model):
         model(input_ids=ids, attention_mask=mask, past_key_values=cache)
@@ -172,10 +178,7 @@ def test_model_generate_on_a_left_padded_batch_matches_each_alone(name, tiny_mod
     model = tiny_models["mistral"]
     contexts, _ = _sequences(seed=1)
     width = max(LENGTHS)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
+    ids, mask = _left_padded(contexts, width)
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad(), apply_press(build(name, model), model):
         batched = model.generate(ids, attention_mask=mask, **kw)[:, width:]
@@ -538,10 +541,7 @@ def test_a_press_that_cannot_batch_stops_a_padded_forward_before_the_model_runs(
     model = tiny_models["llama"]
     contexts, _ = _sequences()
     width = max(LENGTHS)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c), 1
+    ids, mask = _left_padded(contexts, width)
     press = kvpress.PyramidKVPress(compression_ratio=0.5)
     cache = DynamicCache()
     with torch.no_grad(), apply_press(press, model), pytest.raises(BatchInputError, match=r"cannot compress a padded"

@@ -706,15 +706,22 @@ def test_cell_key_holds_every_setting_and_two_sweeps_keep_their_cells(tmp_path):
     assert cell_digest({"x": 1, "n": 128}) == cell_digest({"n": 128, "x": 1, "_c": 3}) != cell_digest({"x": 1})
 
 
-def test_perplexity_cells_follow_the_text_contents_and_summaries_refuse_mixed_settings(stories_dir, tmp_path, capsys):
-    from kvpress_ext.cli.perplexity import main as ppl_main
-
+def _knorm_sweep(stories_dir, tmp_path, *ratios: str) -> tuple:
+    """(text file, output folder, perplexity.py arguments) of a knorm sweep over a short story at ``ratios``."""
     text = tmp_path / "story.txt"
     text.write_text("Tom had a red ball. He played in the park with his dog. " * 12)
     out = tmp_path / "out"
-    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--max_eval_tokens", "48",
-            "--press", "knorm", "--compression_ratio", "0.5", "--no_speed", "--no_progress", "--num_threads", "1",
-            "--output_dir", str(out), "--no_baseline"]
+    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--press", "knorm",
+            "--compression_ratio", *ratios, "--no_speed", "--no_progress", "--num_threads", "1", "--no_baseline",
+            "--output_dir", str(out)]
+    return text, out, argv
+
+
+def test_perplexity_cells_follow_the_text_contents_and_summaries_refuse_mixed_settings(stories_dir, tmp_path, capsys):
+    from kvpress_ext.cli.perplexity import main as ppl_main
+
+    text, out, argv = _knorm_sweep(stories_dir, tmp_path, "0.5")
+    argv += ["--max_eval_tokens", "48"]
     assert ppl_main(argv) == 0
     assert ppl_main(argv) == 0  # unchanged: reused
     assert len(list((out / "cells").glob("*.json"))) == 1
@@ -731,12 +738,8 @@ def test_two_sweeps_in_one_folder_keep_their_own_run_files_and_reports_refuse_to
     from kvpress_ext.cli.perplexity import main as ppl_main
     from kvpress_ext.evaluation import results
 
-    text = tmp_path / "story.txt"
-    text.write_text("Tom had a red ball. He played in the park with his dog. " * 12)
-    out = tmp_path / "out"
-    argv = ["--model", stories_dir, "--dataset", "text", "--text_file", str(text), "--press", "knorm",
-            "--compression_ratio", "0.25", "0.5", "--no_speed", "--no_progress", "--num_threads", "1", "--no_baseline",
-            "--output_dir", str(out), "--max_eval_tokens"]
+    _text, out, argv = _knorm_sweep(stories_dir, tmp_path, "0.25", "0.5")
+    argv += ["--max_eval_tokens"]
     assert ppl_main([*argv, "48"]) == 0
     first = {p.name: p.read_bytes() for p in out.glob("*.json")}
     assert ppl_main([*argv, "64"]) == 0  # the same presses and ratios, another setting, the same folder
