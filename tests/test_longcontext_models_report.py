@@ -35,7 +35,7 @@ def test_each_model_gets_its_own_columns():
     assert f"| press {header}" in md and f"| press | ratio {header}" in md
     assert "| (no press accuracy) | 1.00 (2) | 1.00 (2) | 0.50 (2) |" in md
     assert "| snapkv | none | 0.50 | 0.50 |" in md
-    assert "| snapkv | 0.5 | 0.50 (2) | 1.00 (2) | 0.50 (2) |" in md
+    assert "| snapkv | 0.5 | 0.50 (1/2, 0.09-0.91) | 1.00 (2/2, 0.34-1.00) | 0.50 (1/2, 0.09-0.91) |" in md
     assert {(s["model"], s["length"]) for s in summarize(records()) if s["method"] == "snapkv"} == {
         (SMOL, 1024), (GEMMA, 1024), (GEMMA, 8192)}
 
@@ -61,7 +61,7 @@ def test_summary_from_joins_the_folders_of_two_models(tmp_path, capsys):
     assert needle_main(["--summary_from", smol, gemma, "--output_dir", str(out)]) == 0
     md = (out / "summary.md").read_text()
     assert "| snapkv | none | 0.50 | 0.50 |" in md
-    assert "| snapkv | 0.5 | 0.50 (2) | 1.00 (2) | 0.50 (2) | reused " in md  # every cell from the grids' folders
+    assert "| snapkv | 0.5 | 0.50 (1/2, 0.09-0.91) | 1.00 (2/2, 0.34-1.00) | 0.50 (1/2, 0.09-0.91) | reused " in md  # every cell from the grids' folders
     assert (out / "summary.json").is_file() and (out / "heatmap_aware.png").is_file()
 
 

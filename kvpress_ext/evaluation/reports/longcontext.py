@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from kvpress_ext.evaluation.intervals import NOTE, format_score, score_interval
 from kvpress_ext.evaluation.longcontext import PREFILL, InputError, is_a3
 from kvpress_ext.evaluation.results import measured_date
 from kvpress_ext.evaluation.sweep import cell_path, load_cells
@@ -26,8 +27,9 @@ def _mean(xs):
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One record per model x method x ratio x rate x mode x length x depth: mean score over the samples, n,
-    failures."""
+    """One record per model x method x ratio x rate x mode x length x depth: mean score over the samples, n, the
+    mean's 95 % interval (``k``, ``ci_low``, ``ci_high``, ``ci_method``, as ``intervals.score_interval`` gives
+    them), failures."""
     groups = defaultdict(list)
     for r in records:
         groups[tuple(r.get(k) for k in GROUP)].append(r)
@@ -35,7 +37,9 @@ def summarize(records: list[dict]) -> list[dict]:
     for key, recs in groups.items():
         ok = [r for r in recs if r["status"] == "ok"]
         kept = [r["needle_kept"] for r in ok if r.get("needle_kept")]
+        ci = score_interval([r["score"] for r in ok])
         out.append({**dict(zip(GROUP, key)), "score": _mean([r["score"] for r in ok]), "n": len(ok),
+                    "k": ci["k"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "ci_method": ci["ci_method"],
                     "n_failed": len(recs) - len(ok), "ttft_s": _mean([r["ttft_s"] for r in ok]),
                     "tpot_s": _mean([r.get("tpot_s") for r in ok]), "cache_tokens": _mean([r.get("cache_tokens")
                                                                                            for r in ok]),
@@ -47,8 +51,13 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
+def _scores(records, **where) -> list:
+    """The scores of the ok records of ``records`` that match ``where``."""
+    return [r["score"] for r in records if r["status"] == "ok" and all(r.get(k) == v for k, v in where.items())]
+
+
 def _accuracy(records, **where) -> tuple[float | None, int]:
-    xs = [r["score"] for r in records if r["status"] == "ok" and all(r.get(k) == v for k, v in where.items())]
+    xs = _scores(records, **where)
     return (sum(xs) / len(xs) if xs else None), len(xs)
 
 
@@ -209,10 +218,11 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
         lines += ["## Accuracy", "", "| press | ratio " + header[:-1] + "| measured |", "|---" * (3 + len(cols)) + "|"]
         for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in presses},
                                key=lambda t: (t[0] != "no_press", t[0], t[1] or 0)):
-            accs = [_accuracy([r for r in presses if _in(r, c)], method=m, compression_ratio=ratio) for c in cols]
+            accs = [format_score(_scores([r for r in presses if _in(r, c)], method=m, compression_ratio=ratio))
+                    for c in cols]
             mine = [r for r in presses if r["method"] == m and r["compression_ratio"] == ratio]
-            lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(
-                f"{_f(a)} ({k})" if a is not None else "-" for a, k in accs) + f" | {_measured(mine, reused)} |")
+            lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(accs) + f" | {_measured(mine, reused)} |")
+        lines += ["", NOTE]
         if any(r["method"] != "no_press" for r in presses):
             lines += _needle_sections(presses, cols, header)
         lines.append("")
@@ -232,9 +242,9 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
             ttft = _mean([r["ttft_s"] for r in recs])
             label = f"{Path(str(model)).name}: {m}" if several else m
             lines.append(f"| {label} | {fmt_ratio(rate)} | {fmt_ratio(ratio)} | {n} | {len(recs)} | "
-                         f"{_f(_mean([r['score'] for r in recs]))} | {_f(ttft, 1, 1e3)} | "
+                         f"{format_score([r['score'] for r in recs])} | {_f(ttft, 1, 1e3)} | "
                          f"{_f(ttft / base if base and ttft else None)} | {_measured(recs, reused)} |")
-        lines.append("")
+        lines += ["", NOTE, ""]
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         lines += ["## Failed cells", ""]
