@@ -95,6 +95,12 @@ class Comparison:
         return [a / b if b else float("nan")
                 for a, b in zip(self.sides[name].cpu_seconds, self.sides[self.reference].cpu_seconds)]
 
+    def between(self, name: str, other: str) -> dict:
+        """Per round, seconds of side ``name`` / seconds of side ``other`` (a ratio between two sides that are not
+        the reference, timed in the same rounds): median, spread and the per-round values."""
+        values = [a / b for a, b in zip(self.sides[name].seconds, self.sides[other].seconds)]
+        return {"median": statistics.median(values), "spread": relative_spread(values), "per_round": values}
+
     def flag(self) -> str:
         """``reliable`` or ``UNRELIABLE: <reasons>``: what a table prints next to a ratio."""
         return "reliable" if self.reliable else "UNRELIABLE: " + "; ".join(self.reasons)
