@@ -5,7 +5,9 @@ offloaded to disk, and with ``max_memory`` (accelerate's ``auto`` map), timed on
 
 On a CPU-only machine the execution device is the CPU for every layer, so the difference is accelerate's hooks
 plus reading offloaded weights back from disk (memory-mapped safetensors, page cache warm after the warm-up run).
-The logits of the split runs are checked against the whole model's.
+The logits of the split runs are checked against the whole model's. The three placements run interleaved through
+:func:`kvpress_ext.evaluation.timing.compare` (one warm-up round, ``--runs`` rounds); the prefill and decode ratios
+to the whole model are medians of per-round ratios with their spread, next to threads, load and the reliable flag.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_ext.cli.common import command_entry
+from kvpress_ext.evaluation.timing import compare, relative_spread
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.safe_write import write_output
 from kvpress_ext.testing import middle_layers_on_disk, save_tiny_model
@@ -44,10 +47,10 @@ def run_once(model, ids, new_tokens):
     return prefill, (time.perf_counter() - t1) / new_tokens, torch.stack(logits)
 
 
-def measure(model, ids, new_tokens, runs):
-    run_once(model, ids, 2)  # warm-up (and page cache for offloaded weights)
-    results = [run_once(model, ids, new_tokens) for _ in range(runs)]
-    return (statistics.median(r[0] for r in results), statistics.median(r[1] for r in results), results[0][2])
+def per_round(log: dict, name: str, ref: str, index: int) -> dict:
+    """Median and spread of the per-round ratio of field ``index`` (0 prefill, 1 decode) of ``name`` to ``ref``."""
+    values = [a[index] / b[index] for a, b in zip(log[name], log[ref])]
+    return {"median": round(statistics.median(values), 3), "spread": round(relative_spread(values), 3)}
 
 
 @command_entry("offload_overhead")
@@ -75,23 +78,36 @@ def main() -> None:
                                                             offload_folder=str(tmp / "off2"),
                                                             attn_implementation="sdpa")[0],
     }
-    rows, ref = {}, None
+    log: dict = {name: [] for name in variants}
+
+    def side(name, model):
+        return lambda: log[name].append(run_once(model, ids, args.new_tokens))
+
+    c = compare({name: side(name, model) for name, model in variants.items()}, "whole", repeat=args.runs)
+    rows = {}
     for name, model in variants.items():
-        prefill, per_token, logits = measure(model, ids, args.new_tokens, args.runs)
-        ref = logits if ref is None else ref
+        runs = log[name][1:]  # the first entry is the warm-up round
         placement = getattr(model, "hf_device_map", None)
-        rows[name] = {"prefill_s": round(prefill, 4), "decode_s_per_token": round(per_token, 5),
-                      "max_abs_logit_diff_vs_whole": float((logits - ref).abs().max()),
+        rows[name] = {"prefill_s": round(statistics.median(r[0] for r in runs), 4),
+                      "decode_s_per_token": round(statistics.median(r[1] for r in runs), 5),
+                      "max_abs_logit_diff_vs_whole": float((runs[0][2] - log["whole"][1][2]).abs().max()),
                       "layers_on_disk": sum(1 for k, v in (placement or {}).items() if v == "disk" and ".layers." in k)}
-    base = rows["whole"]
-    for row in rows.values():
-        row["prefill_ratio"] = round(row["prefill_s"] / base["prefill_s"], 2)
-        row["decode_ratio"] = round(row["decode_s_per_token"] / base["decode_s_per_token"], 2)
+        ratio = {k: v[1:] for k, v in log.items()}
+        rows[name]["prefill_ratio"] = per_round(ratio, name, "whole", 0)
+        rows[name]["decode_ratio"] = per_round(ratio, name, "whole", 1)
+        if name != "whole":
+            rows[name]["timing"] = c.record(name)
     result = {"model": f"random llama, {args.layers} layers, hidden {args.hidden}, {n_params / 1e6:.1f}M params, float32",
               "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "runs": args.runs, "variants": rows,
               "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "load_avg_1min": round(os.getloadavg()[0], 2), "date": date.today().isoformat()}
+              "load_start": c.loads[0], "load_end": c.loads[-1], "reliable": c.reliable, "reasons": c.reasons,
+              "date": date.today().isoformat()}
     print(json.dumps(result, indent=2))
+    for name, row in rows.items():
+        print(f"{name:>28}: prefill x{row['prefill_ratio']['median']:.2f} (spread "
+              f"{100 * row['prefill_ratio']['spread']:.0f} %), decode x{row['decode_ratio']['median']:.2f} (spread "
+              f"{100 * row['decode_ratio']['spread']:.0f} %)")
+    print(c.flag())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_output(args.out, json.dumps(result, indent=2) + "\n", flag="--out")

@@ -4,7 +4,9 @@ SmolLM2-135M's real keys and window queries are captured at each of its 30 layer
 (a prefill of ``--position`` tokens of the novel through ``rkv@512``, then decoding), tiled to ``--batch``
 sequences: budget 512 + interval 128 = 640 keys, 3 KV heads, 9 query heads, head dim 64, float32. ``--baseline REV``
 also times the scoring functions of ``kvpress_ext/presses/rkv.py`` at git revision REV, interleaved with the
-current ones (best of ``--rounds``, median, max), after checking both keep the same tokens at every layer.
+current ones through :func:`kvpress_ext.evaluation.timing.compare` (warm-up, ``--rounds`` interleaved rounds;
+the speed-up is the median per-round ratio with its spread, threads, load and the reliable flag), after checking
+both keep the same tokens at every layer.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/rkv_compression.py --baseline d2c1290
 """
@@ -13,20 +15,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import types
 
 import torch
 
+from kvpress_ext.evaluation.results import load_text
 from kvpress_ext.evaluation.throughput import Run, build_config
+from kvpress_ext.evaluation.timing import compare
 from kvpress_ext.presses import rkv
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.inputs import shared_dir
+from kvpress_ext.storage.safe_write import write_output
 
 
 def capture(position: int, budget: int, interval: int) -> list:
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--baseline", default=None, help="git revision whose rkv_select to compare with")
+    p.add_argument("--json", default=None, help="JSON file for the speed-up record (with --baseline)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     layers = [(q.repeat(args.batch, 1, 1, 1), k.repeat(args.batch, 1, 1, 1))
@@ -83,20 +88,22 @@ def main(argv=None) -> int:
             if not torch.equal(*kept):
                 print("the two revisions keep different tokens", file=sys.stderr)
                 return 1
-    times = {name: [] for name in impls}
-    for _ in range(args.rounds):
-        for name, module in impls.items():
-            start = time.perf_counter()
-            for q, k in layers:
-                module.rkv_select(q, k, args.budget, 8)
-            times[name].append((time.perf_counter() - start) / len(layers))
-    print(f"keys {tuple(layers[0][1].shape)} x {len(layers)} layers, load average {os.getloadavg()[0]:.1f}")
-    for name, t in times.items():
-        print(f"{name:>16}: {min(t) * 1e3:.1f} ms per layer (median {statistics.median(t) * 1e3:.1f}, "
-              f"max {max(t) * 1e3:.1f})")
+    def side(module):
+        return lambda: [module.rkv_select(q, k, args.budget, 8) for q, k in layers]
+
+    c = compare({name: side(module) for name, module in impls.items()}, "current", repeat=args.rounds)
+    print(f"keys {tuple(layers[0][1].shape)} x {len(layers)} layers, threads {c.threads}, "
+          f"{load_text(c.loads[0], c.loads[-1])}")
+    for name, t in c.sides.items():
+        print(f"{name:>16}: {t.median / len(layers) * 1e3:.1f} ms per layer (best {t.best / len(layers) * 1e3:.1f}, "
+              f"spread {100 * t.spread:.0f} %)")
     if args.baseline:
-        cur, base = (min(t) for t in times.values())
-        print(f"best of {args.rounds}: {base / cur:.2f}x faster than at {args.baseline}")
+        r = c.record(f"at {args.baseline}")  # baseline / current: the speed-up
+        print(f"median of {args.rounds} rounds: {r['ratio']:.2f}x faster than at {args.baseline} (per-round spread "
+              f"{100 * r['ratio_spread']:.0f} %, of best {r['ratio_of_best']:.2f}x); {c.flag()}")
+        if args.json:
+            write_output(args.json, json.dumps({"args": vars(args), "speedup": r, "timing": c.as_dict()}, indent=1),
+                         flag="--json")
     return 0
 
 

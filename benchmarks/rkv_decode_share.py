@@ -5,8 +5,10 @@ Three configs decode interleaved in blocks from the same prompt (SmolLM2-135M, `
 functions of ``kvpress_ext/presses/rkv.py`` at git revision ``--baseline`` (started from a copy of the current
 press's prefilled cache: both keep the same tokens, checked by ``benchmarks/rkv_compression.py``), and
 ``lazy_streaming@BUDGET``. Prints tokens/s (with the slowest and fastest block), the ratio to lazy streaming, the
-share of decode time spent compressing and peak KV, with the load average before and after; ``--output`` writes
-the records as JSON.
+share of decode time spent compressing and peak KV; the rounds go through
+:func:`kvpress_ext.evaluation.timing.compare` against lazy streaming, so each record also has the ratio's per-round
+spread, threads, load before and after and the reliable flag with its reasons; ``--output`` writes the records as
+JSON.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/rkv_decode_share.py --baseline d2c1290 --position 1024 --batch 8
 """
@@ -17,13 +19,13 @@ import argparse
 import copy
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from kvpress_ext.evaluation.throughput import Run, build_config
+from kvpress_ext.evaluation.results import load_text
+from kvpress_ext.evaluation.throughput import Run, build_config, time_runs
 from kvpress_ext.presses.rkv import RKVPress
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.inputs import shared_dir
@@ -60,8 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--interval", type=int, default=128, help="compression interval (decoded tokens)")
-    ap.add_argument("--tokens", type=int, default=256, help="timed tokens per config")
-    ap.add_argument("--block", type=int, default=32, help="tokens per config before the next config decodes")
+    ap.add_argument("--tokens", type=int, default=384, help="timed tokens per config")
+    ap.add_argument("--block", type=int, default=None,
+                    help="tokens per config and round before the next config decodes (default --interval)")
     ap.add_argument("--output", default=None, help="JSON file for the records")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -81,18 +84,16 @@ def main(argv=None) -> int:
     runs = [now, before, lazy]
     for run in runs:
         run.decode(model, 4, timed=False)  # warm-up
-    load_start = os.getloadavg()
-    for _ in range(0, args.tokens, args.block):
-        for run in runs:
-            run.decode(model, args.block)
+    c = time_runs(model, runs, args.tokens, args.block or args.interval, reference=lazy.config)
     records = [run.record() for run in runs]
-    for record in records:
-        record.update(x_lazy=record["tok_s"] / records[-1]["tok_s"], load_start=load_start, load_end=os.getloadavg(),
-                      threads=1, command=" ".join(sys.argv))
+    for run, record in zip(runs, records):
+        timing = c.record(run.config) if run is not lazy else {"reference": True}
+        record.update(x_lazy=record["tok_s"] / records[-1]["tok_s"], timing=timing, command=" ".join(sys.argv))
+        spread = f" (spread {100 * timing['speedup_spread']:.0f} %)" if run is not lazy else ""
         print(f"{record['config']:>28} {record['tok_s']:7.2f} tok/s (blocks {record['tok_s_blocks_min']:.2f}-"
-              f"{record['tok_s_blocks_max']:.2f})  x lazy {record['x_lazy']:.3f}  compression "
+              f"{record['tok_s_blocks_max']:.2f})  x lazy {record['x_lazy']:.3f}{spread}  compression "
               f"{100 * record['compression_share']:.2f} %  peak KV {record['peak_kv_mib']:.1f} MiB")
-    print(f"load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"threads {c.threads}, {load_text(c.loads[0], c.loads[-1])}; {c.flag()}")
     if args.output:
         write_output(args.output, json.dumps({"records": records}, indent=1), flag="--output")
     return 0

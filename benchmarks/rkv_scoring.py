@@ -3,19 +3,24 @@
     PYTHONPATH=$PWD python benchmarks/rkv_scoring.py --lengths 128,256,512,1024
 
 The reference follows the formula token by token (one dot product per query/key pair and per key pair), as a
-direct port would; both produce the same scores (checked here, and in tests/test_rkv.py on small inputs).
+direct port would; both produce the same scores (checked here, and in tests/test_rkv.py on small inputs). Both are
+timed through :func:`kvpress_ext.evaluation.timing.compare` (warm-up, ``--rounds`` interleaved rounds); the
+speed-up is the median per-round ratio, printed with its spread and the reliable flag (with threads and load).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 
 import torch
 
 from kvpress_ext.cli.common import command_entry
+from kvpress_ext.evaluation.results import load_text
+from kvpress_ext.evaluation.timing import compare
 from kvpress_ext.presses.rkv import rkv_scores
+from kvpress_ext.storage.safe_write import write_output
 
 
 def literal_scores(queries, keys, window, kernel, lam):
@@ -42,15 +47,6 @@ def literal_scores(queries, keys, window, kernel, lam):
     return out
 
 
-def timeit(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 @command_entry("rkv_scoring")
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -59,22 +55,34 @@ def main():
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--reference_max", type=int, default=512, help="skip the slow reference above this length")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per length")
+    parser.add_argument("--json", default=None, help="JSON file for the records (ratio, spread, load, reliable)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print("| cache length | ours (ms) | literal reference (ms) | speed-up | max abs diff |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| cache length | ours (ms) | literal reference (ms) | speed-up (spread) | max abs diff | reliable |")
+    print("|---:|---:|---:|---:|---:|---|")
+    records = []
     for n in [int(x) for x in args.lengths.split(",")]:
         keys = torch.randn(1, args.heads, n, args.head_dim)
         queries = torch.randn(1, 2 * args.heads, args.window, args.head_dim)
-        ours = timeit(lambda q=queries, k=keys: rkv_scores(q, k, args.window), 5) * 1e3
+        sides = {"ours": lambda q=queries, k=keys: rkv_scores(q, k, args.window)}
         if n <= args.reference_max:
-            ref_out = literal_scores(queries, keys, args.window, 7, 0.07)
-            ref = timeit(lambda q=queries, k=keys: literal_scores(q, k, args.window, 7, 0.07), 1) * 1e3
-            diff = (rkv_scores(queries, keys, args.window) - ref_out).abs().max().item()
-            print(f"| {n} | {ours:.2f} | {ref:.0f} | {ref / ours:.0f}x | {diff:.1e} |")
-        else:
-            print(f"| {n} | {ours:.2f} | (skipped) | | |")
-
+            sides["reference"] = lambda q=queries, k=keys: literal_scores(q, k, args.window, 7, 0.07)
+        c = compare(sides, "ours", repeat=args.rounds)
+        ours = c.sides["ours"].median * 1e3
+        if "reference" not in sides:
+            print(f"| {n} | {ours:.2f} | (skipped) | | | |")
+            continue
+        diff = (c.results["ours"] - c.results["reference"]).abs().max().item()
+        r = c.record("reference")  # reference / ours: the speed-up
+        records.append({"length": n, "ours_ms": ours, "reference_ms": c.sides["reference"].median * 1e3,
+                        "max_abs_diff": diff, **r})
+        print(f"| {n} | {ours:.2f} | {records[-1]['reference_ms']:.0f} | {r['ratio']:.0f}x "
+              f"({100 * r['ratio_spread']:.0f} %) | {diff:.1e} | {c.flag()} |")
+    if records:
+        print(f"threads {records[0]['threads']}; {load_text(records[0]['load_start'], records[-1]['load_end'])}")
+    if args.json:
+        write_output(args.json, json.dumps({"args": vars(args), "records": records}, indent=1), flag="--json")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,9 @@
   step (kvpress's DecodingPress only takes ScorerPress, so a small hook drives it per step).
 
 Each config starts from a cache already at cap_total (steady state) and is timed over ``--steps``
-greedy tokens; configs run interleaved for ``--rounds`` rounds and the median is reported.
+greedy tokens per round; configs run interleaved for ``--rounds`` rounds through
+:func:`kvpress_ext.evaluation.timing.compare` (warm-up round first, order alternating); tok/s is the median, and
+lazy/eager the median per-round ratio with its spread, threads, load before and after and the reliable flag.
 ``--batch B`` decodes B streams at once: on a CPU a small model at batch 1 is bound by reading its
 weights, and more streams per weight read make the cache work dominate (see docs/results/streaming.md).
 ``--rss_tokens N`` instead records resident memory while lazy (or dense) decodes N tokens.
@@ -26,7 +28,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +40,8 @@ from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.apply import apply_press
 from kvpress_ext.core.contract import PressContract
 from kvpress_ext.core.positions import set_next_position
-from kvpress_ext.evaluation.results import machine_load
+from kvpress_ext.evaluation.results import load_text, machine_load
+from kvpress_ext.evaluation.timing import compare
 from kvpress_ext.presses.lazy_streaming import LazyStreamingPress, chunked_prefill
 from kvpress_ext.storage.safe_write import write_output
 
@@ -101,19 +103,28 @@ def build_model(name: str):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def decode_seconds(model, press, prompt_len: int, steps: int, vocab: int, batch: int = 1) -> float:
-    """Seconds per decoding step (``batch`` streams, one token each), after a prompt of ``prompt_len``
-    tokens per stream (fed in chunks through ``press``)."""
-    cache = DynamicCache()
-    prompt = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    with apply_press(press, model):
-        chunk = press.prefill_chunk_size if isinstance(press, LazyStreamingPress) else prompt_len
-        out = chunked_prefill(model, prompt, cache, max(chunk, 64))
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(input_ids=token, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - start) / steps
+class Stream:
+    """One config's cache, prefilled once (untimed) with ``prompt_len`` tokens per stream through ``press``; each
+    :meth:`round` decodes ``steps`` tokens. Without a press the cache is cropped back to ``prompt_len`` first, so a
+    ceiling config stays at its length and dense decodes from its short prompt every round."""
+
+    def __init__(self, model, press, prompt_len: int, vocab: int, batch: int = 1):
+        self.model, self.press, self.prompt_len = model, press, prompt_len
+        self.cache = DynamicCache()
+        prompt = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+        with apply_press(press, model):
+            chunk = press.prefill_chunk_size if isinstance(press, LazyStreamingPress) else prompt_len
+            out = chunked_prefill(model, prompt, self.cache, max(chunk, 64))
+        self.first = self.token = out.logits[:, -1:].argmax(-1)
+
+    def round(self, steps: int) -> None:
+        if self.press is None:
+            self.cache.crop(self.prompt_len)
+            self.token = self.first
+        with apply_press(self.press, self.model):
+            for _ in range(steps):
+                self.token = self.model(input_ids=self.token, past_key_values=self.cache,
+                                        logits_to_keep=1).logits[:, -1:].argmax(-1)
 
 
 def rss_mb() -> float:
@@ -184,29 +195,32 @@ def main():
         configs[f"lazy{s}"] = (LazyStreamingPress(cap_total=C, slack=s), C)
         configs[f"ceiling{s}"] = (None, C - s // 2 - args.steps // 2)
     configs["kvpress"] = (KvpressStreamingPerStep(cap_total=C), C)
-    decode_seconds(model, configs["eager"][0], 64, 8, vocab)  # warm-up
-    times = {k: [] for k in configs}
-    for _ in range(args.rounds):
-        for name, (press, prompt_len) in configs.items():
-            steps = args.steps
-            if name.startswith("ceiling"):
-                prompt_len = max(1, prompt_len)
-            times[name].append(decode_seconds(model, press, prompt_len, steps, vocab, args.batch))
+    streams = {name: Stream(model, press, max(1, prompt_len), vocab, args.batch)
+               for name, (press, prompt_len) in configs.items()}
+    c = compare({name: (lambda st=st: st.round(args.steps)) for name, st in streams.items()}, "eager",
+                repeat=args.rounds)
+    times = {k: [t / args.steps for t in v.seconds] for k, v in c.sides.items()}
     tps = {k: args.batch / statistics.median(v) for k, v in times.items()}
     print(f"model={args.model} cap_total={C} batch={args.batch} steps={args.steps} rounds={args.rounds} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={c.threads}; {load_text(c.loads[0], c.loads[-1])}")
     print(f"{'config':>12} {'tok/s':>9}")
     for k, v in tps.items():
         print(f"{k:>12} {v:9.1f}")
-    print(f"{'slack':>6} {'lazy/eager':>11} {'lazy/ceiling':>13} {'lazy/kvpress':>13}")
+    ratios = {}
+    print(f"{'slack':>6} {'lazy/eager (spread)':>20} {'lazy/ceiling':>13} {'lazy/kvpress':>13}")
     for s in slacks:
-        lz = tps[f"lazy{s}"]
-        print(f"{s:>6} {lz / tps['eager']:11.2f} {lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
+        lz, per_round = tps[f"lazy{s}"], c.record(f"lazy{s}")
+        ratios[f"lazy{s}"] = {"x_eager": per_round, "x_ceiling": c.between(f"ceiling{s}", f"lazy{s}"),
+                              "x_kvpress": c.between("kvpress", f"lazy{s}")}
+        print(f"{s:>6} {per_round['speedup']:10.2f} ({100 * per_round['speedup_spread']:3.0f} %) "
+              f"{lz / tps[f'ceiling{s}']:13.3f} {lz / tps['kvpress']:13.2f}")
+    print(c.flag())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_output(args.json, json.dumps({"args": vars(args), "tokens_per_s": tps, "seconds": times,
-                                               "threads": torch.get_num_threads(), "load_start": load_start,
-                                               "load_end": machine_load()}, indent=1), flag="--json")
+                                            "ratios": ratios, "timing": c.as_dict(), "threads": c.threads,
+                                            "load_start": c.loads[0], "load_end": c.loads[-1],
+                                            "reliable": c.reliable, "reasons": c.reasons}, indent=1), flag="--json")
 
 
 if __name__ == "__main__":

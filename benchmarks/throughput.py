@@ -5,8 +5,10 @@
 
 A config is ``full`` or ``NAME@TOKENS`` (see :mod:`kvpress_ext.evaluation.throughput`). At each position P (tokens
 of real text already in each sequence when timing starts) and batch B the configs run in one process, taking turns
-every ``--block`` tokens, over ``--window`` timed tokens (default: two compression intervals, so at least two
-compression cycles). Reported per config: tokens/s, its ratio to ``full`` at the same P and B, the share of decode
+every ``--block`` tokens (default one compression interval, so every round holds one compression of each config),
+over ``--window`` timed tokens (default three intervals: three rounds), timed by
+:func:`kvpress_ext.evaluation.timing.compare`. Reported per config: tokens/s, its ratio to ``full`` at the same P
+and B with the per-round spread, threads, load before and after and the reliable flag with its reasons, the share of decode
 time in compression, peak KV (MiB) and the process's peak RSS (shared by the configs of a run). ``--kv_memory
 BYTES``: the largest batch each config fits in that much KV memory at the largest position, and the tokens/s it
 reaches there (measured). Records go to ``--output`` (JSON), a table to stdout and a plot of tokens/s against
@@ -27,7 +29,7 @@ import torch
 
 from kvpress_ext.cli.common import command_entry
 from kvpress_ext.core.errors import KVPressExtError
-from kvpress_ext.evaluation.results import machine_load
+from kvpress_ext.evaluation.results import load_text
 from kvpress_ext.evaluation.throughput import MIB, build_config, largest_batch, run_interleaved
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.inputs import shared_dir
@@ -50,6 +52,14 @@ def _plot(records: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def _x_full(r: dict) -> str:
+    """``0.97 (3 %)``: tok/s against full and the spread of the per-round ratios; ``-`` without a full run."""
+    if r["x_full"] is None:
+        return "-"
+    spread = r["timing"].get("speedup_spread", 0.0)
+    return f"{r['x_full']:.2f} ({100 * spread:.0f} %)"
+
+
 @command_entry("throughput")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -58,8 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--configs", nargs="+", default=["full", "rkv@512", "lazy_streaming@512", "snapkv@512"])
     p.add_argument("--interval", type=int, default=128, help="tokens between compressions while decoding")
-    p.add_argument("--window", type=int, default=None, help="timed tokens per config (default 2 x --interval)")
-    p.add_argument("--block", type=int, default=32, help="tokens a config decodes before the next one's turn")
+    p.add_argument("--window", type=int, default=None, help="timed tokens per config (default 3 x --interval)")
+    p.add_argument("--block", type=int, default=None,
+                   help="tokens a config decodes per round before the next one's turn (default --interval)")
     p.add_argument("--kv_memory", type=int, default=None, help="bytes of KV memory for the largest-batch measure")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32")
@@ -67,25 +78,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for config in args.configs:
         build_config(config, args.interval)  # bad names and budgets fail before the model loads
+    args.block = args.block or args.interval
     if min(args.positions + args.batch) < 1 or args.block < 1 or args.interval < 1:
         raise KVPressExtError("--positions, --batch, --block and --interval must be positive integers.")
     torch.set_num_threads(args.threads)
-    window = args.window or 2 * args.interval
+    window = args.window or 3 * args.interval
     model, tokenizer = load_model(args.model, device="cpu", dtype=args.dtype)
     text = (shared_dir() / "data" / "pride_and_prejudice.txt").read_text(encoding="utf-8")
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     records = []
     for batch in args.batch:
         for position in args.positions:
-            start = machine_load()
             got = run_interleaved(model, text_ids, args.configs, position, batch, window, args.block, args.interval)
             for r in got:
-                r.update(load_start=start, load_end=machine_load(), threads=args.threads,
-                         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                r.update(peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                 print(f"P={position:>5} B={batch:>2} {r['config']:>20}: {r['tok_s']:7.1f} tok/s "
                       f"(blocks {r['tok_s_blocks_min']:.1f}-{r['tok_s_blocks_max']:.1f}), x full "
-                      f"{r['x_full'] or float('nan'):.2f}, compression {r['compression_share']:.1%}, "
+                      f"{_x_full(r)}, compression {r['compression_share']:.1%}, "
                       f"peak KV {r['peak_kv_mib']:.1f} MiB", flush=True)
+            t = got[0]["timing"]
+            print(f"  threads {t['threads']}, {load_text(t['load_start'], t['load_end'])}; "
+                  f"{'reliable' if t['reliable'] else 'UNRELIABLE: ' + '; '.join(t['reasons'])}", flush=True)
             records += got
     fits = []
     if args.kv_memory:
@@ -98,10 +111,12 @@ def main(argv=None) -> int:
                          "tok_s": got[0]["tok_s"] if got else 0.0})
             print(f"{config:>20}: {b} sequences in {args.kv_memory / MIB:.0f} MiB of KV at P={position}, "
                   f"{fits[-1]['tok_s']:.1f} tok/s", flush=True)
-    print("\n| position | batch | config | tok/s | x full | compression share | peak KV (MiB) |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    print("\n| position | batch | config | tok/s | x full (per-round spread) | reliable | compression share | "
+          "peak KV (MiB) |")
+    print("|---:|---:|---|---:|---:|---|---:|---:|")
     for r in records:
-        print(f"| {r['position']} | {r['batch']} | {r['config']} | {r['tok_s']:.1f} | {r['x_full'] or 0:.2f} | "
+        flag = "yes" if r["timing"]["reliable"] else "no (reasons above)"
+        print(f"| {r['position']} | {r['batch']} | {r['config']} | {r['tok_s']:.1f} | {_x_full(r)} | {flag} | "
               f"{r['compression_share']:.1%} | {r['peak_kv_mib']:.1f} |")
     if args.output:
         meta = {"command": " ".join(sys.argv), "model": args.model, "dtype": args.dtype, "threads": args.threads,

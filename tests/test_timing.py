@@ -95,3 +95,21 @@ def test_one_round_is_never_reliable_and_bad_arguments_fail(machine):
 def test_relative_spread():
     assert timing.relative_spread([2.0, 3.0, 4.0]) == pytest.approx(2 / 3)
     assert timing.relative_spread([5.0]) == 0
+
+
+def test_record_carries_ratio_speedup_spread_load_and_flag(machine):
+    """The flat record every migrated benchmark stores: speed-up = reference / side per round, exact on the fake clock."""
+    machine.loads = [1.0, 1.1, 1.2, 3.0]
+    sides = {"full": machine.side("full", [4, 4, 4, 4]), "lazy": machine.side("lazy", [2, 2, 2, 2])}
+    r = timing.compare(sides, "full", repeat=3).record("lazy")
+    assert r["ratio"] == 0.5 and r["speedup"] == 2.0 and r["ratio_spread"] == 0 and r["speedup_spread"] == 0
+    assert r["cpu_ratio"] == 0.5 and r["rounds"] == 3 and r["threads"] >= 1
+    assert r["load_start"]["loadavg_1m"] == 1.0 and r["load_end"]["loadavg_1m"] == 3.0
+    assert r["reliable"] is False and r["reasons"] == ["load average moved by 2.00 (> 1.00 on 2 CPUs)"]
+
+
+def test_between_two_sides_is_their_per_round_time_ratio(machine):
+    sides = {"ref": machine.side("ref", [1, 1, 1, 1]), "a": machine.side("a", [1, 2, 2, 3]),
+             "b": machine.side("b", [1, 1, 1, 1])}
+    c = timing.compare(sides, "ref", repeat=3)
+    assert c.between("a", "b") == {"median": 2.0, "spread": 0.5, "per_round": [2.0, 2.0, 3.0]}

@@ -25,6 +25,7 @@ from kvpress_ext.core.contract import budget_parameters, compression_phases, dec
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.registry import get_press, press_info
 from kvpress_ext.evaluation.perplexity import cache_bytes
+from kvpress_ext.evaluation.timing import compare
 
 MIB = 2**20
 
@@ -135,9 +136,21 @@ class Run:
         }
 
 
+def time_runs(model, runs: list[Run], window: int, block: int, reference: str | None = None):
+    """Decode ``window`` timed tokens per run in rounds of ``block`` through :func:`timing.compare` (interleaved,
+    order alternating, spread, load, reliable flag); the runs are already prefilled and warmed up. A round of one
+    compression interval holds one compression of every config, so rounds compare alike."""
+    sizes = [min(block, window - done) for done in range(0, window, block)]
+    turns = {run.config: iter(sizes) for run in runs}
+    sides = {run.config: (lambda run=run: run.decode(model, next(turns[run.config]))) for run in runs}
+    return compare(sides, reference or runs[0].config, repeat=len(sizes), warmup=0)
+
+
 def run_interleaved(model, text_ids: list[int], configs: list[str], position: int, batch: int, window: int,
                     block: int, interval: int, warmup: int = 4) -> list[dict]:
-    """Every config at ``position`` and ``batch``, decoding ``window`` timed tokens in turns of ``block``."""
+    """Every config at ``position`` and ``batch``, decoding ``window`` timed tokens in turns of ``block``. Each record
+    carries ``x_full`` (tok/s against ``full``) and ``timing``: :meth:`Comparison.record` against ``full`` (its
+    ``speedup`` is the median per-round x_full), or against the first config when ``full`` is not run."""
     if len(text_ids) < position * batch:
         raise ThroughputConfigError(f"The text has {len(text_ids)} tokens, fewer than position x batch "
                                     f"({position} x {batch}): use a longer text or smaller sizes.")
@@ -146,16 +159,15 @@ def run_interleaved(model, text_ids: list[int], configs: list[str], position: in
     for run in runs:
         run.prefill(model, ids)
         run.decode(model, warmup, timed=False)
-    done = 0
-    while done < window:
-        n = min(block, window - done)
-        for run in runs:
-            run.decode(model, n)
-        done += n
+    reference = "full" if "full" in configs else configs[0]
+    comparison = time_runs(model, runs, window, block, reference)
     records = [run.record() for run in runs]
     full = next((r for r in records if r["config"] == "full"), None)
     for r in records:
         r["x_full"] = r["tok_s"] / full["tok_s"] if full else None
+        r["timing"] = comparison.record(r["config"]) if r["config"] != reference else {
+            "reference": True, "threads": comparison.threads, "load_start": comparison.loads[0],
+            "load_end": comparison.loads[-1], "reliable": comparison.reliable, "reasons": list(comparison.reasons)}
     return records
 
 

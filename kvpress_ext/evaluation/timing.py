@@ -92,7 +92,31 @@ class Comparison:
 
     def cpu_ratios(self, name: str) -> list[float]:
         """Per round, CPU seconds of side ``name`` / CPU seconds of the reference."""
-        return [a / b for a, b in zip(self.sides[name].cpu_seconds, self.sides[self.reference].cpu_seconds)]
+        return [a / b if b else float("nan")
+                for a, b in zip(self.sides[name].cpu_seconds, self.sides[self.reference].cpu_seconds)]
+
+    def between(self, name: str, other: str) -> dict:
+        """Per round, seconds of side ``name`` / seconds of side ``other`` (a ratio between two sides that are not
+        the reference, timed in the same rounds): median, spread and the per-round values."""
+        values = [a / b for a, b in zip(self.sides[name].seconds, self.sides[other].seconds)]
+        return {"median": statistics.median(values), "spread": relative_spread(values), "per_round": values}
+
+    def flag(self) -> str:
+        """``reliable`` or ``UNRELIABLE: <reasons>``: what a table prints next to a ratio."""
+        return "reliable" if self.reliable else "UNRELIABLE: " + "; ".join(self.reasons)
+
+    def record(self, name: str) -> dict:
+        """Flat fields a benchmark puts in its record for side ``name``: the time ratio to the reference and its
+        inverse (the speed-up, what "x faster" and tok/s ratios quote), both with their per-round spread, the
+        CPU-time ratio, threads, load before and after, and the reliable flag with its reasons. One shape for every
+        benchmark, so a reader (or a script) finds the flag in the same place."""
+        speedups = [1 / r if r else float("inf") for r in self.ratios[name]]
+        cpu = self.cpu_ratios(name)
+        return {"ratio": self.ratio(name), "ratio_spread": self.ratio_spread(name),
+                "ratio_of_best": self.ratio_of_best(name), "speedup": statistics.median(speedups),
+                "speedup_spread": relative_spread(speedups), "cpu_ratio": statistics.median(cpu),
+                "rounds": len(self.ratios[name]), "threads": self.threads, "load_start": self.loads[0],
+                "load_end": self.loads[-1], "reliable": self.reliable, "reasons": list(self.reasons)}
 
     def as_dict(self) -> dict:
         return {
@@ -108,7 +132,7 @@ class Comparison:
 
     def summary(self, name: str) -> str:
         """``0.231x (spread 4 %, best 0.228x; reliable)`` for side ``name``."""
-        flag = "reliable" if self.reliable else "UNRELIABLE: " + "; ".join(self.reasons)
+        flag = self.flag()
         cpu = self.cpu_ratios(name)
         return (f"{self.ratio(name):.3f}x (per-round spread {100 * self.ratio_spread(name):.0f} %, of best "
                 f"{self.ratio_of_best(name):.3f}x; CPU time {statistics.median(cpu):.3f}x, spread "
