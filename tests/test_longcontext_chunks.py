@@ -117,7 +117,9 @@ def test_cli_summary_shows_chunked_beside_one_shot_and_reuses_cells(hay, tmp_pat
     for c in cells:
         if c["params"]["method"] == "knorm":
             scores[c["params"].get("prefill_chunk_size")].append(c["record"]["score"])
-    assert row.split(" | ")[2:4] == [f"{sum(scores[k]) / 2:.2f} (2)" for k in (None, 32)]
+    caches = {k: [c["record"]["compressed_cache_tokens"] for c in cells if c["params"]["method"] == "knorm"
+                  and c["params"].get("prefill_chunk_size") == k] for k in (None, 32)}
+    assert row.split(" | ")[2:4] == [f"{sum(scores[k]) / 2:.2f} (2) / {sum(caches[k]) / 2:.0f}" for k in (None, 32)]
     summary = json.loads((out / "summary.json").read_text())
     assert {s["prefill_chunk_size"] for s in summary if s["method"] == "knorm"} == {None, 32}
 
