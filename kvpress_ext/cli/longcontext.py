@@ -27,7 +27,7 @@ from kvpress_ext.evaluation.reports.longcontext import records_from_folders, wri
 from kvpress_ext.evaluation.runners import longcontext as runner
 from kvpress_ext.evaluation.sweep import check_options
 from kvpress_ext.evaluation.tasks import needle as needle_task
-from kvpress_ext.evaluation.tasks.prompts import check_lengths, context_limit
+from kvpress_ext.evaluation.tasks.prompts import cell_prompt, check_lengths, context_limit
 from kvpress_ext.evaluation.tasks.records import keep_records
 from kvpress_ext.presses.a3.press import STRATEGIES
 from kvpress_ext.runtime.models import resolve_model
@@ -106,6 +106,10 @@ def add_grid_arguments(ap, name: str) -> None:
     ap.add_argument("--chunk_tokens", type=int, default=None,
                     help="A3 chunk size (default 128; needle.py --task multidoc: 512, the size of each document)")
     ap.add_argument("--max_context_tokens", type=int, default=None, help="cut the middle of longer contexts")
+    ap.add_argument("--prefill_chunk_size", type=int, nargs="+", default=[], metavar="N",
+                    help="also run every press and ratio with the context prefilled in chunks of N tokens, "
+                         "compressed after each chunk (one mode per N, beside the one-shot cells, which always run); "
+                         "question-agnostic only, not for no_press or A3")
     ap.add_argument("--attn_implementation", default=None, help="eager / sdpa (default: the model's)")
     ap.add_argument("--no_diagnostic", action="store_true", help="skip the needle-kept diagnostic")
     ap.add_argument("--retry_failed", action="store_true",
@@ -154,10 +158,40 @@ def check_args(args) -> tuple[list[str], list[bool]]:
         check_output_dir(args.output_dir)
     check_options(sweep_options_from_args(args))
     modes = [False, True] if args.both_modes else [bool(args.query_aware)]
+    check_chunk_args(args, methods, modes)
     if not any(runner.mode_error(m, qa) is None for m in methods for qa in modes if m != "no_press" or len(methods) == 1):
         raise lc.InputError(runner.mode_error(methods[-1], modes[-1]))
     return methods, modes
 
+
+
+def check_chunk_args(args, methods: list[str], modes: list[bool]) -> None:
+    """``--prefill_chunk_size``: positive sizes, a question-agnostic mode and a press to feed in chunks."""
+    chunks = args.prefill_chunk_size
+    if not chunks:
+        return
+    if any(c < 1 for c in chunks):
+        raise lc.InputError("--prefill_chunk_size takes chunk sizes of at least 1 token (one-shot prefill always "
+                            "runs beside them): drop 0 and negative sizes")
+    if False not in modes:
+        raise lc.InputError(lc.CHUNKS_AGNOSTIC_ONLY)
+    if not any(runner.mode_error(m, False, chunks[0]) is None for m in methods):
+        raise lc.InputError("--prefill_chunk_size feeds the presses in chunks, and no_press and A3 are never "
+                            "chunked: add a press (--press snapkv ...)")
+    args.prefill_chunk_size = sorted(set(chunks))
+
+
+def check_chunk_lengths(tokenizer, samples: list[dict], settings: dict, chunks: list[int]) -> None:
+    """A chunk size larger than the shortest context (chat template and needle included) would prefill some
+    contexts in one pass: one line naming the largest size that fits."""
+    if not chunks:
+        return
+    length = min(s["length"] for s in samples)
+    shortest = min(len(cell_prompt(tokenizer, {**settings, **s, "query_aware": False})[2])
+                   for s in samples if s["length"] == length)
+    if max(chunks) > shortest:
+        raise lc.InputError(f"--prefill_chunk_size {max(chunks)} is larger than the shortest context "
+                            f"({shortest} tokens): use chunk sizes up to {shortest} (or longer --lengths)")
 
 
 def settings_from_args(args, max_new_tokens: int) -> dict:
@@ -176,7 +210,10 @@ def run_grid(args, name: str, samples: list[dict], methods: list[str], modes: li
     records, outputs = runner.run_grid(
         name, samples, methods, modes, settings_from_args(args, max_new_tokens), args.compression_ratio, args.rate,
         out_dir, sweep_options_from_args(args), retry_failed=args.retry_failed, compute=not args.summary_only,
-        command=" ".join(shlex.quote(a) for a in sys.argv))
+        command=" ".join(shlex.quote(a) for a in sys.argv), chunks=args.prefill_chunk_size)
+    if args.prefill_chunk_size:
+        print(f"note: chunked prefill ({', '.join(map(str, args.prefill_chunk_size))} tokens) ran the presses "
+              "question-agnostic only; no_press and A3 always prefill in one pass (summary.md: Chunked prefill)")
     if any(r.get("chat_template") is False for r in records):  # a base model (gemma3-270m): say how it was prompted
         print(f"note: {args.model} was prompted completion-style (no chat template: BOS, context, blank line, "
               "question, answer prefix); the cells record chat_template: false")
@@ -254,6 +291,7 @@ def needle_grid(args, name: str) -> int:
                     "key_index": k, "seed": args.seed, "n_needles": args.n_needles}
                    for n in lengths for d in depths for k in range(num_keys)]
         check_lengths(model, tok, samples, settings_from_args(args, max_new), modes)
+        check_chunk_lengths(tok, samples, settings_from_args(args, max_new), args.prefill_chunk_size)
         _, outputs = run_grid(args, name, samples, methods, modes, max_new)
         _print_outputs(outputs)
 

@@ -93,12 +93,23 @@ def a3_parts(method: str) -> tuple[str | None, str | None]:
     return strategy, evict or None
 
 
-def mode_error(method: str, query_aware: bool) -> str | None:
-    """Why ``method`` cannot run in this mode, or None."""
+def mode_error(method: str, query_aware: bool, chunk: int | None = None) -> str | None:
+    """Why ``method`` cannot run in this mode (with the context prefilled in chunks of ``chunk`` tokens), or None.
+
+    Chunked prefill models a context streamed in before any question exists, so it is question-agnostic only;
+    no_press and A3 have nothing to compress per chunk (A3 fuses its own chunk caches)."""
     if query_aware and is_a3(method):
         return (f"{method} fuses chunk caches stored before any question exists, so it has no question-aware mode: "
                 "run it without --query_aware")
+    if chunk and (is_a3(method) or method == "no_press"):
+        return f"{method} is not prefilled in chunks: give --prefill_chunk_size to presses that compress"
+    if chunk and query_aware:
+        return CHUNKS_AGNOSTIC_ONLY
     return None
+
+
+CHUNKS_AGNOSTIC_ONLY = ("--prefill_chunk_size streams the context in before the question exists, so it has no "
+                        "question-aware mode: run it without --query_aware (or with --both_modes)")
 
 
 # --- chunking ---------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Reports of the long-context grids: ``summary.json`` (one record per model x method x ratio x rate x mode x
-length x depth), ``summary.md`` (safe ratio, accuracy, needle kept, misses explained, A3 time to first token) and the
-depth x length heat maps."""
+prefill chunk size x length x depth), ``summary.md`` (safe ratio, accuracy, needle kept, misses explained, chunked
+prefill against one-shot, A3 time to first token) and the depth x length heat maps.
+
+Cells prefilled in chunks (``prefill_chunk_size``) are kept out of the one-shot tables and shown in their own
+table beside the one-shot accuracy of the same press and ratio."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from kvpress_ext.evaluation.results import measured_date
 from kvpress_ext.evaluation.sweep import cell_path, load_cells
 from kvpress_ext.storage.safe_write import claim_output_dir, save_figure, write_output
 
-GROUP = ("model", "method", "compression_ratio", "rate", "query_aware", "length", "depth")
+GROUP = ("model", "method", "compression_ratio", "rate", "query_aware", "prefill_chunk_size", "length", "depth")
 
 
 def fmt_ratio(r) -> str:
@@ -185,6 +188,43 @@ def _needle_sections(presses: list[dict], cols: list, header: str) -> list[str]:
     return lines
 
 
+def _chunk(r: dict):
+    """The record's prefill chunk size, None for one-shot prefill."""
+    return r.get("prefill_chunk_size") or None
+
+
+def _chunked_section(records: list[dict], cols: list, reused) -> list[str]:
+    """Chunked prefill against one-shot: per press and ratio, each column's one-shot accuracy then each chunk
+    size's (same model, length and mode, so the same samples)."""
+    chunked = [r for r in records if _chunk(r) and not is_a3(r["method"])]
+    if not chunked:
+        return []
+    sizes = sorted({_chunk(r) for r in chunked})
+    cols = [c for c in cols if any(_in(r, c) for r in chunked)]  # question-agnostic only
+    variants = [None, *sizes]
+    name = (lambda m: f"{Path(str(m)).name} ") if len({c[0] for c in cols}) > 1 else (lambda m: "")
+    header = " | ".join(f"{name(m)}{n} {_mode(qa)} {'one-shot' if v is None else f'chunk {v}'}"
+                        for m, n, qa in cols for v in variants)
+    lines = [("## Chunked prefill against one-shot (accuracy (samples) / mean cache tokens at the first answer "
+              "token; the context fed in chunks of N tokens, compressed after each chunk, token order kept)"), "",
+             ("no_press and A3 always prefill in one pass, and chunked cells run question-agnostic only. A chunk "
+              "cache larger than one-shot's means the press skipped chunks (SnapKV and PyramidKV skip chunks no "
+              "longer than their 64-token window)."), "",
+             f"| press | ratio | {header} | measured |", "|---" * (3 + len(cols) * len(variants)) + "|"]
+    for m, ratio in sorted({(r["method"], r["compression_ratio"]) for r in chunked}, key=lambda t: (t[0], t[1] or 0)):
+        texts = []
+        for col in cols:
+            for v in variants:
+                mine = [r for r in records if _in(r, col) and _chunk(r) == v and r["method"] == m
+                        and r["compression_ratio"] == ratio]
+                a, k = _accuracy(mine)
+                cache = _mean([r.get("compressed_cache_tokens") for r in mine if r["status"] == "ok"])
+                texts.append(f"{_f(a)} ({k}) / {_f(cache, 0)}" if a is not None else "-")
+        mine = [r for r in chunked if r["method"] == m and r["compression_ratio"] == ratio]
+        lines.append(f"| {m} | {fmt_ratio(ratio)} | " + " | ".join(texts) + f" | {_measured(mine, reused)} |")
+    return lines + [""]
+
+
 def summary_markdown(records: list[dict], title: str, command: str = "", reused=()) -> str:
     ok = sum(r["status"] == "ok" for r in records)
     n_reused = sum(r.get("key") in reused for r in records)
@@ -193,7 +233,7 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
              + (f", {n_reused} reused from an earlier run (column measured)" if n_reused else "")
              + ". Scores are means over depths and keys.", ""]
     cols, header = _columns(records)
-    presses = [r for r in records if not is_a3(r["method"])]
+    presses = [r for r in records if not is_a3(r["method"]) and not _chunk(r)]
     if presses:
         safe = {(s["method"], s["model"], s["length"], s["query_aware"]): s for s in safe_ratios(presses)}
         names = sorted({k[0] for k in safe})
@@ -226,6 +266,7 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
         if any(r["method"] != "no_press" for r in presses):
             lines += _needle_sections(presses, cols, header)
         lines.append("")
+    lines += _chunked_section(records, cols, reused)
     fused = [r for r in records if is_a3(r["method"]) and r["status"] == "ok"]
     if fused:
         lines += ["## A3 fusion against a full prefill of the same chunks (question-agnostic)", "",
@@ -250,7 +291,8 @@ def summary_markdown(records: list[dict], title: str, command: str = "", reused=
         lines += ["## Failed cells", ""]
         reasons = defaultdict(list)
         for r in failed:
-            reasons[(r["method"], r["error"])].append(r["key"])
+            label = r["method"] + (f" (chunk {_chunk(r)})" if _chunk(r) else "")
+            reasons[(label, r["error"])].append(r["key"])
         for (m, err), keys in sorted(reasons.items()):
             lines.append(f"- {m} ({len(keys)} cells): {err}")
         lines.append("")
@@ -269,8 +311,9 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
     for qa in sorted({r["query_aware"] for r in ok}):
         recs = [r for r in ok if r["query_aware"] == qa]
         several = len(_models(recs)) > 1
-        panels = sorted({(r.get("model"), r["method"], r["compression_ratio"], r["rate"]) for r in recs},
-                        key=lambda t: (str(t[0]), t[1] != "no_press", t[1] != PREFILL, t[1], t[2] or 0, t[3] or 0))
+        panels = sorted({(r.get("model"), r["method"], r["compression_ratio"], r["rate"], _chunk(r)) for r in recs},
+                        key=lambda t: (str(t[0]), t[1] != "no_press", t[1] != PREFILL, t[1], t[2] or 0, t[3] or 0,
+                                       t[4] or 0))
         depths = sorted({r["depth"] for r in recs})
         lengths = sorted({r["length"] for r in recs})
         ncol = min(6, len(panels))
@@ -278,14 +321,16 @@ def plot_heatmaps(records: list[dict], path_prefix) -> list[Path]:
         fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 + (0.6 + 0.5 * len(lengths)) * ncol,
                                                       (0.9 + 0.3 * len(depths)) * nrow), squeeze=False)
         im = None
-        for ax, (model, m, ratio, rate) in zip(axes.flat, panels):
-            grid = [[_accuracy(recs, model=model, method=m, compression_ratio=ratio, rate=rate, depth=d, length=n)[0]
+        for ax, (model, m, ratio, rate, chunk) in zip(axes.flat, panels):
+            mine = [r for r in recs if _chunk(r) == chunk]
+            grid = [[_accuracy(mine, model=model, method=m, compression_ratio=ratio, rate=rate, depth=d, length=n)[0]
                      for n in lengths] for d in depths]
             im = ax.imshow([[float("nan") if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
                            cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-            label = (f"{Path(str(model)).name}: " if several else "") + m + (f" r={ratio:g}" if ratio else "") + (f" rate={rate:g}" if rate is not None else "")
+            label = ((f"{Path(str(model)).name}: " if several else "") + m + (f" r={ratio:g}" if ratio else "")
+                     + (f" rate={rate:g}" if rate is not None else "") + (f" chunk={chunk}" if chunk else ""))
             ax.set_title(label, fontsize=8)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")

@@ -14,6 +14,10 @@ Methods:
   with the press still active if it compresses while decoding (as :class:`kvpress_ext.runtime.pipeline.KVPressExtPipeline`
   does). Budget presses get the budget that keeps ``1 - ratio`` of the compressed part
   (:func:`kvpress_ext.evaluation.press_setup.build_press`).
+  A cell with ``prefill_chunk_size`` N (``--prefill_chunk_size``, its own mode in the cell key) feeds the
+  compressed part in chunks of N tokens and compresses after each one
+  (:func:`kvpress_ext.core.chunked_prefill.press_for_chunks`, token order kept), so the cache never holds more
+  than the budget plus one chunk; question-agnostic only, and never for no_press or A3 (:func:`mode_error`).
 * ``prefill`` / ``a3-<strategy>`` / ``a3-<strategy>+<press>``: the chunk-cache fusion comparison of
   :func:`kvpress_ext.evaluation.longcontext.answer` (question-agnostic only: the chunks are cached before any
   question exists).
@@ -40,6 +44,7 @@ from transformers import DynamicCache
 
 from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.core.apply import apply_press
+from kvpress_ext.core.chunked_prefill import check_prefill_chunk_size, press_for_chunks
 from kvpress_ext.core.contract import compression_phases, prefill_chunk_size
 from kvpress_ext.core.positions import position_state
 from kvpress_ext.core.registry import available_presses, press_info
@@ -83,19 +88,21 @@ def expand_presses(names: list[str]) -> list[str]:
 # --- answering --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_with_press(model, press, compressed_ids: list[int], rest_ids: list[int], max_new_tokens: int,
-                      on_first_token=None) -> dict:
-    """Greedy answer of ``press`` (None: no compression): compress ``compressed_ids`` while prefilling, feed
-    ``rest_ids`` (with the press active only if it compresses while decoding), decode. ``on_first_token(cache)``
-    runs after the clock for the time to first token stops (the diagnostic)."""
+                      on_first_token=None, chunk: int | None = None) -> dict:
+    """Greedy answer of ``press`` (None: no compression): compress ``compressed_ids`` while prefilling (in chunks
+    of ``chunk`` tokens, compressing after each, when given), feed ``rest_ids`` (with the press active only if it
+    compresses while decoding), decode. ``on_first_token(cache)`` runs after the clock for the time to first token
+    stops (the diagnostic)."""
     prefill, decoding = compression_phases(press)
     eos = eos_token_ids(model)
     cache = DynamicCache()
     decoder = get_adapter(model).decoder(model)
     context = torch.tensor([compressed_ids], device=model.device)
-    step = max(1, (prefill_chunk_size(press) if prefill and press is not None else None) or context.shape[1])
+    step = max(1, chunk or (prefill_chunk_size(press) if prefill and press is not None else None)
+               or context.shape[1])
     lc._sync(model)
     t0 = time.perf_counter()
-    with apply_press(press if prefill else None, model):
+    with apply_press(press_for_chunks(press, chunk) if prefill else None, model):
         for start in range(0, context.shape[1], step):
             decoder(input_ids=context[:, start : start + step], past_key_values=cache)
     with apply_press(press if decoding else None, model):
@@ -155,7 +162,8 @@ def _a3_answer(model, tokenizer, params: dict, sample: lc.Sample, parts) -> dict
 def run_cell(params: dict) -> dict:
     """Answer one cell; the record holds the prediction, ``score`` and timings (and the diagnostic)."""
     method, ratio, query_aware = params["method"], params.get("compression_ratio"), params["query_aware"]
-    reason = mode_error(method, query_aware)
+    chunk = params.get("prefill_chunk_size")  # absent: one-shot prefill (the keys of older cells unchanged)
+    reason = mode_error(method, query_aware, chunk)
     if reason:
         raise lc.InputError(reason)
     if ratio is not None:
@@ -167,6 +175,7 @@ def run_cell(params: dict) -> dict:
     if limit and total > limit:
         raise lc.InputError(f"the prompt and answer need {total} tokens but the model's context is {limit}: "
                             "use shorter --lengths (or --max_context_tokens)")
+    check_prefill_chunk_size(chunk, len(compressed_ids))
     record: dict = {"answers": sample.answers, "sample_id": sample.id, "compressed_tokens": len(compressed_ids),
                     "rest_tokens": len(rest_ids), "chat_template": parts.chat_template}
     if sample.meta.get("documents"):
@@ -202,7 +211,7 @@ def run_cell(params: dict) -> dict:
         with explain_press_failures(method):  # a press needing hub files offline: one line
             r, retry = retry_with_other_attention(
                 model, lambda: answer_with_press(model, press, compressed_ids, rest_ids, params["max_new_tokens"],
-                                                 diagnose))
+                                                 diagnose, chunk=chunk))
         if retry is not None:
             record["attn_implementation_used"] = retry.kernel
         r["context_tokens"] = len(compressed_ids)
@@ -212,9 +221,11 @@ def run_cell(params: dict) -> dict:
 
 
 def build_cells(samples: list[dict], methods: list[str], ratios: list[float], modes: list[bool], rates: list[float],
-                settings: dict) -> list[Cell]:
+                settings: dict, chunks=()) -> list[Cell]:
     """Sample-major cells (so the cells of one sample run together): for every sample, mode, method, ratio.
-    ``no_press`` / ``prefill`` / a plain ``a3-*`` have no ratio (A3 methods one cell per rate)."""
+    ``no_press`` / ``prefill`` / a plain ``a3-*`` have no ratio (A3 methods one cell per rate). Each of
+    ``chunks`` (prefill chunk sizes) adds a cell per press and ratio, its own mode in the key (``|chunk=N``);
+    one-shot cells keep the keys and params they had before chunks existed, so their files are reused."""
     cells = []
     for sample in samples:
         skey = "|".join(f"{k}={sample[k]}" for k in sorted(sample) if k in ("length", "depth", "key_index", "index"))
@@ -227,10 +238,13 @@ def build_cells(samples: list[dict], methods: list[str], ratios: list[float], mo
                 method_rates = rates if is_a3(method) and strategy else [None]
                 for ratio in method_ratios:
                     for rate in method_rates:
-                        key = _cell_file_key(f"{method}|ratio={fmt_ratio(ratio)}|rate={fmt_ratio(rate)}|"
-                                             f"{'aware' if query_aware else 'agnostic'}|{skey}")
-                        cells.append(Cell(key, {**settings, **sample, "method": method, "compression_ratio": ratio,
-                                                "rate": rate, "query_aware": query_aware}))
+                        params = {**settings, **sample, "method": method, "compression_ratio": ratio, "rate": rate,
+                                  "query_aware": query_aware}
+                        head = (f"{method}|ratio={fmt_ratio(ratio)}|rate={fmt_ratio(rate)}|"
+                                f"{'aware' if query_aware else 'agnostic'}")
+                        cells.append(Cell(_cell_file_key(f"{head}|{skey}"), params))
+                        cells += [Cell(_cell_file_key(f"{head}|chunk={c}|{skey}"), {**params, "prefill_chunk_size": c})
+                                  for c in chunks if mode_error(method, query_aware, c) is None]
     return cells
 
 
@@ -284,10 +298,10 @@ def _cell_file_key(key: str) -> str:
 
 def run_grid(name: str, samples: list[dict], methods: list[str], modes: list[bool], settings: dict,
              ratios: list[float], rates: list[float], out_dir, options: SweepOptions, retry_failed: bool = False,
-             compute: bool = True, command: str = ""):
-    """Build the cells, run them resumably, write the summaries; returns (records, outputs of
-    :func:`kvpress_ext.evaluation.reports.longcontext.write_outputs`)."""
-    cells = build_cells(samples, methods, ratios, modes, rates, settings)
+             compute: bool = True, command: str = "", chunks=()):
+    """Build the cells (``chunks``: prefill chunk sizes, each a mode beside one-shot), run them resumably, write
+    the summaries; returns (records, outputs of :func:`kvpress_ext.evaluation.reports.longcontext.write_outputs`)."""
+    cells = build_cells(samples, methods, ratios, modes, rates, settings, chunks)
     if len(modes) > 1:  # both modes: A3 runs question-agnostic only (asked for explicitly, it fails as a cell)
         cells = [c for c in cells if mode_error(c.params["method"], c.params["query_aware"]) is None]
     reused: set = set()
