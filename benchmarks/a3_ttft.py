@@ -18,6 +18,8 @@ tokens after BOS in chunks of ``--chunk`` tokens, then a question of about ``--q
 ``debug`` (A3) at rate 0.15. The chunk caches are precomputed into a ChunkStore first (not part of TTFT); the
 store keeps them resident (``memory_bytes``) unless ``--from_files``, which reads and verifies every entry from
 disk on every call. Full prefill TTFT = one forward of BOS + context + question returning the last logits.
+``--profile TOP`` runs one more call of each side under torch's profiler and records its TOP operators by self CPU
+time (where a ratio's time goes, when a target is missed).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ from kvpress_ext.storage.inputs import shared_dir
 from kvpress_ext.storage.safe_write import write_output
 
 QUESTION = "\n\nWhat did Elizabeth think of Mr. Darcy when they first met, and why? Answer in one sentence."
+
+
+def profile_call(fn, top: int) -> list[dict]:
+    """One call of ``fn`` under torch's profiler: the ``top`` operators by self CPU time (where a ratio's time goes)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:top]]
 
 
 def build_random_model(layers: int, dtype):
@@ -85,9 +97,9 @@ def run(args):
         resident = 0 if args.from_files else 1 << 40  # everything stays in memory after the warm-up
         press = A3Press(strategy=args.strategy, rate=args.rate,
                         store=ChunkStore(root, model, prefix_ids=[bos], memory_bytes=resident))
-        c = compare({"full": lambda ids=ids: model(input_ids=ids, logits_to_keep=1),
-                     "fusion": lambda p=press, c=chunks, q=q: p.fuse_result(model, c, q)},
-                    "full", repeat=args.repeat, device=args.device)
+        sides = {"full": lambda ids=ids: model(input_ids=ids, logits_to_keep=1),
+                 "fusion": lambda p=press, c=chunks, q=q: p.fuse_result(model, c, q)}
+        c = compare(sides, "full", repeat=args.repeat, device=args.device)
         r = c.results["fusion"]
         wall = c.sides["fusion"].median
         row = {"model": args.model, "context": length, "tokens": ids.shape[1], "chunk": args.chunk,
@@ -98,6 +110,11 @@ def run(args):
                "load_s": r.timings["load_s"], "realign_s": r.timings["realign_s"], "fuse_s": r.timings["fuse_s"],
                "load_realign_share": (r.timings["load_s"] + r.timings["realign_s"]) / wall,
                "store_precompute_s": store_s, "selected": int(r.selected.numel()), "timing": c.as_dict()}
+        if args.profile:
+            row["profile"] = {side: profile_call(fn, args.profile) for side, fn in sides.items()}
+            for side, ops in row["profile"].items():
+                print(f"    {side}: " + ", ".join(f"{o['op']} {o['self_s']:.2f}s ({100 * o['share']:.0f} %)"
+                                             for o in ops), flush=True)
         rows.append(row)
         print(f"{length:>6} tokens | full prefill {row['full_s']:7.3f}s | fusion {wall:7.3f}s (load {row['load_s']:6.3f}s"
               f" + realign {row['realign_s']:6.3f}s = {100 * row['load_realign_share']:.1f} %) | ratio "
@@ -120,6 +137,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds after the warm-up")
     ap.add_argument("--from_files", action="store_true", help="read every chunk from disk on every call")
+    ap.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="after timing, profile one call of each side and record its TOP operators by self CPU time")
     ap.add_argument("--out", default="results/a3_ttft.json")
     args = ap.parse_args()
     if args.threads:
