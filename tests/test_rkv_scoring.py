@@ -2,8 +2,11 @@
 algorithm: redundancy in every retain direction, importance, the kept sets, any leading shape, defaults and edge
 values; and the press's parameter checks and ``from_compression_ratio``."""
 
+import importlib.util
 import math
 import operator
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from kvpress_ext.presses.rkv import (
     rkv_scores,
     rkv_select,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --- independent reference: R-KV's published algorithm as per-element loops ----------------------------
@@ -311,3 +316,43 @@ def test_from_compression_ratio(ratio, context, params, budget):
     press = RKVPress.from_compression_ratio(ratio, context, **params)
     assert press.budget == budget
     assert all(getattr(press, k) == v for k, v in params.items())
+
+
+# --- the upstream-style reference of benchmarks/rkv_scoring.py: what the quoted speed-up is measured against ------
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("rkv_scoring_bench", REPO / "benchmarks" / "rkv_scoring.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("keys_kind", ["clustered", "random"])
+def test_upstream_style_reference_gives_our_scores_and_kept_tokens(bench, keys_kind):
+    """Scores within 1e-7 absolute (+ 1e-5 relative; both float32, scores ~1 / L), and the same kept tokens at the
+    same budget: clustered keys (rows with and without a similar key) and the benchmark's random keys."""
+    window, kernel, lam, budget = 8, 7, 0.07, 72
+    if keys_kind == "clustered":
+        queries, keys = clustered_qk(5, n=240, clusters=12, kv_heads=2, q_heads=4, d=32)
+        unit = torch.nn.functional.normalize(keys[0, 0], dim=-1)
+        has_similar = ((unit @ unit.T).fill_diagonal_(0) > 0.5).any(dim=-1)
+        assert 0 < int(has_similar.sum()) < len(has_similar)  # both kinds of rows: a similar key spared, or column 0
+    else:
+        gen = torch.Generator().manual_seed(6)
+        keys, queries = torch.randn(1, 2, 240, 32, generator=gen), torch.randn(1, 4, window, 32, generator=gen)
+    theirs = bench.upstream_style_scores(queries, keys, window, kernel, lam)
+    ours = rkv_scores(queries, keys, window, kernel_size=kernel, mix_lambda=lam)
+    torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-5)
+    # the kept set does not hang on a near tie: the scores on both sides of the budget's cut are further apart
+    # than the two sides' scores are from each other
+    ranked = theirs.sort(dim=-1, descending=True).values
+    gap = (ranked[..., budget - window - 1] - ranked[..., budget - window]).min()
+    assert gap > 2 * (ours - theirs).abs().max()
+    kept = bench.upstream_style_kept(theirs, budget, window)
+    assert torch.equal(rkv_select(queries, keys, budget, window, kernel_size=kernel, mix_lambda=lam), kept)
+    assert bench.kept_overlap(kept, kept) == 1.0
+    # the comparison sees a change of the mixing: another lambda keeps other tokens
+    other = bench.upstream_style_kept(bench.upstream_style_scores(queries, keys, window, kernel, 0.5), budget, window)
+    assert bench.kept_overlap(other, kept) < 0.95
