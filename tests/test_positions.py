@@ -110,7 +110,7 @@ def test_padding_the_cache_never_saw_is_refused(tiny_models):
     with torch.no_grad(), apply_press(LazyStreamingPress(n_sink=2, window=8, slack=4), model):
         model(input_ids=ids[:, :20], past_key_values=cache)  # 20 > cap 14: compacted
         assert cache.get_seq_length() < position_state(cache).seen_tokens
-        with pytest.raises(BatchInputError, match=r"marks pads among tokens this cache holds as a batch without "
+        with pytest.raises(BatchInputError, match=r"^The attention mask marks pads among tokens this cache holds as a batch without "
                                                   r"padding: pass the padded mask from the first forward"):
             model(input_ids=ids[:, 20:], past_key_values=cache, attention_mask=mask)
 
@@ -430,6 +430,7 @@ def test_a_padded_batch_continued_without_a_mask_uses_its_own(tiny_models):
             with torch.device("meta"):  # another default device: the step's mask is made on the inputs' device
                 logits.append(model(input_ids=step, attention_mask=step_mask, past_key_values=cache).logits)
         assert [row.next_position for row in padded_batch(cache).rows] == [11, 8]
+        assert position_state(cache).seen_tokens == 11  # every forward counts its tokens, pads included
     torch.testing.assert_close(logits[1], logits[0], atol=TOL, rtol=TOL)
 
 
