@@ -36,23 +36,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kvpress_ext.cli.common import command_entry
 from kvpress_ext.evaluation.results import load_text
-from kvpress_ext.evaluation.timing import compare
+from kvpress_ext.evaluation.timing import compare, profile_call
 from kvpress_ext.presses.a3 import A3Press, ChunkStore
 from kvpress_ext.runtime.models import load_model
 from kvpress_ext.storage.inputs import shared_dir
 from kvpress_ext.storage.safe_write import write_output
 
 QUESTION = "\n\nWhat did Elizabeth think of Mr. Darcy when they first met, and why? Answer in one sentence."
-
-
-def profile_call(fn, top: int) -> list[dict]:
-    """One call of ``fn`` under torch's profiler: the ``top`` operators by self CPU time (where a ratio's time goes)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in events[:top]]
 
 
 def build_random_model(layers: int, dtype):

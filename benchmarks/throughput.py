@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=None,
                    help="tokens a config decodes per round before the next one's turn (default --interval)")
     p.add_argument("--kv_memory", type=int, default=None, help="bytes of KV memory for the largest-batch measure")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after timing, profile one block of each config: its TOP operators by self CPU time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", default=None)
@@ -89,13 +91,17 @@ def main(argv=None) -> int:
     records = []
     for batch in args.batch:
         for position in args.positions:
-            got = run_interleaved(model, text_ids, args.configs, position, batch, window, args.block, args.interval)
+            got = run_interleaved(model, text_ids, args.configs, position, batch, window, args.block, args.interval,
+                                  profile=args.profile)
             for r in got:
                 r.update(peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                 print(f"P={position:>5} B={batch:>2} {r['config']:>20}: {r['tok_s']:7.1f} tok/s "
                       f"(blocks {r['tok_s_blocks_min']:.1f}-{r['tok_s_blocks_max']:.1f}), x full "
                       f"{_x_full(r)}, compression {r['compression_share']:.1%}, "
                       f"peak KV {r['peak_kv_mib']:.1f} MiB", flush=True)
+                if r.get("profile"):
+                    print("      profile: " + ", ".join(f"{o['op']} {o['self_s']:.2f}s ({100 * o['share']:.0f} %)"
+                                                       for o in r["profile"]), flush=True)
             t = got[0]["timing"]
             print(f"  threads {t['threads']}, {load_text(t['load_start'], t['load_end'])}; "
                   f"{'reliable' if t['reliable'] else 'UNRELIABLE: ' + '; '.join(t['reasons'])}", flush=True)

@@ -44,3 +44,13 @@ def test_a_load_jump_marks_every_record_unreliable(model, monkeypatch):
         assert r["timing"]["reliable"] is False
         assert "load average moved by 5.00 (> 1.00 on 2 CPUs)" in r["timing"]["reasons"]
         assert r["timing"]["load_start"]["loadavg_1m"] == 0.0 and r["timing"]["load_end"]["loadavg_1m"] == 5.0
+
+
+def test_profile_records_each_configs_operators_after_timing(model):
+    text = torch.randint(3, 120, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        records = run_interleaved(model, text, CONFIGS, position=24, batch=2, window=4, block=4, interval=4, profile=5)
+    for r in records:
+        assert 1 <= len(r["profile"]) <= 5 and r["tokens"] == 4  # the profiled block is not counted as timed
+        assert all(o["self_s"] >= 0 and 0 <= o["share"] <= 1 for o in r["profile"])
+    assert "profile" not in _run(model)[0]

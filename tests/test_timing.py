@@ -4,6 +4,7 @@ measurement marked unreliable when times spread or the load moves (on a fake clo
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvpress_ext.evaluation import timing
 
@@ -113,3 +114,18 @@ def test_between_two_sides_is_their_per_round_time_ratio(machine):
              "b": machine.side("b", [1, 1, 1, 1])}
     c = timing.compare(sides, "ref", repeat=3)
     assert c.between("a", "b") == {"median": 2.0, "spread": 0.5, "per_round": [2.0, 2.0, 3.0]}
+
+
+def test_profile_call_names_the_heaviest_operator_first_with_its_share():
+    a, small = torch.randn(400, 400), torch.randn(8)
+
+    def work():
+        for _ in range(5):
+            a @ a  # about 5 x 128 M flops: dominates
+        small.sin()
+
+    ops = timing.profile_call(work, top=3)
+    assert len(ops) <= 3
+    assert ops[0]["op"] in ("aten::mm", "aten::matmul") and ops[0]["calls"] == 5
+    assert [o["self_s"] for o in ops] == sorted((o["self_s"] for o in ops), reverse=True)
+    assert 0.5 < ops[0]["share"] <= 1.0 and sum(o["share"] for o in ops) <= 1.0 + 1e-9

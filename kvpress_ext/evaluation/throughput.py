@@ -25,7 +25,7 @@ from kvpress_ext.core.contract import budget_parameters, compression_phases, dec
 from kvpress_ext.core.errors import KVPressExtError
 from kvpress_ext.core.registry import get_press, press_info
 from kvpress_ext.evaluation.perplexity import cache_bytes
-from kvpress_ext.evaluation.timing import compare
+from kvpress_ext.evaluation.timing import compare, profile_call
 
 MIB = 2**20
 
@@ -147,10 +147,11 @@ def time_runs(model, runs: list[Run], window: int, block: int, reference: str | 
 
 
 def run_interleaved(model, text_ids: list[int], configs: list[str], position: int, batch: int, window: int,
-                    block: int, interval: int, warmup: int = 4) -> list[dict]:
+                    block: int, interval: int, warmup: int = 4, profile: int = 0) -> list[dict]:
     """Every config at ``position`` and ``batch``, decoding ``window`` timed tokens in turns of ``block``. Each record
     carries ``x_full`` (tok/s against ``full``) and ``timing``: :meth:`Comparison.record` against ``full`` (its
-    ``speedup`` is the median per-round x_full), or against the first config when ``full`` is not run."""
+    ``speedup`` is the median per-round x_full), or against the first config when ``full`` is not run. ``profile``:
+    after timing, one more block of each config under torch's profiler, its top operators in ``profile``."""
     if len(text_ids) < position * batch:
         raise ThroughputConfigError(f"The text has {len(text_ids)} tokens, fewer than position x batch "
                                     f"({position} x {batch}): use a longer text or smaller sizes.")
@@ -162,6 +163,9 @@ def run_interleaved(model, text_ids: list[int], configs: list[str], position: in
     reference = "full" if "full" in configs else configs[0]
     comparison = time_runs(model, runs, window, block, reference)
     records = [run.record() for run in runs]
+    if profile:
+        for run, r in zip(runs, records):
+            r["profile"] = profile_call(lambda run=run: run.decode(model, block, timed=False), profile)
     full = next((r for r in records if r["config"] == "full"), None)
     for r in records:
         r["x_full"] = r["tok_s"] / full["tok_s"] if full else None

@@ -31,7 +31,7 @@ import torch
 from kvpress_ext.core.devices import synchronize
 from kvpress_ext.evaluation.results import machine_load
 
-__all__ = ["Comparison", "SideTimes", "compare", "relative_spread"]
+__all__ = ["Comparison", "SideTimes", "compare", "profile_call", "relative_spread"]
 
 
 def relative_spread(values: list[float]) -> float:
@@ -196,3 +196,14 @@ def compare(sides: dict[str, Callable[[], Any]], reference: str, *, repeat: int 
         reasons.append("a single timed round has no spread")
     return Comparison(reference, {n: SideTimes(times[n], cpu[n]) for n in names}, ratios, torch.get_num_threads(), loads,
                       reliable=not reasons, reasons=reasons, results=results)
+
+
+def profile_call(fn: Callable[[], Any], top: int) -> list[dict]:
+    """One call of ``fn`` under torch's profiler: the ``top`` operators by self CPU time, the heaviest first, each
+    with its share of the call. What a ratio that misses its target is explained with."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:top]]
