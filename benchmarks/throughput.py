@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                    help="tokens a config decodes per round before the next one's turn (default --interval)")
     p.add_argument("--kv_memory", type=int, default=None, help="bytes of KV memory for the largest-batch measure")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
-                   help="after timing, profile one block of each config: its TOP operators by self CPU time")
+                   help="after timing, profile 4 more decoding steps of each config: its TOP operators by self CPU time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", default=None)

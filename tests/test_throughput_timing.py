@@ -51,6 +51,6 @@ def test_profile_records_each_configs_operators_after_timing(model):
     with torch.no_grad():
         records = run_interleaved(model, text, CONFIGS, position=24, batch=2, window=4, block=4, interval=4, profile=5)
     for r in records:
-        assert 1 <= len(r["profile"]) <= 5 and r["tokens"] == 4  # the profiled block is not counted as timed
+        assert 1 <= len(r["profile"]) <= 5 and r["tokens"] == 4  # the profiled steps are not counted as timed
         assert all(o["self_s"] >= 0 and 0 <= o["share"] <= 1 for o in r["profile"])
     assert "profile" not in _run(model)[0]

@@ -28,6 +28,8 @@ from kvpress_ext.evaluation.perplexity import cache_bytes
 from kvpress_ext.evaluation.timing import compare, profile_call
 
 MIB = 2**20
+#: decoding steps profiled per config with ``profile`` (a whole block at batch 8 filled 24 GB of profiler events)
+PROFILE_STEPS = 4
 
 
 class ThroughputConfigError(KVPressExtError):
@@ -151,7 +153,8 @@ def run_interleaved(model, text_ids: list[int], configs: list[str], position: in
     """Every config at ``position`` and ``batch``, decoding ``window`` timed tokens in turns of ``block``. Each record
     carries ``x_full`` (tok/s against ``full``) and ``timing``: :meth:`Comparison.record` against ``full`` (its
     ``speedup`` is the median per-round x_full), or against the first config when ``full`` is not run. ``profile``:
-    after timing, one more block of each config under torch's profiler, its top operators in ``profile``."""
+    after timing, ``PROFILE_STEPS`` more decoding steps of each config under torch's profiler, its top operators in
+    ``profile`` (a step's split, not the compression's: that share is ``compression_share``)."""
     if len(text_ids) < position * batch:
         raise ThroughputConfigError(f"The text has {len(text_ids)} tokens, fewer than position x batch "
                                     f"({position} x {batch}): use a longer text or smaller sizes.")
@@ -163,9 +166,9 @@ def run_interleaved(model, text_ids: list[int], configs: list[str], position: in
     reference = "full" if "full" in configs else configs[0]
     comparison = time_runs(model, runs, window, block, reference)
     records = [run.record() for run in runs]
-    if profile:
+    if profile:  # a few steps: the profiler keeps every event, and a batch's per-sequence hooks make many
         for run, r in zip(runs, records):
-            r["profile"] = profile_call(lambda run=run: run.decode(model, block, timed=False), profile)
+            r["profile"] = profile_call(lambda run=run: run.decode(model, PROFILE_STEPS, timed=False), profile)
     full = next((r for r in records if r["config"] == "full"), None)
     for r in records:
         r["x_full"] = r["tok_s"] / full["tok_s"] if full else None
