@@ -7,6 +7,7 @@ tests, other shapes come from :func:`llama_config`'s arguments.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -169,3 +170,14 @@ def save_tiny_model(arch: str, folder, **config_kwargs):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder, sum(p.numel() for p in model.parameters())
+
+
+#: short children's-story sentences: a haystack the tiny stories260k model reads like its training text
+STORY_SENTENCES = ("Tom had a red ball.", "He played in the park with his dog.", "The sun was warm and the sky was blue.",
+                   "Lily liked to bake cakes.", "One day she made a big cake for her mom.", "They ate it under a tree.")
+
+
+def write_story_haystack(path, repeats: int) -> str:
+    """Write the story sentences ``repeats`` times as one haystack file; its path as a string."""
+    Path(path).write_text(" ".join(STORY_SENTENCES * repeats))
+    return str(path)

@@ -14,20 +14,17 @@ from kvpress_ext.core.adapters import get_adapter
 from kvpress_ext.evaluation.model_cache import get_model
 from kvpress_ext.evaluation.runners.longcontext import build_cells, run_cell
 from kvpress_ext.storage.inputs import shared_dir
+from kvpress_ext.testing import write_story_haystack
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = str(shared_dir() / "models" / "stories260k")
-SENTENCES = ["Tom had a red ball.", "He played in the park with his dog.", "The sun was warm and the sky was blue.",
-             "Lily liked to bake cakes.", "One day she made a big cake for her mom.", "They ate it under a tree."]
 SETTINGS = {"model": MODEL, "max_new_tokens": 6, "chunk_tokens": 32, "max_context_tokens": None,
             "attn_implementation": None, "chat_template": True, "diagnostic": True}
 
 
 @pytest.fixture(scope="module")
 def hay(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hay") / "hay.txt"
-    path.write_text(" ".join(SENTENCES * 6))
-    return str(path)
+    return write_story_haystack(tmp_path_factory.mktemp("hay") / "hay.txt", 6)
 
 
 def sample(hay, **kw):

@@ -11,10 +11,8 @@ from kvpress_ext.evaluation.runners.longcontext import run_cell
 from kvpress_ext.evaluation.runners.needle_kept import token_positions
 from kvpress_ext.evaluation.tasks.needle import needle_sample
 from kvpress_ext.evaluation.tasks.prompts import split_prompt
-from kvpress_ext.testing import tiny_model, tiny_tokenizer
+from kvpress_ext.testing import tiny_model, tiny_tokenizer, write_story_haystack
 
-SENTENCES = ["Tom had a red ball.", "He played in the park with his dog.", "The sun was warm and the sky was blue.",
-             "Lily liked to bake cakes.", "One day she made a big cake for her mom.", "They ate it under a tree."]
 #: (architecture, layers, the layers presses compress): Gemma 3's tiny model alternates sliding and full layers.
 MODELS = {"llama": (3, [0, 1, 2]), "gemma3": (4, [1, 3])}
 RATIO = 0.5
@@ -22,9 +20,7 @@ RATIO = 0.5
 
 @pytest.fixture(scope="module")
 def hay(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hay") / "hay.txt"
-    path.write_text(" ".join(SENTENCES * 10))
-    return str(path)
+    return write_story_haystack(tmp_path_factory.mktemp("hay") / "hay.txt", 10)
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
