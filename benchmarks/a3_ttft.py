@@ -19,7 +19,9 @@ tokens after BOS in chunks of ``--chunk`` tokens, then a question of about ``--q
 store keeps them resident (``memory_bytes``) unless ``--from_files``, which reads and verifies every entry from
 disk on every call. Full prefill TTFT = one forward of BOS + context + question returning the last logits.
 ``--profile TOP`` runs one more call of each side under torch's profiler and records its TOP operators by self CPU
-time (where a ratio's time goes, when a target is missed).
+time (where a ratio's time goes, when a target is missed). Each row also says where the recomputed tokens sit
+(``selected_mean_position`` as a fraction of the document, ``selected_in_last_quarter``) and the attention scores
+a selective layer computes against a causal prefill's (``selective_scores_vs_causal``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ from kvpress_ext.storage.inputs import shared_dir
 from kvpress_ext.storage.safe_write import write_output
 
 QUESTION = "\n\nWhat did Elizabeth think of Mr. Darcy when they first met, and why? Answer in one sentence."
+
+
+def selection_stats(selected: torch.Tensor, n_prefix: int, n_doc: int, n_question: int) -> dict:
+    """Where the recomputed document tokens sit, and the attention scores their queries (with the question's) compute
+    in one selective layer, as a share of a causal prefill's: the sum of their positions + 1 over N^2 / 2."""
+    doc = selected.double()
+    rows = torch.cat([doc + n_prefix, torch.arange(n_prefix + n_doc, n_prefix + n_doc + n_question).double()])
+    total = n_prefix + n_doc + n_question
+    return {"selected_mean_position": float(doc.mean() / n_doc),
+            "selected_in_last_quarter": float((doc >= 0.75 * n_doc).double().mean()),
+            "selective_scores_vs_causal": float((rows + 1).sum() / (total * total / 2))}
 
 
 def build_random_model(layers: int, dtype):
@@ -99,7 +112,8 @@ def run(args):
                "cpu_ratio": c.as_dict()["ratios"]["fusion"]["cpu_median"], "reliable": c.reliable,
                "load_s": r.timings["load_s"], "realign_s": r.timings["realign_s"], "fuse_s": r.timings["fuse_s"],
                "load_realign_share": (r.timings["load_s"] + r.timings["realign_s"]) / wall,
-               "store_precompute_s": store_s, "selected": int(r.selected.numel()), "timing": c.as_dict()}
+               "store_precompute_s": store_s, "selected": int(r.selected.numel()),
+               **selection_stats(r.selected, r.n_prefix, sum(r.chunk_lengths), len(q)), "timing": c.as_dict()}
         if args.profile:
             row["profile"] = {side: profile_call(fn, args.profile) for side, fn in sides.items()}
             for side, ops in row["profile"].items():
